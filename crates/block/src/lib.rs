@@ -1,1 +1,58 @@
-//! x
+//! Stillpoint's block layer: the ground the backup engine, the NBD server and the QMP
+//! daemon stand on.
+//!
+//! # Shape
+//!
+//! ```text
+//!   users (exports, jobs, CLI)      hold an Attachment
+//!          |
+//!          v
+//!   Attachment --slot--> Node        generic layer: range checks, read-only,
+//!                         |          discard/detect-zeroes/no-flush policy
+//!                         v
+//!                    BlockDriver     file | raw | null-co (qcow2, nbd, filters later)
+//!                         |
+//!                    child Attachment (format drivers and filters have children)
+//! ```
+//!
+//! * [`driver::BlockDriver`] is the one async interface: read, write (FUA),
+//!   write_zeroes (may-unmap), discard, flush, block_status, length, limits. Data moves
+//!   in owned, 4 KiB-aligned [`buf::IoBuf`]s so a thread-pool engine and an io_uring
+//!   engine can share the interface and O_DIRECT needs no bounce buffers.
+//! * [`graph::NodeGraph`] creates nodes from [`options::BlockdevOptions`] (QEMU's
+//!   `blockdev-add` JSON), names them, counts their users and inserts or removes
+//!   filters under live attachments; see that module for the draining rule.
+//! * [`error::Error`] carries a kind that maps to a QMP error class and an NBD errno.
+//!
+//! # Invariants
+//!
+//! * No request reaches a driver outside `[0, length)`: the node layer checks every
+//!   request, and the file driver checks again because it can be used alone.
+//! * A node that a live attachment targets cannot be removed.
+//! * Retargeting an attachment waits for its in-flight requests and holds new ones until
+//!   the change is done, so a filter sees every request issued after its insertion.
+//!
+//! Out of scope for now: qcow2, NBD client, image locking, io_uring, resize.
+
+pub mod buf;
+pub mod driver;
+pub mod drivers;
+pub mod error;
+pub mod graph;
+pub mod options;
+
+pub use buf::IoBuf;
+pub use driver::BlockDriver;
+pub use driver::Extent;
+pub use driver::Limits;
+pub use driver::Status;
+pub use driver::WriteFlags;
+pub use driver::ZeroFlags;
+pub use error::Error;
+pub use error::ErrorKind;
+pub use error::Result;
+pub use graph::AttachUser;
+pub use graph::Attachment;
+pub use graph::Node;
+pub use graph::NodeGraph;
+pub use options::BlockdevOptions;

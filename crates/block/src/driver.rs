@@ -1,0 +1,218 @@
+//! The driver interface every node implements.
+//!
+//! One async trait, [`BlockDriver`], with honest defaults for what a driver cannot do
+//! natively: `write_zeroes` falls back to writing zero buffers, `discard` is a no-op
+//! (discard is advisory), `flush` has nothing to do, and `block_status` reports
+//! everything as allocated data. Drivers receive requests that the node layer
+//! ([`crate::graph::Node`]) has already checked against the device length and the
+//! node's read-only flag, but a protocol driver still refuses out-of-range requests
+//! itself, because it can be opened and used on its own.
+
+use std::fmt;
+use std::path::Path;
+
+use async_trait::async_trait;
+
+use crate::buf::IoBuf;
+use crate::error::Error;
+use crate::error::ErrorKind;
+use crate::error::Result;
+use crate::graph::Attachment;
+
+/// Flags of a write request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force unit access: the data is on stable storage when the request completes.
+    pub fua: bool,
+}
+
+/// Flags of a write-zeroes request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range may be deallocated (punched) as long as it reads back as zeros.
+    pub may_unmap: bool,
+    /// Force unit access, as for writes.
+    pub fua: bool,
+    /// Fail with [`ErrorKind::Unsupported`] instead of writing zero buffers when the
+    /// driver cannot zero efficiently (NBD's FAST_ZERO).
+    pub no_fallback: bool,
+}
+
+/// Geometry and transfer limits of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests should start and end on multiples of this (1 = byte granular).
+    pub request_alignment: u32,
+    /// Allocation unit of the format (qcow2 cluster), if it has one.
+    pub cluster_size: Option<u32>,
+    /// Largest request the driver accepts in one call.
+    pub max_transfer: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            request_alignment: 1,
+            cluster_size: None,
+            max_transfer: 32 << 20,
+        }
+    }
+}
+
+/// What a range of a node holds (QEMU's BDRV_BLOCK_* flags, NBD's base:allocation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// Reads return data stored for this range (not known to be zero).
+    pub data: bool,
+    /// Reads return zeros.
+    pub zero: bool,
+    /// This node itself supplies the content; false means a read falls through to a
+    /// backing node. Every byte of a file is allocated, holes included.
+    pub allocated: bool,
+    /// Where the range lives in the bottom-most file, when that is meaningful.
+    pub host_offset: Option<u64>,
+}
+
+/// A run of bytes with one status, as returned by [`BlockDriver::block_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// First byte of the run.
+    pub offset: u64,
+    /// Length of the run in bytes, at least 1.
+    pub length: u64,
+    /// What the run holds.
+    pub status: Status,
+}
+
+/// A block driver: a format (raw), a protocol (file) or a filter, behind a node.
+///
+/// Offsets and lengths are in bytes. Every method may be called concurrently from many
+/// tasks; a driver serialises internally what must be serialised.
+#[async_trait]
+pub trait BlockDriver: Send + Sync + fmt::Debug {
+    /// The driver's name as in QMP's `driver` field ("file", "raw", "null-co").
+    fn driver_name(&self) -> &'static str;
+
+    /// Size of the device in bytes.
+    fn length(&self) -> u64;
+
+    /// Alignment and transfer limits.
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+
+    /// The file this node ultimately reads, for display (`query-named-block-nodes`).
+    fn filename(&self) -> Option<&Path> {
+        None
+    }
+
+    /// The child a filter forwards to, so the graph can splice the filter out again.
+    fn filtered_child(&self) -> Option<&Attachment> {
+        None
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into `buf` and returns it.
+    async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf>;
+
+    /// Writes `buf` at `offset` and returns the buffer for reuse.
+    async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf>;
+
+    /// Makes `[offset, offset + len)` read as zeros.
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        write_zeroes_by_writing(self, offset, len, flags).await
+    }
+
+    /// Tells the driver the range's content is no longer needed; reads afterwards may
+    /// return old data or zeros. Advisory: the default does nothing.
+    async fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Status of the run starting at `offset`, at most `len` bytes long (`len > 0`).
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        let status = Status {
+            data: true,
+            zero: false,
+            allocated: true,
+            host_offset: None,
+        };
+        Ok(Extent {
+            offset,
+            length: len,
+            status,
+        })
+    }
+
+    /// Flushes and releases resources; the node is gone afterwards.
+    async fn close(&self) -> Result<()> {
+        self.flush().await
+    }
+}
+
+/// Largest zero buffer the write-zeroes fallback writes in one request.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// The portable write-zeroes: write zero-filled buffers, chunk by chunk.
+pub async fn write_zeroes_by_writing<D: BlockDriver + ?Sized>(
+    driver: &D,
+    offset: u64,
+    len: u64,
+    flags: ZeroFlags,
+) -> Result<()> {
+    if flags.no_fallback {
+        return Err(Error::unsupported(format!(
+            "{} cannot write zeroes without writing data",
+            driver.driver_name()
+        )));
+    }
+    let mut buf = IoBuf::zeroed(len.min(ZERO_CHUNK) as usize);
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZERO_CHUNK) as usize;
+        buf.set_len(n);
+        buf = driver
+            .write(offset + done, buf, WriteFlags { fua: flags.fua })
+            .await?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Checks a request `[offset, offset + len)` against a device of `length` bytes.
+pub fn check_request(op: &str, offset: u64, len: u64, length: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        None => Err(Error::new(
+            ErrorKind::OutOfBounds,
+            format!("{op} at offset {offset} length {len} overflows a 64-bit offset"),
+        )),
+        Some(end) if end > length => Err(Error::new(
+            ErrorKind::OutOfBounds,
+            format!(
+                "{op} at offset {offset} length {len} is past the end of the device \
+                 ({length} bytes)"
+            ),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_past_the_end_or_overflowing_are_refused() {
+        assert!(check_request("read", 0, 10, 10).is_ok());
+        assert!(check_request("read", 10, 0, 10).is_ok());
+        let err = check_request("read", 5, 6, 10).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::OutOfBounds);
+        assert!(err.to_string().contains("past the end"), "{err}");
+        let err = check_request("write", u64::MAX, 2, u64::MAX).unwrap_err();
+        assert!(err.to_string().contains("overflows"), "{err}");
+    }
+}

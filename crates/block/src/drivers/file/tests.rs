@@ -1,0 +1,207 @@
+use super::*;
+
+fn image(len: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    File::create(&path).unwrap().set_len(len).unwrap();
+    (dir, path)
+}
+
+fn pattern(len: usize, seed: u8) -> IoBuf {
+    let bytes: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    IoBuf::from_slice(&bytes)
+}
+
+/// Runs a scenario with buffered and with direct I/O.
+macro_rules! both_cache_modes {
+    ($name:ident, |$direct:ident| $body:block) => {
+        mod $name {
+            use super::*;
+            async fn scenario($direct: bool) $body
+            #[tokio::test]
+            async fn buffered() {
+                scenario(false).await;
+            }
+            #[tokio::test]
+            async fn direct() {
+                scenario(true).await;
+            }
+        }
+    };
+}
+
+both_cache_modes!(written_data_reads_back_aligned_or_not, |direct| {
+    let (_dir, path) = image(1 << 20);
+    let file = FileDriver::open(&path, false, direct, false).unwrap();
+    for (offset, len) in [(0u64, 4096usize), (8192, 65536), (12345, 777), (4095, 2)] {
+        let data = pattern(len, offset as u8);
+        file.write(offset, data.clone(), WriteFlags::default())
+            .await
+            .unwrap();
+        let back = file.read(offset, IoBuf::zeroed(len)).await.unwrap();
+        assert_eq!(back, data, "offset {offset} len {len}");
+    }
+    file.flush().await.unwrap();
+});
+
+both_cache_modes!(the_unaligned_tail_of_a_4097_byte_file_works, |direct| {
+    let (_dir, path) = image(4097);
+    let file = FileDriver::open(&path, false, direct, false).unwrap();
+    assert_eq!(file.length(), 4097);
+    file.write(4096, IoBuf::from_slice(&[0xab]), WriteFlags { fua: true })
+        .await
+        .unwrap();
+    let back = file.read(0, IoBuf::zeroed(4097)).await.unwrap();
+    assert_eq!(back[4096], 0xab);
+    assert!(back[..4096].iter().all(|b| *b == 0));
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        4097,
+        "file must not grow"
+    );
+});
+
+both_cache_modes!(requests_past_the_end_are_refused, |direct| {
+    let (_dir, path) = image(8192);
+    let file = FileDriver::open(&path, false, direct, false).unwrap();
+    let err = file.read(8192, IoBuf::zeroed(1)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutOfBounds);
+    assert!(err.to_string().contains("past the end"), "{err}");
+    let err = file
+        .write(4096, IoBuf::zeroed(8192), WriteFlags::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutOfBounds);
+    let err = file
+        .write_zeroes(u64::MAX - 1, 4, ZeroFlags::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("overflows"), "{err}");
+    let err = file.discard(0, 8193).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutOfBounds);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 8192);
+});
+
+both_cache_modes!(block_status_separates_data_from_holes, |direct| {
+    let (_dir, path) = image(1 << 20);
+    let file = FileDriver::open(&path, false, direct, false).unwrap();
+    file.write(256 << 10, pattern(64 << 10, 1), WriteFlags::default())
+        .await
+        .unwrap();
+    file.flush().await.unwrap();
+
+    let hole = file.block_status(0, 1 << 20).await.unwrap();
+    assert_eq!((hole.offset, hole.length), (0, 256 << 10));
+    assert!(hole.status.zero && !hole.status.data && hole.status.allocated);
+
+    let data = file.block_status(256 << 10, 768 << 10).await.unwrap();
+    assert_eq!(data.length, 64 << 10);
+    assert!(data.status.data && !data.status.zero);
+    assert_eq!(data.status.host_offset, Some(256 << 10));
+
+    let tail = file.block_status(320 << 10, 704 << 10).await.unwrap();
+    assert_eq!(tail.length, 704 << 10);
+    assert!(tail.status.zero);
+
+    let bounded = file.block_status(0, 4096).await.unwrap();
+    assert_eq!(bounded.length, 4096, "a run is clipped to the request");
+});
+
+both_cache_modes!(
+    write_zeroes_reads_back_zero_with_or_without_unmap,
+    |direct| {
+        let (_dir, path) = image(1 << 20);
+        let file = FileDriver::open(&path, false, direct, false).unwrap();
+        file.write(0, pattern(1 << 20, 9), WriteFlags::default())
+            .await
+            .unwrap();
+
+        file.write_zeroes(
+            64 << 10,
+            64 << 10,
+            ZeroFlags {
+                may_unmap: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        file.write_zeroes(200 << 10, 100, ZeroFlags::default())
+            .await
+            .unwrap();
+        let back = file.read(0, IoBuf::zeroed(1 << 20)).await.unwrap();
+        let mut expected = pattern(1 << 20, 9);
+        expected[64 << 10..128 << 10].fill(0);
+        expected[200 << 10..(200 << 10) + 100].fill(0);
+        assert_eq!(back, expected);
+
+        let punched = file.block_status(64 << 10, 64 << 10).await.unwrap();
+        assert!(
+            punched.status.zero,
+            "a punched range is a hole: {punched:?}"
+        );
+    }
+);
+
+#[tokio::test]
+async fn discard_punches_a_hole() {
+    let (_dir, path) = image(1 << 20);
+    let file = FileDriver::open(&path, false, false, false).unwrap();
+    file.write(0, pattern(1 << 20, 3), WriteFlags::default())
+        .await
+        .unwrap();
+    file.discard(512 << 10, 256 << 10).await.unwrap();
+    let status = file.block_status(512 << 10, 256 << 10).await.unwrap();
+    assert!(status.status.zero);
+    assert_eq!(status.length, 256 << 10);
+}
+
+#[tokio::test]
+async fn read_only_files_refuse_writes() {
+    let (_dir, path) = image(4096);
+    let file = FileDriver::open(&path, true, false, false).unwrap();
+    let err = file
+        .write(0, IoBuf::zeroed(512), WriteFlags::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+    assert_eq!(err.nbd_errno(), 1);
+    let err = file
+        .write_zeroes(0, 512, ZeroFlags::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+}
+
+#[test]
+fn missing_files_and_directories_get_qemus_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nosuch.img");
+    let err = FileDriver::open(&missing, false, false, false).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "Could not open '{}': No such file or directory",
+            missing.display()
+        )
+    );
+    let err = FileDriver::open(dir.path(), false, false, false).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("Could not open '{}': Is a directory", dir.path().display())
+    );
+}
+
+#[test]
+fn a_fifo_is_not_an_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let err = FileDriver::open(&fifo, true, false, false).unwrap_err();
+    assert!(err.to_string().contains("regular file"), "{err}");
+}

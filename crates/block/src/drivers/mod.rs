@@ -1,0 +1,9 @@
+//! The drivers of this crate: one module per driver.
+//!
+//! * `file`: protocol driver for host files and block devices.
+//! * `raw`: format driver that passes bytes through, optionally a window of its child.
+//! * `null`: a device that stores nothing (`null-co`/`null-aio`), for tests and benchmarks.
+
+pub mod file;
+pub mod null;
+pub mod raw;

@@ -1,0 +1,780 @@
+//! The node graph: named nodes, their users, and attachments that follow filters.
+//!
+//! ```text
+//!   export 'exp0' ---Attachment---+            (before a backup)
+//!                                 v
+//!                           [disk0: raw] --child 'file'--> [#block000: file]
+//!
+//!   export 'exp0' ---Attachment---+            (after insert_filter above disk0)
+//!                                 v
+//!                           [cbw0: filter] --fixed child--> [disk0: raw] --> ...
+//! ```
+//!
+//! * A [`Node`] is a driver instance with a unique name. Nodes are created from
+//!   [`BlockdevOptions`]; inline children get generated names (`#block000`...) and are
+//!   deleted with their parent; children named by reference stay.
+//! * An [`Attachment`] is how anything uses a node: parents' child links, exports,
+//!   jobs. It points at a *slot* that the graph can retarget. When a filter is
+//!   inserted above node N, every attachment to N that follows filters is retargeted
+//!   to the filter, atomically with respect to its in-flight requests: each slot has a
+//!   gate (a fair async read/write lock); requests hold it shared, retargeting takes it
+//!   exclusively, which waits for requests in flight and holds new ones back (QEMU's
+//!   "drain, change, resume"). The filter's own link to N is *fixed* and does not
+//!   follow, or the filter would point at itself. Attachments made while a filter is in
+//!   place resolve to the top of the filter chain, so no writer can bypass a filter.
+//! * A node is *in use* while a live attachment targets it; in-use nodes cannot be
+//!   deleted, and the error names the user as QEMU does ("Block device file0 is in
+//!   use", "Node 'disk0' is busy: block device is in use by block job: backup").
+//! * Structural changes (add, remove, insert or remove a filter) are serialised by one
+//!   async lock; the state itself sits behind a short synchronous mutex that is never
+//!   held across an await.
+//!
+//! The [`Node`] methods are the generic block layer between attachments and drivers:
+//! request range checks, the read-only flag, `discard=ignore`, `detect-zeroes` and
+//! `cache.no-flush` are applied there once, for every driver.
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::RwLock;
+use std::sync::Weak;
+
+use crate::buf::IoBuf;
+use crate::driver::BlockDriver;
+use crate::driver::Extent;
+use crate::driver::Limits;
+use crate::driver::WriteFlags;
+use crate::driver::ZeroFlags;
+use crate::driver::check_request;
+use crate::drivers::file::FileDriver;
+use crate::drivers::null::NullDriver;
+use crate::drivers::raw::RawDriver;
+use crate::error::Error;
+use crate::error::ErrorKind;
+use crate::error::Result;
+use crate::options::BlockdevOptions;
+use crate::options::BlockdevRef;
+use crate::options::DetectZeroes;
+use crate::options::DiscardMode;
+use crate::options::DriverOptions;
+
+/// Generic behaviour of a node, resolved from its options and its parent's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodePolicy {
+    /// Writes, write-zeroes and discards fail with EPERM.
+    pub read_only: bool,
+    /// `cache.direct`.
+    pub direct: bool,
+    /// `cache.no-flush`: flush requests do nothing.
+    pub no_flush: bool,
+    /// Whether discards reach the driver.
+    pub discard: DiscardMode,
+    /// Whether all-zero writes become write-zeroes.
+    pub detect_zeroes: DetectZeroes,
+}
+
+/// A named driver instance.
+pub struct Node {
+    name: String,
+    /// Created inline as a child; deleted with its parent, not by the monitor.
+    implicit: bool,
+    /// Names of the implicit children this node created.
+    implicit_children: Vec<String>,
+    policy: NodePolicy,
+    driver: Box<dyn BlockDriver>,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("driver", &self.driver)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+impl Node {
+    /// The node-name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the name was generated for an inline child.
+    pub fn is_implicit(&self) -> bool {
+        self.implicit
+    }
+
+    /// Generic behaviour flags.
+    pub fn policy(&self) -> NodePolicy {
+        self.policy
+    }
+
+    /// The driver's QMP name.
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.driver_name()
+    }
+
+    /// The driver, for callers that need more than the node methods.
+    pub fn driver(&self) -> &dyn BlockDriver {
+        self.driver.as_ref()
+    }
+
+    /// Size in bytes.
+    pub fn length(&self) -> u64 {
+        self.driver.length()
+    }
+
+    /// Alignment and transfer limits.
+    pub fn limits(&self) -> Limits {
+        self.driver.limits()
+    }
+
+    /// The host file behind the node, if any.
+    pub fn filename(&self) -> Option<&Path> {
+        self.driver.filename()
+    }
+
+    fn check_writable(&self, op: &str) -> Result<()> {
+        if self.policy.read_only {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!("Cannot {op} node '{}': Block node is read-only", self.name),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        check_request("read", offset, buf.len() as u64, self.length())?;
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+        self.driver.read(offset, buf).await
+    }
+
+    /// Writes `buf` at `offset`; all-zero buffers become write-zeroes when the node
+    /// has `detect-zeroes` set.
+    pub async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+        self.check_writable("write")?;
+        check_request("write", offset, buf.len() as u64, self.length())?;
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+        if self.policy.detect_zeroes != DetectZeroes::Off && buf.is_zero() {
+            let zero = ZeroFlags {
+                may_unmap: self.policy.detect_zeroes == DetectZeroes::Unmap,
+                fua: flags.fua,
+                no_fallback: false,
+            };
+            self.write_zeroes(offset, buf.len() as u64, zero).await?;
+            return Ok(buf);
+        }
+        self.driver.write(offset, buf, flags).await
+    }
+
+    /// Makes the range read as zeros; unmapping only when `discard=unmap`.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, mut flags: ZeroFlags) -> Result<()> {
+        self.check_writable("write zeroes to")?;
+        check_request("write zeroes", offset, len, self.length())?;
+        if len == 0 {
+            return Ok(());
+        }
+        flags.may_unmap &= self.policy.discard == DiscardMode::Unmap;
+        self.driver.write_zeroes(offset, len, flags).await
+    }
+
+    /// Discards the range if the node passes discards down (`discard=unmap`).
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable("discard on")?;
+        check_request("discard", offset, len, self.length())?;
+        if len == 0 || self.policy.discard == DiscardMode::Ignore {
+            return Ok(());
+        }
+        self.driver.discard(offset, len).await
+    }
+
+    /// Makes completed writes durable, unless `cache.no-flush` is set.
+    pub async fn flush(&self) -> Result<()> {
+        if self.policy.no_flush || self.policy.read_only {
+            return Ok(());
+        }
+        self.driver.flush().await
+    }
+
+    /// Status of the run at `offset`, at most `len` bytes (`len > 0`, in range).
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        check_request("block status", offset, len, self.length())?;
+        if len == 0 {
+            return Err(Error::invalid("block status of an empty range"));
+        }
+        let extent = self.driver.block_status(offset, len).await?;
+        debug_assert!(extent.offset == offset && extent.length > 0 && extent.length <= len);
+        Ok(extent)
+    }
+}
+
+/// Who holds an attachment; decides the "in use" message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachUser {
+    /// A parent node's child link.
+    Parent {
+        /// The parent's node-name.
+        parent: String,
+        /// The child role ("file", "backing").
+        role: &'static str,
+    },
+    /// A filter's link to the node it filters; never retargeted.
+    FilterChild {
+        /// The filter's node-name.
+        filter: String,
+    },
+    /// An export, a job...: the text completes "Node 'x' is busy: ...".
+    Other(String),
+}
+
+impl AttachUser {
+    fn busy_error(&self, node: &str) -> Error {
+        let message = match self {
+            AttachUser::Parent { .. } | AttachUser::FilterChild { .. } => {
+                format!("Block device {node} is in use")
+            }
+            AttachUser::Other(reason) => format!("Node '{node}' is busy: {reason}"),
+        };
+        Error::new(ErrorKind::Busy, message)
+    }
+}
+
+struct Slot {
+    user: AttachUser,
+    follows_filters: bool,
+    target: RwLock<Arc<Node>>,
+    /// Held shared by every request through the slot, exclusively while retargeting.
+    gate: tokio::sync::RwLock<()>,
+}
+
+/// A user's handle on a node: all I/O of exports, jobs and parents goes through one,
+/// so the graph can insert a filter under their feet without them noticing.
+pub struct Attachment {
+    slot: Arc<Slot>,
+}
+
+impl fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Attachment")
+            .field("node", &self.node().name)
+            .field("user", &self.slot.user)
+            .finish()
+    }
+}
+
+impl Attachment {
+    /// The node requests currently go to.
+    pub fn node(&self) -> Arc<Node> {
+        self.slot
+            .target
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Who holds this attachment.
+    pub fn user(&self) -> &AttachUser {
+        &self.slot.user
+    }
+
+    /// Size of the attached node in bytes.
+    pub fn length(&self) -> u64 {
+        self.node().length()
+    }
+
+    /// Limits of the attached node.
+    pub fn limits(&self) -> Limits {
+        self.node().limits()
+    }
+
+    /// See [`Node::read`].
+    pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let _in_flight = self.slot.gate.read().await;
+        self.node().read(offset, buf).await
+    }
+
+    /// See [`Node::write`].
+    pub async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+        let _in_flight = self.slot.gate.read().await;
+        self.node().write(offset, buf, flags).await
+    }
+
+    /// See [`Node::write_zeroes`].
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let _in_flight = self.slot.gate.read().await;
+        self.node().write_zeroes(offset, len, flags).await
+    }
+
+    /// See [`Node::discard`].
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _in_flight = self.slot.gate.read().await;
+        self.node().discard(offset, len).await
+    }
+
+    /// See [`Node::flush`].
+    pub async fn flush(&self) -> Result<()> {
+        let _in_flight = self.slot.gate.read().await;
+        self.node().flush().await
+    }
+
+    /// See [`Node::block_status`].
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        let _in_flight = self.slot.gate.read().await;
+        self.node().block_status(offset, len).await
+    }
+}
+
+/// Options a child inherits from its parent when it does not set them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Inherited {
+    read_only: Option<bool>,
+    auto_read_only: Option<bool>,
+    direct: Option<bool>,
+    no_flush: Option<bool>,
+    discard: Option<DiscardMode>,
+}
+
+#[derive(Default)]
+struct GraphState {
+    nodes: BTreeMap<String, Arc<Node>>,
+    slots: Vec<Weak<Slot>>,
+    /// node-name -> name of the filter directly above it.
+    filter_above: HashMap<String, String>,
+    next_implicit: u64,
+}
+
+impl GraphState {
+    fn live_slots(&mut self) -> Vec<Arc<Slot>> {
+        self.slots.retain(|s| s.strong_count() > 0);
+        self.slots.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    fn first_user(&mut self, node: &Arc<Node>) -> Option<AttachUser> {
+        self.live_slots()
+            .into_iter()
+            .find(|s| Arc::ptr_eq(&s.target.read().unwrap_or_else(|e| e.into_inner()), node))
+            .map(|s| s.user.clone())
+    }
+
+    /// The node at the top of the filter chain above `name`.
+    fn top_of(&self, name: &str) -> Option<Arc<Node>> {
+        let mut current = name;
+        while let Some(above) = self.filter_above.get(current) {
+            current = above;
+        }
+        self.nodes.get(current).cloned()
+    }
+
+    fn implicit_name(&mut self) -> String {
+        loop {
+            let name = format!("#block{:03}", self.next_implicit);
+            self.next_implicit += 1;
+            if !self.nodes.contains_key(&name) {
+                return name;
+            }
+        }
+    }
+
+    fn attach(&mut self, target: Arc<Node>, user: AttachUser, follows_filters: bool) -> Attachment {
+        let slot = Arc::new(Slot {
+            user,
+            follows_filters,
+            target: RwLock::new(target),
+            gate: tokio::sync::RwLock::new(()),
+        });
+        self.slots.retain(|s| s.strong_count() > 0);
+        self.slots.push(Arc::downgrade(&slot));
+        Attachment { slot }
+    }
+}
+
+/// Checks QEMU's node-name rules: a letter first, then letters, digits, `-`, `.`,
+/// `_`; at most 31 characters.
+pub fn validate_node_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        && name.len() <= 31;
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!("Invalid node-name: '{name}'")))
+    }
+}
+
+fn not_found(name: &str) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!("Cannot find device='{name}' nor node-name='{name}'"),
+    )
+}
+
+type OpenFuture<'a> = Pin<Box<dyn Future<Output = Result<Arc<Node>>> + Send + 'a>>;
+
+/// The set of nodes of one daemon (or one CLI invocation).
+#[derive(Default)]
+pub struct NodeGraph {
+    state: Mutex<GraphState>,
+    reconfigure: tokio::sync::Mutex<()>,
+}
+
+impl fmt::Debug for NodeGraph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeGraph")
+            .field("nodes", &self.node_names())
+            .finish()
+    }
+}
+
+impl NodeGraph {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, GraphState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `blockdev-add`: creates a node (and its inline children). The top node must be
+    /// named; on failure nothing is left behind.
+    pub async fn add(&self, options: BlockdevOptions) -> Result<Arc<Node>> {
+        if options.node_name.is_none() {
+            return Err(Error::invalid(
+                "'node-name' must be specified for the root node",
+            ));
+        }
+        self.open(options).await
+    }
+
+    /// Creates a node, generating a name for it when it has none (CLI use).
+    pub async fn open(&self, options: BlockdevOptions) -> Result<Arc<Node>> {
+        let _reconfigure = self.reconfigure.lock().await;
+        let mut created = Vec::new();
+        let result = self
+            .open_node(options, Inherited::default(), &mut created)
+            .await;
+        if result.is_err() {
+            // Roll back in reverse creation order: parents before their children.
+            let mut state = self.state();
+            for name in created.iter().rev() {
+                state.nodes.remove(name);
+            }
+        }
+        result
+    }
+
+    fn open_node<'a>(
+        &'a self,
+        options: BlockdevOptions,
+        inherited: Inherited,
+        created: &'a mut Vec<String>,
+    ) -> OpenFuture<'a> {
+        Box::pin(async move {
+            let (name, implicit) = match &options.node_name {
+                Some(name) => {
+                    validate_node_name(name)?;
+                    if self.state().nodes.contains_key(name) {
+                        return Err(duplicate(name));
+                    }
+                    (name.clone(), false)
+                }
+                None => (self.state().implicit_name(), true),
+            };
+            let mut policy = NodePolicy {
+                read_only: options.read_only.or(inherited.read_only).unwrap_or(false),
+                direct: options.cache.direct.or(inherited.direct).unwrap_or(false),
+                no_flush: options
+                    .cache
+                    .no_flush
+                    .or(inherited.no_flush)
+                    .unwrap_or(false),
+                discard: options.discard.or(inherited.discard).unwrap_or_default(),
+                detect_zeroes: options.detect_zeroes,
+            };
+            let auto_read_only = options
+                .auto_read_only
+                .or(inherited.auto_read_only)
+                .unwrap_or(false);
+            let inherit = Inherited {
+                read_only: Some(policy.read_only),
+                auto_read_only: Some(auto_read_only),
+                direct: Some(policy.direct),
+                no_flush: Some(policy.no_flush),
+                discard: Some(policy.discard),
+            };
+            let mut implicit_children = Vec::new();
+            let driver: Box<dyn BlockDriver> = match options.driver {
+                DriverOptions::File(file) => {
+                    let (read_only, direct) = (policy.read_only, policy.direct);
+                    let driver = tokio::task::spawn_blocking(move || {
+                        FileDriver::open(&file.filename, read_only, direct, auto_read_only)
+                    })
+                    .await
+                    .map_err(|e| Error::new(ErrorKind::Io, format!("open task failed: {e}")))??;
+                    policy.read_only = driver.is_read_only();
+                    Box::new(driver)
+                }
+                DriverOptions::Null(null) => Box::new(NullDriver::new(&null)),
+                DriverOptions::Raw(raw) => {
+                    let user = AttachUser::Parent {
+                        parent: name.clone(),
+                        role: "file",
+                    };
+                    let child = match raw.file {
+                        BlockdevRef::Node(child_name) => {
+                            let mut state = self.state();
+                            let target = state
+                                .top_of(&child_name)
+                                .ok_or_else(|| not_found(&child_name))?;
+                            state.attach(target, user, true)
+                        }
+                        BlockdevRef::Inline(child_options) => {
+                            let child = self.open_node(*child_options, inherit, created).await?;
+                            if child.implicit {
+                                implicit_children.push(child.name.clone());
+                            }
+                            self.state().attach(child, user, true)
+                        }
+                    };
+                    if !policy.read_only && child.node().policy.read_only {
+                        if auto_read_only {
+                            policy.read_only = true;
+                        } else {
+                            return Err(Error::new(
+                                ErrorKind::PermissionDenied,
+                                "Block node is read-only",
+                            ));
+                        }
+                    }
+                    Box::new(RawDriver::new(child, raw.offset, raw.size)?)
+                }
+            };
+            let node = Arc::new(Node {
+                name: name.clone(),
+                implicit,
+                implicit_children,
+                policy,
+                driver,
+            });
+            let mut state = self.state();
+            if state.nodes.contains_key(&name) {
+                return Err(duplicate(&name));
+            }
+            state.nodes.insert(name.clone(), node.clone());
+            created.push(name);
+            Ok(node)
+        })
+    }
+
+    /// Attaches a user to the node `name` (or to the top of the filters above it).
+    pub fn attach(&self, name: &str, user: AttachUser) -> Result<Attachment> {
+        let mut state = self.state();
+        let target = state.top_of(name).ok_or_else(|| not_found(name))?;
+        Ok(state.attach(target, user, true))
+    }
+
+    /// The node named `name`, if any.
+    pub fn node(&self, name: &str) -> Option<Arc<Node>> {
+        self.state().nodes.get(name).cloned()
+    }
+
+    /// Every node, ordered by name.
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.state().nodes.values().cloned().collect()
+    }
+
+    /// Every node-name, sorted.
+    pub fn node_names(&self) -> Vec<String> {
+        self.state().nodes.keys().cloned().collect()
+    }
+
+    /// The first user of a node, if it is in use.
+    pub fn user_of(&self, name: &str) -> Option<AttachUser> {
+        let mut state = self.state();
+        let node = state.nodes.get(name)?.clone();
+        state.first_user(&node)
+    }
+
+    /// `blockdev-del`: removes an unused, monitor-owned node, then the inline children
+    /// it created. Nodes are flushed as they are closed.
+    pub async fn remove(&self, name: &str) -> Result<()> {
+        let _reconfigure = self.reconfigure.lock().await;
+        let node = {
+            let mut state = self.state();
+            let node = state.nodes.get(name).cloned().ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("Failed to find node with node-name='{name}'"),
+                )
+            })?;
+            if node.implicit {
+                return Err(Error::invalid(format!(
+                    "Node {name} is not owned by the monitor"
+                )));
+            }
+            if let Some(user) = state.first_user(&node) {
+                return Err(user.busy_error(name));
+            }
+            state.nodes.remove(name);
+            node
+        };
+        self.close_tree(node).await;
+        Ok(())
+    }
+
+    /// Closes a node already out of the map, then its implicit children that nobody
+    /// else uses.
+    async fn close_tree(&self, node: Arc<Node>) {
+        let mut pending = vec![node];
+        while let Some(node) = pending.pop() {
+            if let Err(e) = node.driver.close().await {
+                tracing::warn!(node = node.name, "closing node failed: {e}");
+            }
+            let children = node.implicit_children.clone();
+            // Dropping the node drops its driver and with it the child attachments.
+            drop(node);
+            let mut state = self.state();
+            for child in children {
+                let Some(child_node) = state.nodes.get(&child).cloned() else {
+                    continue;
+                };
+                if state.first_user(&child_node).is_none() {
+                    state.nodes.remove(&child);
+                    pending.push(child_node);
+                }
+            }
+        }
+    }
+
+    /// Inserts a filter above the node `above` (or above the filters already there).
+    /// `build` receives the filter's fixed link to the filtered node and returns the
+    /// filter driver. Every attachment that followed `above` is retargeted to the filter
+    /// once its in-flight requests have finished; new requests wait meanwhile.
+    pub async fn insert_filter(
+        &self,
+        above: &str,
+        filter_name: Option<String>,
+        build: impl FnOnce(Attachment) -> Result<Box<dyn BlockDriver>>,
+    ) -> Result<Arc<Node>> {
+        let _reconfigure = self.reconfigure.lock().await;
+        let (below, name, implicit, child) = {
+            let mut state = self.state();
+            let below = state.top_of(above).ok_or_else(|| not_found(above))?;
+            let (name, implicit) = match filter_name {
+                Some(name) => {
+                    validate_node_name(&name)?;
+                    if state.nodes.contains_key(&name) {
+                        return Err(duplicate(&name));
+                    }
+                    (name, false)
+                }
+                None => (state.implicit_name(), true),
+            };
+            let child = state.attach(
+                below.clone(),
+                AttachUser::FilterChild {
+                    filter: name.clone(),
+                },
+                false,
+            );
+            (below, name, implicit, child)
+        };
+        let driver = build(child)?;
+        let policy = NodePolicy {
+            detect_zeroes: DetectZeroes::Off,
+            ..below.policy
+        };
+        let filter = Arc::new(Node {
+            name: name.clone(),
+            implicit,
+            implicit_children: Vec::new(),
+            policy,
+            driver,
+        });
+        let slots = {
+            let mut state = self.state();
+            state.nodes.insert(name.clone(), filter.clone());
+            state.filter_above.insert(below.name.clone(), name);
+            slots_targeting(&mut state, &below, true)
+        };
+        retarget(slots, &filter).await;
+        Ok(filter)
+    }
+
+    /// Removes a filter inserted by [`NodeGraph::insert_filter`]: its users go back to
+    /// the node below it, drained the same way.
+    pub async fn remove_filter(&self, name: &str) -> Result<()> {
+        let _reconfigure = self.reconfigure.lock().await;
+        let (filter, below, slots) = {
+            let mut state = self.state();
+            let filter = state
+                .nodes
+                .get(name)
+                .cloned()
+                .ok_or_else(|| not_found(name))?;
+            let below = filter
+                .driver
+                .filtered_child()
+                .ok_or_else(|| Error::invalid(format!("Node '{name}' is not a filter")))?
+                .node();
+            let above = state.filter_above.remove(name);
+            match above {
+                Some(upper) => state.filter_above.insert(below.name.clone(), upper),
+                None => state.filter_above.remove(&below.name),
+            };
+            let slots = slots_targeting(&mut state, &filter, false);
+            (filter, below, slots)
+        };
+        retarget(slots, &below).await;
+        self.state().nodes.remove(name);
+        drop(filter);
+        Ok(())
+    }
+}
+
+fn duplicate(name: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidArgument,
+        format!("Duplicate nodes with node-name='{name}'"),
+    )
+}
+
+/// Live slots pointing at `node`; only those that follow filters when `following`.
+fn slots_targeting(state: &mut GraphState, node: &Arc<Node>, following: bool) -> Vec<Arc<Slot>> {
+    state
+        .live_slots()
+        .into_iter()
+        .filter(|s| !following || s.follows_filters)
+        .filter(|s| Arc::ptr_eq(&s.target.read().unwrap_or_else(|e| e.into_inner()), node))
+        .collect()
+}
+
+/// Drains every slot (in a fixed order, so two retargets cannot deadlock), points
+/// them at `to`, and lets their requests resume.
+async fn retarget(mut slots: Vec<Arc<Slot>>, to: &Arc<Node>) {
+    slots.sort_by_key(|s| Arc::as_ptr(s) as usize);
+    let mut drained = Vec::with_capacity(slots.len());
+    for slot in &slots {
+        drained.push(slot.gate.write().await);
+    }
+    for slot in &slots {
+        *slot.target.write().unwrap_or_else(|e| e.into_inner()) = to.clone();
+    }
+    drop(drained);
+}
+
+#[cfg(test)]
+mod tests;
