@@ -155,7 +155,13 @@ impl Bitmap {
             }
             bits = words;
         }
-        Ok(Self { size, shift, granules, levels, count: 0 })
+        Ok(Self {
+            size,
+            shift,
+            granules,
+            levels,
+            count: 0,
+        })
     }
 
     /// Device size in bytes.
@@ -404,7 +410,10 @@ impl Bitmap {
 
     /// Iterates over maximal runs of set bytes, in order, as `(offset, len)`.
     pub fn dirty_areas(&self) -> DirtyAreas<'_> {
-        DirtyAreas { bitmap: self, next: 0 }
+        DirtyAreas {
+            bitmap: self,
+            next: 0,
+        }
     }
 
     /// Adds every granule set in `other` (a union). Same-granularity maps merge word by
@@ -428,7 +437,10 @@ impl Bitmap {
 
     /// Recomputes the count and every summary level from level 0.
     fn rebuild_summaries(&mut self) {
-        self.count = self.levels[0].iter().map(|w| u64::from(w.count_ones())).sum();
+        self.count = self.levels[0]
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
         for level in 1..self.levels.len() {
             let (below, above) = self.levels.split_at_mut(level);
             let below = &below[level - 1];

@@ -12,7 +12,11 @@ struct Model {
 
 impl Model {
     fn new(size: u64, granularity: u64) -> Self {
-        Self { size, granularity, bits: vec![false; size.div_ceil(granularity) as usize] }
+        Self {
+            size,
+            granularity,
+            bits: vec![false; size.div_ceil(granularity) as usize],
+        }
     }
 
     fn touched(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
@@ -156,7 +160,10 @@ fn one_tebibyte_at_64k_costs_about_two_mebibytes() {
     let bitmap = Bitmap::new(1 << 40, 64 << 10).unwrap();
     assert_eq!(bitmap.granules(), 16 << 20);
     let bytes = bitmap.memory_bytes();
-    assert!((2 << 20..(2 << 20) + (64 << 10)).contains(&bytes), "{bytes} bytes");
+    assert!(
+        (2 << 20..(2 << 20) + (64 << 10)).contains(&bytes),
+        "{bytes} bytes"
+    );
 }
 
 #[test]
@@ -164,7 +171,10 @@ fn search_skips_a_mostly_clean_terabyte() {
     let mut bitmap = Bitmap::new(1 << 40, 64 << 10).unwrap();
     bitmap.set((1 << 40) - 1, 1);
     assert_eq!(bitmap.next_set(0), Some((1 << 40) - (64 << 10)));
-    assert_eq!(bitmap.next_dirty_area(0, 1 << 20), Some(((1 << 40) - (64 << 10), 64 << 10)));
+    assert_eq!(
+        bitmap.next_dirty_area(0, 1 << 20),
+        Some(((1 << 40) - (64 << 10), 64 << 10))
+    );
     assert_eq!(bitmap.count_bytes(), 64 << 10);
 }
 
@@ -179,8 +189,14 @@ fn unaligned_tail_counts_only_device_bytes() {
 
 #[test]
 fn granularity_must_be_a_power_of_two() {
-    assert_eq!(Bitmap::new(100, 3).unwrap_err(), Error::InvalidGranularity(3));
-    assert_eq!(Bitmap::new(100, 0).unwrap_err(), Error::InvalidGranularity(0));
+    assert_eq!(
+        Bitmap::new(100, 3).unwrap_err(),
+        Error::InvalidGranularity(3)
+    );
+    assert_eq!(
+        Bitmap::new(100, 0).unwrap_err(),
+        Error::InvalidGranularity(0)
+    );
 }
 
 #[test]
@@ -232,20 +248,28 @@ fn corrupt_serializations_are_refused_with_a_reason() {
 
     let mut bad_magic = good.clone();
     bad_magic[0] = b'X';
-    assert!(matches!(Bitmap::deserialize(&bad_magic), Err(Error::Corrupt(m)) if m.contains("magic")));
+    assert!(
+        matches!(Bitmap::deserialize(&bad_magic), Err(Error::Corrupt(m)) if m.contains("magic"))
+    );
 
     let mut bad_count = good.clone();
     bad_count[24] = 9;
-    assert!(matches!(Bitmap::deserialize(&bad_count), Err(Error::Corrupt(m)) if m.contains("header says")));
+    assert!(
+        matches!(Bitmap::deserialize(&bad_count), Err(Error::Corrupt(m)) if m.contains("header says"))
+    );
 
     let mut past_end = good.clone();
     let last = past_end.len() - 1;
     past_end[last] = 0x80;
-    assert!(matches!(Bitmap::deserialize(&past_end), Err(Error::Corrupt(m)) if m.contains("past the last")));
+    assert!(
+        matches!(Bitmap::deserialize(&past_end), Err(Error::Corrupt(m)) if m.contains("past the last"))
+    );
 
     let mut truncated = good.clone();
     truncated.pop();
-    assert!(matches!(Bitmap::deserialize(&truncated), Err(Error::Corrupt(m)) if m.contains("expected")));
+    assert!(
+        matches!(Bitmap::deserialize(&truncated), Err(Error::Corrupt(m)) if m.contains("expected"))
+    );
 
     let mut huge_shift = good;
     huge_shift[12] = 200;

@@ -174,13 +174,9 @@ fn io_message(source: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_deref()
-            .map(|s| s as &(dyn std::error::Error + 'static))
-    }
-}
+/// The cause is already part of the message (QMP and NBD clients see one string), so
+/// it is not also exposed as `source()`, where error reporters would print it twice.
+impl std::error::Error for Error {}
 
 #[cfg(test)]
 mod tests {

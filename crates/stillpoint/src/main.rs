@@ -1,1 +1,186 @@
-fn main(){}
+//! `stillpoint`: live, point-in-time backups of block devices.
+//!
+//! This binary is the command-line face of the workspace. Today it creates and
+//! inspects raw images (`create`, `info`, `map`); the live backup (`backup`), the QMP
+//! daemon (`daemon`) and the NBD server (`nbd`) arrive with their crates. Every
+//! subcommand reports bad input as one line on stderr and exits 1; none panics.
+//!
+//! Output formats follow qemu-img where a script may parse them: `map --output json`
+//! prints exactly what `qemu-img map --output=json` prints for a raw image.
+
+mod image;
+mod info;
+mod map;
+mod size;
+
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use anyhow::bail;
+use clap::Parser;
+use clap::Subcommand;
+use clap::ValueEnum;
+
+use crate::image::Format;
+use crate::image::os_text;
+
+/// Live, point-in-time backups of block devices.
+#[derive(Debug, Parser)]
+#[command(name = "stillpoint", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How to print a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Readable text, as qemu-img prints it.
+    Human,
+    /// JSON, as qemu-img prints it.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create an image of SIZE bytes (512, 64K, 1M, 10G, 2T...); replaces an existing file.
+    Create {
+        /// Image format.
+        #[arg(short = 'f', long = "format", value_enum, default_value = "raw")]
+        format: Format,
+        /// Path of the image to create.
+        file: PathBuf,
+        /// Virtual size, with an optional K/M/G/T/P/E suffix (powers of 1024).
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
+    /// Show an image's format, virtual size and disk usage.
+    Info {
+        /// Image format (probed when omitted).
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<Format>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// The image.
+        file: PathBuf,
+    },
+    /// Show which ranges of an image hold data, zeros or nothing.
+    Map {
+        /// Image format (probed when omitted).
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<Format>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// First byte to map (size suffixes allowed).
+        #[arg(long = "start-offset", allow_hyphen_values = true)]
+        start_offset: Option<String>,
+        /// Bytes to map from the start offset (size suffixes allowed).
+        #[arg(long = "max-length", allow_hyphen_values = true)]
+        max_length: Option<String>,
+        /// The image.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("stillpoint: failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stillpoint: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Create { format, file, size } => create(format, &file, &size),
+        Command::Info {
+            format,
+            output,
+            file,
+        } => info(format, output, &file).await,
+        Command::Map {
+            format,
+            output,
+            start_offset,
+            max_length,
+            file,
+        } => {
+            let parse = |flag: &str, value: Option<String>| -> anyhow::Result<Option<u64>> {
+                value
+                    .map(|v| size::parse_size(&v).with_context(|| format!("invalid {flag}")))
+                    .transpose()
+            };
+            let start = parse("--start-offset", start_offset)?.unwrap_or(0);
+            let max_length = parse("--max-length", max_length)?;
+            map(format, output, &file, start, max_length).await
+        }
+    }
+}
+
+fn create(format: Format, file: &Path, size: &str) -> anyhow::Result<()> {
+    if format != Format::Raw {
+        bail!("creating qcow2 images is not supported yet: only raw");
+    }
+    let size = size::parse_size(size)?;
+    let handle = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(file)
+        .map_err(|e| anyhow::anyhow!("Could not create '{}': {}", file.display(), os_text(&e)))?;
+    handle
+        .set_len(size)
+        .map_err(|e| anyhow::anyhow!("Could not resize '{}': {}", file.display(), os_text(&e)))?;
+    println!("Formatting '{}', fmt=raw size={size}", file.display());
+    Ok(())
+}
+
+async fn info(format: Option<Format>, output: Output, file: &Path) -> anyhow::Result<()> {
+    let image = image::open_read_only(file, format).await?;
+    let report = info::ImageInfo {
+        virtual_size: image.node.length(),
+        filename: file.display().to_string(),
+        format: "raw",
+        actual_size: info::allocated_bytes(file)
+            .map_err(|e| anyhow::anyhow!("Could not stat '{}': {}", file.display(), os_text(&e)))?,
+        dirty_flag: false,
+    };
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Human => print!("{}", info::to_human(&report)),
+    }
+    Ok(())
+}
+
+async fn map(
+    format: Option<Format>,
+    output: Output,
+    file: &Path,
+    start: u64,
+    max_length: Option<u64>,
+) -> anyhow::Result<()> {
+    let image = image::open_read_only(file, format).await?;
+    let entries = map::map(&image.node, start, max_length).await?;
+    match output {
+        Output::Json => print!("{}", map::to_json(&entries)),
+        Output::Human => print!("{}", map::to_human(&entries, &file.display().to_string())),
+    }
+    Ok(())
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what Stillpoint's tests need, idempotently: run it as often as you like.
+# Today that is QEMU's tools (qemu-img is the oracle the tests compare against).
+set -euo pipefail
+
+need_apt=()
+command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: need ${need_apt[*]}; run as root or install them yourself" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+
+command -v cargo >/dev/null 2>&1 || { echo "setup: cargo (Rust 1.95+) is required" >&2; exit 1; }
+echo "setup: qemu-img $(qemu-img --version | head -n1 | awk '{print $3}'), $(cargo --version)"
