@@ -493,17 +493,20 @@ impl Bitmap {
         }
         let size = u64_at(16);
         let count = u64_at(24);
-        let mut bitmap = Self::new(size, 1 << shift).map_err(|e| corrupt(e.to_string()))?;
-        let words = bitmap.levels[0].len();
+        // Check the payload length against the header before allocating anything, so
+        // a forged header cannot make us allocate a huge map.
+        let granules = size.div_ceil(1 << shift);
         let payload = &bytes[FORMAT_HEADER_LEN..];
-        if payload.len() != words * 8 {
+        let words = words_for(granules);
+        if words.checked_mul(8) != Some(payload.len() as u64) {
             return Err(corrupt(format!(
-                "expected {} bytes of bits for {} granules, found {}",
-                words * 8,
-                bitmap.granules,
+                "expected {} bytes of bits for {granules} granules, found {}",
+                words.saturating_mul(8),
                 payload.len()
             )));
         }
+        let mut bitmap = Self::new(size, 1 << shift).map_err(|e| corrupt(e.to_string()))?;
+        let words = bitmap.levels[0].len();
         for (word, chunk) in bitmap.levels[0].iter_mut().zip(payload.chunks_exact(8)) {
             *word = u64::from_le_bytes(chunk.try_into().unwrap());
         }

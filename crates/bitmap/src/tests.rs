@@ -275,3 +275,35 @@ fn corrupt_serializations_are_refused_with_a_reason() {
     huge_shift[12] = 200;
     assert!(Bitmap::deserialize(&huge_shift).is_err());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Untrusted bytes never panic the loader: they load or are refused.
+    #[test]
+    fn deserialize_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+        let _ = Bitmap::deserialize(&bytes);
+    }
+
+    /// A valid serialization with one byte flipped loads only if it is still consistent.
+    #[test]
+    fn a_flipped_byte_is_refused_or_consistent(size in 1u64..5000, at in any::<prop::sample::Index>(), bit in 0u8..8) {
+        let mut bitmap = Bitmap::new(size, 8).unwrap();
+        bitmap.set(size / 3, size / 3 + 1);
+        let mut bytes = bitmap.serialize();
+        let i = at.index(bytes.len());
+        bytes[i] ^= 1 << bit;
+        if let Ok(loaded) = Bitmap::deserialize(&bytes) {
+            prop_assert_eq!(loaded.count(), loaded.dirty_areas().map(|(_, l)| l.div_ceil(loaded.granularity())).sum::<u64>());
+            prop_assert_eq!(Bitmap::deserialize(&loaded.serialize()).unwrap(), loaded);
+        }
+    }
+}
+
+#[test]
+fn a_forged_huge_header_is_refused_before_allocating() {
+    let mut bytes = Bitmap::new(64, 1).unwrap().serialize();
+    bytes[16..24].copy_from_slice(&(1u64 << 39).to_le_bytes());
+    let err = Bitmap::deserialize(&bytes).unwrap_err();
+    assert!(matches!(err, Error::Corrupt(m) if m.contains("expected")));
+}

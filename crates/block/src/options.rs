@@ -545,4 +545,47 @@ mod tests {
         let e = serde_json::from_str::<BlockdevOptions>(r#"{"driver":"raw"}"#).unwrap_err();
         assert!(e.to_string().contains("Parameter 'file' is missing"), "{e}");
     }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let key = prop::sample::select(vec![
+            "driver",
+            "node-name",
+            "file",
+            "filename",
+            "size",
+            "offset",
+            "cache",
+            "direct",
+            "read-only",
+            "discard",
+            "detect-zeroes",
+            "latency-ns",
+            "read-zeroes",
+            "x",
+        ]);
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            prop::sample::select(vec!["raw", "file", "null-co", "on", "unmap", "a", ""])
+                .prop_map(|s| json!(s)),
+        ];
+        leaf.prop_recursive(3, 24, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                prop::collection::btree_map(key.clone(), inner, 0..6).prop_map(|m| Value::Object(
+                    m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+                )),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Whatever a QMP client sends, the parser answers with options or an error.
+        #[test]
+        fn arbitrary_json_never_panics_the_parser(value in json_value()) {
+            let _ = BlockdevOptions::from_json(value);
+        }
+    }
 }
