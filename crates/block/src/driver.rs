@@ -9,7 +9,7 @@
 //! itself, because it can be opened and used on its own.
 
 use std::fmt;
-use std::path::Path;
+use std::path::PathBuf;
 
 use async_trait::async_trait;
 
@@ -101,8 +101,8 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
         Limits::default()
     }
 
-    /// The file this node ultimately reads, for display (`query-named-block-nodes`).
-    fn filename(&self) -> Option<&Path> {
+    /// The host file this node ultimately reads (through its children), if any.
+    fn filename(&self) -> Option<PathBuf> {
         None
     }
 

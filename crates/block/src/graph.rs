@@ -37,7 +37,6 @@ use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -51,6 +50,7 @@ use crate::driver::Limits;
 use crate::driver::WriteFlags;
 use crate::driver::ZeroFlags;
 use crate::driver::check_request;
+use crate::drivers::fault::FaultDriver;
 use crate::drivers::file::FileDriver;
 use crate::drivers::null::NullDriver;
 use crate::drivers::raw::RawDriver;
@@ -136,7 +136,7 @@ impl Node {
     }
 
     /// The host file behind the node, if any.
-    pub fn filename(&self) -> Option<&Path> {
+    pub fn filename(&self) -> Option<std::path::PathBuf> {
         self.driver.filename()
     }
 
@@ -235,7 +235,12 @@ pub enum AttachUser {
         /// The filter's node-name.
         filter: String,
     },
-    /// An export, a job...: the text completes "Node 'x' is busy: ...".
+    /// A block job using the node as its source or target.
+    Job {
+        /// The job type ("backup").
+        job_type: String,
+    },
+    /// Anything else, an export...: the text completes "Node 'x' is busy: ...".
     Other(String),
 }
 
@@ -244,6 +249,9 @@ impl AttachUser {
         let message = match self {
             AttachUser::Parent { .. } | AttachUser::FilterChild { .. } => {
                 format!("Block device {node} is in use")
+            }
+            AttachUser::Job { job_type } => {
+                format!("Node '{node}' is busy: block device is in use by block job: {job_type}")
             }
             AttachUser::Other(reason) => format!("Node '{node}' is busy: {reason}"),
         };
@@ -529,37 +537,32 @@ impl NodeGraph {
                 }
                 DriverOptions::Null(null) => Box::new(NullDriver::new(&null)),
                 DriverOptions::Raw(raw) => {
-                    let user = AttachUser::Parent {
-                        parent: name.clone(),
-                        role: "file",
-                    };
-                    let child = match raw.file {
-                        BlockdevRef::Node(child_name) => {
-                            let mut state = self.state();
-                            let target = state
-                                .top_of(&child_name)
-                                .ok_or_else(|| not_found(&child_name))?;
-                            state.attach(target, user, true)
-                        }
-                        BlockdevRef::Inline(child_options) => {
-                            let child = self.open_node(*child_options, inherit, created).await?;
-                            if child.implicit {
-                                implicit_children.push(child.name.clone());
-                            }
-                            self.state().attach(child, user, true)
-                        }
-                    };
-                    if !policy.read_only && child.node().policy.read_only {
-                        if auto_read_only {
-                            policy.read_only = true;
-                        } else {
-                            return Err(Error::new(
-                                ErrorKind::PermissionDenied,
-                                "Block node is read-only",
-                            ));
-                        }
-                    }
+                    let child = self
+                        .open_child(
+                            raw.file,
+                            &name,
+                            "file",
+                            inherit,
+                            created,
+                            &mut implicit_children,
+                        )
+                        .await?;
+                    check_child_writable(&child, &mut policy, auto_read_only)?;
                     Box::new(RawDriver::new(child, raw.offset, raw.size)?)
+                }
+                DriverOptions::Fault(fault) => {
+                    let child = self
+                        .open_child(
+                            fault.image,
+                            &name,
+                            "image",
+                            inherit,
+                            created,
+                            &mut implicit_children,
+                        )
+                        .await?;
+                    check_child_writable(&child, &mut policy, auto_read_only)?;
+                    Box::new(FaultDriver::new(child, fault.rules))
                 }
             };
             let node = Arc::new(Node {
@@ -577,6 +580,38 @@ impl NodeGraph {
             created.push(name);
             Ok(node)
         })
+    }
+
+    /// Opens or finds a child and attaches the parent to it.
+    async fn open_child(
+        &self,
+        reference: BlockdevRef,
+        parent: &str,
+        role: &'static str,
+        inherit: Inherited,
+        created: &mut Vec<String>,
+        implicit_children: &mut Vec<String>,
+    ) -> Result<Attachment> {
+        let user = AttachUser::Parent {
+            parent: parent.to_string(),
+            role,
+        };
+        match reference {
+            BlockdevRef::Node(child_name) => {
+                let mut state = self.state();
+                let target = state
+                    .top_of(&child_name)
+                    .ok_or_else(|| not_found(&child_name))?;
+                Ok(state.attach(target, user, true))
+            }
+            BlockdevRef::Inline(child_options) => {
+                let child = self.open_node(*child_options, inherit, created).await?;
+                if child.implicit {
+                    implicit_children.push(child.name.clone());
+                }
+                Ok(self.state().attach(child, user, true))
+            }
+        }
     }
 
     /// Attaches a user to the node `name` (or to the top of the filters above it).
@@ -606,6 +641,30 @@ impl NodeGraph {
         let mut state = self.state();
         let node = state.nodes.get(name)?.clone();
         state.first_user(&node)
+    }
+
+    /// Every user of a node, including the users of the filters above it (a job on
+    /// the node under a backup filter shows up here).
+    pub fn users_of(&self, name: &str) -> Vec<AttachUser> {
+        let mut state = self.state();
+        let mut chain = Vec::new();
+        let mut current = name.to_string();
+        while let Some(node) = state.nodes.get(&current).cloned() {
+            chain.push(node);
+            match state.filter_above.get(&current) {
+                Some(above) => current = above.clone(),
+                None => break,
+            }
+        }
+        state
+            .live_slots()
+            .into_iter()
+            .filter(|s| {
+                let target = s.target.read().unwrap_or_else(|e| e.into_inner());
+                chain.iter().any(|n| Arc::ptr_eq(n, &target))
+            })
+            .map(|s| s.user.clone())
+            .collect()
     }
 
     /// `blockdev-del`: removes an unused, monitor-owned node, then the inline children
@@ -743,6 +802,25 @@ impl NodeGraph {
         drop(filter);
         Ok(())
     }
+}
+
+/// A writable parent needs a writable child (or falls back with auto-read-only).
+fn check_child_writable(
+    child: &Attachment,
+    policy: &mut NodePolicy,
+    auto_read_only: bool,
+) -> Result<()> {
+    if !policy.read_only && child.node().policy.read_only {
+        if auto_read_only {
+            policy.read_only = true;
+        } else {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                "Block node is read-only",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn duplicate(name: &str) -> Error {

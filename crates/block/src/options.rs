@@ -18,6 +18,9 @@ use serde::Deserializer;
 use serde_json::Map;
 use serde_json::Value;
 
+use crate::drivers::fault::FaultOp;
+use crate::drivers::fault::FaultRule;
+use crate::drivers::fault::parse_errno;
 use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::error::Result;
@@ -84,6 +87,17 @@ pub enum DriverOptions {
     Raw(RawOptions),
     /// `null-co` / `null-aio`: a device that stores nothing.
     Null(NullOptions),
+    /// `fault`: fails chosen requests of its child (tests).
+    Fault(FaultOptions),
+}
+
+/// Members of the `fault` driver (see `drivers::fault`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultOptions {
+    /// `image`: the child whose requests may fail.
+    pub image: BlockdevRef,
+    /// `rules`: which requests fail, and how.
+    pub rules: Vec<FaultRule>,
 }
 
 /// Members of the `file` driver.
@@ -194,6 +208,7 @@ impl BlockdevOptions {
         let driver = match driver_name.as_str() {
             "file" => DriverOptions::File(parse_file(&mut m)?),
             "raw" => DriverOptions::Raw(parse_raw(&mut m)?),
+            "fault" => DriverOptions::Fault(parse_fault(&mut m)?),
             "null-co" | "null-aio" => {
                 let name = if driver_name == "null-co" {
                     "null-co"
@@ -261,6 +276,7 @@ impl BlockdevOptions {
             DriverOptions::File(_) => "file",
             DriverOptions::Raw(_) => "raw",
             DriverOptions::Null(n) => n.name,
+            DriverOptions::Fault(_) => "fault",
         }
     }
 }
@@ -296,8 +312,8 @@ fn parse_file(m: &mut Members) -> Result<FileOptions> {
     })
 }
 
-fn parse_raw(m: &mut Members) -> Result<RawOptions> {
-    let file = m.required("file", |m, key, value| match value {
+fn blockdev_ref(m: &Members, key: &str, value: Value) -> Result<BlockdevRef> {
+    match value {
         Value::String(name) => Ok(BlockdevRef::Node(name)),
         Value::Object(map) => {
             let child = Members::new(map, format!("{}{key}.", m.prefix));
@@ -306,7 +322,70 @@ fn parse_raw(m: &mut Members) -> Result<RawOptions> {
             )))
         }
         _ => Err(m.type_error(key, "BlockdevRef")),
+    }
+}
+
+fn parse_fault_rule(r: &mut Members) -> Result<FaultRule> {
+    let op = match r
+        .optional("op", |r, k, v| {
+            r.enumeration(k, v, &["read", "write", "flush", "any"])
+        })?
+        .as_deref()
+    {
+        Some("read") => FaultOp::Read,
+        Some("write") => FaultOp::Write,
+        Some("flush") => FaultOp::Flush,
+        _ => FaultOp::Any,
+    };
+    let bad_errno = |r: &Members, what: &str| {
+        Error::invalid(format!(
+            "Parameter '{}errno' does not accept value '{what}'",
+            r.prefix
+        ))
+    };
+    let errno = match r.optional("errno", |_, _, v| Ok(v))? {
+        None => libc::EIO,
+        Some(Value::String(name)) => parse_errno(&name).ok_or_else(|| bad_errno(r, &name))?,
+        Some(v) => {
+            let n = r.unsigned("errno", v)?;
+            i32::try_from(n)
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| bad_errno(r, &n.to_string()))?
+        }
+    };
+    Ok(FaultRule {
+        op,
+        offset: r.optional("offset", Members::unsigned)?.unwrap_or(0),
+        length: r.optional("length", Members::unsigned)?.unwrap_or(u64::MAX),
+        errno,
+        once: r.optional("once", Members::boolean)?.unwrap_or(false),
+        after: r.optional("after", Members::unsigned)?.unwrap_or(0),
+    })
+}
+
+fn parse_fault(m: &mut Members) -> Result<FaultOptions> {
+    let image = m.required("image", blockdev_ref)?;
+    let rules = m.optional("rules", |m, key, value| {
+        let Value::Array(items) = value else {
+            return Err(m.type_error(key, "array"));
+        };
+        let mut rules = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let mut r = m.object(&format!("{key}[{i}]"), item)?;
+            rules.push(parse_fault_rule(&mut r)?);
+            r.finish()?;
+        }
+        Ok(rules)
     })?;
+    Ok(FaultOptions {
+        image,
+        rules: rules.unwrap_or_default(),
+    })
+}
+
+fn parse_raw(m: &mut Members) -> Result<RawOptions> {
+    let file = m.required("file", blockdev_ref)?;
     let offset = m.optional("offset", Members::unsigned)?;
     let size = m.optional("size", Members::unsigned)?;
     Ok(RawOptions { file, offset, size })

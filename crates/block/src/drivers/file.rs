@@ -279,8 +279,8 @@ impl BlockDriver for FileDriver {
         }
     }
 
-    fn filename(&self) -> Option<&Path> {
-        Some(&self.path)
+    fn filename(&self) -> Option<PathBuf> {
+        Some(self.path.clone())
     }
 
     async fn read(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {

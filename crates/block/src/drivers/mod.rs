@@ -3,7 +3,9 @@
 //! * `file`: protocol driver for host files and block devices.
 //! * `raw`: format driver that passes bytes through, optionally a window of its child.
 //! * `null`: a device that stores nothing (`null-co`/`null-aio`), for tests and benchmarks.
+//! * `fault`: fails chosen requests of its child, for testing error paths.
 
+pub mod fault;
 pub mod file;
 pub mod null;
 pub mod raw;

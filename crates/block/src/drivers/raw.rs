@@ -5,7 +5,7 @@
 //! Requests are shifted by `offset` and forwarded through the child attachment;
 //! block status reports the child's status with host offsets shifted the same way.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use async_trait::async_trait;
 
@@ -69,9 +69,8 @@ impl BlockDriver for RawDriver {
         self.child.limits()
     }
 
-    fn filename(&self) -> Option<&Path> {
-        // The child's driver owns the path; raw nodes report none of their own.
-        None
+    fn filename(&self) -> Option<PathBuf> {
+        self.child.node().filename()
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {

@@ -1,0 +1,182 @@
+//! `fault`: a filter that fails chosen requests, for testing error paths (in the role of
+//! QEMU's blkdebug, with a simpler, range-based rule language).
+//!
+//! ```json
+//! {"driver": "fault", "node-name": "bad", "image": "disk0",
+//!  "rules": [{"op": "write", "offset": 1048576, "length": 65536,
+//!             "errno": "ENOSPC", "once": true, "after": 2}]}
+//! ```
+//!
+//! A rule matches a request whose operation is `op` (`read`, `write` — which covers
+//! write-zeroes and discard —, `flush` or `any`, the default) and whose byte range
+//! overlaps `[offset, offset + length)` (the whole device by default). The first
+//! `after` matching requests pass (default 0); the next fails with `errno` (`EIO` by
+//! default; a number or one of `EIO`, `ENOSPC`, `EPERM`, `EINVAL`, `ENOTSUP`). With
+//! `once` the rule then retires; otherwise it keeps failing. Rules are checked in order;
+//! the first that fires decides.
+
+use std::io;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use crate::buf::IoBuf;
+use crate::driver::BlockDriver;
+use crate::driver::Extent;
+use crate::driver::Limits;
+use crate::driver::WriteFlags;
+use crate::driver::ZeroFlags;
+use crate::error::Error;
+use crate::error::Result;
+use crate::graph::Attachment;
+
+/// Which requests a rule applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultOp {
+    /// Reads.
+    Read,
+    /// Writes, write-zeroes and discards.
+    Write,
+    /// Flushes.
+    Flush,
+    /// All of them.
+    Any,
+}
+
+/// One injection rule; see the module documentation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultRule {
+    /// Which requests.
+    pub op: FaultOp,
+    /// First byte of the range.
+    pub offset: u64,
+    /// Length of the range.
+    pub length: u64,
+    /// The errno to fail with.
+    pub errno: i32,
+    /// Retire after firing once.
+    pub once: bool,
+    /// Matching requests to let through first.
+    pub after: u64,
+}
+
+#[derive(Debug)]
+struct RuleState {
+    rule: FaultRule,
+    seen: u64,
+    retired: bool,
+}
+
+/// The fault filter.
+#[derive(Debug)]
+pub struct FaultDriver {
+    child: Attachment,
+    rules: Mutex<Vec<RuleState>>,
+}
+
+/// Parses an errno given by name or number.
+pub fn parse_errno(name: &str) -> Option<i32> {
+    match name {
+        "EIO" => Some(libc::EIO),
+        "ENOSPC" => Some(libc::ENOSPC),
+        "EPERM" => Some(libc::EPERM),
+        "EINVAL" => Some(libc::EINVAL),
+        "ENOTSUP" | "EOPNOTSUPP" => Some(libc::ENOTSUP),
+        other => other.parse().ok().filter(|n| *n > 0),
+    }
+}
+
+impl FaultDriver {
+    /// A fault filter over `child`.
+    pub fn new(child: Attachment, rules: Vec<FaultRule>) -> Self {
+        let rules = rules
+            .into_iter()
+            .map(|rule| RuleState {
+                rule,
+                seen: 0,
+                retired: false,
+            })
+            .collect();
+        Self {
+            child,
+            rules: Mutex::new(rules),
+        }
+    }
+
+    fn check(&self, op: FaultOp, offset: u64, len: u64) -> Result<()> {
+        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        for state in rules.iter_mut() {
+            let rule = &state.rule;
+            let op_matches = rule.op == FaultOp::Any || rule.op == op;
+            let end = offset.saturating_add(len.max(1));
+            let overlaps = offset < rule.offset.saturating_add(rule.length) && rule.offset < end;
+            if state.retired || !op_matches || !(overlaps || op == FaultOp::Flush) {
+                continue;
+            }
+            if state.seen < rule.after {
+                state.seen += 1;
+                continue;
+            }
+            if rule.once {
+                state.retired = true;
+            }
+            return Err(Error::from_io(
+                format!("injected fault at offset {offset}"),
+                io::Error::from_raw_os_error(rule.errno),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlockDriver for FaultDriver {
+    fn driver_name(&self) -> &'static str {
+        "fault"
+    }
+
+    fn length(&self) -> u64 {
+        self.child.length()
+    }
+
+    fn limits(&self) -> Limits {
+        self.child.limits()
+    }
+
+    fn filename(&self) -> Option<std::path::PathBuf> {
+        self.child.node().filename()
+    }
+
+    fn filtered_child(&self) -> Option<&Attachment> {
+        Some(&self.child)
+    }
+
+    async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.check(FaultOp::Read, offset, buf.len() as u64)?;
+        self.child.read(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+        self.check(FaultOp::Write, offset, buf.len() as u64)?;
+        self.child.write(offset, buf, flags).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.check(FaultOp::Write, offset, len)?;
+        self.child.write_zeroes(offset, len, flags).await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(FaultOp::Write, offset, len)?;
+        self.child.discard(offset, len).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.check(FaultOp::Flush, 0, 0)?;
+        self.child.flush().await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.child.block_status(offset, len).await
+    }
+}

@@ -1,0 +1,360 @@
+//! The backup job: validation, filter insertion, the copy loop with its error policy,
+//! and clean-up.
+//!
+//! Starting a backup (QEMU's `blockdev-backup`) checks the arguments in QEMU's words,
+//! creates the job, and inserts the copy-before-write filter above the source: that
+//! insertion is the point in time. The job's body then runs passes of the block-copy
+//! workers until every cluster is on the target, applying `on-source-error` and
+//! `on-target-error` between passes, and flushes the target before it reports success
+//! (QEMU leaves that to whoever closes the target; a backup that says "completed"
+//! should be on disk). Clean-up removes the filter and releases the nodes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use block::AttachUser;
+use block::Attachment;
+use block::BlockDriver;
+use block::Error;
+use block::NodeGraph;
+
+use crate::block_copy::BlockCopy;
+use crate::block_copy::BlockCopyOptions;
+use crate::block_copy::CopyStats;
+use crate::block_copy::OnCbwError;
+use crate::block_copy::PassEnd;
+use crate::cbw::CbwFilter;
+use crate::job::ErrorAction;
+use crate::job::ErrorPolicy;
+use crate::job::IoOperation;
+use crate::job::Job;
+use crate::job::JobDriver;
+use crate::job::JobError;
+use crate::job::JobFailure;
+use crate::job::JobOptions;
+use crate::job::JobRegistry;
+use crate::job::JobType;
+
+/// The smallest job cluster (QEMU's default backup granularity).
+pub const MIN_CLUSTER_SIZE: u64 = 64 << 10;
+
+/// What to copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Every cluster.
+    Full,
+    /// Only clusters allocated in the source's top layer.
+    Top,
+    /// Only clusters guest writes overwrite while the job runs; runs until cancelled.
+    None,
+}
+
+/// Everything a backup can be asked to do.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// Job id.
+    pub job_id: String,
+    /// What to copy.
+    pub sync: SyncMode,
+    /// Generic job options (speed, auto-finalize, auto-dismiss).
+    pub job: JobOptions,
+    /// Policy for source read errors.
+    pub on_source_error: ErrorPolicy,
+    /// Policy for target write errors.
+    pub on_target_error: ErrorPolicy,
+    /// Copy-before-write failure mode.
+    pub on_cbw_error: OnCbwError,
+    /// Name for the filter node (generated when absent).
+    pub filter_node_name: Option<String>,
+    /// Lower bound for the job cluster (x-perf min-cluster-size); power of two.
+    pub min_cluster_size: Option<u64>,
+    /// Parallel background requests (x-perf max-workers).
+    pub max_workers: usize,
+    /// Largest background request (x-perf max-chunk; 0 = default 1 MiB).
+    pub max_chunk: u64,
+    /// Bytes of old data guest writes may park in memory before spilling.
+    pub staging_memory: usize,
+    /// Where the spill file goes (default: beside the target, else the temp dir).
+    pub scratch_dir: Option<PathBuf>,
+}
+
+impl BackupOptions {
+    /// Defaults for a full backup with this job id.
+    pub fn new(job_id: impl Into<String>) -> Self {
+        Self {
+            job_id: job_id.into(),
+            sync: SyncMode::Full,
+            job: JobOptions::default(),
+            on_source_error: ErrorPolicy::Report,
+            on_target_error: ErrorPolicy::Report,
+            on_cbw_error: OnCbwError::BreakGuestWrite,
+            filter_node_name: None,
+            min_cluster_size: None,
+            max_workers: 4,
+            max_chunk: 0,
+            staging_memory: 64 << 20,
+            scratch_dir: None,
+        }
+    }
+}
+
+/// Default background request size.
+const DEFAULT_CHUNK: u64 = 1 << 20;
+
+/// A running backup: what the job harness drives.
+pub struct BackupJob {
+    graph: Arc<NodeGraph>,
+    /// Taken at clean-up, so the source and target are released before the
+    /// completion event goes out.
+    copy: Mutex<Option<Arc<BlockCopy>>>,
+    filter_name: String,
+    options: BackupOptions,
+    chunk: u64,
+    /// Released at clean-up so the target node becomes free again.
+    target_hold: Mutex<Option<Attachment>>,
+}
+
+impl std::fmt::Debug for BackupJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupJob")
+            .field("filter", &self.filter_name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn generic(e: Error) -> JobError {
+    JobError {
+        class: e.qmp_class(),
+        desc: e.to_string(),
+    }
+}
+
+/// Starts a backup of node `device` to node `target`: validates, creates the job,
+/// inserts the filter (the point in time) and starts copying. Returns the job and the
+/// copy totals (for reports).
+pub async fn start_backup(
+    graph: &Arc<NodeGraph>,
+    registry: &JobRegistry,
+    device: &str,
+    target: &str,
+    options: BackupOptions,
+) -> Result<(Arc<Job>, Arc<CopyStats>), JobError> {
+    let not_found = |name: &str| {
+        JobError::generic(format!(
+            "Cannot find device='{name}' nor node-name='{name}'"
+        ))
+    };
+    let source_node = graph.node(device).ok_or_else(|| not_found(device))?;
+    let target_node = graph.node(target).ok_or_else(|| not_found(target))?;
+    if Arc::ptr_eq(&source_node, &target_node) {
+        return Err(JobError::generic("Source and target cannot be the same"));
+    }
+    for (name, node) in [(device, &source_node), (target, &target_node)] {
+        let in_job = graph
+            .users_of(name)
+            .into_iter()
+            .find(|u| matches!(u, AttachUser::Job { .. }));
+        if let Some(AttachUser::Job { job_type }) = in_job {
+            return Err(JobError::generic(format!(
+                "Node '{}' is busy: block device is in use by block job: {job_type}",
+                node.name()
+            )));
+        }
+    }
+    if source_node.length() != target_node.length() {
+        return Err(JobError::generic(
+            "Source and target image have different sizes",
+        ));
+    }
+    if options.max_workers == 0 || options.max_workers > i32::MAX as usize {
+        return Err(JobError::generic(
+            "max-workers must be between 1 and 2147483647",
+        ));
+    }
+    let min_cluster = options.min_cluster_size.unwrap_or(0);
+    if min_cluster != 0 && !min_cluster.is_power_of_two() {
+        return Err(JobError::generic(
+            "min-cluster-size needs to be a power of 2",
+        ));
+    }
+    let target_cluster = u64::from(target_node.limits().cluster_size.unwrap_or(0));
+    let cluster = MIN_CLUSTER_SIZE.max(target_cluster).max(min_cluster);
+    if options.max_chunk != 0 && options.max_chunk < cluster {
+        return Err(JobError::generic(format!(
+            "Required max-chunk ({}) is less than backup cluster size ({cluster})",
+            options.max_chunk
+        )));
+    }
+    let chunk = if options.max_chunk == 0 {
+        DEFAULT_CHUNK.max(cluster)
+    } else {
+        options.max_chunk / cluster * cluster
+    };
+    let scratch_dir = options.scratch_dir.clone().unwrap_or_else(|| {
+        target_node
+            .filename()
+            .and_then(|p| p.parent().map(|d| d.to_path_buf()))
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or_else(std::env::temp_dir)
+    });
+
+    let job = registry.create(&options.job_id, JobType::Backup, options.job)?;
+    let created = async {
+        let target_hold = graph
+            .attach(
+                target,
+                AttachUser::Job {
+                    job_type: "backup".into(),
+                },
+            )
+            .map_err(generic)?;
+        let copy_target = graph
+            .attach(
+                target,
+                AttachUser::Job {
+                    job_type: "backup".into(),
+                },
+            )
+            .map_err(generic)?;
+        let copy_options = BlockCopyOptions {
+            cluster_size: cluster,
+            chunk_size: chunk,
+            staging_memory: options.staging_memory,
+            scratch_dir,
+            skip_unallocated: options.sync == SyncMode::Top,
+            on_cbw_error: options.on_cbw_error,
+        };
+        let progress = job.progress_meter().clone();
+        let mut engine = None;
+        let filter = graph
+            .insert_filter(device, options.filter_node_name.clone(), |source| {
+                let copy = Arc::new(BlockCopy::new(source, copy_target, copy_options, progress)?);
+                engine = Some(copy.clone());
+                Ok(Box::new(CbwFilter::new(copy)) as Box<dyn BlockDriver>)
+            })
+            .await
+            .map_err(generic)?;
+        let copy = engine.expect("the filter was built");
+        Ok::<_, JobError>((filter.name().to_string(), copy, target_hold))
+    }
+    .await;
+    let (filter_name, copy, target_hold) = match created {
+        Ok(parts) => parts,
+        Err(e) => {
+            registry.discard(&job);
+            return Err(e);
+        }
+    };
+    let backup = Arc::new(BackupJob {
+        graph: graph.clone(),
+        copy: Mutex::new(Some(copy.clone())),
+        filter_name,
+        chunk,
+        options,
+        target_hold: Mutex::new(Some(target_hold)),
+    });
+    let stats = copy.stats().clone();
+    job.start(backup);
+    Ok((job, stats))
+}
+
+impl BackupJob {
+    fn engine(&self) -> Option<Arc<BlockCopy>> {
+        self.copy.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn policy(&self, operation: IoOperation) -> ErrorPolicy {
+        match operation {
+            IoOperation::Read => self.options.on_source_error,
+            IoOperation::Write => self.options.on_target_error,
+        }
+    }
+}
+
+#[async_trait]
+impl JobDriver for BackupJob {
+    async fn run(&self, job: &Arc<Job>) -> Result<(), JobFailure> {
+        let background = self.options.sync != SyncMode::None;
+        let Some(copy) = self.engine() else {
+            return Err(JobFailure::Failed(
+                "the backup was already cleaned up".into(),
+            ));
+        };
+        tracing::debug!(job = job.id(), chunk = self.chunk, "backup starts");
+        loop {
+            if job.is_cancelled() {
+                if !background {
+                    copy.drain_best_effort().await;
+                }
+                return Err(JobFailure::Cancelled);
+            }
+            job.pause_point().await;
+            if job.is_cancelled() {
+                continue;
+            }
+            job.set_busy(true);
+            let pass = copy
+                .run_pass(
+                    self.options.max_workers,
+                    background,
+                    job.rate_limit().clone(),
+                    job,
+                )
+                .await;
+            job.set_busy(false);
+            if let Some(broken) = copy.snapshot_error() {
+                return Err(JobFailure::Failed(broken));
+            }
+            match pass {
+                Ok(PassEnd::Done) => break,
+                Ok(PassEnd::Interrupted) => continue,
+                Err(failure) => {
+                    let errno = failure.error.errno();
+                    match job.handle_error(self.policy(failure.operation), failure.operation, errno)
+                    {
+                        ErrorAction::Report => {
+                            return Err(JobFailure::Failed(os_text(&failure.error)));
+                        }
+                        ErrorAction::Ignore | ErrorAction::Stop => {
+                            tracing::warn!(
+                                job = job.id(),
+                                "copy failed, retrying: {}",
+                                failure.error
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if let Err(e) = copy.target().flush().await {
+            return Err(JobFailure::Failed(format!(
+                "failed to flush the target: {e}"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn clean(&self, job: &Arc<Job>) {
+        if let Err(e) = self.graph.remove_filter(&self.filter_name).await {
+            tracing::error!(job = job.id(), "failed to remove the backup filter: {e}");
+        }
+        self.target_hold
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        self.copy.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// QEMU reports a failed job with the bare strerror text ("Input/output error").
+fn os_text(error: &Error) -> String {
+    let errno = error.errno();
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    match text.find(" (os error ") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
+}

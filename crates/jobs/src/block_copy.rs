@@ -1,0 +1,853 @@
+//! The block-copy engine: copies a source to a target cluster by cluster, exactly once
+//! each, on behalf of both the background job and the copy-before-write filter.
+//!
+//! # Cluster life cycle
+//!
+//! ```text
+//!   dirty --claim--> reading --read ok--> in hand --write ok--> done
+//!     ^                 |                   (a worker's buffer, or the staging
+//!     '---read failed---'                    area, or the retry queue)
+//! ```
+//!
+//! * `dirty` (a bit in the copy bitmap): the cluster's point-in-time data exists only
+//!   on the source.
+//! * `reading`: someone is reading it from the source. A guest write touching it must
+//!   wait, or it would change the data under the read. This is the *only* state a guest
+//!   write ever waits for.
+//! * `in hand`: the old data has been read and is held by the engine (a background
+//!   worker's buffer, the staging area, or the retry queue after a failed target write).
+//!   The source may now change freely; the data can no longer be re-read, so it is kept
+//!   until the target has it.
+//!
+//! Every transition happens under one short mutex, so a cluster is claimed once: the
+//! claim clears its bit, and only a failed source read sets it again.
+//!
+//! # Guest writes never wait for the target
+//!
+//! A copy-before-write claims the dirty clusters a guest write touches, reads their old
+//! data from the source, and parks it in the staging area: memory up to a bound, then a
+//! scratch file (beside the target by default). Then the guest write proceeds. The
+//! target write happens later, in the job's workers, which take staged chunks before
+//! any background work. So a guest write pays for one source read of its clusters, and
+//! waits for at most one in-flight source read of a background chunk: never for the
+//! target, and never behind the background queue. The background copy keeps at most
+//! `workers` requests in flight on the source.
+//!
+//! Staged data reaches the target before the job completes. If a target write fails
+//! after the guest write that staged it was acknowledged, the data stays staged and the
+//! job's `on-target-error` policy decides: `report` fails the job (the snapshot is
+//! broken, the guest write stands); `stop` and `ignore` retry it.
+//!
+//! # Zeros
+//!
+//! Runs the source reports as zero, and buffers that turn out all-zero, become
+//! write-zeroes on the target; where the target already reads zeros there (a fresh
+//! sparse file), nothing is written at all, so the target stays sparse.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+
+use bitmap::Bitmap;
+use block::Attachment;
+use block::Error;
+use block::ErrorKind;
+use block::IoBuf;
+use block::WriteFlags;
+use block::ZeroFlags;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::job::IoOperation;
+use crate::job::Progress;
+use crate::ratelimit::RateLimit;
+
+/// What a copy-before-write does when it cannot save the old data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnCbwError {
+    /// The guest write fails with the errno of the failed read or staging.
+    #[default]
+    BreakGuestWrite,
+    /// The guest write goes through; the snapshot is broken and the job fails.
+    BreakSnapshot,
+}
+
+/// Tuning of one engine.
+#[derive(Debug, Clone)]
+pub struct BlockCopyOptions {
+    /// Granularity of the copy bitmap (a power of two).
+    pub cluster_size: u64,
+    /// Largest background request (a multiple of the cluster size).
+    pub chunk_size: u64,
+    /// Bytes of old data the staging area keeps in memory before spilling.
+    pub staging_memory: usize,
+    /// Where the spill file goes.
+    pub scratch_dir: PathBuf,
+    /// Skip clusters the source does not allocate (sync=top).
+    pub skip_unallocated: bool,
+    /// Copy-before-write failure mode.
+    pub on_cbw_error: OnCbwError,
+}
+
+/// A copy that failed in the background.
+#[derive(Debug)]
+pub struct CopyError {
+    /// Source read or target write.
+    pub operation: IoOperation,
+    /// The failure.
+    pub error: Error,
+}
+
+/// How a pass of the workers ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassEnd {
+    /// Every cluster is on the target.
+    Done,
+    /// Stopped early (pause or cancel); the state is kept for the next pass.
+    Interrupted,
+}
+
+/// Totals for reports: what was written as data, as zeros, or skipped.
+#[derive(Debug, Default)]
+pub struct CopyStats {
+    /// Bytes written to the target as data.
+    pub data_bytes: AtomicU64,
+    /// Bytes that were zero (written as zeros, or already zero on the target).
+    pub zero_bytes: AtomicU64,
+    /// Bytes skipped as unallocated (sync=top).
+    pub skipped_bytes: AtomicU64,
+    /// Bytes whose old data a guest write staged.
+    pub cbw_bytes: AtomicU64,
+    /// Bytes that went through the scratch file.
+    pub spilled_bytes: AtomicU64,
+}
+
+#[derive(Debug)]
+enum Payload {
+    Zero,
+    Memory(IoBuf),
+    Scratch { at: u64 },
+}
+
+#[derive(Debug)]
+struct Chunk {
+    offset: u64,
+    len: u64,
+    payload: Payload,
+    /// The payload's memory counts against the staging bound (guest-write chunks).
+    staged_memory: bool,
+}
+
+#[derive(Debug)]
+struct Reading {
+    id: u64,
+    start: u64,
+    end: u64,
+    done: Arc<Notify>,
+}
+
+#[derive(Debug)]
+struct CopyState {
+    /// Set = point-in-time data only on the source.
+    dirty: Bitmap,
+    reading: Vec<Reading>,
+    /// Chunks staged by guest writes, written first.
+    staged: VecDeque<Chunk>,
+    /// Chunks whose target write failed, kept for a retry.
+    retry: VecDeque<Chunk>,
+    /// Chunks being written to the target right now.
+    writing: usize,
+    staged_memory: usize,
+    next_id: u64,
+    /// Where the background scan resumes.
+    cursor: u64,
+}
+
+impl CopyState {
+    fn claim(&mut self, start: u64, end: u64) -> Reading {
+        self.dirty.reset(start, end - start);
+        self.next_id += 1;
+        Reading {
+            id: self.next_id,
+            start,
+            end,
+            done: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Ends a read: removes the range and wakes whoever waits on it.
+    fn finish_reading(&mut self, id: u64) {
+        if let Some(i) = self.reading.iter().position(|r| r.id == id) {
+            let reading = self.reading.swap_remove(i);
+            reading.done.notify_waiters();
+        }
+    }
+
+    fn is_complete(&self) -> bool {
+        self.dirty.is_empty()
+            && self.reading.is_empty()
+            && self.staged.is_empty()
+            && self.retry.is_empty()
+            && self.writing == 0
+    }
+}
+
+/// The spill file of the staging area: append-only while anything is spilled, emptied
+/// when the last spilled chunk has reached the target.
+#[derive(Debug)]
+struct Scratch {
+    file: Arc<File>,
+    next: u64,
+    live: usize,
+}
+
+enum Work {
+    Write(Chunk),
+    Copy { id: u64, start: u64, end: u64 },
+    Idle { complete: bool },
+}
+
+/// Shared between the workers of one pass.
+struct PassControl {
+    stop: AtomicBool,
+    stopped: Notify,
+    rate: Arc<RateLimit>,
+    background: bool,
+}
+
+impl PassControl {
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.stopped.notify_waiters();
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// The engine. Shared by the copy-before-write filter and the job.
+#[derive(Debug)]
+pub struct BlockCopy {
+    source: Attachment,
+    target: Attachment,
+    len: u64,
+    options: BlockCopyOptions,
+    state: Mutex<CopyState>,
+    /// Any change workers may be waiting for (work staged, a read ended...).
+    changed: Notify,
+    scratch: Mutex<Option<Scratch>>,
+    snapshot_error: Mutex<Option<String>>,
+    progress: Arc<Progress>,
+    stats: Arc<CopyStats>,
+}
+
+fn round_down(v: u64, to: u64) -> u64 {
+    v / to * to
+}
+
+impl BlockCopy {
+    /// An engine copying every cluster of `source` to `target` (same length), with all
+    /// clusters dirty: the point in time is the moment this returns.
+    pub fn new(
+        source: Attachment,
+        target: Attachment,
+        options: BlockCopyOptions,
+        progress: Arc<Progress>,
+    ) -> Result<Self, Error> {
+        let len = source.length();
+        let mut dirty = Bitmap::new(len, options.cluster_size)
+            .map_err(|e| Error::invalid(format!("cannot track copies: {e}")))?;
+        dirty.fill();
+        progress.set_total(len);
+        Ok(Self {
+            source,
+            target,
+            len,
+            options,
+            state: Mutex::new(CopyState {
+                dirty,
+                reading: Vec::new(),
+                staged: VecDeque::new(),
+                retry: VecDeque::new(),
+                writing: 0,
+                staged_memory: 0,
+                next_id: 0,
+                cursor: 0,
+            }),
+            changed: Notify::new(),
+            scratch: Mutex::new(None),
+            snapshot_error: Mutex::new(None),
+            progress,
+            stats: Arc::new(CopyStats::default()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CopyState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The source (the filter's child).
+    pub fn source(&self) -> &Attachment {
+        &self.source
+    }
+
+    /// The target.
+    pub fn target(&self) -> &Attachment {
+        &self.target
+    }
+
+    /// Device length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the device is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The copy granularity.
+    pub fn cluster_size(&self) -> u64 {
+        self.options.cluster_size
+    }
+
+    /// Totals so far.
+    pub fn stats(&self) -> &Arc<CopyStats> {
+        &self.stats
+    }
+
+    /// Clusters still to copy, in bytes (not counting data in hand).
+    pub fn dirty_bytes(&self) -> u64 {
+        self.lock().dirty.count_bytes()
+    }
+
+    /// Why the snapshot is broken, if a `break-snapshot` copy-before-write failed.
+    pub fn snapshot_error(&self) -> Option<String> {
+        self.snapshot_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Copy-before-write: makes sure the point-in-time data of every cluster touched
+    /// by `[offset, offset + len)` is safe (in hand or on the target) before the caller
+    /// overwrites the source.
+    pub async fn before_write(&self, offset: u64, len: u64) -> Result<(), Error> {
+        if len == 0 || offset >= self.len || self.snapshot_error().is_some() {
+            return Ok(());
+        }
+        let cluster = self.options.cluster_size;
+        let start = round_down(offset, cluster);
+        let end = offset
+            .saturating_add(len)
+            .div_ceil(cluster)
+            .saturating_mul(cluster)
+            .min(self.len);
+        loop {
+            let (claims, other) = {
+                let mut state = self.lock();
+                let mut claims = Vec::new();
+                let mut at = start;
+                while let Some((o, l)) = state.dirty.next_dirty_area(at, end - at) {
+                    if o >= end {
+                        break;
+                    }
+                    let l = l.min(end - o);
+                    let reading = state.claim(o, o + l);
+                    claims.push((reading.id, o, o + l));
+                    state.reading.push(reading);
+                    at = o + l;
+                }
+                let other = state
+                    .reading
+                    .iter()
+                    .find(|r| r.start < end && start < r.end && !claims.iter().any(|c| c.0 == r.id))
+                    .map(|r| (r.id, r.done.clone()));
+                (claims, other)
+            };
+            for (i, &(id, o, e)) in claims.iter().enumerate() {
+                if let Err(error) = self.stage(id, o, e).await {
+                    // Release the claims not staged yet: their old data is still on
+                    // the source, so they simply become dirty again.
+                    let mut state = self.lock();
+                    for &(id, o, e) in &claims[i + 1..] {
+                        state.dirty.set(o, e - o);
+                        state.finish_reading(id);
+                    }
+                    drop(state);
+                    self.changed.notify_waiters();
+                    return self.cbw_failed(error);
+                }
+            }
+            let Some((id, done)) = other else {
+                return Ok(());
+            };
+            let notified = done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().reading.iter().any(|r| r.id == id) {
+                notified.await;
+            }
+            // Re-check: the other read may have failed and left its clusters dirty.
+        }
+    }
+
+    fn cbw_failed(&self, error: Error) -> Result<(), Error> {
+        match self.options.on_cbw_error {
+            OnCbwError::BreakGuestWrite => Err(error),
+            OnCbwError::BreakSnapshot => {
+                let mut broken = self
+                    .snapshot_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if broken.is_none() {
+                    *broken = Some(format!(
+                        "copy-before-write failed, the snapshot is broken: {error}"
+                    ));
+                }
+                drop(broken);
+                self.changed.notify_waiters();
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads the old data of a claimed run and parks it in the staging area.
+    async fn stage(&self, id: u64, start: u64, end: u64) -> Result<(), Error> {
+        let len = end - start;
+        let staged = async {
+            let buf = self.source.read(start, IoBuf::zeroed(len as usize)).await?;
+            if buf.is_zero() {
+                return Ok(Payload::Zero);
+            }
+            let in_memory = {
+                let mut state = self.lock();
+                if state.staged_memory + len as usize <= self.options.staging_memory {
+                    state.staged_memory += len as usize;
+                    true
+                } else {
+                    false
+                }
+            };
+            if in_memory {
+                Ok(Payload::Memory(buf))
+            } else {
+                let at = self.spill(buf).await?;
+                self.stats.spilled_bytes.fetch_add(len, Ordering::Relaxed);
+                Ok(Payload::Scratch { at })
+            }
+        }
+        .await;
+        let mut state = self.lock();
+        match staged {
+            Ok(payload) => {
+                let staged_memory = matches!(payload, Payload::Memory(_));
+                state.staged.push_back(Chunk {
+                    offset: start,
+                    len,
+                    payload,
+                    staged_memory,
+                });
+                state.finish_reading(id);
+                drop(state);
+                self.stats.cbw_bytes.fetch_add(len, Ordering::Relaxed);
+                self.changed.notify_waiters();
+                Ok(())
+            }
+            Err(error) => {
+                state.dirty.set(start, len);
+                state.finish_reading(id);
+                drop(state);
+                self.changed.notify_waiters();
+                Err(error)
+            }
+        }
+    }
+
+    async fn spill(&self, buf: IoBuf) -> Result<u64, Error> {
+        let (file, at) = {
+            let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+            if scratch.is_none() {
+                let file = tempfile::tempfile_in(&self.options.scratch_dir).map_err(|e| {
+                    Error::from_io(
+                        format!(
+                            "failed to create a staging file in '{}'",
+                            self.options.scratch_dir.display()
+                        ),
+                        e,
+                    )
+                })?;
+                *scratch = Some(Scratch {
+                    file: Arc::new(file),
+                    next: 0,
+                    live: 0,
+                });
+            }
+            let s = scratch.as_mut().unwrap();
+            let at = s.next;
+            s.next += buf.len() as u64;
+            s.live += 1;
+            (s.file.clone(), at)
+        };
+        let result = tokio::task::spawn_blocking(move || file.write_all_at(&buf, at))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Io, format!("staging task failed: {e}")))?;
+        match result {
+            Ok(()) => Ok(at),
+            Err(e) => {
+                self.release_scratch().await;
+                Err(Error::from_io(
+                    "failed to stage old data in the scratch file",
+                    e,
+                ))
+            }
+        }
+    }
+
+    async fn unspill(&self, at: u64, len: u64) -> Result<IoBuf, Error> {
+        let file = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|s| s.file.clone())
+            .ok_or_else(|| Error::new(ErrorKind::Io, "staging file vanished"))?;
+        let mut buf = IoBuf::zeroed(len as usize);
+        let result = tokio::task::spawn_blocking(move || {
+            let r = file.read_exact_at(&mut buf, at);
+            (buf, r)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io, format!("staging task failed: {e}")))?;
+        match result {
+            (buf, Ok(())) => Ok(buf),
+            (_, Err(e)) => Err(Error::from_io("failed to read staged data back", e)),
+        }
+    }
+
+    /// One spilled chunk is on the target: when none is left, empty the file.
+    async fn release_scratch(&self) {
+        let file = {
+            let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(s) = scratch.as_mut() else { return };
+            s.live -= 1;
+            if s.live > 0 {
+                return;
+            }
+            s.next = 0;
+            s.file.clone()
+        };
+        let _ = tokio::task::spawn_blocking(move || file.set_len(0)).await;
+    }
+
+    /// Runs `workers` workers until every cluster is on the target, the job asks to
+    /// stop (`stop_requested`), or a copy fails. With `background` false (sync=none)
+    /// the workers only write what guest writes staged, and the pass never completes
+    /// on its own.
+    pub async fn run_pass(
+        self: &Arc<Self>,
+        workers: usize,
+        background: bool,
+        rate: Arc<RateLimit>,
+        job: &crate::job::Job,
+    ) -> Result<PassEnd, CopyError> {
+        let control = Arc::new(PassControl {
+            stop: AtomicBool::new(false),
+            stopped: Notify::new(),
+            rate,
+            background,
+        });
+        let mut set = JoinSet::new();
+        for _ in 0..workers.max(1) {
+            let engine = self.clone();
+            let control = control.clone();
+            set.spawn(async move { engine.worker(&control).await });
+        }
+        let mut first_error = None;
+        loop {
+            let changed = job.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if job.pause_requested() || job.is_cancelled() || self.snapshot_error().is_some() {
+                control.stop();
+            }
+            tokio::select! {
+                joined = set.join_next() => match joined {
+                    None => break,
+                    Some(Ok(Ok(()))) => {}
+                    Some(Ok(Err(e))) => {
+                        control.stop();
+                        first_error.get_or_insert(e);
+                    }
+                    Some(Err(panic)) => {
+                        control.stop();
+                        first_error.get_or_insert(CopyError {
+                            operation: IoOperation::Write,
+                            error: Error::new(ErrorKind::Io, format!("copy worker died: {panic}")),
+                        });
+                    }
+                },
+                _ = changed => {}
+            }
+        }
+        if let Some(error) = first_error {
+            return Err(error);
+        }
+        if background && self.lock().is_complete() {
+            Ok(PassEnd::Done)
+        } else {
+            Ok(PassEnd::Interrupted)
+        }
+    }
+
+    fn take_work(&self, state: &mut CopyState, control: &PassControl) -> Work {
+        if let Some(chunk) = state.staged.pop_front().or_else(|| state.retry.pop_front()) {
+            state.writing += 1;
+            return Work::Write(chunk);
+        }
+        if control.background && !state.dirty.is_empty() {
+            let found = state
+                .dirty
+                .next_dirty_area(state.cursor, self.options.chunk_size)
+                .or_else(|| state.dirty.next_dirty_area(0, self.options.chunk_size));
+            if let Some((start, len)) = found {
+                let reading = state.claim(start, start + len);
+                let id = reading.id;
+                state.reading.push(reading);
+                state.cursor = start + len;
+                return Work::Copy {
+                    id,
+                    start,
+                    end: start + len,
+                };
+            }
+        }
+        Work::Idle {
+            complete: control.background && state.is_complete(),
+        }
+    }
+
+    async fn worker(&self, control: &PassControl) -> Result<(), CopyError> {
+        loop {
+            if control.stopping() || self.snapshot_error().is_some() {
+                return Ok(());
+            }
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let peek_background = {
+                let state = self.lock();
+                state.staged.is_empty()
+                    && state.retry.is_empty()
+                    && control.background
+                    && !state.dirty.is_empty()
+            };
+            if peek_background {
+                // Charge the speed limit before claiming, so a throttled worker never
+                // holds a claim (and a guest write) while it sleeps.
+                tokio::select! {
+                    _ = control.rate.throttle(self.options.chunk_size) => {}
+                    _ = control.stopped.notified() => return Ok(()),
+                }
+                if control.stopping() {
+                    return Ok(());
+                }
+            }
+            let work = {
+                let mut state = self.lock();
+                self.take_work(&mut state, control)
+            };
+            match work {
+                Work::Write(chunk) => self.write_chunk(chunk).await?,
+                Work::Copy { id, start, end } => self.copy_chunk(id, start, end).await?,
+                Work::Idle { complete: true } => return Ok(()),
+                Work::Idle { complete: false } => {
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = control.stopped.notified() => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Background copy of a claimed run: status, read, release the claim, write.
+    async fn copy_chunk(&self, id: u64, start: u64, end: u64) -> Result<(), CopyError> {
+        let cluster = self.options.cluster_size;
+        let mut end = end;
+        let mut known_zero = false;
+        if let Ok(extent) = self.source.block_status(start, end - start).await {
+            let run_end = start + extent.length;
+            // Trust a run only in whole clusters (or up to the device end); a shorter
+            // run says nothing about the rest of its cluster.
+            let usable = if run_end == self.len {
+                run_end
+            } else {
+                round_down(run_end, cluster)
+            };
+            if usable > start {
+                if usable < end {
+                    let mut state = self.lock();
+                    state.dirty.set(usable, end - usable);
+                    if let Some(r) = state.reading.iter_mut().find(|r| r.id == id) {
+                        r.end = usable;
+                    }
+                    drop(state);
+                    self.changed.notify_waiters();
+                    end = usable;
+                }
+                if self.options.skip_unallocated && !extent.status.allocated {
+                    self.lock().finish_reading(id);
+                    self.progress.remove_work(end - start);
+                    self.stats
+                        .skipped_bytes
+                        .fetch_add(end - start, Ordering::Relaxed);
+                    self.changed.notify_waiters();
+                    return Ok(());
+                }
+                known_zero = extent.status.zero;
+            }
+        }
+        let len = end - start;
+        let payload = if known_zero {
+            Payload::Zero
+        } else {
+            match self.source.read(start, IoBuf::zeroed(len as usize)).await {
+                Ok(buf) if buf.is_zero() => Payload::Zero,
+                Ok(buf) => Payload::Memory(buf),
+                Err(error) => {
+                    let mut state = self.lock();
+                    state.dirty.set(start, len);
+                    state.finish_reading(id);
+                    drop(state);
+                    self.changed.notify_waiters();
+                    return Err(CopyError {
+                        operation: IoOperation::Read,
+                        error,
+                    });
+                }
+            }
+        };
+        {
+            let mut state = self.lock();
+            state.finish_reading(id);
+            state.writing += 1;
+        }
+        self.changed.notify_waiters();
+        self.write_chunk(Chunk {
+            offset: start,
+            len,
+            payload,
+            staged_memory: false,
+        })
+        .await
+    }
+
+    /// Writes a chunk in hand to the target; on failure it goes to the retry queue.
+    /// The caller has counted it in `writing`.
+    async fn write_chunk(&self, chunk: Chunk) -> Result<(), CopyError> {
+        let result = self.write_payload(&chunk).await;
+        let spilled = matches!(chunk.payload, Payload::Scratch { .. });
+        let (offset_len, failure) = {
+            let mut state = self.lock();
+            state.writing -= 1;
+            match result {
+                Ok(data) => {
+                    if chunk.staged_memory {
+                        state.staged_memory -= chunk.len as usize;
+                    }
+                    (Some((chunk.len, data)), None)
+                }
+                Err(error) => {
+                    state.retry.push_front(chunk);
+                    (None, Some(error))
+                }
+            }
+        };
+        self.changed.notify_waiters();
+        if let Some(error) = failure {
+            return Err(CopyError {
+                operation: IoOperation::Write,
+                error,
+            });
+        }
+        let (len, data) = offset_len.expect("success carries its length");
+        if spilled {
+            self.release_scratch().await;
+        }
+        let counter = if data {
+            &self.stats.data_bytes
+        } else {
+            &self.stats.zero_bytes
+        };
+        counter.fetch_add(len, Ordering::Relaxed);
+        self.progress.add_done(len);
+        Ok(())
+    }
+
+    /// Returns whether data (as opposed to zeros) was written.
+    async fn write_payload(&self, chunk: &Chunk) -> Result<bool, Error> {
+        let buf = match &chunk.payload {
+            Payload::Zero => {
+                self.write_zeroes(chunk.offset, chunk.len).await?;
+                return Ok(false);
+            }
+            Payload::Memory(buf) => {
+                // The write consumes the buffer; keep our own for a retry.
+                buf.clone()
+            }
+            Payload::Scratch { at } => self.unspill(*at, chunk.len).await?,
+        };
+        self.target
+            .write(chunk.offset, buf, WriteFlags::default())
+            .await?;
+        Ok(true)
+    }
+
+    /// Zeros on the target, skipped where the target already reads zeros.
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), Error> {
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let extent = self.target.block_status(at, end - at).await?;
+            if !extent.status.zero {
+                let flags = ZeroFlags {
+                    may_unmap: true,
+                    ..ZeroFlags::default()
+                };
+                self.target.write_zeroes(at, extent.length, flags).await?;
+            }
+            at += extent.length;
+        }
+        Ok(())
+    }
+
+    /// Writes whatever is in hand to the target, once each, ignoring failures (used
+    /// when a sync=none job ends, so the overlay gets what guest writes staged).
+    pub async fn drain_best_effort(&self) {
+        loop {
+            let chunk = {
+                let mut state = self.lock();
+                let chunk = state.staged.pop_front().or_else(|| state.retry.pop_front());
+                if chunk.is_some() {
+                    state.writing += 1;
+                }
+                chunk
+            };
+            let Some(chunk) = chunk else { return };
+            if let Err(e) = self.write_chunk(chunk).await {
+                tracing::warn!("dropping staged data after a failed write: {}", e.error);
+                let mut state = self.lock();
+                state.retry.pop_front();
+            }
+        }
+    }
+}

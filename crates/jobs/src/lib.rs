@@ -1,0 +1,62 @@
+//! Stillpoint's live backup engine: jobs, the block-copy engine, the copy-before-write
+//! filter and the backup job.
+//!
+//! # The invariant
+//!
+//! Every byte of the target equals the source as it was at the instant the job
+//! started, whatever is written to the source meanwhile; no write to the source is
+//! lost, reordered, or acknowledged before the old data it overwrites is safe.
+//!
+//! # How it holds
+//!
+//! ```text
+//!   guest write ──> [CbwFilter] ── 1. before_write: claim dirty clusters, read their
+//!                       │             old data into the staging area (memory, then a
+//!                       │             scratch file), wait for overlapping source reads
+//!                       │          ── 2. forward the write to the source
+//!                       v
+//!                   [source] <── background workers: claim, read, write to target
+//!                                          │
+//!                   [target] <─────────────┴── staged chunks first, then background
+//! ```
+//!
+//! * The point in time is the filter's insertion: the graph drains in-flight requests,
+//!   retargets every attachment of the source to the filter, and the copy bitmap starts
+//!   all dirty. Every later write passes the filter.
+//! * A cluster leaves the bitmap exactly once (its claim); only a failed source read
+//!   puts it back. A guest write waits only for source *reads* of its clusters (its own
+//!   or a background one in flight), never for the target: old data it displaces is
+//!   parked in the bounded staging area and written by the job's workers, ahead of the
+//!   background copy (see [`block_copy`]).
+//! * Staged data reaches the target before the job completes, and the target is
+//!   flushed before the job reports success. If a target write fails after the guest
+//!   write that staged it was acknowledged, the data stays staged and the job's
+//!   `on-target-error` decides: `report` fails the job (the snapshot is broken, the
+//!   guest write stands), `stop`/`ignore` retry.
+//! * If saving old data fails (source read error, scratch file full), `on-cbw-error`
+//!   decides: `break-guest-write` fails the guest write with that errno and leaves the
+//!   cluster dirty; `break-snapshot` lets the guest write through and fails the job.
+//!
+//! # Locking
+//!
+//! Each engine has one synchronous mutex over its bitmap, in-flight reads and queues,
+//! never held across an await. Jobs have one mutex over their state. Waiting uses
+//! `tokio::sync::Notify` with the future enabled under the lock, so wake-ups are never
+//! lost.
+//!
+//! Out of scope for now: sync=bitmap and dirty bitmaps, compression, copy offload
+//! (`copy_file_range`), transactions.
+
+pub mod backup;
+pub mod block_copy;
+pub mod cbw;
+pub mod job;
+pub mod ratelimit;
+
+pub use backup::BackupOptions;
+pub use backup::SyncMode;
+pub use backup::start_backup;
+pub use job::Job;
+pub use job::JobEvent;
+pub use job::JobRegistry;
+pub use job::JobStatus;
