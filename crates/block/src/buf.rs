@@ -5,40 +5,71 @@
 //! engine move the data to another thread and an io_uring engine keep it pinned until
 //! the kernel is done, behind one trait. Buffers are always aligned to [`IO_ALIGN`], so
 //! a `cache.direct` (O_DIRECT) file can use them without a bounce copy.
+//!
+//! Clones share their memory until one of them is written to (copy on write), so a
+//! caller can keep a cheap copy of data it hands to a write: the backup engine keeps
+//! the old data it is writing to a target this way, for a retry if the write fails.
 
 use std::alloc::Layout;
 use std::fmt;
 use std::ops::Deref;
 use std::ops::DerefMut;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 /// Alignment of every [`IoBuf`] in memory: the largest logical block size O_DIRECT
 /// asks for on the filesystems we run on.
 pub const IO_ALIGN: usize = 4096;
 
-/// A heap buffer aligned to [`IO_ALIGN`], zero-filled when allocated.
-pub struct IoBuf {
+/// One aligned, zero-initialised allocation.
+struct Allocation {
     ptr: NonNull<u8>,
-    len: usize,
     capacity: usize,
 }
 
-// SAFETY: IoBuf owns its allocation exclusively (like Vec<u8>); moving it to another
-// thread moves that ownership, and shared references only allow reads.
-unsafe impl Send for IoBuf {}
-// SAFETY: &IoBuf only exposes &[u8]; there is no interior mutability.
-unsafe impl Sync for IoBuf {}
+// SAFETY: the allocation is plain memory owned by this value; IoBuf only hands out
+// &mut access while it holds the only reference (see deref_mut).
+unsafe impl Send for Allocation {}
+// SAFETY: shared references only read.
+unsafe impl Sync for Allocation {}
+
+impl Allocation {
+    fn zeroed(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        let layout = Self::layout(capacity);
+        // SAFETY: the layout has a non-zero size and a power-of-two alignment.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Self { ptr, capacity }
+    }
+
+    fn layout(capacity: usize) -> Layout {
+        Layout::from_size_align(capacity, IO_ALIGN).expect("I/O buffer size overflows")
+    }
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        // SAFETY: ptr was allocated in `zeroed` with exactly this layout and is freed
+        // only here.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.capacity)) }
+    }
+}
+
+/// A heap buffer aligned to [`IO_ALIGN`], zero-filled when allocated; clones share
+/// memory until written.
+pub struct IoBuf {
+    memory: Arc<Allocation>,
+    len: usize,
+}
 
 impl IoBuf {
     /// A zero-filled buffer of `len` bytes.
     pub fn zeroed(len: usize) -> Self {
-        let capacity = len.max(1);
-        let layout = Self::layout(capacity);
-        // SAFETY: the layout has a non-zero size (capacity >= 1) and a valid
-        // power-of-two alignment, as alloc_zeroed requires.
-        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        Self { ptr, len, capacity }
+        Self {
+            memory: Arc::new(Allocation::zeroed(len)),
+            len,
+        }
     }
 
     /// A buffer holding a copy of `data`.
@@ -48,21 +79,17 @@ impl IoBuf {
         buf
     }
 
-    fn layout(capacity: usize) -> Layout {
-        Layout::from_size_align(capacity, IO_ALIGN).expect("I/O buffer size overflows")
-    }
-
     /// Bytes the buffer can hold without reallocating.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.memory.capacity
     }
 
     /// Changes the length within the capacity; bytes that become visible are zero.
     pub fn set_len(&mut self, len: usize) {
         assert!(
-            len <= self.capacity,
+            len <= self.capacity(),
             "IoBuf::set_len({len}) beyond capacity {}",
-            self.capacity
+            self.capacity()
         );
         if len > self.len {
             let old = self.len;
@@ -75,42 +102,54 @@ impl IoBuf {
 
     /// True when every byte is zero (what `detect-zeroes` and sparse copies ask).
     pub fn is_zero(&self) -> bool {
-        let (words, tail) = self.split_at(self.len - self.len % 8);
-        words
-            .chunks_exact(8)
-            .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
-            && tail.iter().all(|b| *b == 0)
+        is_zero(self)
     }
+}
+
+/// True when every byte of `bytes` is zero.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let (words, tail) = bytes.split_at(bytes.len() - bytes.len() % 8);
+    words
+        .chunks_exact(8)
+        .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
+        && tail.iter().all(|b| *b == 0)
 }
 
 impl Deref for IoBuf {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr points to an allocation of `capacity >= len` bytes that was
-        // zero-initialised at allocation and is owned by self for its lifetime.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        // SAFETY: the allocation holds `capacity >= len` initialised bytes and lives as
+        // long as self; nobody writes it while a shared reference exists (writers need
+        // the only reference, see deref_mut).
+        unsafe { std::slice::from_raw_parts(self.memory.ptr.as_ptr(), self.len) }
     }
 }
 
 impl DerefMut for IoBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in deref; &mut self guarantees exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for IoBuf {
-    fn drop(&mut self) {
-        // SAFETY: ptr was allocated in `zeroed` with exactly this layout and is freed
-        // only here.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.capacity)) }
+        if Arc::get_mut(&mut self.memory).is_none() {
+            // Shared with a clone: copy on write.
+            let copy = Allocation::zeroed(self.memory.capacity);
+            // SAFETY: both allocations hold at least `len` bytes and are distinct.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.memory.ptr.as_ptr(), copy.ptr.as_ptr(), self.len)
+            };
+            self.memory = Arc::new(copy);
+        }
+        // SAFETY: the Arc is now unique (get_mut succeeded or we just made it), so this
+        // is the only access to the allocation for the lifetime of &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.memory.ptr.as_ptr(), self.len) }
     }
 }
 
 impl Clone for IoBuf {
+    /// Shares the memory; the first write through either copy separates them.
     fn clone(&self) -> Self {
-        Self::from_slice(self)
+        Self {
+            memory: self.memory.clone(),
+            len: self.len,
+        }
     }
 }
 
@@ -149,6 +188,21 @@ mod tests {
             buf[at] = 1;
             assert!(!buf.is_zero(), "byte {at}");
         }
+    }
+
+    #[test]
+    fn clones_share_until_written() {
+        let original = IoBuf::from_slice(&[1; 4096]);
+        let mut copy = original.clone();
+        assert_eq!(original.as_ptr(), copy.as_ptr(), "a clone shares memory");
+        copy[0] = 2;
+        assert_ne!(original.as_ptr(), copy.as_ptr());
+        assert_eq!(
+            original[0], 1,
+            "writing the clone leaves the original alone"
+        );
+        assert_eq!(copy[0], 2);
+        assert_eq!(&copy[1..], &original[1..]);
     }
 
     #[test]

@@ -686,24 +686,30 @@ impl BlockCopy {
         let mut known_zero = false;
         if let Ok(extent) = self.source.block_status(start, end - start).await {
             let run_end = start + extent.length;
-            // Trust a run only in whole clusters (or up to the device end); a shorter
-            // run says nothing about the rest of its cluster.
+            // Trust a run only in whole clusters (or up to the device end). A run
+            // shorter than a cluster says nothing about the rest of it: copy just that
+            // cluster, as data.
             let usable = if run_end == self.len {
                 run_end
             } else {
                 round_down(run_end, cluster)
             };
-            if usable > start {
-                if usable < end {
-                    let mut state = self.lock();
-                    state.dirty.set(usable, end - usable);
-                    if let Some(r) = state.reading.iter_mut().find(|r| r.id == id) {
-                        r.end = usable;
-                    }
-                    drop(state);
-                    self.changed.notify_waiters();
-                    end = usable;
+            let (new_end, trusted) = if usable > start {
+                (usable.min(end), true)
+            } else {
+                ((start + cluster).min(end), false)
+            };
+            if new_end < end {
+                let mut state = self.lock();
+                state.dirty.set(new_end, end - new_end);
+                if let Some(r) = state.reading.iter_mut().find(|r| r.id == id) {
+                    r.end = new_end;
                 }
+                drop(state);
+                self.changed.notify_waiters();
+                end = new_end;
+            }
+            if trusted {
                 if self.options.skip_unallocated && !extent.status.allocated {
                     self.lock().finish_reading(id);
                     self.progress.remove_work(end - start);
@@ -783,33 +789,62 @@ impl BlockCopy {
         if spilled {
             self.release_scratch().await;
         }
-        let counter = if data {
-            &self.stats.data_bytes
-        } else {
-            &self.stats.zero_bytes
-        };
-        counter.fetch_add(len, Ordering::Relaxed);
+        self.stats.data_bytes.fetch_add(data, Ordering::Relaxed);
+        self.stats
+            .zero_bytes
+            .fetch_add(len - data, Ordering::Relaxed);
         self.progress.add_done(len);
         Ok(())
     }
 
-    /// Returns whether data (as opposed to zeros) was written.
-    async fn write_payload(&self, chunk: &Chunk) -> Result<bool, Error> {
+    /// Returns the bytes written as data (the rest were zeros).
+    async fn write_payload(&self, chunk: &Chunk) -> Result<u64, Error> {
         let buf = match &chunk.payload {
             Payload::Zero => {
                 self.write_zeroes(chunk.offset, chunk.len).await?;
-                return Ok(false);
+                return Ok(0);
             }
-            Payload::Memory(buf) => {
-                // The write consumes the buffer; keep our own for a retry.
-                buf.clone()
-            }
+            // A clone shares the memory: the chunk keeps the data for a retry.
+            Payload::Memory(buf) => buf.clone(),
             Payload::Scratch { at } => self.unspill(*at, chunk.len).await?,
         };
-        self.target
-            .write(chunk.offset, buf, WriteFlags::default())
-            .await?;
-        Ok(true)
+        self.write_sparse(chunk.offset, buf).await
+    }
+
+    /// Writes `buf` at `offset`, leaving blocks of zeros sparse (as `cp
+    /// --sparse=always` does), so a backup never takes more space than its source.
+    /// Returns the bytes written as data.
+    async fn write_sparse(&self, offset: u64, buf: IoBuf) -> Result<u64, Error> {
+        const BLOCK: usize = 4096;
+        let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+        for (i, block) in buf.chunks(BLOCK).enumerate() {
+            let zero = block::buf::is_zero(block);
+            let at = i * BLOCK;
+            match runs.last_mut() {
+                Some(run) if run.2 == zero => run.1 = at + block.len(),
+                _ => runs.push((at, at + block.len(), zero)),
+            }
+        }
+        if let [(_, _, false)] = runs[..] {
+            let len = buf.len() as u64;
+            self.target
+                .write(offset, buf, WriteFlags::default())
+                .await?;
+            return Ok(len);
+        }
+        let mut data = 0;
+        for (from, to, zero) in runs {
+            let at = offset + from as u64;
+            if zero {
+                self.write_zeroes(at, (to - from) as u64).await?;
+            } else {
+                self.target
+                    .write(at, IoBuf::from_slice(&buf[from..to]), WriteFlags::default())
+                    .await?;
+                data += (to - from) as u64;
+            }
+        }
+        Ok(data)
     }
 
     /// Zeros on the target, skipped where the target already reads zeros.

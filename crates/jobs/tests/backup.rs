@@ -32,7 +32,9 @@ const MIB: u64 = 1 << 20;
 /// Adds a `fault` node named `name` over `image` with `rules`.
 async fn fault(rig: &Rig, name: &str, image: &str, rules: Value) {
     rig.graph
-        .add(options(json!({"driver":"fault","node-name":name,"image":image,"rules":rules})))
+        .add(options(
+            json!({"driver":"fault","node-name":name,"image":image,"rules":rules}),
+        ))
         .await
         .unwrap();
 }
@@ -48,29 +50,59 @@ async fn wait_status(job: &Job, status: JobStatus) {
 }
 
 fn completed(events: &[JobEvent]) -> Option<Value> {
-    events.iter().find(|e| matches!(e, JobEvent::Completed { .. })).map(JobEvent::data)
+    events
+        .iter()
+        .find(|e| matches!(e, JobEvent::Completed { .. }))
+        .map(JobEvent::data)
 }
 
 fn error_events(events: &[JobEvent]) -> Vec<Value> {
-    events.iter().filter(|e| matches!(e, JobEvent::Error { .. })).map(JobEvent::data).collect()
+    events
+        .iter()
+        .filter(|e| matches!(e, JobEvent::Error { .. }))
+        .map(JobEvent::data)
+        .collect()
 }
 
 #[tokio::test]
 async fn report_on_a_target_error_fails_the_job_and_removes_the_filter() {
     let rig = Rig::new(4 * MIB, 1).await;
-    fault(&rig, "bad", "tgt", json!([{"op":"write","offset":MIB,"length":65536,"errno":"EIO"}])).await;
+    fault(
+        &rig,
+        "bad",
+        "tgt",
+        json!([{"op":"write","offset":MIB,"length":65536,"errno":"EIO"}]),
+    )
+    .await;
     let mut rx = rig.registry.subscribe();
-    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "bad", BackupOptions::new("j"))
-        .await
-        .unwrap();
+    let (job, _) = start_backup(
+        &rig.graph,
+        &rig.registry,
+        "src",
+        "bad",
+        BackupOptions::new("j"),
+    )
+    .await
+    .unwrap();
     let events = events_until(&mut rx, job.id(), JobStatus::Null).await;
-    assert_eq!(error_events(&events), [json!({"device":"j","operation":"write","action":"report"})]);
+    assert_eq!(
+        error_events(&events),
+        [json!({"device":"j","operation":"write","action":"report"})]
+    );
     let done = completed(&events).unwrap();
     assert_eq!(done["error"], "Input/output error");
     assert!(done["offset"].as_u64().unwrap() < done["len"].as_u64().unwrap());
     let tail = names(&events);
-    assert_eq!(tail[tail.len() - 4..], ["aborting", "BLOCK_JOB_COMPLETED", "concluded", "null"]);
-    assert_eq!(rig.graph.node_names().len(), 5, "filter removed: {:?}", rig.graph.node_names());
+    assert_eq!(
+        tail[tail.len() - 4..],
+        ["aborting", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    );
+    assert_eq!(
+        rig.graph.node_names().len(),
+        5,
+        "filter removed: {:?}",
+        rig.graph.node_names()
+    );
     // The nodes are free again.
     rig.graph.remove("bad").await.unwrap();
 }
@@ -78,19 +110,34 @@ async fn report_on_a_target_error_fails_the_job_and_removes_the_filter() {
 #[tokio::test]
 async fn stop_pauses_with_io_status_and_resume_retries_to_completion() {
     let rig = Rig::new(4 * MIB, 2).await;
-    fault(&rig, "bad", "tgt", json!([{"op":"write","once":true,"after":1}])).await;
+    fault(
+        &rig,
+        "bad",
+        "tgt",
+        json!([{"op":"write","once":true,"after":1}]),
+    )
+    .await;
     let mut rx = rig.registry.subscribe();
     let mut opts = BackupOptions::new("j");
     opts.on_target_error = ErrorPolicy::Stop;
-    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "bad", opts).await.unwrap();
+    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "bad", opts)
+        .await
+        .unwrap();
     wait_status(&job, JobStatus::Paused).await;
     let info = job.block_job_info();
     assert!(info.paused);
     assert_eq!(info.io_status, IoStatus::Failed);
     job.resume().unwrap();
     let events = events_until(&mut rx, job.id(), JobStatus::Null).await;
-    assert_eq!(error_events(&events), [json!({"device":"j","operation":"write","action":"stop"})]);
-    assert!(names(&events).windows(2).any(|w| w == ["paused", "running"]));
+    assert_eq!(
+        error_events(&events),
+        [json!({"device":"j","operation":"write","action":"stop"})]
+    );
+    assert!(
+        names(&events)
+            .windows(2)
+            .any(|w| w == ["paused", "running"])
+    );
     assert!(completed(&events).unwrap().get("error").is_none());
     assert_eq!(rig.target_bytes(), rig.source_bytes());
 }
@@ -98,13 +145,24 @@ async fn stop_pauses_with_io_status_and_resume_retries_to_completion() {
 #[tokio::test]
 async fn ignore_reports_and_retries() {
     let rig = Rig::new(2 * MIB, 3).await;
-    fault(&rig, "bad", "tgt", json!([{"op":"write","once":true,"after":3}])).await;
+    fault(
+        &rig,
+        "bad",
+        "tgt",
+        json!([{"op":"write","once":true,"after":3}]),
+    )
+    .await;
     let mut rx = rig.registry.subscribe();
     let mut opts = BackupOptions::new("j");
     opts.on_target_error = ErrorPolicy::Ignore;
-    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "bad", opts).await.unwrap();
+    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "bad", opts)
+        .await
+        .unwrap();
     let events = events_until(&mut rx, job.id(), JobStatus::Null).await;
-    assert_eq!(error_events(&events), [json!({"device":"j","operation":"write","action":"ignore"})]);
+    assert_eq!(
+        error_events(&events),
+        [json!({"device":"j","operation":"write","action":"ignore"})]
+    );
     assert!(completed(&events).unwrap().get("error").is_none());
     assert_eq!(rig.target_bytes(), rig.source_bytes());
 }
@@ -112,11 +170,19 @@ async fn ignore_reports_and_retries() {
 #[tokio::test]
 async fn enospc_stops_on_enospc_and_reports_eio() {
     let rig = Rig::new(2 * MIB, 4).await;
-    fault(&rig, "full", "tgt", json!([{"op":"write","errno":"ENOSPC","once":true}])).await;
+    fault(
+        &rig,
+        "full",
+        "tgt",
+        json!([{"op":"write","errno":"ENOSPC","once":true}]),
+    )
+    .await;
     let mut rx = rig.registry.subscribe();
     let mut opts = BackupOptions::new("nospace");
     opts.on_target_error = ErrorPolicy::Enospc;
-    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "full", opts).await.unwrap();
+    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "full", opts)
+        .await
+        .unwrap();
     wait_status(&job, JobStatus::Paused).await;
     assert_eq!(job.block_job_info().io_status, IoStatus::Nospace);
     job.resume().unwrap();
@@ -129,7 +195,9 @@ async fn enospc_stops_on_enospc_and_reports_eio() {
     fault(&rig, "eio", "tgt", json!([{"op":"write","errno":"EIO"}])).await;
     let mut opts = BackupOptions::new("eio");
     opts.on_target_error = ErrorPolicy::Enospc;
-    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "eio", opts).await.unwrap();
+    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "eio", opts)
+        .await
+        .unwrap();
     let events = events_until(&mut rx, job.id(), JobStatus::Null).await;
     assert_eq!(error_events(&events)[0]["action"], "report");
     assert_eq!(completed(&events).unwrap()["error"], "Input/output error");
@@ -140,30 +208,59 @@ async fn a_source_read_error_is_a_read_operation() {
     let rig = Rig::new(2 * MIB, 5).await;
     fault(&rig, "badsrc", "src", json!([{"op":"read"}])).await;
     let mut rx = rig.registry.subscribe();
-    let (job, _) = start_backup(&rig.graph, &rig.registry, "badsrc", "tgt", BackupOptions::new("r"))
-        .await
-        .unwrap();
+    let (job, _) = start_backup(
+        &rig.graph,
+        &rig.registry,
+        "badsrc",
+        "tgt",
+        BackupOptions::new("r"),
+    )
+    .await
+    .unwrap();
     let events = events_until(&mut rx, job.id(), JobStatus::Null).await;
-    assert_eq!(error_events(&events), [json!({"device":"r","operation":"read","action":"report"})]);
+    assert_eq!(
+        error_events(&events),
+        [json!({"device":"r","operation":"read","action":"report"})]
+    );
     assert_eq!(completed(&events).unwrap()["error"], "Input/output error");
 }
 
 /// A slow backup of `badsrc` whose reads of the last MiB fail once: a guest write there
 /// must copy-before-write before the background copy gets there.
-type CbwOutcome = (Rig, Arc<Job>, Result<(), block::Error>, Vec<u8>, Receiver<JobEvent>);
+type CbwOutcome = (
+    Rig,
+    Arc<Job>,
+    Result<(), block::Error>,
+    Vec<u8>,
+    Receiver<JobEvent>,
+);
 
 async fn cbw_failure(mode: OnCbwError) -> CbwOutcome {
     let rig = Rig::new(4 * MIB, 6).await;
     let at = 3 * MIB + 4096;
-    fault(&rig, "badsrc", "src", json!([{"op":"read","offset":at,"length":1,"once":true}])).await;
+    fault(
+        &rig,
+        "badsrc",
+        "src",
+        json!([{"op":"read","offset":at,"length":1,"once":true}]),
+    )
+    .await;
     let snapshot = rig.source_bytes();
     let rx = rig.registry.subscribe();
     let mut opts = BackupOptions::new("cbw");
     opts.job.speed = 256 << 10;
     opts.on_cbw_error = mode;
-    let (job, _) = start_backup(&rig.graph, &rig.registry, "badsrc", "tgt", opts).await.unwrap();
-    let guest = rig.graph.attach("badsrc", AttachUser::Other("guest".into())).unwrap();
-    let result = guest.write(at, IoBuf::from_slice(&[0xee; 512]), WriteFlags::default()).await.map(drop);
+    let (job, _) = start_backup(&rig.graph, &rig.registry, "badsrc", "tgt", opts)
+        .await
+        .unwrap();
+    let guest = rig
+        .graph
+        .attach("badsrc", AttachUser::Other("guest".into()))
+        .unwrap();
+    let result = guest
+        .write(at, IoBuf::from_slice(&[0xee; 512]), WriteFlags::default())
+        .await
+        .map(drop);
     (rig, job, result, snapshot, rx)
 }
 
@@ -172,10 +269,17 @@ async fn break_guest_write_fails_the_write_and_keeps_the_snapshot() {
     let (rig, job, result, snapshot, mut rx) = cbw_failure(OnCbwError::BreakGuestWrite).await;
     let err = result.unwrap_err();
     assert_eq!(err.errno(), libc::EIO, "{err}");
-    assert_eq!(rig.source_bytes(), snapshot, "the failed guest write must not reach the source");
+    assert_eq!(
+        rig.source_bytes(),
+        snapshot,
+        "the failed guest write must not reach the source"
+    );
     job.set_speed(0).unwrap();
     let events = events_until(&mut rx, job.id(), JobStatus::Null).await;
-    assert!(completed(&events).unwrap().get("error").is_none(), "{events:?}");
+    assert!(
+        completed(&events).unwrap().get("error").is_none(),
+        "{events:?}"
+    );
     assert_eq!(rig.target_bytes(), snapshot);
 }
 
@@ -187,7 +291,10 @@ async fn break_snapshot_lets_the_write_through_and_fails_the_job() {
     // The job may already be failing; lifting the limit just speeds up the check.
     let _ = job.set_speed(0);
     let events = events_until(&mut rx, job.id(), JobStatus::Null).await;
-    let error = completed(&events).unwrap()["error"].as_str().unwrap().to_string();
+    let error = completed(&events).unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(error.contains("snapshot is broken"), "{error}");
 }
 
@@ -198,14 +305,23 @@ async fn cancel_mid_way_leaves_the_source_intact() {
     let mut rx = rig.registry.subscribe();
     let mut opts = BackupOptions::new("c");
     opts.job.speed = 2 * MIB;
-    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "tgt", opts).await.unwrap();
+    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "tgt", opts)
+        .await
+        .unwrap();
     while job.progress().0 == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     job.cancel(false).unwrap();
     let events = events_until(&mut rx, job.id(), JobStatus::Null).await;
-    let cancelled = events.iter().find(|e| matches!(e, JobEvent::Cancelled { .. })).unwrap().data();
-    assert!(cancelled["offset"].as_u64().unwrap() < cancelled["len"].as_u64().unwrap(), "{cancelled}");
+    let cancelled = events
+        .iter()
+        .find(|e| matches!(e, JobEvent::Cancelled { .. }))
+        .unwrap()
+        .data();
+    assert!(
+        cancelled["offset"].as_u64().unwrap() < cancelled["len"].as_u64().unwrap(),
+        "{cancelled}"
+    );
     assert_eq!(rig.source_bytes(), before);
     assert_eq!(rig.graph.node_names().len(), 4, "filter removed");
 }
@@ -216,7 +332,9 @@ async fn pause_freezes_progress_and_speed_changes_apply_at_once() {
     let mut rx = rig.registry.subscribe();
     let mut opts = BackupOptions::new("p");
     opts.job.speed = MIB;
-    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "tgt", opts).await.unwrap();
+    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "tgt", opts)
+        .await
+        .unwrap();
     job.pause().unwrap();
     wait_status(&job, JobStatus::Paused).await;
     let frozen = job.progress();
@@ -227,7 +345,11 @@ async fn pause_freezes_progress_and_speed_changes_apply_at_once() {
     job.set_speed(0).unwrap();
     let started = std::time::Instant::now();
     let events = events_until(&mut rx, job.id(), JobStatus::Null).await;
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(completed(&events).unwrap().get("error").is_none());
     assert_eq!(rig.target_bytes(), rig.source_bytes());
 }
@@ -239,49 +361,102 @@ async fn sync_none_copies_only_what_guests_overwrite() {
     let mut rx = rig.registry.subscribe();
     let mut opts = BackupOptions::new("none");
     opts.sync = SyncMode::None;
-    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "tgt", opts).await.unwrap();
-    let guest = rig.graph.attach("src", AttachUser::Other("guest".into())).unwrap();
-    guest.write(MIB + 100, IoBuf::from_slice(&[0x77; 1000]), WriteFlags::default()).await.unwrap();
+    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "tgt", opts)
+        .await
+        .unwrap();
+    let guest = rig
+        .graph
+        .attach("src", AttachUser::Other("guest".into()))
+        .unwrap();
+    guest
+        .write(
+            MIB + 100,
+            IoBuf::from_slice(&[0x77; 1000]),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(job.status(), JobStatus::Running, "sync=none runs until cancelled");
+    assert_eq!(
+        job.status(),
+        JobStatus::Running,
+        "sync=none runs until cancelled"
+    );
     job.cancel(false).unwrap();
     events_until(&mut rx, job.id(), JobStatus::Null).await;
     drop(guest);
     let target = rig.target_bytes();
     let cluster = 64 << 10;
     let (lo, hi) = (MIB as usize, MIB as usize + cluster);
-    assert_eq!(&target[lo..hi], &snapshot[lo..hi], "the overwritten cluster's old data");
+    assert_eq!(
+        &target[lo..hi],
+        &snapshot[lo..hi],
+        "the overwritten cluster's old data"
+    );
     assert!(target[..lo].iter().all(|b| *b == 0) && target[hi..].iter().all(|b| *b == 0));
 }
 
 #[tokio::test]
 async fn arguments_are_checked_in_qemus_words() {
     let rig = Rig::new(MIB, 10).await;
-    rig.graph.add(options(json!({"driver":"null-co","node-name":"small","size":4096}))).await.unwrap();
+    rig.graph
+        .add(options(
+            json!({"driver":"null-co","node-name":"small","size":4096}),
+        ))
+        .await
+        .unwrap();
     let start = |device: &'static str, target: &'static str, id: &'static str| {
         let (graph, registry) = (rig.graph.clone(), rig.registry.clone());
         async move { start_backup(&graph, &registry, device, target, BackupOptions::new(id)).await }
     };
     let desc = |r: Result<_, jobs::job::JobError>| r.map(|_| ()).unwrap_err().desc;
-    assert_eq!(desc(start("src", "src", "j").await), "Source and target cannot be the same");
-    assert_eq!(desc(start("src", "small", "j").await), "Source and target image have different sizes");
-    assert_eq!(desc(start("nosuch", "tgt", "j").await), "Cannot find device='nosuch' nor node-name='nosuch'");
-    assert_eq!(desc(start("src", "nosuch", "j").await), "Cannot find device='nosuch' nor node-name='nosuch'");
+    assert_eq!(
+        desc(start("src", "src", "j").await),
+        "Source and target cannot be the same"
+    );
+    assert_eq!(
+        desc(start("src", "small", "j").await),
+        "Source and target image have different sizes"
+    );
+    assert_eq!(
+        desc(start("nosuch", "tgt", "j").await),
+        "Cannot find device='nosuch' nor node-name='nosuch'"
+    );
+    assert_eq!(
+        desc(start("src", "nosuch", "j").await),
+        "Cannot find device='nosuch' nor node-name='nosuch'"
+    );
     assert_eq!(desc(start("src", "tgt", "1j").await), "Invalid job ID '1j'");
 
-    rig.graph.add(options(json!({"driver":"null-co","node-name":"sink","size":MIB}))).await.unwrap();
+    rig.graph
+        .add(options(
+            json!({"driver":"null-co","node-name":"sink","size":MIB}),
+        ))
+        .await
+        .unwrap();
     let mut slow = BackupOptions::new("first");
     slow.job.speed = 1;
-    let (first, _) = start_backup(&rig.graph, &rig.registry, "src", "tgt", slow).await.unwrap();
-    assert_eq!(desc(start("src", "sink", "first").await), "Job ID 'first' already in use");
+    let (first, _) = start_backup(&rig.graph, &rig.registry, "src", "tgt", slow)
+        .await
+        .unwrap();
+    assert_eq!(
+        desc(start("src", "sink", "first").await),
+        "Job ID 'first' already in use"
+    );
     assert_eq!(
         desc(start("sink", "tgt", "second").await),
         "Node 'tgt' is busy: block device is in use by block job: backup"
     );
     let e = rig.graph.remove("tgt").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Busy);
-    assert_eq!(e.to_string(), "Node 'tgt' is busy: block device is in use by block job: backup");
-    assert_eq!(rig.graph.remove("src").await.unwrap_err().to_string(), "Block device src is in use");
+    assert_eq!(
+        e.to_string(),
+        "Node 'tgt' is busy: block device is in use by block job: backup"
+    );
+    assert_eq!(
+        rig.graph.remove("src").await.unwrap_err().to_string(),
+        "Block device src is in use"
+    );
     let mut rx = rig.registry.subscribe();
     first.cancel(true).unwrap();
     events_until(&mut rx, "first", JobStatus::Null).await;

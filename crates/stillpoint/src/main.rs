@@ -1,13 +1,15 @@
 //! `stillpoint`: live, point-in-time backups of block devices.
 //!
-//! This binary is the command-line face of the workspace. Today it creates and
-//! inspects raw images (`create`, `info`, `map`); the live backup (`backup`), the QMP
-//! daemon (`daemon`) and the NBD server (`nbd`) arrive with their crates. Every
+//! This binary is the command-line face of the workspace. Today it takes one-shot live
+//! backups of raw images (`backup`) and creates and inspects them (`create`, `info`,
+//! `map`); the QMP daemon (`daemon`) and the NBD server (`nbd`) arrive with their
+//! crates. Every
 //! subcommand reports bad input as one line on stderr and exits 1; none panics.
 //!
 //! Output formats follow qemu-img where a script may parse them: `map --output json`
 //! prints exactly what `qemu-img map --output=json` prints for a raw image.
 
+mod backup;
 mod image;
 mod info;
 mod map;
@@ -43,8 +45,45 @@ enum Output {
     Json,
 }
 
+/// `--sync` values of `backup`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SyncArg {
+    /// Every cluster.
+    Full,
+    /// Only clusters allocated in the source's top layer.
+    Top,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Back up SOURCE to TARGET as SOURCE is at this instant (a live, point-in-time copy).
+    Backup {
+        /// The image to back up.
+        source: PathBuf,
+        /// Where to write the backup; created sparse with the source's size if missing.
+        target: PathBuf,
+        /// Source format (probed when omitted).
+        #[arg(long, value_enum)]
+        source_format: Option<Format>,
+        /// Target format (probed when the target exists, else raw).
+        #[arg(long, value_enum)]
+        target_format: Option<Format>,
+        /// What to copy.
+        #[arg(long, value_enum, default_value = "full")]
+        sync: SyncArg,
+        /// Speed limit in bytes/s (size suffixes allowed; 0 = unlimited).
+        #[arg(long, default_value = "0", allow_hyphen_values = true)]
+        speed: String,
+        /// Copy granularity lower bound (a power of two, at least 64K is used).
+        #[arg(long)]
+        cluster_size: Option<String>,
+        /// Parallel background requests.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// Print the summary as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create an image of SIZE bytes (512, 64K, 1M, 10G, 2T...); replaces an existing file.
     Create {
         /// Image format.
@@ -109,6 +148,38 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Backup {
+            source,
+            target,
+            source_format,
+            target_format,
+            sync,
+            speed,
+            cluster_size,
+            workers,
+            json,
+        } => {
+            let speed = size::parse_size(&speed).context("invalid --speed")?;
+            let cluster_size = cluster_size
+                .map(|c| size::parse_size(&c).context("invalid --cluster-size"))
+                .transpose()?;
+            let sync = match sync {
+                SyncArg::Full => jobs::SyncMode::Full,
+                SyncArg::Top => jobs::SyncMode::Top,
+            };
+            let args = backup::BackupArgs {
+                source,
+                target,
+                source_format,
+                target_format,
+                sync,
+                speed,
+                cluster_size,
+                workers,
+                json,
+            };
+            backup::run(args).await
+        }
         Command::Create { format, file, size } => create(format, &file, &size),
         Command::Info {
             format,

@@ -1,0 +1,220 @@
+//! `stillpoint backup SOURCE TARGET`: a one-shot live backup of a local image.
+//!
+//! The same engine as the daemon's `blockdev-backup`: the source gets a
+//! copy-before-write filter, the background copy runs, the target is flushed. Here
+//! nobody else writes the source, so it is opened read-only. A missing target is
+//! created sparse with the source's size. Progress goes to stderr (a bar on a terminal,
+//! a plain line every few seconds otherwise); the summary goes to stdout (or a JSON
+//! object with `--json`). Ctrl-C cancels the job and says the target is incomplete.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+
+use anyhow::bail;
+use block::BlockdevOptions;
+use block::NodeGraph;
+use indicatif::ProgressBar;
+use indicatif::ProgressStyle;
+use jobs::BackupOptions;
+use jobs::JobEvent;
+use jobs::JobRegistry;
+use jobs::JobStatus;
+use jobs::SyncMode;
+use jobs::start_backup;
+use serde_json::json;
+
+use crate::image::Format;
+use crate::image::os_text;
+use crate::image::probe;
+
+/// The arguments of `stillpoint backup`.
+#[derive(Debug)]
+pub struct BackupArgs {
+    /// Image to back up.
+    pub source: PathBuf,
+    /// Image to write (created sparse when missing).
+    pub target: PathBuf,
+    /// Source format (probed when absent).
+    pub source_format: Option<Format>,
+    /// Target format (probed when the target exists, else raw).
+    pub target_format: Option<Format>,
+    /// What to copy.
+    pub sync: SyncMode,
+    /// Bytes/s, 0 = unlimited.
+    pub speed: u64,
+    /// Job cluster size lower bound.
+    pub cluster_size: Option<u64>,
+    /// Parallel background requests.
+    pub workers: usize,
+    /// Print the summary as JSON.
+    pub json: bool,
+}
+
+fn refuse_qcow2(path: &Path, format: Option<Format>, role: &str) -> anyhow::Result<()> {
+    let format = match format {
+        Some(f) => f,
+        None if path.exists() => probe(path)?,
+        None => Format::Raw,
+    };
+    if format == Format::Qcow2 {
+        bail!(
+            "the {role} '{}' is qcow2, which this build cannot open yet (only raw images)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn raw_node(name: &str, path: &Path, read_only: bool) -> BlockdevOptions {
+    let mut options = BlockdevOptions::raw_file(path, read_only);
+    options.node_name = Some(name.to_string());
+    if !read_only {
+        options.discard = Some(block::options::DiscardMode::Unmap);
+    }
+    options
+}
+
+/// Runs the backup; returns an error (and leaves an incomplete target) on failure.
+pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
+    refuse_qcow2(&args.source, args.source_format, "source")?;
+    refuse_qcow2(&args.target, args.target_format, "target")?;
+    let source_len = std::fs::metadata(&args.source)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "Could not open '{}': {}",
+                args.source.display(),
+                os_text(&e)
+            )
+        })?
+        .len();
+    let created = !args.target.exists();
+    if created {
+        let file = std::fs::File::create(&args.target).map_err(|e| {
+            anyhow::anyhow!(
+                "Could not create '{}': {}",
+                args.target.display(),
+                os_text(&e)
+            )
+        })?;
+        file.set_len(source_len).map_err(|e| {
+            anyhow::anyhow!(
+                "Could not resize '{}': {}",
+                args.target.display(),
+                os_text(&e)
+            )
+        })?;
+    }
+
+    let graph = Arc::new(NodeGraph::new());
+    graph.add(raw_node("source", &args.source, true)).await?;
+    graph.add(raw_node("target", &args.target, false)).await?;
+    let registry = JobRegistry::new();
+    let mut events = registry.subscribe();
+    let mut options = BackupOptions::new("backup");
+    options.sync = args.sync;
+    options.job.speed = args.speed;
+    options.min_cluster_size = args.cluster_size;
+    options.max_workers = args.workers;
+    let started = Instant::now();
+    let (job, stats) = match start_backup(&graph, &registry, "source", "target", options).await {
+        Ok(started) => started,
+        Err(e) => {
+            if created {
+                let _ = std::fs::remove_file(&args.target);
+            }
+            bail!("{}", e.desc);
+        }
+    };
+
+    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new(job.progress().1);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let mut last_line = Instant::now();
+    let mut outcome: Option<Result<(), String>> = None;
+    let mut interrupted = false;
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(JobEvent::Completed { error, .. }) => outcome = Some(error.map_or(Ok(()), Err)),
+                Ok(JobEvent::Cancelled { .. }) => outcome = Some(Err("cancelled".into())),
+                Ok(JobEvent::StatusChange { status: JobStatus::Null, .. }) => break,
+                Ok(_) => {}
+                Err(_) => {
+                    if job.status() == JobStatus::Null {
+                        break;
+                    }
+                }
+            },
+            _ = tokio::signal::ctrl_c(), if !interrupted => {
+                interrupted = true;
+                let _ = job.cancel(true);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        let (done, total) = job.progress();
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        } else if !args.json && last_line.elapsed() >= Duration::from_secs(2) {
+            eprintln!(
+                "backup: {done} of {total} bytes ({:.0}%)",
+                percent(done, total)
+            );
+            last_line = Instant::now();
+        }
+    }
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let target = args.target.display();
+    match outcome {
+        Some(Ok(())) => {}
+        Some(Err(_)) if interrupted => {
+            bail!("backup cancelled (interrupted); the target '{target}' is incomplete")
+        }
+        Some(Err(e)) => bail!("backup failed: {e}; the target '{target}' is incomplete"),
+        None => bail!("backup ended without a result; the target '{target}' is incomplete"),
+    }
+    let (len, data, zero, skipped) = (
+        job.progress().1,
+        stats.data_bytes.load(Ordering::Relaxed),
+        stats.zero_bytes.load(Ordering::Relaxed),
+        stats.skipped_bytes.load(Ordering::Relaxed),
+    );
+    let mb_per_s = len as f64 / 1e6 / seconds.max(1e-9);
+    if args.json {
+        let summary = json!({
+            "source": args.source, "target": args.target, "sync": format!("{:?}", args.sync).to_lowercase(),
+            "bytes": len, "data-bytes": data, "zero-bytes": zero, "skipped-bytes": skipped,
+            "seconds": seconds, "mb-per-second": mb_per_s,
+        });
+        println!("{summary}");
+    } else {
+        println!(
+            "backed up {len} bytes in {seconds:.2} s ({mb_per_s:.1} MB/s): {data} bytes of data \
+             copied, {zero} bytes of zeros left sparse, {skipped} bytes skipped"
+        );
+    }
+    Ok(())
+}
+
+fn percent(done: u64, total: u64) -> f64 {
+    if total == 0 {
+        100.0
+    } else {
+        done as f64 * 100.0 / total as f64
+    }
+}
