@@ -133,7 +133,11 @@ impl DerefMut for IoBuf {
             let copy = Allocation::zeroed(self.memory.capacity);
             // SAFETY: both allocations hold at least `len` bytes and are distinct.
             unsafe {
-                std::ptr::copy_nonoverlapping(self.memory.ptr.as_ptr(), copy.ptr.as_ptr(), self.len)
+                std::ptr::copy_nonoverlapping(
+                    self.memory.ptr.as_ptr(),
+                    copy.ptr.as_ptr(),
+                    self.len,
+                );
             };
             self.memory = Arc::new(copy);
         }
