@@ -92,6 +92,15 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
             )
         })?
         .len();
+    if let (Ok(a), Ok(b)) = (
+        std::fs::metadata(&args.source),
+        std::fs::metadata(&args.target),
+    ) {
+        use std::os::unix::fs::MetadataExt;
+        if (a.dev(), a.ino()) == (b.dev(), b.ino()) {
+            bail!("Source and target cannot be the same");
+        }
+    }
     let created = !args.target.exists();
     if created {
         let file = std::fs::File::create(&args.target).map_err(|e| {

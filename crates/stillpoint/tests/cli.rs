@@ -4,98 +4,18 @@
 //!
 //! Images are generated from a seed, so a failure names the seed that reproduces it.
 
+mod common;
+
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
-use std::process::Output;
 
-fn stillpoint(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stillpoint"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::qemu_img;
+use common::seeded_image;
+use common::stderr;
+use common::stdout;
+use common::stillpoint;
 
-fn qemu_img(args: &[&str]) -> Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img is required for these tests (apt-get install qemu-utils)")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8(out.stderr.clone()).unwrap()
-}
-
-/// splitmix64: a tiny seeded generator, so images reproduce from their seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-fn fallocate(file: &File, mode: i32, offset: u64, len: u64) {
-    // SAFETY: fallocate on a descriptor we own, integer arguments only.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
-    assert_eq!(rc, 0, "fallocate: {}", std::io::Error::last_os_error());
-}
-
-/// Writes a seeded image: random data, literal zero bytes (data that happens to be
-/// zero), punched holes and zeroed ranges, over a size that is often not aligned.
-fn seeded_image(path: &Path, seed: u64) -> u64 {
-    let mut rng = Rng(seed);
-    let size = match rng.below(4) {
-        0 => 4097,
-        1 => 1 + rng.below(3 << 20),
-        2 => (1 + rng.below(64)) << 16,
-        _ => (1 << 20) + 3,
-    };
-    let file = File::create(path).unwrap();
-    file.set_len(size).unwrap();
-    for _ in 0..rng.below(12) {
-        let offset = rng.below(size);
-        let len = 1 + rng.below((size - offset).min(300 << 10));
-        match rng.below(4) {
-            0 => {
-                let data: Vec<u8> = (0..len).map(|_| rng.next() as u8 | 1).collect();
-                file.write_all_at(&data, offset).unwrap();
-            }
-            1 => file.write_all_at(&vec![0; len as usize], offset).unwrap(),
-            2 => fallocate(
-                &file,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            ),
-            _ => fallocate(
-                &file,
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            ),
-        }
-    }
-    file.sync_all().unwrap();
-    size
-}
-
-/// Checks `stillpoint map` against `qemu-img map`; returns the (equal) JSON text.
 fn assert_maps_agree(path: &Path, extra: &[&str], what: &str) -> String {
     let p = path.to_str().unwrap();
     let mut ours_args = vec!["map", "--output", "json"];
