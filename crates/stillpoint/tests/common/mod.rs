@@ -93,8 +93,6 @@ pub fn seeded_image(path: &Path, seed: u64) -> u64 {
     size
 }
 
-/// Checks `stillpoint map` against `qemu-img map`; returns the (equal) JSON text.
-
 /// Space a file takes on disk.
 pub fn disk_usage(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
