@@ -78,7 +78,7 @@ enum Command {
         #[arg(long)]
         cluster_size: Option<String>,
         /// Parallel background requests.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = jobs::backup::DEFAULT_WORKERS)]
         workers: usize,
         /// Print the summary as one JSON object.
         #[arg(long)]

@@ -1,0 +1,136 @@
+//! Guest write latency during a live backup, in process (no NBD yet): QD1 random 4 KiB
+//! writes to the source, first alone, then while a full-speed backup runs.
+//!
+//! `bench-backup-latency SOURCE TARGET [--ops N]` writes to SOURCE (use a scratch copy)
+//! and backs it up to TARGET (created sparse). Prints one JSON object: latency
+//! percentiles in microseconds for both phases, and the backup's wall time.
+//! Driven by `bench/backup_vs_qsd.py`, which runs the same measurement against
+//! qemu-storage-daemon.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use block::AttachUser;
+use block::Attachment;
+use block::BlockdevOptions;
+use block::IoBuf;
+use block::NodeGraph;
+use block::WriteFlags;
+use jobs::BackupOptions;
+use jobs::JobEvent;
+use jobs::JobRegistry;
+use jobs::JobStatus;
+use jobs::start_backup;
+
+/// splitmix64, so runs are repeatable.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+fn percentiles(mut samples: Vec<f64>) -> serde_json::Value {
+    if samples.is_empty() {
+        return serde_json::json!({"count": 0});
+    }
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    serde_json::json!({
+        "count": samples.len(), "p50_us": at(0.50), "p99_us": at(0.99), "max_us": at(1.0),
+    })
+}
+
+/// One QD1 random 4 KiB write; returns its latency in microseconds.
+async fn one_write(disk: &Attachment, rng: &mut Rng, blocks: u64, buf: IoBuf) -> (f64, IoBuf) {
+    let offset = (rng.next() % blocks) * 4096;
+    let start = Instant::now();
+    let buf = disk.write(offset, buf, WriteFlags::default()).await.expect("guest write");
+    (start.elapsed().as_secs_f64() * 1e6, buf)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let source = PathBuf::from(args.next().expect("usage: SOURCE TARGET [--ops N]"));
+    let target = PathBuf::from(args.next().expect("usage: SOURCE TARGET [--ops N]"));
+    let mut ops = 2000;
+    while let Some(arg) = args.next() {
+        if arg == "--ops" {
+            ops = args.next().and_then(|n| n.parse().ok()).expect("--ops N");
+        }
+    }
+    let size = std::fs::metadata(&source).unwrap().len();
+    std::fs::File::create(&target).unwrap().set_len(size).unwrap();
+
+    let graph = Arc::new(NodeGraph::new());
+    let mut src = BlockdevOptions::raw_file(&source, false);
+    src.node_name = Some("src".into());
+    graph.add(src).await.unwrap();
+    let mut tgt = BlockdevOptions::raw_file(&target, false);
+    tgt.node_name = Some("tgt".into());
+    tgt.discard = Some(block::options::DiscardMode::Unmap);
+    graph.add(tgt).await.unwrap();
+    let disk = graph.attach("src", AttachUser::Other("guest".into())).unwrap();
+    let blocks = size / 4096;
+    let mut rng = Rng(42);
+    let mut buf = IoBuf::from_slice(&[0x5a; 4096]);
+
+    let mut alone = Vec::with_capacity(ops);
+    for _ in 0..ops {
+        let (us, b) = one_write(&disk, &mut rng, blocks, buf).await;
+        buf = b;
+        alone.push(us);
+    }
+
+    let registry = JobRegistry::new();
+    let mut events = registry.subscribe();
+    let started = Instant::now();
+    let mut options = BackupOptions::new("bench");
+    if let Some(w) = std::env::var("BENCH_WORKERS").ok().and_then(|w| w.parse().ok()) {
+        options.max_workers = w;
+    }
+    if let Some(c) = std::env::var("BENCH_CHUNK").ok().and_then(|c| c.parse().ok()) {
+        options.max_chunk = c;
+    }
+    let (job, _) = start_backup(&graph, &registry, "src", "tgt", options)
+        .await
+        .expect("backup starts");
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        let id = job.id().to_string();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(JobEvent::StatusChange { id: i, status: JobStatus::Concluded }) if i == id => break,
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            done.store(true, Ordering::SeqCst);
+            started.elapsed().as_secs_f64()
+        })
+    };
+    let mut during = Vec::new();
+    while !done.load(Ordering::SeqCst) {
+        let (us, b) = one_write(&disk, &mut rng, blocks, buf).await;
+        buf = b;
+        during.push(us);
+    }
+    let backup_seconds = watcher.await.unwrap();
+    let report = serde_json::json!({
+        "alone": percentiles(alone),
+        "during_backup": percentiles(during),
+        "backup_seconds": backup_seconds,
+    });
+    println!("{report}");
+}
