@@ -53,7 +53,10 @@ fn percentiles(mut samples: Vec<f64>) -> serde_json::Value {
 async fn one_write(disk: &Attachment, rng: &mut Rng, blocks: u64, buf: IoBuf) -> (f64, IoBuf) {
     let offset = (rng.next() % blocks) * 4096;
     let start = Instant::now();
-    let buf = disk.write(offset, buf, WriteFlags::default()).await.expect("guest write");
+    let buf = disk
+        .write(offset, buf, WriteFlags::default())
+        .await
+        .expect("guest write");
     (start.elapsed().as_secs_f64() * 1e6, buf)
 }
 
@@ -69,7 +72,10 @@ async fn main() {
         }
     }
     let size = std::fs::metadata(&source).unwrap().len();
-    std::fs::File::create(&target).unwrap().set_len(size).unwrap();
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
 
     let graph = Arc::new(NodeGraph::new());
     let mut src = BlockdevOptions::raw_file(&source, false);
@@ -79,7 +85,9 @@ async fn main() {
     tgt.node_name = Some("tgt".into());
     tgt.discard = Some(block::options::DiscardMode::Unmap);
     graph.add(tgt).await.unwrap();
-    let disk = graph.attach("src", AttachUser::Other("guest".into())).unwrap();
+    let disk = graph
+        .attach("src", AttachUser::Other("guest".into()))
+        .unwrap();
     let blocks = size / 4096;
     let mut rng = Rng(42);
     let mut buf = IoBuf::from_slice(&[0x5a; 4096]);
@@ -95,10 +103,16 @@ async fn main() {
     let mut events = registry.subscribe();
     let started = Instant::now();
     let mut options = BackupOptions::new("bench");
-    if let Some(w) = std::env::var("BENCH_WORKERS").ok().and_then(|w| w.parse().ok()) {
+    if let Some(w) = std::env::var("BENCH_WORKERS")
+        .ok()
+        .and_then(|w| w.parse().ok())
+    {
         options.max_workers = w;
     }
-    if let Some(c) = std::env::var("BENCH_CHUNK").ok().and_then(|c| c.parse().ok()) {
+    if let Some(c) = std::env::var("BENCH_CHUNK")
+        .ok()
+        .and_then(|c| c.parse().ok())
+    {
         options.max_chunk = c;
     }
     let (job, _) = start_backup(&graph, &registry, "src", "tgt", options)
@@ -111,7 +125,10 @@ async fn main() {
         tokio::spawn(async move {
             loop {
                 match events.recv().await {
-                    Ok(JobEvent::StatusChange { id: i, status: JobStatus::Concluded }) if i == id => break,
+                    Ok(JobEvent::StatusChange {
+                        id: i,
+                        status: JobStatus::Concluded,
+                    }) if i == id => break,
                     Ok(_) => {}
                     Err(_) => break,
                 }
