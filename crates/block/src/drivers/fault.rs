@@ -180,3 +180,80 @@ impl BlockDriver for FaultDriver {
         self.child.block_status(offset, len).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::buf::IoBuf;
+    use crate::driver::WriteFlags;
+    use crate::graph::NodeGraph;
+    use crate::options::BlockdevOptions;
+
+    async fn faulty(rules: serde_json::Value) -> (NodeGraph, std::sync::Arc<crate::graph::Node>) {
+        let graph = NodeGraph::new();
+        let options = BlockdevOptions::from_json(json!({"driver":"fault","node-name":"f",
+            "image":{"driver":"null-co","size":1048576,"read-zeroes":true},"rules":rules}))
+        .unwrap();
+        let node = graph.add(options).await.unwrap();
+        (graph, node)
+    }
+
+    async fn read(node: &crate::graph::Node, offset: u64) -> Result<(), i32> {
+        node.read(offset, IoBuf::zeroed(512))
+            .await
+            .map(drop)
+            .map_err(|e| e.errno())
+    }
+
+    #[tokio::test]
+    async fn a_rule_fails_only_overlapping_requests_of_its_kind() {
+        let (_g, node) =
+            faulty(json!([{"op":"read","offset":4096,"length":4096,"errno":"ENOSPC"}])).await;
+        assert_eq!(read(&node, 0).await, Ok(()));
+        assert_eq!(
+            read(&node, 4000).await,
+            Err(libc::ENOSPC),
+            "overlaps the range"
+        );
+        assert_eq!(read(&node, 8192).await, Ok(()));
+        let w = node
+            .write(4096, IoBuf::zeroed(512), WriteFlags::default())
+            .await;
+        assert!(w.is_ok(), "writes are not covered by a read rule");
+        assert_eq!(
+            read(&node, 4096).await,
+            Err(libc::ENOSPC),
+            "without once it keeps failing"
+        );
+    }
+
+    #[tokio::test]
+    async fn once_and_after_count_matching_requests() {
+        let (_g, node) = faulty(json!([{"op":"any","once":true,"after":2,"errno":5}])).await;
+        assert_eq!(read(&node, 0).await, Ok(()));
+        assert_eq!(read(&node, 0).await, Ok(()));
+        assert_eq!(read(&node, 0).await, Err(libc::EIO));
+        assert_eq!(read(&node, 0).await, Ok(()), "retired after firing once");
+    }
+
+    #[tokio::test]
+    async fn flush_rules_and_bad_options() {
+        let (_g, node) = faulty(json!([{"op":"flush"}])).await;
+        assert_eq!(node.flush().await.unwrap_err().errno(), libc::EIO);
+        let bad = BlockdevOptions::from_json(json!({"driver":"fault","image":"x",
+            "rules":[{"errno":"EWHAT"}]}))
+        .unwrap_err();
+        assert_eq!(
+            bad.to_string(),
+            "Parameter 'rules[0].errno' does not accept value 'EWHAT'"
+        );
+        let bad = BlockdevOptions::from_json(json!({"driver":"fault","image":"x",
+            "rules":[{"op":"sideways"}]}))
+        .unwrap_err();
+        assert_eq!(
+            bad.to_string(),
+            "Parameter 'rules[0].op' does not accept value 'sideways'"
+        );
+    }
+}
