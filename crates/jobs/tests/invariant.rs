@@ -6,7 +6,7 @@
 //! Each seed picks the device size, the job's cluster and chunk sizes, worker count,
 //! speed (full or throttled) and staging memory (including none, so old data spills to
 //! the scratch file). `STILLPOINT_SEEDS=N` sets how many seeds run (default 200);
-//! `STILLPOINT_SEED=S` runs just seed S.
+//! `STILLPOINT_SEED_BASE=B` starts at seed B; `STILLPOINT_SEED=S` runs just seed S.
 
 mod common;
 
