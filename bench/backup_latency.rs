@@ -24,19 +24,7 @@ use jobs::JobEvent;
 use jobs::JobRegistry;
 use jobs::JobStatus;
 use jobs::start_backup;
-
-/// splitmix64, so runs are repeatable.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
+use testkit::Rng;
 
 fn percentiles(mut samples: Vec<f64>) -> serde_json::Value {
     if samples.is_empty() {
@@ -51,7 +39,7 @@ fn percentiles(mut samples: Vec<f64>) -> serde_json::Value {
 
 /// One QD1 random 4 KiB write; returns its latency in microseconds.
 async fn one_write(disk: &Attachment, rng: &mut Rng, blocks: u64, buf: IoBuf) -> (f64, IoBuf) {
-    let offset = (rng.next() % blocks) * 4096;
+    let offset = (rng.next_u64() % blocks) * 4096;
     let start = Instant::now();
     let buf = disk
         .write(offset, buf, WriteFlags::default())

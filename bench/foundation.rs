@@ -29,6 +29,7 @@ use block::IoBuf;
 use block::WriteFlags;
 use block::driver::BlockDriver;
 use block::drivers::file::FileDriver;
+use testkit::Rng;
 
 const MIB: u64 = 1 << 20;
 const REPEATS: usize = 3;
@@ -50,19 +51,6 @@ impl Row {
         } else {
             self.baseline / self.ours
         }
-    }
-}
-
-/// splitmix64, so runs are repeatable.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
     }
 }
 
@@ -124,8 +112,8 @@ fn bitmap_rows() -> Vec<Row> {
     let mut rng = Rng(1);
     let ranges: Vec<(u64, u64)> = (0..100_000)
         .map(|_| {
-            let first = rng.next() % BITS;
-            let len = 1 + rng.next() % 4096;
+            let first = rng.next_u64() % BITS;
+            let len = 1 + rng.next_u64() % 4096;
             (first, (first + len).min(BITS))
         })
         .collect();
@@ -156,7 +144,7 @@ fn bitmap_rows() -> Vec<Row> {
     let mut map = Bitmap::new(size, GRANULE).unwrap();
     let mut flat_map = FlatBitmap::new(BITS);
     for _ in 0..1000 {
-        let bit = rng.next() % BITS;
+        let bit = rng.next_u64() % BITS;
         map.set(bit * GRANULE, 1);
         flat_map.set_range(bit, bit + 1);
     }
@@ -189,7 +177,7 @@ fn bitmap_rows() -> Vec<Row> {
     });
 
     // count, 1000 calls; one granule toggles between calls so no call can be hoisted.
-    let toggles: Vec<u64> = (0..1000).map(|_| rng.next() % BITS).collect();
+    let toggles: Vec<u64> = (0..1000).map(|_| rng.next_u64() % BITS).collect();
     let (ours, ours_sum) = best_of(|| {
         let mut sum = 0;
         for &bit in &toggles {
@@ -237,7 +225,7 @@ fn run_cmd(cmd: &mut Command) -> Duration {
 async fn ours_write(path: &Path, size: u64, direct: bool) -> Duration {
     let driver = FileDriver::open(path, false, direct, false).unwrap();
     let mut rng = Rng(7);
-    let data: Vec<u8> = (0..MIB).map(|_| rng.next() as u8).collect();
+    let data: Vec<u8> = (0..MIB).map(|_| rng.next_u64() as u8).collect();
     let mut buf = IoBuf::from_slice(&data);
     let start = Instant::now();
     let mut offset = 0;

@@ -148,7 +148,7 @@ fn ctrl_c_cancels_and_says_the_target_is_incomplete() {
     let source = dir.path().join("src.img");
     let file = File::create(&source).unwrap();
     let mut rng = Rng(9);
-    let data: Vec<u8> = (0..(32 << 20)).map(|_| rng.next() as u8).collect();
+    let data = rng.bytes(32 << 20);
     file.write_all_at(&data, 0).unwrap();
     let target = dir.path().join("bak.img");
     let child = Command::new(env!("CARGO_BIN_EXE_stillpoint"))

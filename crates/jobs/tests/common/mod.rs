@@ -17,28 +17,8 @@ use jobs::JobRegistry;
 use jobs::JobStatus;
 use serde_json::Value;
 use serde_json::json;
+pub use testkit::Rng;
 use tokio::sync::broadcast;
-
-/// splitmix64: seeded and tiny, so every failure reproduces from its seed.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-}
 
 pub struct Rig {
     pub dir: tempfile::TempDir,

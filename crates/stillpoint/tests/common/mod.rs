@@ -9,6 +9,8 @@ use std::path::Path;
 use std::process::Command;
 use std::process::Output;
 
+pub use testkit::Rng;
+
 pub fn stillpoint(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_stillpoint"))
         .args(args)
@@ -29,23 +31,6 @@ pub fn stdout(out: &Output) -> String {
 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8(out.stderr.clone()).unwrap()
-}
-
-/// splitmix64: a tiny seeded generator, so images reproduce from their seed.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) {
@@ -71,7 +56,7 @@ pub fn seeded_image(path: &Path, seed: u64) -> u64 {
         let len = 1 + rng.below((size - offset).min(300 << 10));
         match rng.below(4) {
             0 => {
-                let data: Vec<u8> = (0..len).map(|_| rng.next() as u8 | 1).collect();
+                let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8 | 1).collect();
                 file.write_all_at(&data, offset).unwrap();
             }
             1 => file.write_all_at(&vec![0; len as usize], offset).unwrap(),
