@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs what Stillpoint's tests need, idempotently: run it as often as you like.
-# Today that is QEMU's tools (qemu-img is the oracle the tests compare against).
+# QEMU's tools (qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon: the oracles the tests
+# compare against) and libnbd's tools (nbdinfo, nbdcopy) with its Python binding.
 set -euo pipefail
 
 need_apt=()
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
+command -v nbdinfo >/dev/null 2>&1 || need_apt+=(libnbd-bin)
+[ -e /usr/lib/python3/dist-packages/nbd.py ] || need_apt+=(python3-libnbd)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -13,6 +13,7 @@ mod backup;
 mod image;
 mod info;
 mod map;
+mod nbd_cmd;
 mod size;
 
 use std::path::Path;
@@ -94,6 +95,26 @@ enum Command {
         /// Virtual size, with an optional K/M/G/T/P/E suffix (powers of 1024).
         #[arg(allow_hyphen_values = true)]
         size: String,
+    },
+    /// Serve an image over NBD until SIGINT/SIGTERM (like qemu-nbd).
+    Nbd {
+        /// The image.
+        image: PathBuf,
+        /// Listen on this UNIX socket.
+        #[arg(long, conflicts_with = "bind", required_unless_present = "bind")]
+        socket: Option<PathBuf>,
+        /// Listen on HOST:PORT (port 10809 if omitted).
+        #[arg(long)]
+        bind: Option<String>,
+        /// Image format (probed when omitted).
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<Format>,
+        /// Export name (qemu-nbd's default is the empty name).
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Let clients write (read-only otherwise).
+        #[arg(long)]
+        writable: bool,
     },
     /// Show an image's format, virtual size and disk usage.
     Info {
@@ -179,6 +200,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 json,
             };
             backup::run(args).await
+        }
+        Command::Nbd {
+            image,
+            socket,
+            bind,
+            format,
+            name,
+            writable,
+        } => {
+            let listen = match (socket, bind) {
+                (Some(path), _) => nbd_cmd::Listen::Unix(path),
+                (None, Some(addr)) => nbd_cmd::Listen::Tcp(addr),
+                (None, None) => bail!("give --socket PATH or --bind HOST:PORT"),
+            };
+            nbd_cmd::run(&image, listen, format, name, writable).await
         }
         Command::Create { format, file, size } => create(format, &file, &size),
         Command::Info {

@@ -1,0 +1,23 @@
+//! NBD for Stillpoint: the wire codec ([`proto`]) and the server ([`server`]), written
+//! from the protocol specification (NetworkBlockDevice/nbd, doc/proto.md).
+//!
+//! What is implemented: fixed-newstyle negotiation with NO_ZEROES; options
+//! EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT,
+//! SET_META_CONTEXT (STARTTLS and EXTENDED_HEADERS are refused, which clients handle by
+//! falling back); commands READ, WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES (NO_HOLE,
+//! FAST_ZERO) and BLOCK_STATUS; flags FUA, DF and REQ_ONE; metadata contexts
+//! `base:allocation` and `qemu:allocation-depth`; block size information 1 / 4096 /
+//! 32 MiB.
+//!
+//! Replies to READ are one OFFSET_DATA chunk (so DF always holds); errors on READ are
+//! ERROR chunks; other commands get simple replies, which the spec allows after
+//! structured replies were negotiated.
+//!
+//! Out of scope for now: the client driver, extended headers, TLS,
+//! `qemu:dirty-bitmap:` contexts (no dirty bitmaps exist yet), OFFSET_HOLE chunks.
+
+pub mod proto;
+pub mod server;
+
+pub use server::Export;
+pub use server::NbdServer;

@@ -1,0 +1,114 @@
+//! `stillpoint nbd IMAGE`: serve one image over NBD, in the manner of qemu-nbd.
+//!
+//! The export is read-only unless `--writable`; its name is "" (qemu-nbd's default)
+//! unless `--name` is given. It serves until SIGINT or SIGTERM, then flushes the image,
+//! removes its socket and exits 0.
+
+use std::path::Path;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use anyhow::bail;
+use block::AttachUser;
+use block::BlockdevOptions;
+use block::NodeGraph;
+use nbd::Export;
+use nbd::NbdServer;
+use tokio::signal::unix::SignalKind;
+use tokio::signal::unix::signal;
+
+use crate::image::Format;
+use crate::image::probe;
+
+/// Where to listen.
+#[derive(Debug)]
+pub enum Listen {
+    /// A UNIX socket path.
+    Unix(PathBuf),
+    /// `HOST:PORT` (port 10809 when only a host is given).
+    Tcp(String),
+}
+
+/// Serves `image` until a signal arrives.
+pub async fn run(
+    image: &Path,
+    listen: Listen,
+    format: Option<Format>,
+    name: String,
+    writable: bool,
+) -> anyhow::Result<()> {
+    let format = match format {
+        Some(f) => f,
+        None => probe(image)?,
+    };
+    if format == Format::Qcow2 {
+        bail!(
+            "Could not open '{}': the qcow2 format is not supported by this build yet",
+            image.display()
+        );
+    }
+    let graph = NodeGraph::new();
+    let mut options = BlockdevOptions::raw_file(image, !writable);
+    options.node_name = Some("disk".into());
+    if writable {
+        options.discard = Some(block::options::DiscardMode::Unmap);
+    }
+    graph.add(options).await?;
+    let disk = graph.attach("disk", AttachUser::Other(format!("NBD export '{name}'")))?;
+    let flusher = graph.attach("disk", AttachUser::Other("nbd command".into()))?;
+    let server = NbdServer::new();
+    server
+        .add_export(Export {
+            name: name.clone(),
+            description: String::new(),
+            disk,
+            writable,
+        })
+        .map_err(anyhow::Error::msg)?;
+
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let (serving, where_) = match &listen {
+        Listen::Unix(path) => {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                use std::os::unix::fs::FileTypeExt;
+                if !meta.file_type().is_socket() {
+                    bail!("'{}' exists and is not a socket", path.display());
+                }
+                std::fs::remove_file(path).ok();
+            }
+            let listener = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on '{}'", path.display()))?;
+            let task = tokio::spawn(server.clone().serve_unix(listener));
+            (task, format!("unix:{}", path.display()))
+        }
+        Listen::Tcp(addr) => {
+            let addr = if addr.contains(':') {
+                addr.clone()
+            } else {
+                format!("{addr}:10809")
+            };
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
+            let task = tokio::spawn(server.clone().serve_tcp(listener));
+            (task, format!("tcp:{bound}"))
+        }
+    };
+    eprintln!(
+        "stillpoint: serving '{}' as NBD export '{name}' ({}) on {where_}",
+        image.display(),
+        if writable { "writable" } else { "read-only" }
+    );
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm.recv() => {}
+    }
+    serving.abort();
+    if let Listen::Unix(path) = &listen {
+        std::fs::remove_file(path).ok();
+    }
+    flusher.flush().await.context("failed to flush the image")?;
+    eprintln!("stillpoint: NBD server stopped, image flushed");
+    Ok(())
+}
