@@ -702,11 +702,9 @@ async fn run(
         .checked_add(length)
         .is_none_or(|end| end > size)
     {
-        let errno = if writing {
-            errno::ENOSPC
-        } else {
-            errno::EINVAL
-        };
+        // proto.md: writing past the end is ENOSPC; reading or trimming it is EINVAL.
+        let grows = matches!(request.command, CMD_WRITE | CMD_WRITE_ZEROES);
+        let errno = if grows { errno::ENOSPC } else { errno::EINVAL };
         return Err(fail(errno, "request past the end of the export"));
     }
     let fua = request.flags & CMD_FLAG_FUA != 0;
