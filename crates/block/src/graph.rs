@@ -431,11 +431,20 @@ fn not_found(name: &str) -> Error {
 
 type OpenFuture<'a> = Pin<Box<dyn Future<Output = Result<Arc<Node>>> + Send + 'a>>;
 
+/// Opens drivers that live in crates above this one (the NBD client), so the graph
+/// can create them from `blockdev-add` options without depending on those crates.
+#[async_trait::async_trait]
+pub trait ExternalDrivers: Send + Sync {
+    /// Opens `options` (a driver this crate does not implement).
+    async fn open(&self, options: &DriverOptions) -> Result<Box<dyn BlockDriver>>;
+}
+
 /// The set of nodes of one daemon (or one CLI invocation).
 #[derive(Default)]
 pub struct NodeGraph {
     state: Mutex<GraphState>,
     reconfigure: tokio::sync::Mutex<()>,
+    external: Option<Arc<dyn ExternalDrivers>>,
 }
 
 impl fmt::Debug for NodeGraph {
@@ -450,6 +459,14 @@ impl NodeGraph {
     /// An empty graph.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty graph that opens `external` drivers (such as `nbd`) through `drivers`.
+    pub fn with_external(drivers: Arc<dyn ExternalDrivers>) -> Self {
+        Self {
+            external: Some(drivers),
+            ..Self::default()
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, GraphState> {
@@ -550,6 +567,14 @@ impl NodeGraph {
                     check_child_writable(&child, &mut policy, auto_read_only)?;
                     Box::new(RawDriver::new(child, raw.offset, raw.size)?)
                 }
+                DriverOptions::Nbd(_) => match &self.external {
+                    Some(external) => external.open(&options.driver).await?,
+                    None => {
+                        return Err(Error::unsupported(
+                            "the nbd driver is not available in this graph",
+                        ));
+                    }
+                },
                 DriverOptions::Fault(fault) => {
                     let child = self
                         .open_child(

@@ -89,6 +89,31 @@ pub enum DriverOptions {
     Null(NullOptions),
     /// `fault`: fails chosen requests of its child (tests).
     Fault(FaultOptions),
+    /// `nbd`: an export of a remote NBD server (opened by the `nbd` crate).
+    Nbd(NbdOptions),
+}
+
+/// Members of the `nbd` driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdOptions {
+    /// `server`: where to connect.
+    pub server: NbdServerAddress,
+    /// `export`: the export name ("" by default).
+    pub export: String,
+}
+
+/// QEMU's flat `SocketAddress` for NBD servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdServerAddress {
+    /// `{"type":"unix","path":...}`
+    Unix(PathBuf),
+    /// `{"type":"inet","host":...,"port":...}`
+    Inet {
+        /// Host name or address.
+        host: String,
+        /// Port, a string in QEMU's schema.
+        port: String,
+    },
 }
 
 /// Members of the `fault` driver (see `drivers::fault`).
@@ -209,6 +234,7 @@ impl BlockdevOptions {
             "file" => DriverOptions::File(parse_file(&mut m)?),
             "raw" => DriverOptions::Raw(parse_raw(&mut m)?),
             "fault" => DriverOptions::Fault(parse_fault(&mut m)?),
+            "nbd" => DriverOptions::Nbd(parse_nbd(&mut m)?),
             "null-co" | "null-aio" => {
                 let name = if driver_name == "null-co" {
                     "null-co"
@@ -277,6 +303,7 @@ impl BlockdevOptions {
             DriverOptions::Raw(_) => "raw",
             DriverOptions::Null(n) => n.name,
             DriverOptions::Fault(_) => "fault",
+            DriverOptions::Nbd(_) => "nbd",
         }
     }
 }
@@ -382,6 +409,41 @@ fn parse_fault(m: &mut Members) -> Result<FaultOptions> {
         image,
         rules: rules.unwrap_or_default(),
     })
+}
+
+fn parse_nbd(m: &mut Members) -> Result<NbdOptions> {
+    let server = m.required("server", |m, key, value| {
+        let mut a = m.object(key, value)?;
+        let kind = a.required("type", |a, k, v| a.enumeration(k, v, &["unix", "inet"]))?;
+        let address = if kind == "unix" {
+            NbdServerAddress::Unix(PathBuf::from(a.required("path", Members::string)?))
+        } else {
+            let host = a.required("host", Members::string)?;
+            let port = a.required("port", |a, k, v| match v {
+                Value::Number(n) => Ok(n.to_string()),
+                other => a.string(k, other),
+            })?;
+            NbdServerAddress::Inet { host, port }
+        };
+        a.finish()?;
+        Ok(address)
+    })?;
+    let export = m.optional("export", Members::string)?.unwrap_or_default();
+    for key in ["reconnect-delay", "open-timeout"] {
+        if m.optional(key, Members::unsigned)?.unwrap_or(0) != 0 {
+            return Err(Error::unsupported(format!(
+                "{key} is not supported yet by the nbd driver"
+            )));
+        }
+    }
+    for key in ["tls-creds", "tls-hostname", "x-dirty-bitmap"] {
+        if m.optional(key, |_, _, v| Ok(v))?.is_some() {
+            return Err(Error::unsupported(format!(
+                "{key} is not supported yet by the nbd driver"
+            )));
+        }
+    }
+    Ok(NbdOptions { server, export })
 }
 
 fn parse_raw(m: &mut Members) -> Result<RawOptions> {

@@ -13,11 +13,17 @@
 //! ERROR chunks; other commands get simple replies, which the spec allows after
 //! structured replies were negotiated.
 //!
-//! Out of scope for now: the client driver, extended headers, TLS,
+//! The client ([`client`]) is a block driver for remote exports: structured replies,
+//! `base:allocation` block status, many requests in flight; opened from QEMU's
+//! `blockdev-add` options through [`NbdDrivers`].
+//!
+//! Out of scope for now: extended headers, TLS, reconnect,
 //! `qemu:dirty-bitmap:` contexts (no dirty bitmaps exist yet), OFFSET_HOLE chunks.
 
+pub mod client;
 pub mod proto;
 pub mod server;
 
+pub use client::NbdDrivers;
 pub use server::Export;
 pub use server::NbdServer;
