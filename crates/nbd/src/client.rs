@@ -156,7 +156,7 @@ impl NbdClient {
         };
         Self::handshake(reader, writer, export)
             .await
-            .map_err(|e| e.context(format!("{}", describe())))
+            .map_err(|e| e.context(describe()))
     }
 
     async fn handshake(
@@ -375,10 +375,9 @@ async fn read_replies<R: AsyncRead + Unpin>(
             let error = r.read_u32().await?;
             let cookie = r.read_u64().await?;
             let mut p = take(cookie).ok_or_else(|| bad("reply to an unknown cookie"))?;
-            if error == 0 && !structured {
-                if let Some(buf) = p.buf.as_mut() {
-                    r.read_exact(buf).await?;
-                }
+            if let (0, false, Some(buf)) = (error, structured, p.buf.as_mut()) {
+                r.read_exact(buf).await?;
+            }
             }
             let result = if error != 0 {
                 Err(nbd_error(error))
