@@ -378,7 +378,6 @@ async fn read_replies<R: AsyncRead + Unpin>(
             if let (0, false, Some(buf)) = (error, structured, p.buf.as_mut()) {
                 r.read_exact(buf).await?;
             }
-            }
             let result = if error != 0 {
                 Err(nbd_error(error))
             } else {
