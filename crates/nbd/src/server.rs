@@ -18,6 +18,9 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
 use std::sync::RwLock;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
 
 use block::Attachment;
 use block::ErrorKind;
@@ -28,6 +31,7 @@ use tokio::io::AsyncRead;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWrite;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
 use tokio::sync::Semaphore;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -63,6 +67,33 @@ impl Export {
             flags |= TF_SEND_DF;
         }
         flags
+    }
+}
+
+/// An export while it is served: the configuration plus what removal needs.
+#[derive(Debug)]
+struct Live {
+    export: Export,
+    /// Set by `remove_export`: requests get ESHUTDOWN and connections close.
+    removed: AtomicBool,
+    /// Requests running now, so removal can wait for them.
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+impl std::ops::Deref for Live {
+    type Target = Export;
+
+    fn deref(&self) -> &Export {
+        &self.export
+    }
+}
+
+impl Live {
+    fn finish_request(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
     }
 }
 
@@ -105,7 +136,7 @@ impl Context {
 /// An NBD server holding a set of exports.
 #[derive(Debug, Default)]
 pub struct NbdServer {
-    exports: RwLock<BTreeMap<String, Arc<Export>>>,
+    exports: RwLock<BTreeMap<String, Arc<Live>>>,
 }
 
 /// Negotiation state of one connection.
@@ -120,7 +151,7 @@ struct Negotiation {
 enum OptionOutcome {
     Continue,
     Close,
-    Transmit(Arc<Export>),
+    Transmit(Arc<Live>),
 }
 
 impl NbdServer {
@@ -135,21 +166,39 @@ impl NbdServer {
         if exports.contains_key(&export.name) {
             return Err(format!("NBD export '{}' already exists", export.name));
         }
-        exports.insert(export.name.clone(), Arc::new(export));
+        let live = Live {
+            export,
+            removed: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            idle: Notify::new(),
+        };
+        exports.insert(live.export.name.clone(), Arc::new(live));
         Ok(())
     }
 
-    /// Removes an export: new clients can no longer select it; connected clients
-    /// keep it until they disconnect.
-    pub fn remove_export(&self, name: &str) -> Option<Arc<Export>> {
-        self.exports
+    /// Removes an export: new clients can no longer select it, requests that arrive
+    /// from now on fail with ESHUTDOWN and close their connection, and this waits until
+    /// the requests already running have answered. Returns whether it existed.
+    pub async fn remove_export(&self, name: &str) -> bool {
+        let removed = self
+            .exports
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(name)
+            .remove(name);
+        let Some(live) = removed else { return false };
+        live.removed.store(true, Ordering::SeqCst);
+        loop {
+            let idle = live.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if live.in_flight.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            idle.await;
+        }
     }
 
-    /// The export named `name`.
-    pub fn export(&self, name: &str) -> Option<Arc<Export>> {
+    fn export(&self, name: &str) -> Option<Arc<Live>> {
         self.exports
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -216,7 +265,7 @@ impl NbdServer {
         &self,
         reader: &mut R,
         writer: &mut W,
-    ) -> io::Result<Option<(Arc<Export>, bool, Vec<Context>)>>
+    ) -> io::Result<Option<(Arc<Live>, bool, Vec<Context>)>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -527,7 +576,7 @@ impl Parser<'_> {
 
 /// The transmission phase of one connection.
 async fn transmit<R, W>(
-    export: Arc<Export>,
+    export: Arc<Live>,
     structured: bool,
     contexts: Vec<Context>,
     mut reader: R,
@@ -583,10 +632,20 @@ async fn transmit<R, W>(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
+        export.in_flight.fetch_add(1, Ordering::SeqCst);
+        if export.removed.load(Ordering::SeqCst) {
+            // The export is going away: answer this request, then close.
+            let _ = replies
+                .send(simple_reply(errno::ESHUTDOWN, request.cookie))
+                .await;
+            export.finish_request();
+            break;
+        }
         let (export, contexts, replies) = (export.clone(), contexts.clone(), replies.clone());
         running.spawn(async move {
             let frame = execute(&export, structured, &contexts, request, payload).await;
             let _ = replies.send(frame).await;
+            export.finish_request();
             drop(slot);
         });
         while running.try_join_next().is_some() {}

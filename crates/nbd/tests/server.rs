@@ -394,3 +394,70 @@ async fn export_name_negotiation_and_zero_padding() {
     client.send(CMD_FLUSH, 0, 9, 0, 0, &[]).await;
     assert_eq!(client.simple().await, (0, 9));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_an_export_waits_for_running_requests_then_refuses_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = NodeGraph::new();
+    graph
+        .add(
+            BlockdevOptions::from_json(json!({"driver":"null-co","node-name":"slow","size":SIZE,
+                "read-zeroes":true,"latency-ns":300_000_000u64}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let server = NbdServer::new();
+    let disk = graph
+        .attach("slow", AttachUser::Other("export".into()))
+        .unwrap();
+    server
+        .add_export(Export {
+            name: "slow".into(),
+            description: String::new(),
+            disk,
+            writable: false,
+        })
+        .unwrap();
+    let socket = dir.path().join("nbd.sock");
+    tokio::spawn(
+        server
+            .clone()
+            .serve_unix(tokio::net::UnixListener::bind(&socket).unwrap()),
+    );
+    let rig = Rig {
+        _dir: dir,
+        socket,
+        _graph: graph,
+    };
+
+    let mut client = Client::go(&rig, "slow", false).await;
+    client.send(CMD_READ, 0, 1, 0, 512, &[]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await; // the read is running
+    let removal = tokio::spawn({
+        let server = server.clone();
+        async move { server.remove_export("slow").await }
+    });
+    assert_eq!(
+        client.simple().await,
+        (0, 1),
+        "the running read still answers"
+    );
+    let mut data = [1u8; 512];
+    client.stream.read_exact(&mut data).await.unwrap();
+    assert!(
+        removal.await.unwrap(),
+        "removal returns once the read has answered"
+    );
+    client.send(CMD_READ, 0, 2, 0, 512, &[]).await;
+    assert_eq!(client.simple().await, (errno::ESHUTDOWN, 2));
+    assert!(client.closed().await);
+
+    let mut late = Client::connect(&rig).await;
+    let mut go = 4u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"slow");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    late.option(OPT_GO, &go).await;
+    assert_eq!(late.replies().await[0].0, REP_ERR_UNKNOWN);
+    assert!(!server.remove_export("slow").await);
+}
