@@ -255,3 +255,62 @@ async fn our_client_and_server_agree_including_split_reads() {
     assert_eq!(e.kind(), block::ErrorKind::PermissionDenied);
     serving.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inet_addresses_reach_qemu_nbd_over_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let content = Rng(8).bytes(1 << 20);
+    std::fs::write(&image, &content).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _peer = Peer(
+        Command::new("qemu-nbd")
+            .args([
+                "-f",
+                "raw",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-x",
+                "tcp",
+                "-r",
+            ])
+            .arg(&image)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-nbd is required"),
+    );
+    let graph = graph();
+    let options = json!({"driver":"nbd","node-name":"remote","export":"tcp",
+        "server":{"type":"inet","host":"127.0.0.1","port":port.to_string()}});
+    let mut opened = None;
+    for _ in 0..200 {
+        match graph
+            .add(BlockdevOptions::from_json(options.clone()).unwrap())
+            .await
+        {
+            Ok(node) => {
+                opened = Some(node);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let node = opened.expect("qemu-nbd never accepted a connection");
+    let back = node.read(0, IoBuf::zeroed(1 << 20)).await.unwrap();
+    assert!(back[..] == content[..]);
+    let e = node
+        .write(0, IoBuf::zeroed(512), WriteFlags::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.kind(),
+        block::ErrorKind::PermissionDenied,
+        "qemu-nbd -r exports read-only"
+    );
+}
