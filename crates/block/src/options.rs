@@ -178,6 +178,11 @@ const KNOWN_UNSUPPORTED: &[&str] = &[
 ];
 
 impl BlockdevOptions {
+    /// Parses the dotted key=value form `--blockdev` takes.
+    pub fn from_keyval(text: &str) -> Result<Self> {
+        Self::from_members(Members::keyval(parse_keyval(text, Some("driver"))?))
+    }
+
     /// Parses `blockdev-add` arguments.
     pub fn from_json(value: Value) -> Result<Self> {
         match value {
@@ -188,7 +193,8 @@ impl BlockdevOptions {
         }
     }
 
-    fn from_members(mut m: Members) -> Result<Self> {
+    /// Parses options from already-split members (used for nested objects).
+    pub fn from_members(mut m: Members) -> Result<Self> {
         let driver_name = m.required("driver", Members::string)?;
         let node_name = m.optional("node-name", Members::string)?;
         let read_only = m.optional("read-only", Members::boolean)?;
@@ -343,7 +349,11 @@ fn blockdev_ref(m: &Members, key: &str, value: Value) -> Result<BlockdevRef> {
     match value {
         Value::String(name) => Ok(BlockdevRef::Node(name)),
         Value::Object(map) => {
-            let child = Members::new(map, format!("{}{key}.", m.prefix));
+            let child = Members {
+                map,
+                prefix: format!("{}{key}.", m.prefix),
+                keyval: m.keyval,
+            };
             Ok(BlockdevRef::Inline(Box::new(
                 BlockdevOptions::from_members(child)?,
             )))
@@ -464,19 +474,93 @@ fn parse_null(m: &mut Members, name: &'static str) -> Result<NullOptions> {
     })
 }
 
+/// Parses QEMU's dotted key=value form (`driver=raw,file.driver=file,file.filename=a`)
+/// into nested JSON objects of strings; `,,` is a literal comma. `implied` names the
+/// key of a first item without `=` (`--export nbd,...` means `type=nbd`).
+pub fn parse_keyval(text: &str, implied: Option<&str>) -> Result<Map<String, Value>> {
+    let mut items = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                current.push(',');
+            } else {
+                items.push(std::mem::take(&mut current));
+            }
+        } else {
+            current.push(c);
+        }
+    }
+    items.push(current);
+    let mut root = Map::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let (key, value) = match item.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None if i == 0 && implied.is_some() => (implied.unwrap().to_string(), item),
+            None => {
+                return Err(Error::invalid(format!(
+                    "Expected '=' after parameter '{item}'"
+                )));
+            }
+        };
+        let mut node = &mut root;
+        let parts: Vec<&str> = key.split('.').collect();
+        for part in &parts[..parts.len() - 1] {
+            let entry = node
+                .entry(part.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+            node = match entry {
+                Value::Object(map) => map,
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "Parameter '{key}' conflicts with '{part}'"
+                    )));
+                }
+            };
+        }
+        let last = parts[parts.len() - 1].to_string();
+        if node.contains_key(&last) {
+            return Err(Error::invalid(format!("Parameter '{key}' is given twice")));
+        }
+        node.insert(last, Value::String(value));
+    }
+    Ok(root)
+}
+
 /// The members of one JSON object being parsed, and the path that names them in
-/// errors (`"file."` for an inline child).
-struct Members {
+/// errors (`"file."` for an inline child). Public so the QMP layer parses command
+/// arguments with the same words.
+pub struct Members {
     map: Map<String, Value>,
     prefix: String,
+    /// Values came from QEMU's dotted key=value form, where every value is a string:
+    /// integers and booleans ("on"/"off") are then accepted as strings.
+    keyval: bool,
 }
 
 impl Members {
-    fn new(map: Map<String, Value>, prefix: String) -> Self {
-        Self { map, prefix }
+    /// Members of `map`, named in errors as `prefix` + key.
+    pub fn new(map: Map<String, Value>, prefix: String) -> Self {
+        Self {
+            map,
+            prefix,
+            keyval: false,
+        }
     }
 
-    fn optional<T>(
+    /// Members parsed from the dotted key=value form (see [`parse_keyval`]).
+    pub fn keyval(map: Map<String, Value>) -> Self {
+        Self {
+            map,
+            prefix: String::new(),
+            keyval: true,
+        }
+    }
+
+    /// Takes `key` if present, converting it with `visit`.
+    pub fn optional<T>(
         &mut self,
         key: &str,
         visit: impl FnOnce(&Self, &str, Value) -> Result<T>,
@@ -487,7 +571,8 @@ impl Members {
         }
     }
 
-    fn required<T>(
+    /// Takes `key`, which must be present.
+    pub fn required<T>(
         &mut self,
         key: &str,
         visit: impl FnOnce(&Self, &str, Value) -> Result<T>,
@@ -496,8 +581,8 @@ impl Members {
             .ok_or_else(|| Error::invalid(format!("Parameter '{}{key}' is missing", self.prefix)))
     }
 
-    /// Refuses members nobody consumed.
-    fn finish(self) -> Result<()> {
+    /// Refuses members nobody consumed ("Parameter 'x' is unexpected").
+    pub fn finish(self) -> Result<()> {
         match self.map.keys().next() {
             Some(key) => Err(Error::invalid(format!(
                 "Parameter '{}{key}' is unexpected",
@@ -507,27 +592,38 @@ impl Members {
         }
     }
 
-    fn type_error(&self, key: &str, expected: &str) -> Error {
+    /// "Invalid parameter type for 'x', expected: ...".
+    pub fn type_error(&self, key: &str, expected: &str) -> Error {
         Error::invalid(format!(
             "Invalid parameter type for '{}{key}', expected: {expected}",
             self.prefix
         ))
     }
 
-    fn string(&self, key: &str, value: Value) -> Result<String> {
+    /// A string member.
+    pub fn string(&self, key: &str, value: Value) -> Result<String> {
         match value {
             Value::String(s) => Ok(s),
             _ => Err(self.type_error(key, "string")),
         }
     }
 
-    fn boolean(&self, key: &str, value: Value) -> Result<bool> {
-        value
-            .as_bool()
-            .ok_or_else(|| self.type_error(key, "boolean"))
+    /// A boolean member.
+    pub fn boolean(&self, key: &str, value: Value) -> Result<bool> {
+        match (&value, self.keyval) {
+            (Value::String(s), true) if s == "on" || s == "true" => Ok(true),
+            (Value::String(s), true) if s == "off" || s == "false" => Ok(false),
+            _ => value
+                .as_bool()
+                .ok_or_else(|| self.type_error(key, "boolean")),
+        }
     }
 
-    fn unsigned(&self, key: &str, value: Value) -> Result<u64> {
+    /// A non-negative integer member.
+    pub fn unsigned(&self, key: &str, value: Value) -> Result<u64> {
+        if let (Value::String(s), true) = (&value, self.keyval) {
+            return s.parse().map_err(|_| self.type_error(key, "integer"));
+        }
         match &value {
             Value::Number(n) if n.is_u64() => Ok(n.as_u64().unwrap()),
             Value::Number(n) if n.is_i64() => Err(Error::invalid(format!(
@@ -538,14 +634,20 @@ impl Members {
         }
     }
 
-    fn object(&self, key: &str, value: Value) -> Result<Members> {
+    /// An object member, parsed with a prefix of its own.
+    pub fn object(&self, key: &str, value: Value) -> Result<Members> {
         match value {
-            Value::Object(map) => Ok(Members::new(map, format!("{}{key}.", self.prefix))),
+            Value::Object(map) => Ok(Members {
+                map,
+                prefix: format!("{}{key}.", self.prefix),
+                keyval: self.keyval,
+            }),
             _ => Err(self.type_error(key, "object")),
         }
     }
 
-    fn enumeration(&self, key: &str, value: Value, allowed: &[&str]) -> Result<String> {
+    /// A string member from a fixed set ("Parameter 'x' does not accept value 'y'").
+    pub fn enumeration(&self, key: &str, value: Value, allowed: &[&str]) -> Result<String> {
         let s = self.string(key, value)?;
         if allowed.contains(&s.as_str()) {
             Ok(s)
@@ -676,6 +778,28 @@ mod tests {
                 read_zeroes: true
             })
         );
+    }
+
+    #[test]
+    fn the_dotted_form_means_the_same_as_json() {
+        let dotted = BlockdevOptions::from_keyval(
+            "driver=raw,node-name=src,offset=512,read-only=on,file.driver=file,file.filename=a,,b.img",
+        )
+        .unwrap();
+        let json = parse(
+            json!({"driver":"raw","node-name":"src","offset":512,"read-only":true,
+            "file":{"driver":"file","filename":"a,b.img"}}),
+        )
+        .unwrap();
+        assert_eq!(dotted, json);
+        let by_name = BlockdevOptions::from_keyval("raw,node-name=x,file=src-file").unwrap();
+        assert_eq!(by_name.driver_name(), "raw");
+        let e = BlockdevOptions::from_keyval("driver=null-co,size=big").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Invalid parameter type for 'size', expected: integer"
+        );
+        assert!(BlockdevOptions::from_keyval("driver=raw,nonsense").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! prints exactly what `qemu-img map --output=json` prints for a raw image.
 
 mod backup;
+mod daemon_cmd;
 mod image;
 mod info;
 mod map;
@@ -95,6 +96,30 @@ enum Command {
         /// Virtual size, with an optional K/M/G/T/P/E suffix (powers of 1024).
         #[arg(allow_hyphen_values = true)]
         size: String,
+    },
+    /// Run the storage daemon, controlled over QMP (like qemu-storage-daemon).
+    Daemon {
+        /// Listen for QMP clients on this UNIX socket (repeatable).
+        #[arg(long)]
+        qmp: Vec<PathBuf>,
+        /// A node, as JSON or QEMU's dotted key=value form (repeatable).
+        #[arg(long)]
+        blockdev: Vec<String>,
+        /// Start the NBD server: addr.type=unix,addr.path=P or addr.type=inet,addr.host=H,addr.port=N.
+        #[arg(long = "nbd-server")]
+        nbd_server: Option<String>,
+        /// An NBD export: type=nbd,id=ID,node-name=N[,name=NAME][,writable=on] (repeatable).
+        #[arg(long)]
+        export: Vec<String>,
+        /// A socket chardev for --monitor: socket,id=ID,path=PATH,server=on,wait=off.
+        #[arg(long)]
+        chardev: Vec<String>,
+        /// A QMP monitor on a chardev: chardev=ID.
+        #[arg(long)]
+        monitor: Vec<String>,
+        /// Write the daemon's pid here once it is ready; removed on exit.
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
     },
     /// Serve an image over NBD until SIGINT/SIGTERM (like qemu-nbd).
     Nbd {
@@ -200,6 +225,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 json,
             };
             backup::run(args).await
+        }
+        Command::Daemon {
+            qmp,
+            blockdev,
+            nbd_server,
+            export,
+            chardev,
+            monitor,
+            pidfile,
+        } => {
+            let args = daemon_cmd::DaemonArgs {
+                qmp,
+                blockdev,
+                nbd_server,
+                export,
+                chardev,
+                monitor,
+                pidfile,
+            };
+            daemon_cmd::run(args).await
         }
         Command::Nbd {
             image,

@@ -1,0 +1,721 @@
+//! The daemon's state and its command table.
+//!
+//! One [`Daemon`] owns the node graph, the jobs, the NBD server and its exports, and the
+//! broadcast channel every QMP client's events come from. Commands parse their
+//! arguments with the block layer's QAPI-style parser, so a wrong member gets QEMU's
+//! words ("Parameter 'x' is missing"), and refuse what Stillpoint cannot honour yet
+//! with a clear error instead of ignoring it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+
+use block::AttachUser;
+use block::BlockdevOptions;
+use block::NodeGraph;
+use block::options::DetectZeroes;
+use block::options::Members;
+use jobs::BackupOptions;
+use jobs::JobEvent;
+use jobs::JobRegistry;
+use jobs::SyncMode;
+use jobs::job::ErrorPolicy;
+use jobs::job::JobError;
+use nbd::Export;
+use nbd::NbdDrivers;
+use nbd::NbdServer;
+use serde_json::Map;
+use serde_json::Value;
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio::sync::broadcast;
+
+use crate::wire;
+
+/// A QMP error: class and human description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QmpError {
+    /// QEMU's error class ("GenericError", "CommandNotFound", "DeviceNotActive").
+    pub class: &'static str,
+    /// Human text.
+    pub desc: String,
+}
+
+impl QmpError {
+    /// A GenericError.
+    pub fn generic(desc: impl Into<String>) -> Self {
+        Self {
+            class: "GenericError",
+            desc: desc.into(),
+        }
+    }
+}
+
+impl From<block::Error> for QmpError {
+    fn from(e: block::Error) -> Self {
+        Self {
+            class: e.qmp_class(),
+            desc: e.to_string(),
+        }
+    }
+}
+
+impl From<JobError> for QmpError {
+    fn from(e: JobError) -> Self {
+        Self {
+            class: e.class,
+            desc: e.desc,
+        }
+    }
+}
+
+type Reply = Result<Value, QmpError>;
+
+/// Names of the commands this daemon answers (for query-commands).
+pub const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "quit",
+    "blockdev-add",
+    "blockdev-del",
+    "query-named-block-nodes",
+    "blockdev-backup",
+    "query-block-jobs",
+    "query-jobs",
+    "block-job-set-speed",
+    "block-job-cancel",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-complete",
+    "block-job-finalize",
+    "block-job-dismiss",
+    "job-pause",
+    "job-resume",
+    "job-cancel",
+    "job-complete",
+    "job-finalize",
+    "job-dismiss",
+    "nbd-server-start",
+    "nbd-server-stop",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
+];
+
+struct NbdRunning {
+    server: Arc<NbdServer>,
+    task: tokio::task::JoinHandle<()>,
+    socket: Option<PathBuf>,
+}
+
+struct ExportRecord {
+    node_name: String,
+    name: String,
+}
+
+/// Everything one daemon serves.
+pub struct Daemon {
+    /// The node graph (with the NBD client driver available).
+    pub graph: Arc<NodeGraph>,
+    /// The jobs.
+    pub jobs: JobRegistry,
+    nbd: tokio::sync::Mutex<Option<NbdRunning>>,
+    exports: Mutex<BTreeMap<String, ExportRecord>>,
+    events: broadcast::Sender<Value>,
+    quitting: AtomicBool,
+    quit: Notify,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("graph", &self.graph)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The version the greeting and query-version report: QEMU's shape, our package.
+pub fn version() -> Value {
+    json!({"qemu": {"major": 10, "minor": 0, "micro": 0},
+           "package": concat!("stillpoint ", env!("CARGO_PKG_VERSION"))})
+}
+
+fn args(arguments: Value) -> Result<Members, QmpError> {
+    match arguments {
+        Value::Object(map) => Ok(Members::new(map, String::new())),
+        Value::Null => Ok(Members::new(Map::new(), String::new())),
+        _ => Err(QmpError::generic(
+            "QMP input member 'arguments' must be an object",
+        )),
+    }
+}
+
+fn block_job_missing(id: &str) -> QmpError {
+    QmpError {
+        class: "DeviceNotActive",
+        desc: format!("Block job '{id}' not found"),
+    }
+}
+
+impl Daemon {
+    /// A daemon with nothing in it.
+    pub fn new() -> Arc<Self> {
+        let (events, _) = broadcast::channel(4096);
+        let daemon = Arc::new(Self {
+            graph: Arc::new(NodeGraph::with_external(Arc::new(NbdDrivers))),
+            jobs: JobRegistry::new(),
+            nbd: tokio::sync::Mutex::new(None),
+            exports: Mutex::new(BTreeMap::new()),
+            events,
+            quitting: AtomicBool::new(false),
+            quit: Notify::new(),
+        });
+        let mut job_events = daemon.jobs.subscribe();
+        let forward = daemon.events.clone();
+        tokio::spawn(async move {
+            loop {
+                match job_events.recv().await {
+                    Ok(event) => {
+                        let _ = forward.send(wire::event(event.name(), Some(event.data())));
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("{n} job events were dropped");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        daemon
+    }
+
+    /// Every event message from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Value> {
+        self.events.subscribe()
+    }
+
+    /// Resolves when `quit` was executed.
+    pub async fn quit_requested(&self) {
+        loop {
+            let notified = self.quit.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.quitting.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Shuts everything down: cancels jobs (waiting for them to end), stops the NBD
+    /// server, and flushes every node.
+    pub async fn shutdown(&self) {
+        let _ = self.events.send(wire::event(
+            "SHUTDOWN",
+            Some(json!({"guest": false, "reason": "host-qmp-quit"})),
+        ));
+        let mut rx = self.jobs.subscribe();
+        let running: Vec<_> = self.jobs.list();
+        for job in &running {
+            let _ = job.cancel(true);
+        }
+        while !self
+            .jobs
+            .list()
+            .iter()
+            .all(|j| j.status() == jobs::JobStatus::Concluded)
+        {
+            let wait = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await;
+            if wait.is_err() {
+                break;
+            }
+        }
+        if let Some(running) = self.nbd.lock().await.take() {
+            running.task.abort();
+            if let Some(path) = running.socket {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        for node in self.graph.nodes() {
+            if let Err(e) = node.flush().await {
+                tracing::warn!(node = node.name(), "flush at shutdown failed: {e}");
+            }
+        }
+    }
+
+    /// Executes one command.
+    pub async fn execute(self: &Arc<Self>, name: &str, arguments: Value) -> Reply {
+        let m = args(arguments)?;
+        match name {
+            "qmp_capabilities" => Err(QmpError {
+                class: "CommandNotFound",
+                desc: "Capabilities negotiation is already complete, command ignored".into(),
+            }),
+            "query-version" => done(m, version()),
+            "query-commands" => {
+                let list: Vec<Value> = COMMANDS.iter().map(|c| json!({"name": c})).collect();
+                done(m, Value::Array(list))
+            }
+            "quit" => {
+                m.finish()?;
+                self.quitting.store(true, Ordering::SeqCst);
+                self.quit.notify_waiters();
+                Ok(json!({}))
+            }
+            "blockdev-add" => {
+                let options = BlockdevOptions::from_members(m)?;
+                self.graph.add(options).await?;
+                Ok(json!({}))
+            }
+            "blockdev-del" => {
+                let mut m = m;
+                let name = m.required("node-name", Members::string)?;
+                m.finish()?;
+                self.graph.remove(&name).await?;
+                Ok(json!({}))
+            }
+            "query-named-block-nodes" => {
+                let mut m = m;
+                m.optional("flat", Members::boolean)?;
+                m.finish()?;
+                Ok(Value::Array(
+                    self.graph.nodes().iter().map(|n| node_info(n)).collect(),
+                ))
+            }
+            "blockdev-backup" => self.blockdev_backup(m).await,
+            "query-block-jobs" => {
+                m.finish()?;
+                let list = self.jobs.list();
+                Ok(Value::Array(
+                    list.iter()
+                        .map(|j| serde_json::to_value(j.block_job_info()).unwrap())
+                        .collect(),
+                ))
+            }
+            "query-jobs" => {
+                m.finish()?;
+                let list = self.jobs.list();
+                Ok(Value::Array(
+                    list.iter()
+                        .map(|j| serde_json::to_value(j.job_info()).unwrap())
+                        .collect(),
+                ))
+            }
+            "block-job-set-speed"
+            | "block-job-cancel"
+            | "block-job-pause"
+            | "block-job-resume"
+            | "block-job-complete"
+            | "block-job-finalize"
+            | "block-job-dismiss" => self.block_job_verb(name, m),
+            "job-pause" | "job-resume" | "job-cancel" | "job-complete" | "job-finalize"
+            | "job-dismiss" => {
+                let mut m = m;
+                let id = m.required("id", Members::string)?;
+                m.finish()?;
+                let job = self
+                    .jobs
+                    .get(&id)
+                    .ok_or_else(|| QmpError::generic("Job not found"))?;
+                match name {
+                    "job-pause" => job.pause()?,
+                    "job-resume" => job.resume()?,
+                    "job-cancel" => job.cancel(false)?,
+                    "job-complete" => job.complete()?,
+                    "job-finalize" => job.finalize()?,
+                    _ => job.dismiss()?,
+                }
+                Ok(json!({}))
+            }
+            "nbd-server-start" => self.nbd_server_start(m).await,
+            "nbd-server-stop" => {
+                m.finish()?;
+                let running = self
+                    .nbd
+                    .lock()
+                    .await
+                    .take()
+                    .ok_or_else(|| QmpError::generic("NBD server not running"))?;
+                let ids: Vec<String> = self.exports.lock().unwrap().keys().cloned().collect();
+                for id in ids {
+                    self.delete_export(&running.server, &id).await;
+                }
+                running.task.abort();
+                if let Some(path) = running.socket {
+                    let _ = std::fs::remove_file(path);
+                }
+                Ok(json!({}))
+            }
+            "block-export-add" => self.block_export_add(m).await,
+            "block-export-del" => {
+                let mut m = m;
+                let id = m.required("id", Members::string)?;
+                m.optional("mode", |m, k, v| m.enumeration(k, v, &["safe", "hard"]))?;
+                m.finish()?;
+                if !self.exports.lock().unwrap().contains_key(&id) {
+                    return Err(QmpError::generic(format!("Export '{id}' is not found")));
+                }
+                let server = self.nbd.lock().await.as_ref().map(|r| r.server.clone());
+                if let Some(server) = server {
+                    self.delete_export(&server, &id).await;
+                }
+                Ok(json!({}))
+            }
+            "query-block-exports" => {
+                m.finish()?;
+                let exports = self.exports.lock().unwrap();
+                let list = exports.iter().map(|(id, e)| {
+                    json!({"id": id, "type": "nbd", "node-name": e.node_name, "shutting-down": false})
+                });
+                Ok(Value::Array(list.collect()))
+            }
+            other => Err(QmpError {
+                class: "CommandNotFound",
+                desc: format!("The command {other} has not been found"),
+            }),
+        }
+    }
+
+    async fn delete_export(&self, server: &NbdServer, id: &str) {
+        let record = self.exports.lock().unwrap().remove(id);
+        if let Some(record) = record {
+            server.remove_export(&record.name).await;
+            let _ = self
+                .events
+                .send(wire::event("BLOCK_EXPORT_DELETED", Some(json!({"id": id}))));
+        }
+    }
+
+    fn block_job_verb(&self, name: &str, mut m: Members) -> Reply {
+        let key = if matches!(name, "block-job-finalize" | "block-job-dismiss") {
+            "id"
+        } else {
+            "device"
+        };
+        let id = m.required(key, Members::string)?;
+        let speed = if name == "block-job-set-speed" {
+            Some(m.required("speed", |m, k, v| match v.as_i64() {
+                Some(n) => Ok(n),
+                None => Err(m.type_error(k, "integer")),
+            })?)
+        } else {
+            None
+        };
+        let force = if name == "block-job-cancel" {
+            m.optional("force", Members::boolean)?.unwrap_or(false)
+        } else {
+            false
+        };
+        m.finish()?;
+        let job = self.jobs.get(&id).ok_or_else(|| block_job_missing(&id))?;
+        match name {
+            "block-job-set-speed" => job.set_speed(speed.unwrap_or(0))?,
+            "block-job-cancel" => {
+                if !force && job.is_user_paused() {
+                    return Err(QmpError::generic(format!(
+                        "The block job for device '{id}' is currently paused"
+                    )));
+                }
+                job.cancel(force)?;
+            }
+            "block-job-pause" => job.pause()?,
+            "block-job-resume" => job.resume()?,
+            "block-job-complete" => job.complete()?,
+            "block-job-finalize" => job.finalize()?,
+            _ => job.dismiss()?,
+        }
+        Ok(json!({}))
+    }
+
+    async fn blockdev_backup(&self, mut m: Members) -> Reply {
+        let device = m.required("device", Members::string)?;
+        let target = m.required("target", Members::string)?;
+        let sync = m.required("sync", |m, k, v| {
+            m.enumeration(k, v, &["top", "full", "none", "incremental", "bitmap"])
+        })?;
+        let job_id = m
+            .optional("job-id", Members::string)?
+            .unwrap_or_else(|| device.clone());
+        let speed = m.optional("speed", |m, k, v| match v.as_i64() {
+            Some(n) if n < 0 => Err(block::Error::invalid(
+                "Parameter 'speed' expects a non-negative value",
+            )),
+            Some(n) => Ok(n as u64),
+            None => Err(m.type_error(k, "integer")),
+        })?;
+        let bitmap = m.optional("bitmap", Members::string)?;
+        let bitmap_mode = m.optional("bitmap-mode", |m, k, v| {
+            m.enumeration(k, v, &["on-success", "never", "always"])
+        })?;
+        let compress = m.optional("compress", Members::boolean)?.unwrap_or(false);
+        let policy = |m: &Members, k: &str, v: Value| -> block::Result<ErrorPolicy> {
+            Ok(
+                match m
+                    .enumeration(k, v, &["report", "ignore", "enospc", "stop", "auto"])?
+                    .as_str()
+                {
+                    "ignore" => ErrorPolicy::Ignore,
+                    "enospc" => ErrorPolicy::Enospc,
+                    "stop" => ErrorPolicy::Stop,
+                    "auto" => ErrorPolicy::Auto,
+                    _ => ErrorPolicy::Report,
+                },
+            )
+        };
+        let on_source_error = m.optional("on-source-error", policy)?.unwrap_or_default();
+        let on_target_error = m.optional("on-target-error", policy)?.unwrap_or_default();
+        let auto_finalize = m
+            .optional("auto-finalize", Members::boolean)?
+            .unwrap_or(true);
+        let auto_dismiss = m
+            .optional("auto-dismiss", Members::boolean)?
+            .unwrap_or(true);
+        let filter_node_name = m.optional("filter-node-name", Members::string)?;
+        let discard_source = m
+            .optional("discard-source", Members::boolean)?
+            .unwrap_or(false);
+        let mut perf = (false, None, None, None);
+        if let Some(mut p) = m.optional("x-perf", Members::object)? {
+            perf.0 = p
+                .optional("use-copy-range", Members::boolean)?
+                .unwrap_or(false);
+            perf.1 = p.optional("max-workers", Members::unsigned)?;
+            perf.2 = p.optional("max-chunk", Members::unsigned)?;
+            perf.3 = p.optional("min-cluster-size", Members::unsigned)?;
+            p.finish()?;
+        }
+        m.finish()?;
+
+        // QEMU's argument rules for bitmaps, then what we cannot do yet.
+        if matches!(sync.as_str(), "bitmap" | "incremental") && bitmap.is_none() {
+            return Err(QmpError::generic(format!(
+                "must provide a valid bitmap name for '{sync}' sync mode"
+            )));
+        }
+        if bitmap.is_none() && bitmap_mode.is_some() {
+            return Err(QmpError::generic(
+                "Cannot specify bitmap sync mode without a bitmap",
+            ));
+        }
+        if let Some(name) = bitmap {
+            // No dirty bitmaps exist in this build, so none can be found.
+            return Err(QmpError::generic(format!(
+                "Bitmap '{name}' could not be found"
+            )));
+        }
+        if compress {
+            return Err(QmpError::generic(format!(
+                "Compression is not supported for this drive {target}"
+            )));
+        }
+        if discard_source {
+            return Err(QmpError::generic(
+                "discard-source is not supported by stillpoint yet",
+            ));
+        }
+        if perf.0 {
+            return Err(QmpError::generic(
+                "x-perf.use-copy-range is not supported by stillpoint yet",
+            ));
+        }
+        let mut options = BackupOptions::new(job_id);
+        options.sync = match sync.as_str() {
+            "top" => SyncMode::Top,
+            "none" => SyncMode::None,
+            _ => SyncMode::Full,
+        };
+        options.job.speed = speed.unwrap_or(0);
+        options.job.auto_finalize = auto_finalize;
+        options.job.auto_dismiss = auto_dismiss;
+        options.on_source_error = on_source_error;
+        options.on_target_error = on_target_error;
+        options.filter_node_name = filter_node_name;
+        if let Some(w) = perf.1 {
+            options.max_workers = usize::try_from(w).unwrap_or(0);
+        }
+        if let Some(c) = perf.2 {
+            options.max_chunk = c;
+        }
+        options.min_cluster_size = perf.3;
+        jobs::start_backup(&self.graph, &self.jobs, &device, &target, options).await?;
+        Ok(json!({}))
+    }
+
+    async fn nbd_server_start(&self, mut m: Members) -> Reply {
+        let addr = m.required("addr", Members::object)?;
+        let max_connections = m.optional("max-connections", Members::unsigned)?;
+        if m.optional("tls-creds", Members::string)?.is_some()
+            || m.optional("tls-authz", Members::string)?.is_some()
+        {
+            return Err(QmpError::generic("TLS is not supported by stillpoint yet"));
+        }
+        m.finish()?;
+        if max_connections.unwrap_or(0) != 0 {
+            return Err(QmpError::generic(
+                "max-connections is not supported by stillpoint yet",
+            ));
+        }
+        let listen = parse_legacy_address(addr)?;
+        self.start_nbd(listen).await
+    }
+
+    /// Starts the NBD server on `listen` (shared by QMP and `--nbd-server`).
+    pub async fn start_nbd(&self, listen: Listen) -> Reply {
+        let mut running = self.nbd.lock().await;
+        if running.is_some() {
+            return Err(QmpError::generic("NBD server already running"));
+        }
+        let server = NbdServer::new();
+        let (task, socket) = match listen {
+            Listen::Unix(path) => {
+                let listener = tokio::net::UnixListener::bind(&path).map_err(|e| {
+                    QmpError::generic(format!("Failed to bind socket to {}: {e}", path.display()))
+                })?;
+                (
+                    tokio::spawn(server.clone().serve_unix(listener)),
+                    Some(path),
+                )
+            }
+            Listen::Inet(addr) => {
+                let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
+                    QmpError::generic(format!("Failed to bind socket to {addr}: {e}"))
+                })?;
+                (tokio::spawn(server.clone().serve_tcp(listener)), None)
+            }
+        };
+        *running = Some(NbdRunning {
+            server,
+            task,
+            socket,
+        });
+        Ok(json!({}))
+    }
+
+    /// `block-export-add` (also `--export`).
+    pub async fn block_export_add(&self, mut m: Members) -> Reply {
+        m.required("type", |m, k, v| m.enumeration(k, v, &["nbd"]))?;
+        let id = m.required("id", Members::string)?;
+        let node_name = m.required("node-name", Members::string)?;
+        let name = m
+            .optional("name", Members::string)?
+            .unwrap_or_else(|| node_name.clone());
+        let description = m
+            .optional("description", Members::string)?
+            .unwrap_or_default();
+        let writable = m.optional("writable", Members::boolean)?.unwrap_or(false);
+        m.optional("writethrough", Members::boolean)?;
+        let allocation_depth = m.optional("allocation-depth", Members::boolean)?;
+        if m.optional("bitmaps", |_, _, v| Ok(v))?.is_some() {
+            return Err(QmpError::generic(
+                "exporting dirty bitmaps is not supported by stillpoint yet",
+            ));
+        }
+        for key in ["iothread", "fixed-iothread"] {
+            if m.optional(key, |_, _, v| Ok(v))?.is_some() {
+                return Err(QmpError::generic(format!(
+                    "{key} is not supported by stillpoint"
+                )));
+            }
+        }
+        m.finish()?;
+        let _ = allocation_depth; // always offered; QEMU makes it opt-in
+        let server = {
+            let running = self.nbd.lock().await;
+            running
+                .as_ref()
+                .map(|r| r.server.clone())
+                .ok_or_else(|| QmpError::generic("NBD server not running"))?
+        };
+        if self.exports.lock().unwrap().contains_key(&id) {
+            return Err(QmpError::generic(format!(
+                "Block export id '{id}' is already in use"
+            )));
+        }
+        let disk = self.graph.attach(
+            &node_name,
+            AttachUser::Other(format!("block device is in use by export '{id}'")),
+        )?;
+        if writable && disk.node().policy().read_only {
+            return Err(QmpError::generic("Block node is read-only"));
+        }
+        server
+            .add_export(Export {
+                name: name.clone(),
+                description,
+                disk,
+                writable,
+            })
+            .map_err(QmpError::generic)?;
+        self.exports
+            .lock()
+            .unwrap()
+            .insert(id, ExportRecord { node_name, name });
+        Ok(json!({}))
+    }
+}
+
+fn done(m: Members, value: Value) -> Reply {
+    m.finish()?;
+    Ok(value)
+}
+
+/// Where the NBD server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A UNIX socket.
+    Unix(PathBuf),
+    /// `host:port`.
+    Inet(String),
+}
+
+/// QMP's nbd-server-start takes the legacy `{"type":..,"data":{..}}` address.
+fn parse_legacy_address(mut a: Members) -> Result<Listen, QmpError> {
+    let kind = a.required("type", |m, k, v| m.enumeration(k, v, &["unix", "inet"]))?;
+    let mut data = a.required("data", Members::object)?;
+    a.finish()?;
+    parse_flat_address(&kind, &mut data)
+}
+
+/// The flat form (`--nbd-server addr.type=unix,addr.path=...`) after `type`.
+pub fn parse_flat_address(kind: &str, data: &mut Members) -> Result<Listen, QmpError> {
+    let listen = if kind == "unix" {
+        Listen::Unix(PathBuf::from(data.required("path", Members::string)?))
+    } else {
+        let host = data.required("host", Members::string)?;
+        let port = data.required("port", |m, k, v| match v {
+            Value::Number(n) => Ok(n.to_string()),
+            other => m.string(k, other),
+        })?;
+        Listen::Inet(format!("{host}:{port}"))
+    };
+    Ok(listen)
+}
+
+fn node_info(node: &block::Node) -> Value {
+    let policy = node.policy();
+    let filename = node
+        .filename()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let detect = match policy.detect_zeroes {
+        DetectZeroes::Off => "off",
+        DetectZeroes::On => "on",
+        DetectZeroes::Unmap => "unmap",
+    };
+    json!({
+        "node-name": node.name(), "drv": node.driver_name(), "ro": policy.read_only, "file": filename,
+        "backing_file_depth": 0, "encrypted": false, "detect_zeroes": detect, "active": true,
+        "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "write_threshold": 0,
+        "cache": {"writeback": true, "direct": policy.direct, "no-flush": policy.no_flush},
+        "image": {"filename": filename, "format": node.driver_name(), "virtual-size": node.length(), "dirty-flag": false},
+    })
+}
+
+/// Maps a job event to its QMP message (for tests and the daemon).
+pub fn job_event_message(event: &JobEvent) -> Value {
+    wire::event(event.name(), Some(event.data()))
+}

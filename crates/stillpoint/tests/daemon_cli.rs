@@ -1,0 +1,406 @@
+//! `stillpoint daemon` over QMP: the wire protocol, the command set and the event
+//! sequences a qemu-storage-daemon client relies on.
+
+mod common;
+
+use std::io::BufRead;
+use std::io::BufReader;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Child;
+use std::process::Command;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::Rng;
+use common::qemu_img;
+use serde_json::Value;
+use serde_json::json;
+
+struct DaemonProcess(Child);
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    events: Vec<Value>,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> (Qmp, Value) {
+        let stream = UnixStream::connect(path).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+            events: Vec::new(),
+        };
+        let greeting = qmp.read();
+        (qmp, greeting)
+    }
+
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        assert!(line.ends_with("\r\n"), "QMP lines end in CRLF: {line:?}");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    fn send_raw(&mut self, text: &str) {
+        self.writer.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// Sends a command and returns its reply, collecting events on the way.
+    fn cmd(&mut self, name: &str, args: Value) -> Value {
+        self.send_raw(&format!(
+            "{}\n",
+            json!({"execute": name, "arguments": args, "id": name})
+        ));
+        self.reply()
+    }
+
+    fn reply(&mut self) -> Value {
+        loop {
+            let message = self.read();
+            if message.get("event").is_some() {
+                self.events.push(message);
+            } else {
+                return message;
+            }
+        }
+    }
+
+    /// Reads events until `name` arrives (or returns it if already seen).
+    fn wait_event(&mut self, name: &str) -> Value {
+        if let Some(e) = self.events.iter().find(|e| e["event"] == name) {
+            return e.clone();
+        }
+        loop {
+            let message = self.read();
+            assert!(message.get("event").is_some(), "unexpected {message}");
+            self.events.push(message.clone());
+            if message["event"] == name {
+                return message;
+            }
+        }
+    }
+
+    /// The job's status changes and block-job events, in order.
+    fn job_history(&self) -> Vec<String> {
+        self.events
+            .iter()
+            .map(|e| match e["event"].as_str().unwrap() {
+                "JOB_STATUS_CHANGE" => e["data"]["status"].as_str().unwrap().to_string(),
+                other => other.to_string(),
+            })
+            .collect()
+    }
+}
+
+fn start(dir: &Path, extra: &[String]) -> (DaemonProcess, std::path::PathBuf) {
+    let qmp = dir.join("qmp.sock");
+    let mut args = vec![
+        "daemon".to_string(),
+        "--qmp".into(),
+        qmp.display().to_string(),
+    ];
+    args.extend_from_slice(extra);
+    let child = Command::new(env!("CARGO_BIN_EXE_stillpoint"))
+        .args(&args)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let process = DaemonProcess(child);
+    for _ in 0..500 {
+        if qmp.exists() {
+            return (process, qmp);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the daemon did not create its QMP socket");
+}
+
+#[test]
+fn wire_protocol_negotiation_errors_and_id_echo() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_daemon, path) = start(dir.path(), &[]);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (mut q, greeting) = Qmp::connect(&path);
+    assert_eq!(greeting["QMP"]["version"]["qemu"]["major"], 10);
+    assert_eq!(
+        q.cmd("query-version", json!({})),
+        json!({"error":{"class":"CommandNotFound","desc":"Expecting capabilities negotiation with 'qmp_capabilities'"},"id":"query-version"})
+    );
+    assert_eq!(
+        q.cmd("qmp_capabilities", json!({})),
+        json!({"return":{},"id":"qmp_capabilities"})
+    );
+    assert_eq!(
+        q.cmd("qmp_capabilities", json!({}))["error"]["class"],
+        "CommandNotFound"
+    );
+    q.send_raw("{\"execute\": nope}\n");
+    assert!(
+        q.reply()["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .starts_with("JSON parse error")
+    );
+    q.send_raw("[1, 2]\n");
+    assert_eq!(
+        q.reply()["error"]["desc"],
+        "QMP input must be a JSON object"
+    );
+    q.send_raw("{\"arguments\": {}}\n");
+    assert_eq!(
+        q.reply()["error"]["desc"],
+        "QMP input lacks member 'execute'"
+    );
+    // Two commands in one write, split across lines arbitrarily.
+    q.send_raw(
+        "{\"execute\":\"query-version\",\"id\":1}{\"execute\":\n\"nosuch\",\"id\":{\"x\":2}}",
+    );
+    assert_eq!(q.reply()["id"], 1);
+    assert_eq!(
+        q.reply(),
+        json!({"error":{"class":"CommandNotFound","desc":"The command nosuch has not been found"},"id":{"x":2}})
+    );
+    // A second client at the same time.
+    let (mut other, _) = Qmp::connect(&path);
+    assert_eq!(
+        other.cmd("qmp_capabilities", json!({}))["return"],
+        json!({})
+    );
+    let commands = other.cmd("query-commands", json!({}))["return"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert!(commands >= 25, "{commands} commands");
+    assert_eq!(q.cmd("quit", json!({}))["return"], json!({}));
+}
+
+#[test]
+fn backup_events_pause_resume_and_bad_arguments_over_qmp() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tgt, small) = (
+        dir.path().join("src.img"),
+        dir.path().join("tgt.img"),
+        dir.path().join("small.img"),
+    );
+    let tgt2 = dir.path().join("tgt2.img");
+    std::fs::File::create(&tgt2)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    std::fs::write(&src, Rng(12).bytes(16 << 20)).unwrap();
+    std::fs::File::create(&tgt)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    std::fs::File::create(&small)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let blockdevs = [
+        format!(
+            "driver=raw,node-name=src,file.driver=file,file.filename={}",
+            src.display()
+        ),
+        format!(
+            r#"{{"driver":"raw","node-name":"tgt","file":{{"driver":"file","filename":"{}"}}}}"#,
+            tgt.display()
+        ),
+        format!(
+            "driver=raw,node-name=small,file.driver=file,file.filename={}",
+            small.display()
+        ),
+        format!(
+            "raw,node-name=tgt2,file.driver=file,file.filename={}",
+            tgt2.display()
+        ),
+    ];
+    let mut extra = Vec::new();
+    for b in &blockdevs {
+        extra.push("--blockdev".to_string());
+        extra.push(b.clone());
+    }
+    let pidfile = dir.path().join("pid");
+    extra.extend(["--pidfile".to_string(), pidfile.display().to_string()]);
+    let (mut daemon, path) = start(dir.path(), &extra);
+    let (mut q, _) = Qmp::connect(&path);
+    q.cmd("qmp_capabilities", json!({}));
+    assert!(pidfile.exists());
+
+    let desc = |q: &mut Qmp, args: Value| {
+        q.cmd("blockdev-backup", args)["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        desc(
+            &mut q,
+            json!({"job-id":"j","device":"nosuch","target":"tgt","sync":"full"})
+        ),
+        "Cannot find device='nosuch' nor node-name='nosuch'"
+    );
+    assert_eq!(
+        desc(
+            &mut q,
+            json!({"job-id":"j","device":"src","target":"small","sync":"full"})
+        ),
+        "Source and target image have different sizes"
+    );
+    assert_eq!(
+        desc(
+            &mut q,
+            json!({"job-id":"j","device":"src","target":"src","sync":"full"})
+        ),
+        "Source and target cannot be the same"
+    );
+    assert_eq!(
+        desc(
+            &mut q,
+            json!({"job-id":"j","device":"src","target":"tgt","sync":"full","speed":-1})
+        ),
+        "Parameter 'speed' expects a non-negative value"
+    );
+    assert_eq!(
+        desc(
+            &mut q,
+            json!({"job-id":"j","device":"src","target":"tgt","sync":"fast"})
+        ),
+        "Parameter 'sync' does not accept value 'fast'"
+    );
+    assert_eq!(
+        desc(&mut q, json!({"job-id":"j","device":"src","target":"tgt"})),
+        "Parameter 'sync' is missing"
+    );
+    assert_eq!(
+        desc(
+            &mut q,
+            json!({"job-id":"j","device":1,"target":"tgt","sync":"full"})
+        ),
+        "Invalid parameter type for 'device', expected: string"
+    );
+    assert_eq!(
+        desc(
+            &mut q,
+            json!({"job-id":"j","device":"src","target":"tgt","sync":"full","compress":true})
+        ),
+        "Compression is not supported for this drive tgt"
+    );
+
+    let started = q.cmd(
+        "blockdev-backup",
+        json!({"job-id":"j","device":"src","target":"tgt","sync":"full","speed": 4 << 20}),
+    );
+    assert_eq!(started["return"], json!({}));
+    assert_eq!(
+        desc(
+            &mut q,
+            json!({"job-id":"j","device":"small","target":"small","sync":"full"})
+        ),
+        "Source and target cannot be the same"
+    );
+    assert_eq!(
+        desc(
+            &mut q,
+            json!({"job-id":"k","device":"small","target":"tgt","sync":"full"})
+        ),
+        "Node 'tgt' is busy: block device is in use by block job: backup"
+    );
+    assert_eq!(
+        desc(
+            &mut q,
+            json!({"job-id":"j","device":"src","target":"tgt2","sync":"full"})
+        ),
+        "Job ID 'j' already in use"
+    );
+    assert_eq!(
+        q.cmd("block-job-pause", json!({"device":"j"}))["return"],
+        json!({})
+    );
+    q.wait_event("JOB_STATUS_CHANGE");
+    while q.cmd("query-jobs", json!({}))["return"][0]["status"] != "paused" {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        q.cmd("block-job-cancel", json!({"device":"j"}))["error"]["desc"],
+        "The block job for device 'j' is currently paused"
+    );
+    assert_eq!(
+        q.cmd("job-finalize", json!({"id":"j"}))["error"]["desc"],
+        "Job 'j' in state 'paused' cannot accept command verb 'finalize'"
+    );
+    assert_eq!(
+        q.cmd("block-job-pause", json!({"device":"nosuch"}))["error"]["class"],
+        "DeviceNotActive"
+    );
+    assert_eq!(
+        q.cmd("job-pause", json!({"id":"nosuch"}))["error"]["desc"],
+        "Job not found"
+    );
+    assert_eq!(
+        q.cmd("blockdev-del", json!({"node-name":"tgt"}))["error"]["desc"],
+        "Node 'tgt' is busy: block device is in use by block job: backup"
+    );
+    q.cmd("block-job-resume", json!({"device":"j"}));
+    q.cmd("block-job-set-speed", json!({"device":"j","speed":0}));
+    let completed = q.wait_event("BLOCK_JOB_COMPLETED");
+    assert_eq!(
+        completed["data"],
+        json!({"type":"backup","device":"j","len":16 << 20,"offset":16 << 20,"speed":0})
+    );
+    assert!(completed["timestamp"]["seconds"].as_u64().unwrap() > 0);
+    let history = q.job_history();
+    let expected = [
+        "created",
+        "running",
+        "paused",
+        "running",
+        "waiting",
+        "pending",
+        "BLOCK_JOB_COMPLETED",
+    ];
+    let mut at = 0;
+    for item in &history {
+        if at < expected.len() && item == expected[at] {
+            at += 1;
+        }
+    }
+    assert_eq!(at, expected.len(), "events out of order: {history:?}");
+    let compare = qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        src.to_str().unwrap(),
+        tgt.to_str().unwrap(),
+    ]);
+    assert!(compare.status.success());
+    assert_eq!(
+        q.cmd("blockdev-del", json!({"node-name":"small"}))["return"],
+        json!({})
+    );
+
+    // SIGTERM: flush, remove the sockets and the pidfile, exit 0.
+    // SAFETY: kill(2) with SIGTERM on our child's pid.
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(daemon.0.wait().unwrap().code(), Some(0));
+    assert!(!path.exists() && !pidfile.exists());
+}
