@@ -11,6 +11,7 @@
 
 mod backup;
 mod daemon_cmd;
+mod demo;
 mod image;
 mod info;
 mod map;
@@ -96,6 +97,18 @@ enum Command {
         /// Virtual size, with an optional K/M/G/T/P/E suffix (powers of 1024).
         #[arg(allow_hyphen_values = true)]
         size: String,
+    },
+    /// Run a live backup end to end on a sample disk, with writes through NBD, and check it.
+    Demo {
+        /// Where to make the temporary demo directory (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Size of the sample disk in MiB.
+        #[arg(long, default_value_t = 256)]
+        size: u64,
+        /// Seed of the sample data and the writes.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Run the storage daemon, controlled over QMP (like qemu-storage-daemon).
     Daemon {
@@ -226,6 +239,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             backup::run(args).await
         }
+        Command::Demo { dir, size, seed } => demo::run(dir, size, seed).await,
         Command::Daemon {
             qmp,
             blockdev,

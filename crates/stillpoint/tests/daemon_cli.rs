@@ -404,3 +404,31 @@ fn backup_events_pause_resume_and_bad_arguments_over_qmp() {
     assert_eq!(daemon.0.wait().unwrap().code(), Some(0));
     assert!(!path.exists() && !pidfile.exists());
 }
+
+#[test]
+fn the_demo_passes_on_a_small_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_stillpoint"))
+        .args([
+            "demo",
+            "--size",
+            "16",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("demo: PASS"), "{text}");
+    assert!(text.contains("guest writes"), "{text}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "the demo cleans up"
+    );
+}
