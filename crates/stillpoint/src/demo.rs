@@ -24,19 +24,7 @@ use nbd::client::NbdDriver;
 use nbd::client::ServerAddress;
 use qmp::Daemon;
 use serde_json::json;
-
-/// splitmix64, so a demo run can be reproduced with `--seed`.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
+use testkit::Rng;
 
 const MIB: u64 = 1 << 20;
 
@@ -72,7 +60,7 @@ pub async fn run(dir: Option<PathBuf>, size_mib: u64, seed: u64) -> anyhow::Resu
     file.set_len(size)?;
     let mut chunk = vec![0u8; 2 * MIB as usize];
     for segment in 0..size / (4 * MIB) {
-        chunk.iter_mut().for_each(|b| *b = rng.next() as u8);
+        chunk.iter_mut().for_each(|b| *b = rng.next_u64() as u8);
         file.write_all_at(&chunk, segment * 4 * MIB)?;
         file.write_all_at(&vec![0; MIB as usize], segment * 4 * MIB + 2 * MIB)?;
     }
@@ -135,9 +123,9 @@ pub async fn run(dir: Option<PathBuf>, size_mib: u64, seed: u64) -> anyhow::Resu
     let mut outcome = None;
     let writer = Arc::new(guest);
     while outcome.is_none() {
-        let len = 4096 * (1 + rng.next() % 16);
-        let offset = (rng.next() % ((size - len) / 4096)) * 4096;
-        let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        let len = 4096 * (1 + rng.next_u64() % 16);
+        let offset = (rng.next_u64() % ((size - len) / 4096)) * 4096;
+        let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
         writer
             .write(offset, IoBuf::from_slice(&data), WriteFlags::default())
             .await?;
