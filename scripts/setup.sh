@@ -19,4 +19,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo (Rust 1.95+) is required" >&2; exit 1; }
+
+# Python side of the tests: QEMU's own QMP client library and pytest, in a venv of the
+# repository (ignored by git), so the system Python is left alone.
+venv=.venv
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c "import qemu.qmp, pytest" >/dev/null 2>&1; then
+  "$venv/bin/pip" install -q "qemu.qmp==0.0.6" pytest
+fi
 echo "setup: qemu-img $(qemu-img --version | head -n1 | awk '{print $3}'), $(cargo --version)"

@@ -10,3 +10,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+
+# QMP compatibility: the same scenarios against qemu-storage-daemon and stillpoint
+# daemon through QEMU's own client library (uses the debug binary built above).
+cargo build -q -p stillpoint
+.venv/bin/python -m pytest -q tests/compat

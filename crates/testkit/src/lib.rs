@@ -1,7 +1,7 @@
 //! Helpers shared by Stillpoint's tests and benchmarks.
 //!
 //! Everything here is seeded, so a failing test or a benchmark run reproduces exactly
-//! from its seed. No dependencies: this crate is only ever a dev-dependency.
+//! from its seed. No dependencies; besides the tests, `stillpoint demo` uses it.
 
 /// splitmix64: a tiny, fast, seeded generator (not for cryptography).
 #[derive(Debug, Clone)]

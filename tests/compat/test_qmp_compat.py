@@ -1,0 +1,284 @@
+"""QMP compatibility: each scenario runs against qemu-storage-daemon and against
+`stillpoint daemon`, started with the same command line, driven by QEMU's own client
+library (qemu.qmp), and the two are compared: return shapes, error classes and texts,
+the order of job status changes and events, and the resulting images.
+
+qemu-storage-daemon inserts extra paused/running pairs around drained sections;
+clients must tolerate them, so they are dropped before comparing sequences.
+"""
+
+import asyncio
+import os
+import random
+import subprocess
+import time
+
+import pytest
+from qemu.qmp import ExecuteError
+from qemu.qmp import QMPClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STILLPOINT = os.path.join(ROOT, "target", "debug", "stillpoint")
+SIZE = 8 << 20
+SERVERS = ["qemu-storage-daemon", "stillpoint"]
+
+
+def make_images(tmp, seed=1):
+    rng = random.Random(seed)
+    src, tgt, small = (os.path.join(tmp, n) for n in ("src.img", "tgt.img", "small.img"))
+    with open(src, "wb") as f:
+        f.write(rng.randbytes(SIZE // 2))
+        f.write(bytes(SIZE // 4))
+        f.truncate(SIZE)
+    for path, size in ((tgt, SIZE), (small, 1 << 20)):
+        with open(path, "wb") as f:
+            f.truncate(size)
+    return src, tgt, small
+
+
+class Daemon:
+    """One daemon process, QSD or stillpoint, with a QMP client connected."""
+
+    def __init__(self, kind, tmp, extra=()):
+        self.kind = kind
+        self.tmp = tmp
+        self.src, self.tgt, self.small = make_images(tmp)
+        self.qmp_path = os.path.join(tmp, "qmp.sock")
+        program = ["qemu-storage-daemon"] if kind == "qemu-storage-daemon" else [STILLPOINT, "daemon"]
+        args = [
+            "--chardev", f"socket,id=m,path={self.qmp_path},server=on,wait=off",
+            "--monitor", "chardev=m",
+            "--blockdev", f"driver=raw,node-name=src,file.driver=file,file.filename={self.src}",
+            "--blockdev", f"driver=raw,node-name=tgt,file.driver=file,file.filename={self.tgt}",
+            "--blockdev", f"driver=raw,node-name=small,file.driver=file,file.filename={self.small}",
+            *extra,
+        ]
+        self.proc = subprocess.Popen(program + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(500):
+            if os.path.exists(self.qmp_path):
+                break
+            time.sleep(0.01)
+        self.client = QMPClient(kind)
+        self.events = []
+
+    async def start(self):
+        await self.client.connect(self.qmp_path)
+        self.listener = self.client.listen
+        self.queue = asyncio.Queue()
+
+        async def pump():
+            async for event in self.client.events:
+                await self.queue.put(event)
+
+        self.pump = asyncio.create_task(pump())
+
+    async def run(self, name, args=None):
+        """("ok", value) or ("error", class, desc)."""
+        try:
+            return ("ok", await self.client.execute(name, args or {}))
+        except ExecuteError as e:
+            return ("error", e.error_class, e.error.error.desc)
+
+    async def next_event(self, timeout=30):
+        event = await asyncio.wait_for(self.queue.get(), timeout)
+        self.events.append(event)
+        return event
+
+    async def until(self, name, status=None, timeout=30):
+        """Events up to and including `name` (with `status` for status changes)."""
+        seen = []
+        while True:
+            event = await self.next_event(timeout)
+            seen.append(event)
+            if event["event"] == name and (status is None or event["data"].get("status") == status):
+                return seen
+
+    async def stop(self):
+        try:
+            await self.client.execute("quit")
+        except Exception:
+            pass
+        self.pump.cancel()
+        try:
+            await self.client.disconnect()
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def normalize(events):
+    """Status changes and block-job events in order, spurious paused/running pairs dropped."""
+    out = []
+    for e in events:
+        name = e["event"]
+        item = e["data"]["status"] if name == "JOB_STATUS_CHANGE" else name
+        out.append(item)
+    cleaned = []
+    for item in out:
+        if item == "running" and cleaned and cleaned[-1] == "paused":
+            cleaned.pop()
+            continue
+        cleaned.append(item)
+    return cleaned
+
+
+def run_both(tmp_path, scenario, extra=lambda tmp: ()):
+    """Runs `scenario(daemon)` against both daemons; returns {kind: result}."""
+    results = {}
+    for kind in SERVERS:
+        tmp = tmp_path / kind
+        tmp.mkdir()
+
+        async def go():
+            daemon = Daemon(kind, str(tmp), extra(str(tmp)))
+            await daemon.start()
+            try:
+                return await scenario(daemon)
+            finally:
+                await daemon.stop()
+
+        results[kind] = asyncio.run(go())
+    return results
+
+
+def images_identical(a, b):
+    return subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", a, b]).returncode == 0
+
+
+def test_full_backup(tmp_path):
+    async def scenario(d):
+        reply = await d.run("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt", "sync": "full"})
+        events = await d.until("JOB_STATUS_CHANGE", "null")
+        completed = [e["data"] for e in events if e["event"] == "BLOCK_JOB_COMPLETED"]
+        return reply, normalize(events), completed, images_identical(d.src, d.tgt)
+
+    r = run_both(tmp_path, scenario)
+    assert r["stillpoint"] == r["qemu-storage-daemon"]
+    assert r["stillpoint"][3] is True
+
+
+def test_cancel(tmp_path):
+    async def scenario(d):
+        await d.run("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt", "sync": "full", "speed": 65536})
+        await d.until("JOB_STATUS_CHANGE", "running")
+        reply = await d.run("block-job-cancel", {"device": "j"})
+        events = await d.until("JOB_STATUS_CHANGE", "null")
+        cancelled = [e["data"] for e in events if e["event"] == "BLOCK_JOB_CANCELLED"]
+        shape = sorted(cancelled[0].keys())
+        partial = cancelled[0]["offset"] < cancelled[0]["len"]
+        return reply, normalize(events)[-4:], shape, partial
+
+    r = run_both(tmp_path, scenario)
+    assert r["stillpoint"] == r["qemu-storage-daemon"]
+
+
+def test_pause_resume_and_set_speed(tmp_path):
+    async def scenario(d):
+        await d.run("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt", "sync": "full", "speed": 65536})
+        await d.until("JOB_STATUS_CHANGE", "running")
+        replies = [await d.run("block-job-pause", {"device": "j"}), await d.run("block-job-pause", {"device": "j"})]
+        for _ in range(200):
+            jobs = (await d.run("query-block-jobs"))[1]
+            if jobs[0]["status"] == "paused":
+                break
+            await asyncio.sleep(0.02)
+        info = jobs[0]
+        shape = sorted(info.keys())
+        replies.append(await d.run("block-job-set-speed", {"device": "j", "speed": -1}))
+        replies.append(await d.run("block-job-resume", {"device": "j"}))
+        replies.append(await d.run("block-job-resume", {"device": "j"}))
+        replies.append(await d.run("block-job-set-speed", {"device": "j", "speed": 0}))
+        events = await d.until("JOB_STATUS_CHANGE", "null")
+        return replies, shape, (info["paused"], info["status"], info["io-status"]), normalize(events)[-5:], \
+            images_identical(d.src, d.tgt)
+
+    r = run_both(tmp_path, scenario)
+    assert r["stillpoint"] == r["qemu-storage-daemon"]
+    assert r["stillpoint"][4] is True
+
+
+def test_manual_finalize_and_dismiss(tmp_path):
+    async def scenario(d):
+        await d.run("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+                                        "auto-finalize": False, "auto-dismiss": False})
+        events = await d.until("BLOCK_JOB_PENDING")
+        replies = [await d.run("job-dismiss", {"id": "j"}), await d.run("job-finalize", {"id": "j"})]
+        events += await d.until("JOB_STATUS_CHANGE", "concluded")
+        jobs = (await d.run("query-jobs"))[1]
+        replies.append(await d.run("job-finalize", {"id": "j"}))
+        replies.append(await d.run("job-dismiss", {"id": "j"}))
+        events += await d.until("JOB_STATUS_CHANGE", "null")
+        replies.append(await d.run("job-dismiss", {"id": "j"}))
+        replies.append(await d.run("block-job-dismiss", {"id": "j"}))
+        shape = sorted(jobs[0].keys())
+        return replies, normalize(events), shape, jobs[0]["status"]
+
+    r = run_both(tmp_path, scenario)
+    assert r["stillpoint"] == r["qemu-storage-daemon"]
+
+
+BAD_ARGUMENTS = [
+    {"job-id": "j", "device": "nosuch", "target": "tgt", "sync": "full"},
+    {"job-id": "j", "device": "src", "target": "nosuch", "sync": "full"},
+    {"job-id": "j", "device": "src", "target": "small", "sync": "full"},
+    {"job-id": "j", "device": "src", "target": "src", "sync": "full"},
+    {"job-id": "j", "device": "src", "target": "tgt", "sync": "full", "speed": -1},
+    {"job-id": "j", "device": "src", "target": "tgt", "sync": "fast"},
+    {"job-id": "j", "device": "src", "target": "tgt"},
+    {"job-id": "j", "device": 7, "target": "tgt", "sync": "full"},
+    {"job-id": "j", "target": "tgt", "sync": "full"},
+    {"job-id": "j", "device": "src", "target": "tgt", "sync": "full", "bogus": 1},
+    {"job-id": "1j", "device": "src", "target": "tgt", "sync": "full"},
+    {"job-id": "j", "device": "src", "target": "tgt", "sync": "bitmap"},
+    {"job-id": "j", "device": "src", "target": "tgt", "sync": "full", "bitmap-mode": "always"},
+]
+
+
+def test_bad_argument_matrix(tmp_path):
+    async def scenario(d):
+        replies = [await d.run("blockdev-backup", args) for args in BAD_ARGUMENTS]
+        # A duplicate job id needs a running job.
+        await d.run("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt", "sync": "full", "speed": 1})
+        replies.append(await d.run("blockdev-backup", {"job-id": "j", "device": "small", "target": "small", "sync": "full"}))
+        replies.append(await d.run("blockdev-del", {"node-name": "tgt"}))
+        replies.append(await d.run("blockdev-del", {"node-name": "nosuch"}))
+        replies.append(await d.run("block-job-cancel", {"device": "nosuch"}))
+        replies.append(await d.run("job-cancel", {"id": "nosuch"}))
+        replies.append(await d.run("nosuch-command"))
+        await d.run("block-job-cancel", {"device": "j", "force": True})
+        await d.until("JOB_STATUS_CHANGE", "null")
+        return replies
+
+    r = run_both(tmp_path, scenario)
+    for ours, theirs, args in zip(r["stillpoint"], r["qemu-storage-daemon"], BAD_ARGUMENTS + [None] * 6):
+        assert ours == theirs, f"{args}: stillpoint {ours} vs qemu-storage-daemon {theirs}"
+
+
+def test_backup_while_qemu_io_writes_through_the_nbd_export(tmp_path):
+    def extra(tmp):
+        sock = os.path.join(tmp, "nbd.sock")
+        return ["--nbd-server", f"addr.type=unix,addr.path={sock}",
+                "--export", "type=nbd,id=exp0,node-name=src,name=disk,writable=on"]
+
+    async def scenario(d):
+        snapshot = os.path.join(d.tmp, "snapshot.img")
+        subprocess.run(["cp", d.src, snapshot], check=True)
+        await d.run("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt", "sync": "full",
+                                        "speed": 1 << 20})
+        uri = f"nbd+unix:///disk?socket={os.path.join(d.tmp, 'nbd.sock')}"
+        io = await asyncio.to_thread(subprocess.run, [
+            "qemu-io", "-f", "raw", "-c", "write -P 0x11 1M 64k", "-c", "write -P 0x22 5M 512k",
+            "-c", "write -z 3M 1M", "-c", "write -P 0x33 100k 8k", uri], capture_output=True, text=True)
+        await d.run("block-job-set-speed", {"device": "j", "speed": 0})
+        events = await d.until("JOB_STATUS_CHANGE", "null")
+        verify = await asyncio.to_thread(subprocess.run, [
+            "qemu-io", "-f", "raw", "-r", "-c", "read -P 0x22 5M 512k", "-c", "read -P 0 3M 1M", d.src],
+            capture_output=True, text=True)
+        return (io.returncode, "BLOCK_JOB_COMPLETED" in normalize(events), images_identical(snapshot, d.tgt),
+                verify.returncode == 0 and "verification failed" not in verify.stdout)
+
+    r = run_both(tmp_path, scenario, extra)
+    assert r["stillpoint"] == r["qemu-storage-daemon"] == (0, True, True, True)
