@@ -26,11 +26,13 @@ SERVERS = ["qemu-storage-daemon", "stillpoint"]
 def make_images(tmp, seed=1):
     rng = random.Random(seed)
     src, tgt, small = (os.path.join(tmp, n) for n in ("src.img", "tgt.img", "small.img"))
-    with open(src, "wb") as f:
-        f.write(rng.randbytes(SIZE // 2))
-        f.write(bytes(SIZE // 4))
-        f.truncate(SIZE)
-    for path, size in ((tgt, SIZE), (small, 1 << 20)):
+    src2, tgt2 = os.path.join(tmp, "src2.img"), os.path.join(tmp, "tgt2.img")
+    for path in (src, src2):
+        with open(path, "wb") as f:
+            f.write(rng.randbytes(SIZE // 2))
+            f.write(bytes(SIZE // 4))
+            f.truncate(SIZE)
+    for path, size in ((tgt, SIZE), (tgt2, SIZE), (small, 1 << 20)):
         with open(path, "wb") as f:
             f.truncate(size)
     return src, tgt, small
@@ -51,6 +53,8 @@ class Daemon:
             "--blockdev", f"driver=raw,node-name=src,file.driver=file,file.filename={self.src}",
             "--blockdev", f"driver=raw,node-name=tgt,file.driver=file,file.filename={self.tgt}",
             "--blockdev", f"driver=raw,node-name=small,file.driver=file,file.filename={self.small}",
+            "--blockdev", f"driver=raw,node-name=src2,file.driver=file,file.filename={tmp}/src2.img",
+            "--blockdev", f"driver=raw,node-name=tgt2,file.driver=file,file.filename={tmp}/tgt2.img",
             *extra,
         ]
         self.proc = subprocess.Popen(program + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -282,3 +286,33 @@ def test_backup_while_qemu_io_writes_through_the_nbd_export(tmp_path):
 
     r = run_both(tmp_path, scenario, extra)
     assert r["stillpoint"] == r["qemu-storage-daemon"] == (0, True, True, True)
+
+
+def backup_action(job, device, target, **extra):
+    return {"type": "blockdev-backup", "data": {"job-id": job, "device": device, "target": target,
+                                                "sync": "full", **extra}}
+
+
+def per_job(events, job):
+    return normalize([e for e in events if e["data"].get("id", e["data"].get("device")) == job])
+
+
+def test_transaction_of_two_disks(tmp_path):
+    async def scenario(d):
+        refused = await d.run("transaction", {"actions": [
+            backup_action("a", "src", "tgt"), backup_action("b", "src2", "small")]})
+        jobs_after_refusal = (await d.run("query-jobs"))[1]
+        rolled_back = normalize(await d.until("JOB_STATUS_CHANGE", "null"))
+        reply = await d.run("transaction", {"actions": [
+            backup_action("a", "src", "tgt"), backup_action("b", "src2", "tgt2")],
+            "properties": {"completion-mode": "individual"}})
+        events = []
+        while sum(1 for e in events if e["event"] == "JOB_STATUS_CHANGE" and e["data"]["status"] == "null") < 2:
+            events.append(await d.next_event())
+        return (refused, jobs_after_refusal, rolled_back, reply, per_job(events, "a"), per_job(events, "b"),
+                images_identical(os.path.join(d.tmp, "src.img"), os.path.join(d.tmp, "tgt.img")),
+                images_identical(os.path.join(d.tmp, "src2.img"), os.path.join(d.tmp, "tgt2.img")))
+
+    r = run_both(tmp_path, scenario)
+    assert r["stillpoint"] == r["qemu-storage-daemon"]
+    assert r["stillpoint"][6] and r["stillpoint"][7]

@@ -439,6 +439,17 @@ pub trait ExternalDrivers: Send + Sync {
     async fn open(&self, options: &DriverOptions) -> Result<Box<dyn BlockDriver>>;
 }
 
+/// A filter to insert: where, its name, and how to build its driver from its link to
+/// the filtered node.
+pub struct FilterSpec {
+    /// The node to filter (the top of any filters already above it is used).
+    pub above: String,
+    /// The filter's node-name (generated when absent).
+    pub name: Option<String>,
+    /// Builds the filter driver from its fixed child attachment.
+    pub build: Box<dyn FnOnce(Attachment) -> Result<Box<dyn BlockDriver>> + Send>,
+}
+
 /// The set of nodes of one daemon (or one CLI invocation).
 #[derive(Default)]
 pub struct NodeGraph {
@@ -751,51 +762,82 @@ impl NodeGraph {
         &self,
         above: &str,
         filter_name: Option<String>,
-        build: impl FnOnce(Attachment) -> Result<Box<dyn BlockDriver>>,
+        build: impl FnOnce(Attachment) -> Result<Box<dyn BlockDriver>> + Send + 'static,
     ) -> Result<Arc<Node>> {
+        let spec = FilterSpec {
+            above: above.to_string(),
+            name: filter_name,
+            build: Box::new(build),
+        };
+        Ok(self.insert_filters(vec![spec]).await?.remove(0))
+    }
+
+    /// Inserts several filters at one instant: every attachment of every filtered node
+    /// is drained together, all are retargeted, then all resume. This is what lets a
+    /// transaction capture several disks at one point in time. All or nothing: if a
+    /// filter cannot be built, none is inserted.
+    pub async fn insert_filters(&self, specs: Vec<FilterSpec>) -> Result<Vec<Arc<Node>>> {
         let _reconfigure = self.reconfigure.lock().await;
-        let (below, name, implicit, child) = {
-            let mut state = self.state();
-            let below = state.top_of(above).ok_or_else(|| not_found(above))?;
-            let (name, implicit) = match filter_name {
-                Some(name) => {
-                    validate_node_name(&name)?;
-                    if state.nodes.contains_key(&name) {
-                        return Err(duplicate(&name));
-                    }
-                    (name, false)
+        let mut built: Vec<(Arc<Node>, Arc<Node>)> = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let (below, name, implicit, child) = {
+                let mut state = self.state();
+                let below = state
+                    .top_of(&spec.above)
+                    .ok_or_else(|| not_found(&spec.above))?;
+                if built.iter().any(|(b, _)| Arc::ptr_eq(b, &below)) {
+                    return Err(Error::invalid(format!(
+                        "Node '{}' cannot take two filters at the same instant",
+                        spec.above
+                    )));
                 }
-                None => (state.implicit_name(), true),
-            };
-            let child = state.attach(
-                below.clone(),
-                AttachUser::FilterChild {
+                let (name, implicit) = match spec.name {
+                    Some(name) => {
+                        validate_node_name(&name)?;
+                        if state.nodes.contains_key(&name)
+                            || built.iter().any(|(_, f)| f.name == name)
+                        {
+                            return Err(duplicate(&name));
+                        }
+                        (name, false)
+                    }
+                    None => (state.implicit_name(), true),
+                };
+                let user = AttachUser::FilterChild {
                     filter: name.clone(),
-                },
-                false,
-            );
-            (below, name, implicit, child)
-        };
-        let driver = build(child)?;
-        let policy = NodePolicy {
-            detect_zeroes: DetectZeroes::Off,
-            ..below.policy
-        };
-        let filter = Arc::new(Node {
-            name: name.clone(),
-            implicit,
-            implicit_children: Vec::new(),
-            policy,
-            driver,
-        });
-        let slots = {
+                };
+                let child = state.attach(below.clone(), user, false);
+                (below, name, implicit, child)
+            };
+            let driver = (spec.build)(child)?;
+            let policy = NodePolicy {
+                detect_zeroes: DetectZeroes::Off,
+                ..below.policy
+            };
+            let filter = Arc::new(Node {
+                name,
+                implicit,
+                implicit_children: Vec::new(),
+                policy,
+                driver,
+            });
+            built.push((below, filter));
+        }
+        let mut moves: Vec<(Arc<Slot>, Arc<Node>)> = Vec::new();
+        {
             let mut state = self.state();
-            state.nodes.insert(name.clone(), filter.clone());
-            state.filter_above.insert(below.name.clone(), name);
-            slots_targeting(&mut state, &below, true)
-        };
-        retarget(slots, &filter).await;
-        Ok(filter)
+            for (below, filter) in &built {
+                state.nodes.insert(filter.name.clone(), filter.clone());
+                state
+                    .filter_above
+                    .insert(below.name.clone(), filter.name.clone());
+                for slot in slots_targeting(&mut state, below, true) {
+                    moves.push((slot, filter.clone()));
+                }
+            }
+        }
+        retarget_each(moves).await;
+        Ok(built.into_iter().map(|(_, filter)| filter).collect())
     }
 
     /// Removes a filter inserted by [`NodeGraph::insert_filter`]: its users go back to
@@ -863,6 +905,20 @@ fn slots_targeting(state: &mut GraphState, node: &Arc<Node>, following: bool) ->
         .filter(|s| !following || s.follows_filters)
         .filter(|s| Arc::ptr_eq(&s.target.read().unwrap_or_else(|e| e.into_inner()), node))
         .collect()
+}
+
+/// Drains every slot (in a fixed order, so two retargets cannot deadlock), points each
+/// at its new node, and lets their requests resume.
+async fn retarget_each(mut moves: Vec<(Arc<Slot>, Arc<Node>)>) {
+    moves.sort_by_key(|(s, _)| Arc::as_ptr(s) as usize);
+    let mut drained = Vec::with_capacity(moves.len());
+    for (slot, _) in &moves {
+        drained.push(slot.gate.write().await);
+    }
+    for (slot, to) in &moves {
+        *slot.target.write().unwrap_or_else(|e| e.into_inner()) = to.clone();
+    }
+    drop(drained);
 }
 
 /// Drains every slot (in a fixed order, so two retargets cannot deadlock), points

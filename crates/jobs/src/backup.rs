@@ -19,6 +19,7 @@ use block::Attachment;
 use block::BlockDriver;
 use block::Error;
 use block::NodeGraph;
+use block::graph::FilterSpec;
 
 use crate::block_copy::BlockCopy;
 use crate::block_copy::BlockCopyOptions;
@@ -148,6 +149,108 @@ pub async fn start_backup(
     target: &str,
     options: BackupOptions,
 ) -> Result<(Arc<Job>, Arc<CopyStats>), JobError> {
+    let request = BackupRequest {
+        device: device.to_string(),
+        target: target.to_string(),
+        options,
+    };
+    Ok(start_backups(graph, registry, vec![request])
+        .await?
+        .remove(0))
+}
+
+/// One backup of a transaction.
+#[derive(Debug, Clone)]
+pub struct BackupRequest {
+    /// Source node.
+    pub device: String,
+    /// Target node.
+    pub target: String,
+    /// The backup's options.
+    pub options: BackupOptions,
+}
+
+/// Starts several backups whose sources are all captured at the same instant (QMP
+/// `transaction`): every request is validated and its job created first; if any is
+/// refused, none starts. Then all filters go in under one drain, then all jobs start.
+pub async fn start_backups(
+    graph: &Arc<NodeGraph>,
+    registry: &JobRegistry,
+    requests: Vec<BackupRequest>,
+) -> Result<Vec<(Arc<Job>, Arc<CopyStats>)>, JobError> {
+    let mut prepared: Vec<PreparedBackup> = Vec::with_capacity(requests.len());
+    for request in requests {
+        match prepare_backup(
+            graph,
+            registry,
+            &request.device,
+            &request.target,
+            request.options,
+        )
+        .await
+        {
+            Ok(p) => prepared.push(p),
+            Err(e) => {
+                for p in prepared {
+                    registry.abort_unstarted(&p.job);
+                }
+                return Err(e);
+            }
+        }
+    }
+    let specs: Vec<FilterSpec> = prepared
+        .iter_mut()
+        .map(|p| p.spec.take().expect("unused spec"))
+        .collect();
+    let filters = match graph.insert_filters(specs).await {
+        Ok(filters) => filters,
+        Err(e) => {
+            for p in prepared {
+                registry.abort_unstarted(&p.job);
+            }
+            return Err(generic(e));
+        }
+    };
+    let mut started = Vec::with_capacity(prepared.len());
+    for (p, filter) in prepared.into_iter().zip(filters) {
+        let copy = p
+            .engine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("the filter was built");
+        let stats = copy.stats().clone();
+        let backup = Arc::new(BackupJob {
+            graph: graph.clone(),
+            copy: Mutex::new(Some(copy)),
+            filter_name: filter.name().to_string(),
+            chunk: p.chunk,
+            options: p.options,
+            target_hold: Mutex::new(Some(p.target_hold)),
+        });
+        p.job.start(backup);
+        started.push((p.job, stats));
+    }
+    Ok(started)
+}
+
+/// A validated backup whose job exists but whose filter is not inserted yet.
+struct PreparedBackup {
+    job: Arc<Job>,
+    spec: Option<FilterSpec>,
+    engine: Arc<Mutex<Option<Arc<BlockCopy>>>>,
+    target_hold: Attachment,
+    options: BackupOptions,
+    chunk: u64,
+}
+
+async fn prepare_backup(
+    graph: &Arc<NodeGraph>,
+    registry: &JobRegistry,
+    device: &str,
+    target: &str,
+    options: BackupOptions,
+) -> Result<PreparedBackup, JobError> {
     let not_found = |name: &str| {
         JobError::generic(format!(
             "Cannot find device='{name}' nor node-name='{name}'"
@@ -208,63 +311,50 @@ pub async fn start_backup(
     });
 
     let job = registry.create(&options.job_id, JobType::Backup, options.job)?;
-    let created = async {
-        let target_hold = graph
-            .attach(
-                target,
-                AttachUser::Job {
-                    job_type: "backup".into(),
-                },
-            )
-            .map_err(generic)?;
-        let copy_target = graph
-            .attach(
-                target,
-                AttachUser::Job {
-                    job_type: "backup".into(),
-                },
-            )
-            .map_err(generic)?;
-        let copy_options = BlockCopyOptions {
-            cluster_size: cluster,
-            chunk_size: chunk,
-            staging_memory: options.staging_memory,
-            scratch_dir,
-            skip_unallocated: options.sync == SyncMode::Top,
-            on_cbw_error: options.on_cbw_error,
+    let attached = (|| {
+        let user = || AttachUser::Job {
+            job_type: "backup".into(),
         };
-        let progress = job.progress_meter().clone();
-        let mut engine = None;
-        let filter = graph
-            .insert_filter(device, options.filter_node_name.clone(), |source| {
-                let copy = Arc::new(BlockCopy::new(source, copy_target, copy_options, progress)?);
-                engine = Some(copy.clone());
-                Ok(Box::new(CbwFilter::new(copy)) as Box<dyn BlockDriver>)
-            })
-            .await
-            .map_err(generic)?;
-        let copy = engine.expect("the filter was built");
-        Ok::<_, JobError>((filter.name().to_string(), copy, target_hold))
-    }
-    .await;
-    let (filter_name, copy, target_hold) = match created {
-        Ok(parts) => parts,
+        Ok::<_, JobError>((
+            graph.attach(target, user()).map_err(generic)?,
+            graph.attach(target, user()).map_err(generic)?,
+        ))
+    })();
+    let (target_hold, copy_target) = match attached {
+        Ok(pair) => pair,
         Err(e) => {
             registry.discard(&job);
             return Err(e);
         }
     };
-    let backup = Arc::new(BackupJob {
-        graph: graph.clone(),
-        copy: Mutex::new(Some(copy.clone())),
-        filter_name,
-        chunk,
+    let copy_options = BlockCopyOptions {
+        cluster_size: cluster,
+        chunk_size: chunk,
+        staging_memory: options.staging_memory,
+        scratch_dir,
+        skip_unallocated: options.sync == SyncMode::Top,
+        on_cbw_error: options.on_cbw_error,
+    };
+    let progress = job.progress_meter().clone();
+    let engine: Arc<Mutex<Option<Arc<BlockCopy>>>> = Arc::new(Mutex::new(None));
+    let slot = engine.clone();
+    let spec = FilterSpec {
+        above: device.to_string(),
+        name: options.filter_node_name.clone(),
+        build: Box::new(move |source| {
+            let copy = Arc::new(BlockCopy::new(source, copy_target, copy_options, progress)?);
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(copy.clone());
+            Ok(Box::new(CbwFilter::new(copy)) as Box<dyn BlockDriver>)
+        }),
+    };
+    Ok(PreparedBackup {
+        job,
+        spec: Some(spec),
+        engine,
+        target_hold,
         options,
-        target_hold: Mutex::new(Some(target_hold)),
-    });
-    let stats = copy.stats().clone();
-    job.start(backup);
-    Ok((job, stats))
+        chunk,
+    })
 }
 
 impl BackupJob {

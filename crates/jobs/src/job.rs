@@ -1039,6 +1039,15 @@ impl JobRegistry {
         Ok(job)
     }
 
+    /// Aborts a created job whose transaction failed before it started: aborting,
+    /// concluded, null, as QEMU reports a transaction's prepared jobs on rollback.
+    pub fn abort_unstarted(&self, job: &Arc<Job>) {
+        job.set_status(JobStatus::Aborting);
+        job.set_status(JobStatus::Concluded);
+        job.set_status(JobStatus::Null);
+        job.unregister();
+    }
+
     /// Removes a job that never started (creation failed half-way): created -> null.
     pub fn discard(&self, job: &Arc<Job>) {
         job.set_status(JobStatus::Null);

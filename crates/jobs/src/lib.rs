@@ -54,8 +54,10 @@ pub mod job;
 pub mod ratelimit;
 
 pub use backup::BackupOptions;
+pub use backup::BackupRequest;
 pub use backup::SyncMode;
 pub use backup::start_backup;
+pub use backup::start_backups;
 pub use job::Job;
 pub use job::JobEvent;
 pub use job::JobRegistry;

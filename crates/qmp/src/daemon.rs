@@ -286,6 +286,7 @@ impl Daemon {
                 ))
             }
             "blockdev-backup" => self.blockdev_backup(m).await,
+            "transaction" => self.transaction(m).await,
             "query-block-jobs" => {
                 m.finish()?;
                 let list = self.jobs.list();
@@ -430,117 +431,92 @@ impl Daemon {
         Ok(json!({}))
     }
 
-    async fn blockdev_backup(&self, mut m: Members) -> Reply {
-        let device = m.required("device", Members::string)?;
-        let target = m.required("target", Members::string)?;
-        let sync = m.required("sync", |m, k, v| {
-            m.enumeration(k, v, &["top", "full", "none", "incremental", "bitmap"])
-        })?;
-        let job_id = m
-            .optional("job-id", Members::string)?
-            .unwrap_or_else(|| device.clone());
-        let speed = m.optional("speed", |m, k, v| match v.as_i64() {
-            Some(n) if n < 0 => Err(block::Error::invalid(
-                "Parameter 'speed' expects a non-negative value",
-            )),
-            Some(n) => Ok(n as u64),
-            None => Err(m.type_error(k, "integer")),
-        })?;
-        let bitmap = m.optional("bitmap", Members::string)?;
-        let bitmap_mode = m.optional("bitmap-mode", |m, k, v| {
-            m.enumeration(k, v, &["on-success", "never", "always"])
-        })?;
-        let compress = m.optional("compress", Members::boolean)?.unwrap_or(false);
-        let policy = |m: &Members, k: &str, v: Value| -> block::Result<ErrorPolicy> {
-            Ok(
-                match m
-                    .enumeration(k, v, &["report", "ignore", "enospc", "stop", "auto"])?
-                    .as_str()
-                {
-                    "ignore" => ErrorPolicy::Ignore,
-                    "enospc" => ErrorPolicy::Enospc,
-                    "stop" => ErrorPolicy::Stop,
-                    "auto" => ErrorPolicy::Auto,
-                    _ => ErrorPolicy::Report,
-                },
-            )
-        };
-        let on_source_error = m.optional("on-source-error", policy)?.unwrap_or_default();
-        let on_target_error = m.optional("on-target-error", policy)?.unwrap_or_default();
-        let auto_finalize = m
-            .optional("auto-finalize", Members::boolean)?
-            .unwrap_or(true);
-        let auto_dismiss = m
-            .optional("auto-dismiss", Members::boolean)?
-            .unwrap_or(true);
-        let filter_node_name = m.optional("filter-node-name", Members::string)?;
-        let discard_source = m
-            .optional("discard-source", Members::boolean)?
-            .unwrap_or(false);
-        let mut perf = (false, None, None, None);
-        if let Some(mut p) = m.optional("x-perf", Members::object)? {
-            perf.0 = p
-                .optional("use-copy-range", Members::boolean)?
-                .unwrap_or(false);
-            perf.1 = p.optional("max-workers", Members::unsigned)?;
-            perf.2 = p.optional("max-chunk", Members::unsigned)?;
-            perf.3 = p.optional("min-cluster-size", Members::unsigned)?;
-            p.finish()?;
-        }
-        m.finish()?;
+    async fn blockdev_backup(&self, m: Members) -> Reply {
+        let request = parse_backup(m)?;
+        jobs::start_backup(
+            &self.graph,
+            &self.jobs,
+            &request.device,
+            &request.target,
+            request.options,
+        )
+        .await?;
+        Ok(json!({}))
+    }
 
-        // QEMU's argument rules for bitmaps, then what we cannot do yet.
-        if matches!(sync.as_str(), "bitmap" | "incremental") && bitmap.is_none() {
-            return Err(QmpError::generic(format!(
-                "must provide a valid bitmap name for '{sync}' sync mode"
-            )));
-        }
-        if bitmap.is_none() && bitmap_mode.is_some() {
-            return Err(QmpError::generic(
-                "Cannot specify bitmap sync mode without a bitmap",
-            ));
-        }
-        if let Some(name) = bitmap {
-            // No dirty bitmaps exist in this build, so none can be found.
-            return Err(QmpError::generic(format!(
-                "Bitmap '{name}' could not be found"
-            )));
-        }
-        if compress {
-            return Err(QmpError::generic(format!(
-                "Compression is not supported for this drive {target}"
-            )));
-        }
-        if discard_source {
-            return Err(QmpError::generic(
-                "discard-source is not supported by stillpoint yet",
-            ));
-        }
-        if perf.0 {
-            return Err(QmpError::generic(
-                "x-perf.use-copy-range is not supported by stillpoint yet",
-            ));
-        }
-        let mut options = BackupOptions::new(job_id);
-        options.sync = match sync.as_str() {
-            "top" => SyncMode::Top,
-            "none" => SyncMode::None,
-            _ => SyncMode::Full,
+    async fn transaction(&self, mut m: Members) -> Reply {
+        let actions = m.required("actions", |m, k, v| match v {
+            Value::Array(items) => Ok(items),
+            _ => Err(m.type_error(k, "array")),
+        })?;
+        let grouped = match m.optional("properties", Members::object)? {
+            Some(mut p) => {
+                let mode = p.optional("completion-mode", |m, k, v| {
+                    m.enumeration(k, v, &["individual", "grouped"])
+                })?;
+                p.finish()?;
+                mode.as_deref() == Some("grouped")
+            }
+            None => false,
         };
-        options.job.speed = speed.unwrap_or(0);
-        options.job.auto_finalize = auto_finalize;
-        options.job.auto_dismiss = auto_dismiss;
-        options.on_source_error = on_source_error;
-        options.on_target_error = on_target_error;
-        options.filter_node_name = filter_node_name;
-        if let Some(w) = perf.1 {
-            options.max_workers = usize::try_from(w).unwrap_or(0);
+        m.finish()?;
+        let mut requests = Vec::with_capacity(actions.len());
+        for (i, action) in actions.into_iter().enumerate() {
+            let Value::Object(map) = action else {
+                return Err(QmpError::generic(format!(
+                    "Invalid parameter type for 'actions[{i}]', expected: object"
+                )));
+            };
+            let mut a = Members::new(map, format!("actions[{i}]."));
+            let kind = a.required("type", Members::string)?;
+            if kind != "blockdev-backup" {
+                return Err(QmpError::generic(format!(
+                    "Transaction action '{kind}' is not supported by stillpoint yet (only blockdev-backup)"
+                )));
+            }
+            let data = a.required("data", Members::object)?;
+            a.finish()?;
+            requests.push(parse_backup(data)?);
         }
-        if let Some(c) = perf.2 {
-            options.max_chunk = c;
+        let started = jobs::start_backups(&self.graph, &self.jobs, requests).await?;
+        if grouped && started.len() > 1 {
+            let ids: Vec<String> = started
+                .iter()
+                .map(|(job, _)| job.id().to_string())
+                .collect();
+            let registry = self.jobs.clone();
+            let mut rx = registry.subscribe();
+            tokio::spawn(async move {
+                let mut gone = 0;
+                while gone < ids.len() {
+                    let Ok(event) = rx.recv().await else { return };
+                    let failed = match &event {
+                        JobEvent::Completed {
+                            device,
+                            error: Some(_),
+                            ..
+                        } => Some(device.clone()),
+                        JobEvent::Cancelled { device, .. } => Some(device.clone()),
+                        JobEvent::StatusChange {
+                            id,
+                            status: jobs::JobStatus::Null,
+                        } if ids.contains(id) => {
+                            gone += 1;
+                            None
+                        }
+                        _ => None,
+                    };
+                    if let Some(failed) = failed.filter(|f| ids.contains(f)) {
+                        // Grouped completion: one member failing cancels the others.
+                        for id in ids.iter().filter(|id| **id != failed) {
+                            if let Some(job) = registry.get(id) {
+                                let _ = job.cancel(true);
+                            }
+                        }
+                    }
+                }
+            });
         }
-        options.min_cluster_size = perf.3;
-        jobs::start_backup(&self.graph, &self.jobs, &device, &target, options).await?;
         Ok(json!({}))
     }
 
@@ -718,4 +694,123 @@ fn node_info(node: &block::Node) -> Value {
 /// Maps a job event to its QMP message (for tests and the daemon).
 pub fn job_event_message(event: &JobEvent) -> Value {
     wire::event(event.name(), Some(event.data()))
+}
+
+/// Parses `blockdev-backup` arguments, applying QEMU's rules and refusing what
+/// Stillpoint cannot do yet.
+fn parse_backup(mut m: Members) -> Result<jobs::BackupRequest, QmpError> {
+    let device = m.required("device", Members::string)?;
+    let target = m.required("target", Members::string)?;
+    let sync = m.required("sync", |m, k, v| {
+        m.enumeration(k, v, &["top", "full", "none", "incremental", "bitmap"])
+    })?;
+    let job_id = m
+        .optional("job-id", Members::string)?
+        .unwrap_or_else(|| device.clone());
+    let speed = m.optional("speed", |m, k, v| match v.as_i64() {
+        Some(n) if n < 0 => Err(block::Error::invalid(
+            "Parameter 'speed' expects a non-negative value",
+        )),
+        Some(n) => Ok(n as u64),
+        None => Err(m.type_error(k, "integer")),
+    })?;
+    let bitmap = m.optional("bitmap", Members::string)?;
+    let bitmap_mode = m.optional("bitmap-mode", |m, k, v| {
+        m.enumeration(k, v, &["on-success", "never", "always"])
+    })?;
+    let compress = m.optional("compress", Members::boolean)?.unwrap_or(false);
+    let policy = |m: &Members, k: &str, v: Value| -> block::Result<ErrorPolicy> {
+        Ok(
+            match m
+                .enumeration(k, v, &["report", "ignore", "enospc", "stop", "auto"])?
+                .as_str()
+            {
+                "ignore" => ErrorPolicy::Ignore,
+                "enospc" => ErrorPolicy::Enospc,
+                "stop" => ErrorPolicy::Stop,
+                "auto" => ErrorPolicy::Auto,
+                _ => ErrorPolicy::Report,
+            },
+        )
+    };
+    let on_source_error = m.optional("on-source-error", policy)?.unwrap_or_default();
+    let on_target_error = m.optional("on-target-error", policy)?.unwrap_or_default();
+    let auto_finalize = m
+        .optional("auto-finalize", Members::boolean)?
+        .unwrap_or(true);
+    let auto_dismiss = m
+        .optional("auto-dismiss", Members::boolean)?
+        .unwrap_or(true);
+    let filter_node_name = m.optional("filter-node-name", Members::string)?;
+    let discard_source = m
+        .optional("discard-source", Members::boolean)?
+        .unwrap_or(false);
+    let mut perf = (false, None, None, None);
+    if let Some(mut p) = m.optional("x-perf", Members::object)? {
+        perf.0 = p
+            .optional("use-copy-range", Members::boolean)?
+            .unwrap_or(false);
+        perf.1 = p.optional("max-workers", Members::unsigned)?;
+        perf.2 = p.optional("max-chunk", Members::unsigned)?;
+        perf.3 = p.optional("min-cluster-size", Members::unsigned)?;
+        p.finish()?;
+    }
+    m.finish()?;
+
+    // QEMU's argument rules for bitmaps, then what we cannot do yet.
+    if matches!(sync.as_str(), "bitmap" | "incremental") && bitmap.is_none() {
+        return Err(QmpError::generic(format!(
+            "must provide a valid bitmap name for '{sync}' sync mode"
+        )));
+    }
+    if bitmap.is_none() && bitmap_mode.is_some() {
+        return Err(QmpError::generic(
+            "Cannot specify bitmap sync mode without a bitmap",
+        ));
+    }
+    if let Some(name) = bitmap {
+        // No dirty bitmaps exist in this build, so none can be found.
+        return Err(QmpError::generic(format!(
+            "Bitmap '{name}' could not be found"
+        )));
+    }
+    if compress {
+        return Err(QmpError::generic(format!(
+            "Compression is not supported for this drive {target}"
+        )));
+    }
+    if discard_source {
+        return Err(QmpError::generic(
+            "discard-source is not supported by stillpoint yet",
+        ));
+    }
+    if perf.0 {
+        return Err(QmpError::generic(
+            "x-perf.use-copy-range is not supported by stillpoint yet",
+        ));
+    }
+    let mut options = BackupOptions::new(job_id);
+    options.sync = match sync.as_str() {
+        "top" => SyncMode::Top,
+        "none" => SyncMode::None,
+        _ => SyncMode::Full,
+    };
+    options.job.speed = speed.unwrap_or(0);
+    options.job.auto_finalize = auto_finalize;
+    options.job.auto_dismiss = auto_dismiss;
+    options.on_source_error = on_source_error;
+    options.on_target_error = on_target_error;
+    options.filter_node_name = filter_node_name;
+    if let Some(w) = perf.1 {
+        options.max_workers = usize::try_from(w).unwrap_or(0);
+    }
+    if let Some(c) = perf.2 {
+        options.max_chunk = c;
+    }
+    options.min_cluster_size = perf.3;
+    Ok(jobs::BackupRequest {
+        device,
+        target,
+        options,
+    })
 }

@@ -1,0 +1,155 @@
+//! QMP `transaction` in process: all-or-nothing validation, and grouped completion
+//! cancelling the other members when one fails.
+
+use std::time::Duration;
+
+use qmp::Daemon;
+use serde_json::Value;
+use serde_json::json;
+
+async fn setup(dir: &std::path::Path) -> std::sync::Arc<Daemon> {
+    let daemon = Daemon::new();
+    for name in ["src", "src2", "tgt", "tgt2"] {
+        let path = dir.join(format!("{name}.img"));
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(4 << 20).unwrap();
+        if name.starts_with("src") {
+            use std::os::unix::fs::FileExt;
+            file.write_all_at(&[0x5a; 1 << 20], 0).unwrap();
+        }
+        daemon
+            .execute(
+                "blockdev-add",
+                json!({"driver":"raw","node-name":name,"file":{"driver":"file","filename":path}}),
+            )
+            .await
+            .unwrap();
+    }
+    daemon
+        .execute(
+            "blockdev-add",
+            json!({"driver":"fault","node-name":"bad","image":"tgt2","rules":[{"op":"write"}]}),
+        )
+        .await
+        .unwrap();
+    daemon
+}
+
+fn backup(job: &str, device: &str, target: &str, speed: u64) -> Value {
+    json!({"type":"blockdev-backup","data":{"job-id":job,"device":device,"target":target,"sync":"full","speed":speed}})
+}
+
+async fn outcomes(daemon: &Daemon, jobs: usize) -> Vec<(String, String)> {
+    let mut events = daemon.subscribe();
+    let mut out = Vec::new();
+    while out.len() < jobs {
+        let e = tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        match e["event"].as_str().unwrap() {
+            "BLOCK_JOB_COMPLETED" if e["data"].get("error").is_some() => {
+                out.push((
+                    e["data"]["device"].as_str().unwrap().to_string(),
+                    "failed".into(),
+                ));
+            }
+            "BLOCK_JOB_COMPLETED" => out.push((
+                e["data"]["device"].as_str().unwrap().to_string(),
+                "completed".into(),
+            )),
+            "BLOCK_JOB_CANCELLED" => out.push((
+                e["data"]["device"].as_str().unwrap().to_string(),
+                "cancelled".into(),
+            )),
+            _ => {}
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_completion_cancels_the_others_when_one_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = setup(dir.path()).await;
+    let waiting = tokio::spawn({
+        let daemon = daemon.clone();
+        async move { outcomes(&daemon, 2).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    daemon
+        .execute(
+            "transaction",
+            json!({"actions":[backup("a","src","tgt", 1 << 20), backup("b","src2","bad", 0)],
+            "properties":{"completion-mode":"grouped"}}),
+        )
+        .await
+        .unwrap();
+    let got = waiting.await.unwrap();
+    assert_eq!(
+        got,
+        [
+            ("a".to_string(), "cancelled".to_string()),
+            ("b".to_string(), "failed".to_string())
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn individual_completion_lets_the_others_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = setup(dir.path()).await;
+    let waiting = tokio::spawn({
+        let daemon = daemon.clone();
+        async move { outcomes(&daemon, 2).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    daemon
+        .execute(
+            "transaction",
+            json!({"actions":[backup("a","src","tgt", 8 << 20), backup("b","src2","bad", 0)]}),
+        )
+        .await
+        .unwrap();
+    let got = waiting.await.unwrap();
+    assert_eq!(
+        got,
+        [
+            ("a".to_string(), "completed".to_string()),
+            ("b".to_string(), "failed".to_string())
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_action_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = setup(dir.path()).await;
+    let e = daemon
+        .execute(
+            "transaction",
+            json!({"actions":[backup("a","src","tgt",0), backup("b","src2","nosuch",0)]}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.desc, "Cannot find device='nosuch' nor node-name='nosuch'");
+    assert_eq!(
+        daemon.execute("query-jobs", json!({})).await.unwrap(),
+        json!([])
+    );
+    assert_eq!(
+        daemon.graph.node_names().len(),
+        9,
+        "no filter left behind: {:?}",
+        daemon.graph.node_names()
+    );
+    let e = daemon
+        .execute(
+            "transaction",
+            json!({"actions":[{"type":"block-dirty-bitmap-add","data":{}}]}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.desc.contains("not supported"), "{}", e.desc);
+}
