@@ -432,3 +432,77 @@ fn the_demo_passes_on_a_small_disk() {
         "the demo cleans up"
     );
 }
+
+#[test]
+fn exports_are_added_listed_and_deleted_with_an_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let nbd = dir.path().join("nbd.sock");
+    let extra = [
+        "--blockdev".to_string(),
+        format!(
+            "driver=raw,node-name=disk,file.driver=file,file.filename={}",
+            image.display()
+        ),
+        "--nbd-server".to_string(),
+        format!("addr.type=unix,addr.path={}", nbd.display()),
+    ];
+    let (_daemon, path) = start(dir.path(), &extra);
+    let (mut q, _) = Qmp::connect(&path);
+    q.cmd("qmp_capabilities", json!({}));
+    let add = json!({"type":"nbd","id":"exp0","node-name":"disk","name":"disk","writable":true});
+    assert_eq!(q.cmd("block-export-add", add.clone())["return"], json!({}));
+    assert_eq!(
+        q.cmd("block-export-add", add)["error"]["desc"],
+        "Block export id 'exp0' is already in use"
+    );
+    assert_eq!(
+        q.cmd("query-block-exports", json!({}))["return"],
+        json!([{"id":"exp0","type":"nbd","node-name":"disk","shutting-down":false}])
+    );
+    let uri = format!("nbd+unix:///disk?socket={}", nbd.display());
+    let info = Command::new("nbdinfo")
+        .arg(&uri)
+        .output()
+        .expect("nbdinfo is required");
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    assert_eq!(
+        q.cmd("blockdev-del", json!({"node-name":"disk"}))["error"]["desc"],
+        "Node 'disk' is busy: block device is in use by export 'exp0'"
+    );
+    assert_eq!(
+        q.cmd("block-export-del", json!({"id":"exp0"}))["return"],
+        json!({})
+    );
+    assert_eq!(
+        q.wait_event("BLOCK_EXPORT_DELETED")["data"],
+        json!({"id":"exp0"})
+    );
+    assert_eq!(
+        q.cmd("block-export-del", json!({"id":"exp0"}))["error"]["desc"],
+        "Export 'exp0' is not found"
+    );
+    assert_eq!(q.cmd("query-block-exports", json!({}))["return"], json!([]));
+    let gone = Command::new("nbdinfo").arg(&uri).output().unwrap();
+    assert!(
+        !gone.status.success(),
+        "a deleted export is no longer served"
+    );
+    assert_eq!(q.cmd("nbd-server-stop", json!({}))["return"], json!({}));
+    assert_eq!(
+        q.cmd("nbd-server-stop", json!({}))["error"]["desc"],
+        "NBD server not running"
+    );
+    assert_eq!(
+        q.cmd("blockdev-del", json!({"node-name":"disk"}))["return"],
+        json!({})
+    );
+}
