@@ -40,6 +40,12 @@ use crate::proto::*;
 
 /// Requests one connection may have in flight.
 const MAX_IN_FLIGHT: usize = 64;
+/// Granularity of the per-connection data budget.
+const BUDGET_UNIT: u32 = 64 << 10;
+/// Request and reply data one connection may hold at once: 128 MiB (four maximal
+/// requests), in [`BUDGET_UNIT`]s. Without it, 64 pipelined 32 MiB writes would pin
+/// 2 GiB per client.
+const DATA_BUDGET_UNITS: usize = (128 << 20) / BUDGET_UNIT as usize;
 
 /// One exported node.
 #[derive(Debug)]
@@ -598,6 +604,7 @@ async fn transmit<R, W>(
         let _ = writer.shutdown().await;
     });
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let data_budget = Arc::new(Semaphore::new(DATA_BUDGET_UNITS));
     let contexts = Arc::new(contexts);
     let mut running = JoinSet::new();
     loop {
@@ -612,15 +619,29 @@ async fn transmit<R, W>(
         if request.command == CMD_DISC {
             break;
         }
+        if request.command == CMD_WRITE && request.length > MAX_PAYLOAD {
+            // The stream cannot be trusted to resynchronise after this.
+            tracing::debug!(
+                "NBD write of {} bytes: closing the connection",
+                request.length
+            );
+            break;
+        }
+        // Bound the memory one connection can hold in request and reply data: a slot
+        // per request, and budget units for the bytes of reads and writes, taken before
+        // any buffer is allocated.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let data_len = match request.command {
+            CMD_READ | CMD_WRITE => request.length.min(MAX_PAYLOAD),
+            _ => 0,
+        };
+        let units = data_len.div_ceil(BUDGET_UNIT).max(1);
+        let Ok(budget) = data_budget.clone().acquire_many_owned(units).await else {
+            break;
+        };
         let payload = if request.command == CMD_WRITE {
-            if request.length > MAX_PAYLOAD {
-                // The stream cannot be trusted to resynchronise after this.
-                tracing::debug!(
-                    "NBD write of {} bytes: closing the connection",
-                    request.length
-                );
-                break;
-            }
             let mut buf = IoBuf::zeroed(request.length as usize);
             if reader.read_exact(&mut buf).await.is_err() {
                 break; // disconnected mid-request
@@ -628,9 +649,6 @@ async fn transmit<R, W>(
             Some(buf)
         } else {
             None
-        };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
         };
         export.in_flight.fetch_add(1, Ordering::SeqCst);
         if export.removed.load(Ordering::SeqCst) {
@@ -646,7 +664,7 @@ async fn transmit<R, W>(
             let frame = execute(&export, structured, &contexts, request, payload).await;
             let _ = replies.send(frame).await;
             export.finish_request();
-            drop(slot);
+            drop((slot, budget));
         });
         while running.try_join_next().is_some() {}
     }
