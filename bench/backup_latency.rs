@@ -1,5 +1,6 @@
-//! Guest write latency during a live backup, in process (no NBD yet): QD1 random 4 KiB
-//! writes to the source, first alone, then while a full-speed backup runs.
+//! Guest write latency during a live backup, in process (no protocol in the way): QD1
+//! random 4 KiB writes to the source, first alone, then while a full-speed backup runs.
+//! `bench/backup_vs_qsd.py` also measures the same through the daemon's NBD export.
 //!
 //! `bench-backup-latency SOURCE TARGET [--ops N]` writes to SOURCE (use a scratch copy)
 //! and backs it up to TARGET (created sparse). Prints one JSON object: latency
