@@ -436,7 +436,7 @@ async fn removing_an_export_waits_for_running_requests_then_refuses_more() {
 
     let mut client = Client::go(&rig, "slow", false).await;
     client.send(CMD_READ, 0, 1, 0, 512, &[]).await;
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await; // the read is running
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await; // the read is running (300 ms)
     let removal = tokio::spawn({
         let server = server.clone();
         async move { server.remove_export("slow").await }

@@ -163,7 +163,14 @@ fn ctrl_c_cancels_and_says_the_target_is_incomplete() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    // The target appears just before the job starts; give the signal handler a moment.
+    for _ in 0..500 {
+        if target.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
     // SAFETY: kill(2) on the child's pid with SIGINT, as a terminal's Ctrl-C sends.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     let out = child.wait_with_output().unwrap();
