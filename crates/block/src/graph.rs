@@ -864,7 +864,13 @@ impl NodeGraph {
             let slots = slots_targeting(&mut state, &filter, false);
             (filter, below, slots)
         };
-        retarget(slots, &below).await;
+        retarget_each(
+            slots
+                .into_iter()
+                .map(|slot| (slot, below.clone()))
+                .collect(),
+        )
+        .await;
         self.state().nodes.remove(name);
         drop(filter);
         Ok(())
@@ -916,20 +922,6 @@ async fn retarget_each(mut moves: Vec<(Arc<Slot>, Arc<Node>)>) {
         drained.push(slot.gate.write().await);
     }
     for (slot, to) in &moves {
-        *slot.target.write().unwrap_or_else(|e| e.into_inner()) = to.clone();
-    }
-    drop(drained);
-}
-
-/// Drains every slot (in a fixed order, so two retargets cannot deadlock), points
-/// them at `to`, and lets their requests resume.
-async fn retarget(mut slots: Vec<Arc<Slot>>, to: &Arc<Node>) {
-    slots.sort_by_key(|s| Arc::as_ptr(s) as usize);
-    let mut drained = Vec::with_capacity(slots.len());
-    for slot in &slots {
-        drained.push(slot.gate.write().await);
-    }
-    for slot in &slots {
         *slot.target.write().unwrap_or_else(|e| e.into_inner()) = to.clone();
     }
     drop(drained);

@@ -691,11 +691,6 @@ fn node_info(node: &block::Node) -> Value {
     })
 }
 
-/// Maps a job event to its QMP message (for tests and the daemon).
-pub fn job_event_message(event: &JobEvent) -> Value {
-    wire::event(event.name(), Some(event.data()))
-}
-
 /// Parses `blockdev-backup` arguments, applying QEMU's rules and refusing what
 /// Stillpoint cannot do yet.
 fn parse_backup(mut m: Members) -> Result<jobs::BackupRequest, QmpError> {
