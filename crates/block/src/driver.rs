@@ -24,6 +24,9 @@ use crate::graph::Attachment;
 pub struct WriteFlags {
     /// Force unit access: the data is on stable storage when the request completes.
     pub fua: bool,
+    /// Store the data compressed (qcow2; whole clusters only). Drivers without
+    /// compression refuse it (see [`BlockDriver::supports_compression`]).
+    pub compressed: bool,
 }
 
 /// Flags of a write-zeroes request.
@@ -71,6 +74,8 @@ pub struct Status {
     pub allocated: bool,
     /// Where the range lives in the bottom-most file, when that is meaningful.
     pub host_offset: Option<u64>,
+    /// Stored compressed (qcow2); such data has no host offset of its own.
+    pub compressed: bool,
 }
 
 /// A run of bytes with one status, as returned by [`BlockDriver::block_status`].
@@ -111,6 +116,22 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The backing node reads of unallocated ranges fall through to (qcow2), if any.
+    fn backing(&self) -> Option<&Attachment> {
+        None
+    }
+
+    /// Whether writes with [`WriteFlags::compressed`] are stored compressed.
+    fn supports_compression(&self) -> bool {
+        false
+    }
+
+    /// Lets writes extend the device past its end, as a format driver allocating at
+    /// the end of its file needs. Returns false when the driver cannot grow.
+    fn make_growable(&self) -> bool {
+        false
+    }
+
     /// Reads `buf.len()` bytes at `offset` into `buf` and returns it.
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf>;
 
@@ -140,6 +161,7 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
             zero: false,
             allocated: true,
             host_offset: None,
+            compressed: false,
         };
         Ok(Extent {
             offset,
@@ -176,7 +198,14 @@ pub async fn write_zeroes_by_writing<D: BlockDriver + ?Sized>(
         let n = (len - done).min(ZERO_CHUNK) as usize;
         buf.set_len(n);
         buf = driver
-            .write(offset + done, buf, WriteFlags { fua: flags.fua })
+            .write(
+                offset + done,
+                buf,
+                WriteFlags {
+                    fua: flags.fua,
+                    ..WriteFlags::default()
+                },
+            )
             .await?;
         done += n as u64;
     }

@@ -53,10 +53,13 @@ use crate::driver::check_request;
 use crate::drivers::fault::FaultDriver;
 use crate::drivers::file::FileDriver;
 use crate::drivers::null::NullDriver;
+use crate::drivers::qcow2;
+use crate::drivers::qcow2::Qcow2Driver;
 use crate::drivers::raw::RawDriver;
 use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::error::Result;
+use crate::options::BackingRef;
 use crate::options::BlockdevOptions;
 use crate::options::BlockdevRef;
 use crate::options::DetectZeroes;
@@ -86,6 +89,8 @@ pub struct Node {
     /// Names of the implicit children this node created.
     implicit_children: Vec<String>,
     policy: NodePolicy,
+    /// Writes may extend the node past its end (the file under a qcow2 node).
+    growable: std::sync::atomic::AtomicBool,
     driver: Box<dyn BlockDriver>,
 }
 
@@ -150,6 +155,26 @@ impl Node {
         Ok(())
     }
 
+    /// Lets writes extend the node past its end, if its driver can grow (a host file).
+    /// Format drivers that allocate at the end of their file call this on their child.
+    pub fn make_growable(&self) -> bool {
+        let grows = self.driver.make_growable();
+        if grows {
+            self.growable
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        grows
+    }
+
+    /// The length a write must stay within: unlimited for a growable node.
+    fn write_limit(&self) -> u64 {
+        if self.growable.load(std::sync::atomic::Ordering::Acquire) {
+            u64::MAX
+        } else {
+            self.length()
+        }
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         check_request("read", offset, buf.len() as u64, self.length())?;
@@ -163,11 +188,17 @@ impl Node {
     /// has `detect-zeroes` set.
     pub async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
         self.check_writable("write")?;
-        check_request("write", offset, buf.len() as u64, self.length())?;
+        check_request("write", offset, buf.len() as u64, self.write_limit())?;
         if buf.is_empty() {
             return Ok(buf);
         }
-        if self.policy.detect_zeroes != DetectZeroes::Off && buf.is_zero() {
+        if flags.compressed && !self.driver.supports_compression() {
+            return Err(Error::unsupported(format!(
+                "Compression is not supported for this drive {}",
+                self.name
+            )));
+        }
+        if self.policy.detect_zeroes != DetectZeroes::Off && buf.is_zero() && !flags.compressed {
             let zero = ZeroFlags {
                 may_unmap: self.policy.detect_zeroes == DetectZeroes::Unmap,
                 fua: flags.fua,
@@ -578,6 +609,63 @@ impl NodeGraph {
                     check_child_writable(&child, &mut policy, auto_read_only)?;
                     Box::new(RawDriver::new(child, raw.offset, raw.size)?)
                 }
+                DriverOptions::Qcow2(q) => {
+                    let child = self
+                        .open_child(
+                            q.file,
+                            &name,
+                            "file",
+                            inherit,
+                            created,
+                            &mut implicit_children,
+                        )
+                        .await?;
+                    check_child_writable(&child, &mut policy, auto_read_only)?;
+                    let header = Qcow2Driver::read_header(&child).await?;
+                    let backing_options = match q.backing {
+                        BackingRef::None => None,
+                        BackingRef::Node(reference) => Some(reference),
+                        BackingRef::FromHeader => match &header.backing_file {
+                            None => None,
+                            Some(stored) => {
+                                let image = child.node().filename();
+                                let options =
+                                    qcow2::backing_options(image.as_deref(), stored, &header)?;
+                                Some(BlockdevRef::Inline(Box::new(options)))
+                            }
+                        },
+                    };
+                    let backing = match backing_options {
+                        None => None,
+                        Some(reference) => {
+                            let backing_inherit = Inherited {
+                                read_only: Some(true),
+                                ..inherit
+                            };
+                            Some(
+                                self.open_child(
+                                    reference,
+                                    &name,
+                                    "backing",
+                                    backing_inherit,
+                                    created,
+                                    &mut implicit_children,
+                                )
+                                .await?,
+                            )
+                        }
+                    };
+                    Box::new(
+                        Qcow2Driver::open(
+                            child,
+                            header,
+                            backing,
+                            policy.read_only,
+                            q.l2_cache_size,
+                        )
+                        .await?,
+                    )
+                }
                 DriverOptions::Nbd(_) => match &self.external {
                     Some(external) => external.open(&options.driver).await?,
                     None => {
@@ -606,6 +694,7 @@ impl NodeGraph {
                 implicit,
                 implicit_children,
                 policy,
+                growable: Default::default(),
                 driver,
             });
             let mut state = self.state();
@@ -819,6 +908,7 @@ impl NodeGraph {
                 implicit,
                 implicit_children: Vec::new(),
                 policy,
+                growable: Default::default(),
                 driver,
             });
             built.push((below, filter));

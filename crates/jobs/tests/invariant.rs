@@ -126,6 +126,7 @@ async fn run_seed(seed: u64) -> Outcome {
                         let data = rng.bytes(len as usize);
                         let flags = WriteFlags {
                             fua: rng.below(4) == 0,
+                            ..WriteFlags::default()
                         };
                         disk.write(offset, IoBuf::from_slice(&data), flags)
                             .await

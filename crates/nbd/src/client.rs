@@ -597,6 +597,7 @@ impl BlockDriver for NbdDriver {
             zero: false,
             allocated: true,
             host_offset: None,
+            compressed: false,
         };
         if self.client.allocation_context.is_none() {
             return Ok(Extent {
@@ -623,6 +624,7 @@ impl BlockDriver for NbdDriver {
             zero: flags & STATE_ZERO != 0,
             allocated: true,
             host_offset: None,
+            compressed: false,
         };
         Ok(Extent {
             offset,

@@ -801,7 +801,14 @@ async fn run(
             let buf = payload.expect("write payload read with the header");
             export
                 .disk
-                .write(request.offset, buf, WriteFlags { fua })
+                .write(
+                    request.offset,
+                    buf,
+                    WriteFlags {
+                        fua,
+                        ..WriteFlags::default()
+                    },
+                )
                 .await
                 .map_err(|e| block_failure(&e, true))?;
             Ok(Reply::Done)

@@ -100,7 +100,10 @@ async fn reads_writes_and_block_status_through_qemu_nbd() {
     disk.write(
         4096,
         IoBuf::from_slice(&[0x5a; 8192]),
-        WriteFlags { fua: true },
+        WriteFlags {
+            fua: true,
+            ..WriteFlags::default()
+        },
     )
     .await
     .unwrap();

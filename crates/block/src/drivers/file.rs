@@ -31,6 +31,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 
@@ -58,7 +61,11 @@ pub struct FileDriver {
     file: Arc<File>,
     /// A buffered descriptor for requests O_DIRECT cannot take (unaligned ones).
     buffered: Option<Arc<File>>,
-    length: u64,
+    /// Current size; grows when a growable file is written past its end.
+    length: AtomicU64,
+    /// Writes may extend the file (set for the `file` child of a format that allocates,
+    /// like qcow2; never for block devices).
+    growable: AtomicBool,
     read_only: bool,
     block_device: bool,
 }
@@ -135,7 +142,8 @@ impl FileDriver {
             path: path.to_path_buf(),
             file: Arc::new(file),
             buffered,
-            length,
+            length: AtomicU64::new(length),
+            growable: AtomicBool::new(false),
             read_only,
             block_device,
         })
@@ -159,8 +167,19 @@ impl FileDriver {
     }
 
     fn check(&self, op: &str, offset: u64, len: u64) -> Result<()> {
-        check_request(op, offset, len, self.length)
+        check_request(op, offset, len, self.length.load(Ordering::Acquire))
             .map_err(|e| e.context(format!("'{}'", self.path.display())))
+    }
+
+    /// Checks a write and returns its end; a growable file accepts writes past its end.
+    fn check_write(&self, op: &str, offset: u64, len: u64) -> Result<u64> {
+        if self.growable.load(Ordering::Acquire) {
+            check_request(op, offset, len, u64::MAX)
+                .map_err(|e| e.context(format!("'{}'", self.path.display())))?;
+        } else {
+            self.check(op, offset, len)?;
+        }
+        Ok(offset + len)
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -262,7 +281,15 @@ impl BlockDriver for FileDriver {
     }
 
     fn length(&self) -> u64 {
-        self.length
+        self.length.load(Ordering::Acquire)
+    }
+
+    fn make_growable(&self) -> bool {
+        if self.block_device || self.read_only {
+            return false;
+        }
+        self.growable.store(true, Ordering::Release);
+        true
     }
 
     fn limits(&self) -> Limits {
@@ -299,7 +326,7 @@ impl BlockDriver for FileDriver {
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
         self.check_writable()?;
-        self.check("write", offset, buf.len() as u64)?;
+        let end = self.check_write("write", offset, buf.len() as u64)?;
         let file = self.fd_for(offset, buf.len() as u64);
         let (buf, result) = blocking(move || {
             let mut r = file.write_all_at(&buf, offset);
@@ -310,6 +337,7 @@ impl BlockDriver for FileDriver {
         })
         .await?;
         result.map_err(|e| self.io_error("write", offset, e))?;
+        self.length.fetch_max(end, Ordering::AcqRel);
         Ok(buf)
     }
 
@@ -381,7 +409,7 @@ impl BlockDriver for FileDriver {
     async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         self.check("block status", offset, len)?;
         let file = self.file.clone();
-        let length = self.length;
+        let length = self.length();
         let block_device = self.block_device;
         let result = blocking(move || {
             if block_device {
@@ -413,6 +441,7 @@ impl BlockDriver for FileDriver {
             zero: !data,
             allocated: true,
             host_offset: Some(offset),
+            compressed: false,
         };
         Ok(Extent {
             offset,

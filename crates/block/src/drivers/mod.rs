@@ -8,4 +8,5 @@
 pub mod fault;
 pub mod file;
 pub mod null;
+pub mod qcow2;
 pub mod raw;

@@ -85,6 +85,7 @@ impl BlockDriver for NullDriver {
             zero,
             allocated: true,
             host_offset: None,
+            compressed: false,
         };
         Ok(Extent {
             offset,

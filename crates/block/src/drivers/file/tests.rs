@@ -50,9 +50,16 @@ both_cache_modes!(the_unaligned_tail_of_a_4097_byte_file_works, |direct| {
     let (_dir, path) = image(4097);
     let file = FileDriver::open(&path, false, direct, false).unwrap();
     assert_eq!(file.length(), 4097);
-    file.write(4096, IoBuf::from_slice(&[0xab]), WriteFlags { fua: true })
-        .await
-        .unwrap();
+    file.write(
+        4096,
+        IoBuf::from_slice(&[0xab]),
+        WriteFlags {
+            fua: true,
+            ..WriteFlags::default()
+        },
+    )
+    .await
+    .unwrap();
     let back = file.read(0, IoBuf::zeroed(4097)).await.unwrap();
     assert_eq!(back[4096], 0xab);
     assert!(back[..4096].iter().all(|b| *b == 0));
