@@ -816,8 +816,11 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         let e = parse(json!({"driver":"file","filename":"a","locking":"on"})).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unsupported);
-        let e = parse(json!({"driver":"qcow2","file":"f"})).unwrap_err();
+        let e = parse(json!({"driver":"qcow2","file":"f","lazy-refcounts":true})).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unsupported);
+        let e = parse(json!({"driver":"qcow2","file":"f","data-file":"d"})).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(parse(json!({"driver":"qcow2","file":"f","backing":null})).is_ok());
         let e = parse(json!({"driver":"file","filename":"a","force-share":true})).unwrap_err();
         assert!(e.to_string().contains("read-only"), "{e}");
     }
