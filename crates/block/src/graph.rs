@@ -35,6 +35,7 @@
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -790,6 +791,42 @@ impl NodeGraph {
             })
             .map(|s| s.user.clone())
             .collect()
+    }
+
+    /// Closes every node for shutdown, parents before their children, so a format
+    /// driver writes its metadata (and clears its dirty bit) while its file is still
+    /// open. Nodes stay in the graph; drivers that track it refuse I/O afterwards.
+    /// Returns the first error after trying every node.
+    pub async fn close_all(&self) -> Result<()> {
+        let _reconfigure = self.reconfigure.lock().await;
+        let mut remaining = self.nodes();
+        let mut first_error = None;
+        while !remaining.is_empty() {
+            let names: HashSet<String> = remaining.iter().map(|n| n.name.clone()).collect();
+            let parents_open = |node: &Arc<Node>| {
+                self.users_of(&node.name).iter().any(|user| match user {
+                    AttachUser::Parent { parent, .. } => names.contains(parent),
+                    AttachUser::FilterChild { filter } => names.contains(filter),
+                    _ => false,
+                })
+            };
+            let (mut ready, rest): (Vec<_>, Vec<_>) =
+                remaining.into_iter().partition(|n| !parents_open(n));
+            if ready.is_empty() {
+                // Cannot happen in a tree; close the rest in any order rather than hang.
+                ready = rest;
+                remaining = Vec::new();
+            } else {
+                remaining = rest;
+            }
+            for node in ready {
+                if let Err(e) = node.driver.close().await {
+                    tracing::warn!(node = node.name, "closing node failed: {e}");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// `blockdev-del`: removes an unused, monitor-owned node, then the inline children

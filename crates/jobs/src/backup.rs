@@ -80,6 +80,8 @@ pub struct BackupOptions {
     pub staging_memory: usize,
     /// Where the spill file goes (default: beside the target, else the temp dir).
     pub scratch_dir: Option<PathBuf>,
+    /// Write data clusters compressed (the target must support it: qcow2).
+    pub compress: bool,
 }
 
 impl BackupOptions {
@@ -98,6 +100,7 @@ impl BackupOptions {
             max_chunk: 0,
             staging_memory: 64 << 20,
             scratch_dir: None,
+            compress: false,
         }
     }
 }
@@ -278,6 +281,11 @@ async fn prepare_backup(
             "Source and target image have different sizes",
         ));
     }
+    if options.compress && !target_node.driver().supports_compression() {
+        return Err(JobError::generic(format!(
+            "Compression is not supported for this drive {target}"
+        )));
+    }
     if options.max_workers == 0 || options.max_workers > i32::MAX as usize {
         return Err(JobError::generic(
             "max-workers must be between 1 and 2147483647",
@@ -334,6 +342,8 @@ async fn prepare_backup(
         scratch_dir,
         skip_unallocated: options.sync == SyncMode::Top,
         on_cbw_error: options.on_cbw_error,
+        compress: options.compress,
+        sparse_block: target_cluster.max(4096),
     };
     let progress = job.progress_meter().clone();
     let engine: Arc<Mutex<Option<Arc<BlockCopy>>>> = Arc::new(Mutex::new(None));

@@ -94,6 +94,12 @@ pub struct BlockCopyOptions {
     pub skip_unallocated: bool,
     /// Copy-before-write failure mode.
     pub on_cbw_error: OnCbwError,
+    /// Write data compressed (whole target clusters).
+    pub compress: bool,
+    /// Unit of zero detection on the way out: 4 KiB for files, the cluster for
+    /// formats that allocate clusters (a partial-cluster write would make them copy
+    /// on write and allocate the cluster anyway).
+    pub sparse_block: u64,
 }
 
 /// A copy that failed in the background.
@@ -845,11 +851,15 @@ impl BlockCopy {
     /// --sparse=always` does), so a backup never takes more space than its source.
     /// Returns the bytes written as data.
     async fn write_sparse(&self, offset: u64, buf: IoBuf) -> Result<u64, Error> {
-        const BLOCK: usize = 4096;
+        let block_len = self.options.sparse_block.max(512) as usize;
+        let flags = WriteFlags {
+            compressed: self.options.compress,
+            ..WriteFlags::default()
+        };
         let mut runs: Vec<(usize, usize, bool)> = Vec::new();
-        for (i, block) in buf.chunks(BLOCK).enumerate() {
+        for (i, block) in buf.chunks(block_len).enumerate() {
             let zero = block::buf::is_zero(block);
-            let at = i * BLOCK;
+            let at = i * block_len;
             match runs.last_mut() {
                 Some(run) if run.2 == zero => run.1 = at + block.len(),
                 _ => runs.push((at, at + block.len(), zero)),
@@ -857,9 +867,7 @@ impl BlockCopy {
         }
         if let [(_, _, false)] = runs[..] {
             let len = buf.len() as u64;
-            self.target
-                .write(offset, buf, WriteFlags::default())
-                .await?;
+            self.target.write(offset, buf, flags).await?;
             return Ok(len);
         }
         let mut data = 0;
@@ -869,7 +877,7 @@ impl BlockCopy {
                 self.write_zeroes(at, (to - from) as u64).await?;
             } else {
                 self.target
-                    .write(at, IoBuf::from_slice(&buf[from..to]), WriteFlags::default())
+                    .write(at, IoBuf::from_slice(&buf[from..to]), flags)
                     .await?;
                 data += (to - from) as u64;
             }

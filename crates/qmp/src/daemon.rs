@@ -239,10 +239,10 @@ impl Daemon {
                 let _ = std::fs::remove_file(path);
             }
         }
-        for node in self.graph.nodes() {
-            if let Err(e) = node.flush().await {
-                tracing::warn!(node = node.name(), "flush at shutdown failed: {e}");
-            }
+        // Close parents before children: qcow2 writes its metadata and clears its
+        // dirty bit while its file is still open.
+        if let Err(e) = self.graph.close_all().await {
+            tracing::warn!("closing nodes at shutdown failed: {e}");
         }
     }
 
@@ -769,11 +769,6 @@ fn parse_backup(mut m: Members) -> Result<jobs::BackupRequest, QmpError> {
             "Bitmap '{name}' could not be found"
         )));
     }
-    if compress {
-        return Err(QmpError::generic(format!(
-            "Compression is not supported for this drive {target}"
-        )));
-    }
     if discard_source {
         return Err(QmpError::generic(
             "discard-source is not supported by stillpoint yet",
@@ -796,6 +791,7 @@ fn parse_backup(mut m: Members) -> Result<jobs::BackupRequest, QmpError> {
     options.on_source_error = on_source_error;
     options.on_target_error = on_target_error;
     options.filter_node_name = filter_node_name;
+    options.compress = compress;
     if let Some(w) = perf.1 {
         options.max_workers = usize::try_from(w).unwrap_or(0);
     }

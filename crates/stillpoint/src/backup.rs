@@ -16,7 +16,6 @@ use std::time::Duration;
 use std::time::Instant;
 
 use anyhow::bail;
-use block::BlockdevOptions;
 use block::NodeGraph;
 use indicatif::ProgressBar;
 use indicatif::ProgressStyle;
@@ -29,6 +28,7 @@ use jobs::start_backup;
 use serde_json::json;
 
 use crate::image::Format;
+use crate::image::node_options;
 use crate::image::os_text;
 use crate::image::probe;
 
@@ -53,45 +53,54 @@ pub struct BackupArgs {
     pub workers: usize,
     /// Print the summary as JSON.
     pub json: bool,
+    /// Write the target's clusters compressed (qcow2 targets).
+    pub compress: bool,
 }
 
-fn refuse_qcow2(path: &Path, format: Option<Format>, role: &str) -> anyhow::Result<()> {
-    let format = match format {
+fn format_of(path: &Path, format: Option<Format>) -> anyhow::Result<Format> {
+    Ok(match format {
         Some(f) => f,
         None if path.exists() => probe(path)?,
         None => Format::Raw,
-    };
-    if format == Format::Qcow2 {
-        bail!(
-            "the {role} '{}' is qcow2, which this build cannot open yet (only raw images)",
-            path.display()
-        );
+    })
+}
+
+/// Creates an empty target of `len` bytes: a sparse raw file or a fresh qcow2 image.
+fn create_target(path: &Path, format: Format, len: u64) -> anyhow::Result<()> {
+    match format {
+        Format::Raw => {
+            let file = std::fs::File::create(path).map_err(|e| {
+                anyhow::anyhow!("Could not create '{}': {}", path.display(), os_text(&e))
+            })?;
+            file.set_len(len).map_err(|e| {
+                anyhow::anyhow!("Could not resize '{}': {}", path.display(), os_text(&e))
+            })?;
+        }
+        Format::Qcow2 => {
+            let options = block::drivers::qcow2::header::CreateOptions {
+                size: len,
+                ..Default::default()
+            };
+            block::drivers::qcow2::create_file(path, &options)?;
+        }
     }
     Ok(())
 }
 
-fn raw_node(name: &str, path: &Path, read_only: bool) -> BlockdevOptions {
-    let mut options = BlockdevOptions::raw_file(path, read_only);
-    options.node_name = Some(name.to_string());
-    if !read_only {
-        options.discard = Some(block::options::DiscardMode::Unmap);
-    }
-    options
-}
-
 /// Runs the backup; returns an error (and leaves an incomplete target) on failure.
 pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
-    refuse_qcow2(&args.source, args.source_format, "source")?;
-    refuse_qcow2(&args.target, args.target_format, "target")?;
-    let source_len = std::fs::metadata(&args.source)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "Could not open '{}': {}",
-                args.source.display(),
-                os_text(&e)
-            )
-        })?
-        .len();
+    let source_format = format_of(&args.source, args.source_format)?;
+    let target_format = format_of(&args.target, args.target_format)?;
+    std::fs::metadata(&args.source).map_err(|e| {
+        anyhow::anyhow!(
+            "Could not open '{}': {}",
+            args.source.display(),
+            os_text(&e)
+        )
+    })?;
+    if args.compress && target_format != Format::Qcow2 {
+        bail!("--compress needs a qcow2 target (--target-format qcow2)");
+    }
     if let (Ok(a), Ok(b)) = (
         std::fs::metadata(&args.source),
         std::fs::metadata(&args.target),
@@ -101,27 +110,34 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
             bail!("Source and target cannot be the same");
         }
     }
+    let graph = Arc::new(NodeGraph::new());
+    graph
+        .add(node_options(
+            &args.source,
+            source_format,
+            true,
+            Some("source"),
+        ))
+        .await?;
+    let source_len = graph.node("source").map(|n| n.length()).unwrap_or(0);
     let created = !args.target.exists();
     if created {
-        let file = std::fs::File::create(&args.target).map_err(|e| {
-            anyhow::anyhow!(
-                "Could not create '{}': {}",
-                args.target.display(),
-                os_text(&e)
-            )
-        })?;
-        file.set_len(source_len).map_err(|e| {
-            anyhow::anyhow!(
-                "Could not resize '{}': {}",
-                args.target.display(),
-                os_text(&e)
-            )
-        })?;
+        create_target(&args.target, target_format, source_len)?;
     }
-
-    let graph = Arc::new(NodeGraph::new());
-    graph.add(raw_node("source", &args.source, true)).await?;
-    graph.add(raw_node("target", &args.target, false)).await?;
+    if let Err(e) = graph
+        .add(node_options(
+            &args.target,
+            target_format,
+            false,
+            Some("target"),
+        ))
+        .await
+    {
+        if created {
+            let _ = std::fs::remove_file(&args.target);
+        }
+        return Err(e.into());
+    }
     let registry = JobRegistry::new();
     let mut events = registry.subscribe();
     let mut options = BackupOptions::new("backup");
@@ -129,10 +145,12 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
     options.job.speed = args.speed;
     options.min_cluster_size = args.cluster_size;
     options.max_workers = args.workers;
+    options.compress = args.compress;
     let started = Instant::now();
     let (job, stats) = match start_backup(&graph, &registry, "source", "target", options).await {
         Ok(started) => started,
         Err(e) => {
+            let _ = graph.close_all().await;
             if created {
                 let _ = std::fs::remove_file(&args.target);
             }
@@ -188,6 +206,8 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
         bar.finish_and_clear();
     }
     let seconds = started.elapsed().as_secs_f64();
+    // Closing writes a qcow2 target's metadata and marks it clean.
+    let closed = graph.close_all().await;
     let target = args.target.display();
     match outcome {
         Some(Ok(())) => {}
@@ -196,6 +216,9 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
         }
         Some(Err(e)) => bail!("backup failed: {e}; the target '{target}' is incomplete"),
         None => bail!("backup ended without a result; the target '{target}' is incomplete"),
+    }
+    if let Err(e) = closed {
+        bail!("closing the images failed: {e}; the target '{target}' may be incomplete");
     }
     let (len, data, zero, skipped) = (
         job.progress().1,

@@ -3,18 +3,22 @@
 use std::io::Read;
 use std::path::Path;
 
-use anyhow::bail;
 use block::AttachUser;
 use block::Attachment;
 use block::BlockdevOptions;
 use block::NodeGraph;
+use block::options::BackingRef;
+use block::options::BlockdevRef;
+use block::options::DriverOptions;
+use block::options::FileOptions;
+use block::options::Qcow2Options;
 
 /// Image formats the CLI knows by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// Plain bytes.
     Raw,
-    /// QEMU copy-on-write v2/v3 (recognised, not yet readable).
+    /// QEMU copy-on-write, versions 2 and 3.
     Qcow2,
 }
 
@@ -49,10 +53,41 @@ pub fn os_text(e: &std::io::Error) -> String {
     text.split(" (os error").next().unwrap_or(&text).to_string()
 }
 
+/// Node options for an image file in `format`, named `name` (generated when None).
+pub fn node_options(
+    path: &Path,
+    format: Format,
+    read_only: bool,
+    name: Option<&str>,
+) -> BlockdevOptions {
+    let mut options = match format {
+        Format::Raw => BlockdevOptions::raw_file(path, read_only),
+        Format::Qcow2 => {
+            let file = BlockdevOptions::plain(DriverOptions::File(FileOptions {
+                filename: path.to_path_buf(),
+            }));
+            let mut options = BlockdevOptions::plain(DriverOptions::Qcow2(Qcow2Options {
+                file: BlockdevRef::Inline(Box::new(file)),
+                backing: BackingRef::FromHeader,
+                l2_cache_size: None,
+            }));
+            options.read_only = Some(read_only);
+            options
+        }
+    };
+    options.node_name = name.map(str::to_string);
+    if !read_only {
+        options.discard = Some(block::options::DiscardMode::Unmap);
+    }
+    options
+}
+
 /// An image opened read-only for inspection.
 pub struct OpenImage {
     /// The inspector's handle on the format node (it keeps the node chain alive).
     pub node: Attachment,
+    /// The format it was opened as.
+    pub format: Format,
 }
 
 /// Opens `path` read-only as `format` (probed when `None`).
@@ -61,15 +96,8 @@ pub async fn open_read_only(path: &Path, format: Option<Format>) -> anyhow::Resu
         Some(f) => f,
         None => probe(path)?,
     };
-    if format == Format::Qcow2 {
-        bail!(
-            "Could not open '{}': the qcow2 format is not supported by this build yet \
-             (only raw images can be inspected)",
-            path.display()
-        );
-    }
     let graph = NodeGraph::new();
-    let top = graph.open(BlockdevOptions::raw_file(path, true)).await?;
+    let top = graph.open(node_options(path, format, true, None)).await?;
     let node = graph.attach(top.name(), AttachUser::Other("command line".into()))?;
-    Ok(OpenImage { node })
+    Ok(OpenImage { node, format })
 }

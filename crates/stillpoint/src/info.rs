@@ -18,6 +18,18 @@ pub struct ImageInfo {
     /// Bytes the file occupies on the host filesystem.
     #[serde(rename = "actual-size")]
     pub actual_size: u64,
+    /// qcow2 cluster size.
+    #[serde(rename = "cluster-size", skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    /// Backing file name as stored in the image.
+    #[serde(rename = "backing-filename", skip_serializing_if = "Option::is_none")]
+    pub backing_filename: Option<String>,
+    /// Backing file format as stored in the image.
+    #[serde(
+        rename = "backing-filename-format",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backing_filename_format: Option<String>,
     /// Whether the image is marked as not cleanly closed (never, for raw).
     #[serde(rename = "dirty-flag")]
     pub dirty_flag: bool,
@@ -54,14 +66,24 @@ pub fn human_size(bytes: u64) -> String {
 
 /// The human form of `info`.
 pub fn to_human(info: &ImageInfo) -> String {
-    format!(
+    let mut out = format!(
         "image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\ndisk size: {}\n",
         info.filename,
         info.format,
         human_size(info.virtual_size),
         info.virtual_size,
         human_size(info.actual_size)
-    )
+    );
+    if let Some(cs) = info.cluster_size {
+        out.push_str(&format!("cluster_size: {cs}\n"));
+    }
+    if let Some(b) = &info.backing_filename {
+        out.push_str(&format!("backing file: {b}\n"));
+    }
+    if let Some(f) = &info.backing_filename_format {
+        out.push_str(&format!("backing file format: {f}\n"));
+    }
+    out
 }
 
 #[cfg(test)]

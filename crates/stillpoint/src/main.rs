@@ -86,17 +86,31 @@ enum Command {
         /// Print the summary as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Store the target's clusters compressed (qcow2 targets only).
+        #[arg(long)]
+        compress: bool,
     },
     /// Create an image of SIZE bytes (512, 64K, 1M, 10G, 2T...); replaces an existing file.
     Create {
         /// Image format.
         #[arg(short = 'f', long = "format", value_enum, default_value = "raw")]
         format: Format,
+        /// qcow2 options, comma separated: cluster_size=64k, backing_file=PATH,
+        /// backing_fmt=qcow2|raw, compression_type=zlib|zstd, refcount_bits=16.
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Backing file (qcow2 only), as `-o backing_file=`.
+        #[arg(short = 'b')]
+        backing_file: Option<String>,
+        /// Backing file format, as `-o backing_fmt=`.
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
         /// Path of the image to create.
         file: PathBuf,
-        /// Virtual size, with an optional K/M/G/T/P/E suffix (powers of 1024).
+        /// Virtual size, with an optional K/M/G/T/P/E suffix (powers of 1024); a qcow2
+        /// image with a backing file defaults to the backing file's size.
         #[arg(allow_hyphen_values = true)]
-        size: String,
+        size: Option<String>,
     },
     /// Run a live backup end to end on a sample disk, with writes through NBD, and check it.
     Demo {
@@ -217,6 +231,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             cluster_size,
             workers,
             json,
+            compress,
         } => {
             let speed = size::parse_size(&speed).context("invalid --speed")?;
             let cluster_size = cluster_size
@@ -236,6 +251,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 cluster_size,
                 workers,
                 json,
+                compress,
             };
             backup::run(args).await
         }
@@ -275,7 +291,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             nbd_cmd::run(&image, listen, format, name, writable).await
         }
-        Command::Create { format, file, size } => create(format, &file, &size),
+        Command::Create {
+            format,
+            options,
+            backing_file,
+            backing_format,
+            file,
+            size,
+        } => create(
+            format,
+            &file,
+            size.as_deref(),
+            &options,
+            backing_file,
+            backing_format,
+        ),
         Command::Info {
             format,
             output,
@@ -300,33 +330,172 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn create(format: Format, file: &Path, size: &str) -> anyhow::Result<()> {
-    if format != Format::Raw {
-        bail!("creating qcow2 images is not supported yet: only raw");
+fn create(
+    format: Format,
+    file: &Path,
+    size: Option<&str>,
+    options: &[String],
+    backing_file: Option<String>,
+    backing_format: Option<String>,
+) -> anyhow::Result<()> {
+    if format == Format::Raw {
+        if !options.is_empty() || backing_file.is_some() || backing_format.is_some() {
+            bail!("raw images take no options (-o, -b, -F are for qcow2)");
+        }
+        let Some(size) = size else {
+            bail!("Image creation needs a size parameter");
+        };
+        let size = size::parse_size(size)?;
+        let handle = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(file)
+            .map_err(|e| {
+                anyhow::anyhow!("Could not create '{}': {}", file.display(), os_text(&e))
+            })?;
+        handle.set_len(size).map_err(|e| {
+            anyhow::anyhow!("Could not resize '{}': {}", file.display(), os_text(&e))
+        })?;
+        println!("Formatting '{}', fmt=raw size={size}", file.display());
+        return Ok(());
     }
-    let size = size::parse_size(size)?;
-    let handle = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(file)
-        .map_err(|e| anyhow::anyhow!("Could not create '{}': {}", file.display(), os_text(&e)))?;
-    handle
-        .set_len(size)
-        .map_err(|e| anyhow::anyhow!("Could not resize '{}': {}", file.display(), os_text(&e)))?;
-    println!("Formatting '{}', fmt=raw size={size}", file.display());
+    use block::drivers::qcow2;
+    use block::drivers::qcow2::header::CompressionType;
+    let mut create = qcow2::header::CreateOptions {
+        backing_file,
+        backing_format,
+        ..Default::default()
+    };
+    for list in options {
+        for item in list.split(',').filter(|i| !i.is_empty()) {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("Invalid option '{item}': expected key=value"))?;
+            match key {
+                "cluster_size" => {
+                    let bytes = size::parse_size(value)?;
+                    if !bytes.is_power_of_two() || !(512..=2 << 20).contains(&bytes) {
+                        bail!("Cluster size must be a power of two between 512 and 2048k");
+                    }
+                    create.cluster_bits = bytes.trailing_zeros();
+                }
+                "backing_file" => create.backing_file = Some(value.to_string()),
+                "backing_fmt" => create.backing_format = Some(value.to_string()),
+                "compression_type" => {
+                    create.compression = match value {
+                        "zlib" => CompressionType::Deflate,
+                        "zstd" => CompressionType::Zstd,
+                        other => {
+                            bail!("Parameter 'compression_type' does not accept value '{other}'")
+                        }
+                    }
+                }
+                "refcount_bits" => {
+                    let bits: u64 = value
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("Invalid refcount_bits '{value}'"))?;
+                    if !bits.is_power_of_two() || bits > 64 {
+                        bail!("Refcount width must be a power of two and may not exceed 64 bits");
+                    }
+                    create.refcount_order = bits.trailing_zeros();
+                }
+                "size" => {
+                    if size.is_some() {
+                        bail!("size given twice");
+                    }
+                    create.size = size::parse_size(value)?;
+                }
+                other => bail!(
+                    "Invalid parameter '{other}' for qcow2 (supported: cluster_size, backing_file, backing_fmt, compression_type, refcount_bits)"
+                ),
+            }
+        }
+    }
+    if let Some(format) = &create.backing_format
+        && format != "qcow2"
+        && format != "raw"
+    {
+        bail!("backing format '{format}' is not supported (qcow2 or raw)");
+    }
+    match (size, &create.backing_file) {
+        (Some(size), _) => create.size = size::parse_size(size)?,
+        (None, Some(backing)) if create.size == 0 => {
+            // Like qemu-img: the backing file's size, and its format when not given.
+            let path = qcow2::resolve_backing(Some(file), backing);
+            create.size = qcow2::image_size(&path)?;
+            if create.backing_format.is_none() {
+                create.backing_format = Some(
+                    if image::probe(&path)? == Format::Qcow2 {
+                        "qcow2"
+                    } else {
+                        "raw"
+                    }
+                    .into(),
+                );
+            }
+        }
+        (None, None) if create.size == 0 => bail!("Image creation needs a size parameter"),
+        _ => {}
+    }
+    if let Some(backing) = &create.backing_file {
+        let path = qcow2::resolve_backing(Some(file), backing);
+        if !path.exists() {
+            bail!(
+                "Could not open backing file '{}': No such file or directory",
+                path.display()
+            );
+        }
+    }
+    qcow2::create_file(file, &create).map_err(|e| {
+        let message = e.to_string();
+        anyhow::anyhow!(
+            "{}",
+            message
+                .replace(" (os error", "")
+                .split(" (")
+                .next()
+                .unwrap_or(&message)
+        )
+    })?;
+    let size = create.size.div_ceil(512) * 512;
+    let mut line = format!(
+        "Formatting '{}', fmt=qcow2 cluster_size={} compression_type={} size={size}",
+        file.display(),
+        1u64 << create.cluster_bits,
+        create.compression.name()
+    );
+    if let Some(b) = &create.backing_file {
+        line.push_str(&format!(" backing_file={b}"));
+    }
+    if let Some(f) = &create.backing_format {
+        line.push_str(&format!(" backing_fmt={f}"));
+    }
+    println!("{line} refcount_bits={}", 1u64 << create.refcount_order);
     Ok(())
 }
 
 async fn info(format: Option<Format>, output: Output, file: &Path) -> anyhow::Result<()> {
     let image = image::open_read_only(file, format).await?;
+    let header = match image.format {
+        Format::Qcow2 => block::drivers::qcow2::read_file_header(file)?,
+        Format::Raw => None,
+    };
     let report = info::ImageInfo {
         virtual_size: image.node.length(),
         filename: file.display().to_string(),
-        format: "raw",
+        format: match image.format {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        },
         actual_size: info::allocated_bytes(file)
             .map_err(|e| anyhow::anyhow!("Could not stat '{}': {}", file.display(), os_text(&e)))?,
-        dirty_flag: false,
+        cluster_size: header.as_ref().map(|h| h.cluster_size()),
+        backing_filename: header.as_ref().and_then(|h| h.backing_file.clone()),
+        backing_filename_format: header.as_ref().and_then(|h| h.backing_format.clone()),
+        dirty_flag: header
+            .as_ref()
+            .is_some_and(|h| h.incompatible & block::drivers::qcow2::header::INCOMPAT_DIRTY != 0),
     };
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -346,7 +515,19 @@ async fn map(
     let entries = map::map(&image.node, start, max_length).await?;
     match output {
         Output::Json => print!("{}", map::to_json(&entries)),
-        Output::Human => print!("{}", map::to_human(&entries, &file.display().to_string())),
+        Output::Human => {
+            let mut files = map::layer_names(&image.node);
+            files[0] = file.display().to_string();
+            match map::to_human(&entries, &files) {
+                Ok(table) => print!("{table}"),
+                Err(partial) => {
+                    // The rows before the compressed data, then qemu-img's error.
+                    let (table, message) = partial.split_once('\u{0}').unwrap_or(("", &partial));
+                    print!("{table}");
+                    bail!("{message}");
+                }
+            }
+        }
     }
     Ok(())
 }

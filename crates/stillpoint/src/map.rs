@@ -14,7 +14,10 @@
 
 use std::fmt::Write as _;
 
+use std::sync::Arc;
+
 use block::Attachment;
+use block::Node;
 
 /// QEMU's sector size, the unit raw images are measured in.
 const SECTOR: u64 = 512;
@@ -96,15 +99,15 @@ pub async fn map(
             }
         } else {
             let want = (end.min(length) - offset).min(MAX_QUERY);
-            let extent = node.block_status(offset, want).await?;
+            let (extent, depth) = status_in_chain(node.node(), offset, want).await?;
             MapEntry {
                 start: offset,
                 length: extent.length,
-                depth: 0,
+                depth,
                 present: extent.status.allocated,
                 zero: extent.status.zero,
                 data: extent.status.data,
-                compressed: false,
+                compressed: extent.status.compressed,
                 offset: extent.status.host_offset,
             }
         };
@@ -127,6 +130,49 @@ pub async fn map(
         });
     }
     Ok(entries)
+}
+
+/// The status of `[offset, offset + len)` in the first layer of the backing chain that
+/// allocates it, and that layer's depth (0 = the image itself). A range allocated
+/// nowhere reports the bottom layer's status.
+async fn status_in_chain(
+    mut node: Arc<Node>,
+    offset: u64,
+    mut len: u64,
+) -> block::Result<(block::Extent, u32)> {
+    let mut depth = 0;
+    loop {
+        let extent = node.block_status(offset, len).await?;
+        if extent.status.allocated {
+            return Ok((extent, depth));
+        }
+        let below = match node.driver().backing() {
+            Some(backing) if offset < backing.length() => backing.node(),
+            _ => return Ok((extent, depth)),
+        };
+        len = extent.length.min(below.length() - offset);
+        node = below;
+        depth += 1;
+    }
+}
+
+/// File names of the layers of the chain under `node`, by depth.
+pub fn layer_names(node: &Attachment) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut current = node.node();
+    loop {
+        names.push(
+            current
+                .filename()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        );
+        let Some(below) = current.driver().backing().map(Attachment::node) else {
+            break;
+        };
+        current = below;
+    }
+    names
 }
 
 /// The JSON qemu-img prints: one object per line, in its spacing.
@@ -161,23 +207,33 @@ fn c_hex(v: u64) -> String {
     }
 }
 
-/// The human table qemu-img prints: only runs stored as data in the file.
-pub fn to_human(entries: &[MapEntry], filename: &str) -> String {
+/// The human table qemu-img prints: only runs stored as data in a file, named by the
+/// layer (`files[depth]`) they come from. Like qemu-img, it cannot show compressed
+/// data: the table stops there with an error.
+pub fn to_human(entries: &[MapEntry], files: &[String]) -> Result<String, String> {
     let mut out = format!(
         "{:<16}{:<16}{:<16}{}\n",
         "Offset", "Length", "Mapped to", "File"
     );
-    let mut rows: Vec<(u64, u64, u64)> = Vec::new();
+    let mut rows: Vec<(u64, u64, u64, u32)> = Vec::new();
+    let mut failure = None;
     for e in entries.iter().filter(|e| e.data) {
+        if e.compressed {
+            failure = Some("File contains external, encrypted or compressed clusters.");
+            break;
+        }
         let Some(host) = e.offset else { continue };
         match rows.last_mut() {
-            Some(last) if last.0 + last.1 == e.start && last.2 + last.1 == host => {
+            Some(last)
+                if last.0 + last.1 == e.start && last.2 + last.1 == host && last.3 == e.depth =>
+            {
                 last.1 += e.length;
             }
-            _ => rows.push((e.start, e.length, host)),
+            _ => rows.push((e.start, e.length, host, e.depth)),
         }
     }
-    for (start, length, host) in rows {
+    for (start, length, host, depth) in rows {
+        let filename = files.get(depth as usize).map(String::as_str).unwrap_or("");
         writeln!(
             out,
             "{:<16}{:<16}{:<16}{filename}",
@@ -187,7 +243,10 @@ pub fn to_human(entries: &[MapEntry], filename: &str) -> String {
         )
         .unwrap();
     }
-    out
+    match failure {
+        Some(message) => Err(format!("{out}\u{0}{message}")),
+        None => Ok(out),
+    }
 }
 
 #[cfg(test)]
@@ -221,8 +280,9 @@ mod tests {
     fn human_table_lists_data_runs_like_qemu_img() {
         let table = to_human(
             &[entry(0, 4096, false), entry(0x40000000, 0x1000, true)],
-            "b.img",
-        );
+            &["b.img".to_string()],
+        )
+        .unwrap();
         assert_eq!(
             table,
             "Offset          Length          Mapped to       File\n\

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use anyhow::bail;
 use block::AttachUser;
-use block::BlockdevOptions;
 use block::NodeGraph;
 use nbd::Export;
 use nbd::NbdServer;
@@ -41,19 +40,15 @@ pub async fn run(
         Some(f) => f,
         None => probe(image)?,
     };
-    if format == Format::Qcow2 {
-        bail!(
-            "Could not open '{}': the qcow2 format is not supported by this build yet",
-            image.display()
-        );
-    }
     let graph = NodeGraph::new();
-    let mut options = BlockdevOptions::raw_file(image, !writable);
-    options.node_name = Some("disk".into());
-    if writable {
-        options.discard = Some(block::options::DiscardMode::Unmap);
-    }
-    graph.add(options).await?;
+    graph
+        .add(crate::image::node_options(
+            image,
+            format,
+            !writable,
+            Some("disk"),
+        ))
+        .await?;
     let disk = graph.attach("disk", AttachUser::Other(format!("NBD export '{name}'")))?;
     let flusher = graph.attach("disk", AttachUser::Other("nbd command".into()))?;
     let server = NbdServer::new();
@@ -109,6 +104,11 @@ pub async fn run(
         std::fs::remove_file(path).ok();
     }
     flusher.flush().await.context("failed to flush the image")?;
+    // Closing writes a qcow2 image's metadata and clears its dirty bit.
+    graph
+        .close_all()
+        .await
+        .context("failed to close the image")?;
     eprintln!("stillpoint: NBD server stopped, image flushed");
     Ok(())
 }

@@ -93,6 +93,10 @@ fn bad_backups_fail_with_one_clear_line() {
             .status
             .success()
     );
+    // A qcow2 image whose L1 table lies far beyond the end of the file.
+    let mut bytes = std::fs::read(&qcow2).unwrap();
+    bytes[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    std::fs::write(&qcow2, bytes).unwrap();
     let s = source.to_str().unwrap();
     let fresh = dir.path().join("fresh.img");
     let f = fresh.to_str().unwrap();
@@ -108,7 +112,11 @@ fn bad_backups_fail_with_one_clear_line() {
         ),
         (
             vec!["backup", qcow2.to_str().unwrap(), f],
-            "qcow2, which this build cannot open yet",
+            "corrupt qcow2 image: the L1 table at offset 0x10000000000",
+        ),
+        (
+            vec!["backup", "--compress", s, f],
+            "--compress needs a qcow2 target",
         ),
         (
             vec!["backup", "--speed", "-1", s, f],

@@ -180,6 +180,9 @@ fn bad_input_gets_one_clear_line_and_exit_1() {
             .status
             .success()
     );
+    let mut bytes = std::fs::read(&qcow2).unwrap();
+    bytes[56..60].copy_from_slice(&u32::MAX.to_be_bytes());
+    std::fs::write(&qcow2, bytes).unwrap();
     let cases: Vec<(Vec<&str>, String)> = vec![
         (
             vec!["map", "--output", "json", missing],
@@ -227,7 +230,8 @@ fn bad_input_gets_one_clear_line_and_exit_1() {
         ),
         (
             vec!["map", qcow2.to_str().unwrap()],
-            "qcow2 format is not supported by this build yet".into(),
+            "corrupt qcow2 image: the refcount table (4294967295 clusters) is larger than 8 MiB"
+                .into(),
         ),
     ];
     for (args, expected) in cases {

@@ -1647,13 +1647,29 @@ impl BlockDriver for Qcow2Driver {
         drop(m);
         let mut length = run.len;
         let status = match run.kind {
-            Cluster::Data { .. } => Status {
-                data: true,
-                zero: false,
-                allocated: true,
-                host_offset: run.host,
-                compressed: false,
-            },
+            Cluster::Data { .. } => {
+                // Like QEMU, ask the file whether the mapped bytes read as zeros (a
+                // hole, or past the end of a short last cluster).
+                let host = run.host.unwrap();
+                let file_len = self.file.length();
+                let zero = if host >= file_len {
+                    true
+                } else {
+                    let ext = self
+                        .file
+                        .block_status(host, length.min(file_len - host))
+                        .await?;
+                    length = ext.length;
+                    ext.status.zero
+                };
+                Status {
+                    data: true,
+                    zero,
+                    allocated: true,
+                    host_offset: run.host,
+                    compressed: false,
+                }
+            }
             Cluster::Zero { .. } => Status {
                 data: false,
                 zero: true,
@@ -1738,7 +1754,7 @@ pub fn resolve_backing(image: Option<&Path>, stored: &str) -> PathBuf {
 }
 
 /// Reads just enough of a file to tell qcow2 from raw and parse a qcow2 header.
-fn read_file_header(path: &Path) -> Result<Option<Header>> {
+pub fn read_file_header(path: &Path) -> Result<Option<Header>> {
     use std::io::Read;
     let open_error = |e: std::io::Error| {
         Error::from_io(
