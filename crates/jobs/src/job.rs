@@ -159,6 +159,8 @@ impl JobVerb {
 pub enum JobType {
     /// A backup job.
     Backup,
+    /// `blockdev-create`: formats an image; not a block job (no BLOCK_JOB_* events).
+    Create,
 }
 
 impl JobType {
@@ -166,7 +168,14 @@ impl JobType {
     pub fn as_str(self) -> &'static str {
         match self {
             JobType::Backup => "backup",
+            JobType::Create => "create",
         }
+    }
+
+    /// Whether it is a block job: listed by query-block-jobs, reported with
+    /// BLOCK_JOB_COMPLETED / CANCELLED / PENDING events.
+    pub fn is_block_job(self) -> bool {
+        matches!(self, JobType::Backup)
     }
 }
 
@@ -599,6 +608,10 @@ impl Job {
     }
 
     fn emit(&self, event: JobEvent) {
+        let block_event = !matches!(event, JobEvent::StatusChange { .. });
+        if block_event && !self.job_type.is_block_job() {
+            return; // generic jobs report only JOB_STATUS_CHANGE
+        }
         // No subscribers is fine: events are for whoever listens.
         let _ = self.events.send(event);
     }

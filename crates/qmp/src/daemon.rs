@@ -85,6 +85,7 @@ pub const COMMANDS: &[&str] = &[
     "query-named-block-nodes",
     "blockdev-backup",
     "query-block-jobs",
+    "blockdev-create",
     "query-jobs",
     "block-job-set-speed",
     "block-job-cancel",
@@ -286,12 +287,17 @@ impl Daemon {
                 ))
             }
             "blockdev-backup" => self.blockdev_backup(m).await,
+            "blockdev-create" => {
+                crate::create::blockdev_create(&self.graph, &self.jobs, m)?;
+                Ok(json!({}))
+            }
             "transaction" => self.transaction(m).await,
             "query-block-jobs" => {
                 m.finish()?;
                 let list = self.jobs.list();
                 Ok(Value::Array(
                     list.iter()
+                        .filter(|j| j.job_type().is_block_job())
                         .map(|j| serde_json::to_value(j.block_job_info()).unwrap())
                         .collect(),
                 ))
@@ -411,7 +417,11 @@ impl Daemon {
             false
         };
         m.finish()?;
-        let job = self.jobs.get(&id).ok_or_else(|| block_job_missing(&id))?;
+        let job = self
+            .jobs
+            .get(&id)
+            .filter(|j| j.job_type().is_block_job())
+            .ok_or_else(|| block_job_missing(&id))?;
         match name {
             "block-job-set-speed" => job.set_speed(speed.unwrap_or(0))?,
             "block-job-cancel" => {
