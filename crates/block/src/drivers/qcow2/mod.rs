@@ -1220,10 +1220,16 @@ impl Qcow2Driver {
         drop(m);
 
         let covered = (at + len).min((first + n) * cs) - at;
-        let data = &buf[pos as usize..(pos + covered) as usize];
-        let result = self
-            .fill_new_clusters(at, data, first, n, host, &olds, flags)
-            .await;
+        let whole_clusters =
+            at.is_multiple_of(cs) && (covered.is_multiple_of(cs) || at + covered == geo.size);
+        let result = if whole_clusters && pos == 0 && covered == len {
+            // The request is exactly these clusters: write it as it is, no copy.
+            self.file.write(host, buf.clone(), flags).await.map(drop)
+        } else {
+            let data = &buf[pos as usize..(pos + covered) as usize];
+            self.fill_new_clusters(at, data, first, n, host, &olds, flags)
+                .await
+        };
         drop(io);
 
         let mut m = self.meta.lock().await;
