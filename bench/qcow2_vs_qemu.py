@@ -12,6 +12,7 @@
    from blockdev-backup to BLOCK_JOB_COMPLETED plus blockdev-del of the target (which
    writes its metadata and flushes). `stillpoint daemon` and qemu-storage-daemon get the
    same commands; `qemu-img convert -O qcow2` of the same image is the reference.
+3. The same backup with `compress: true` through both daemons.
 
 The source is evicted from the page cache before every run; each figure is the median of
 RUNS runs; every output is checked with `qemu-img check` and `qemu-img compare` once.
@@ -65,7 +66,7 @@ def interleaved(tools, runs):
     return {name: (statistics.median(t), t) for name, t in times.items()}
 
 
-def daemon_backup(program, tmp, src, tgt, size):
+def daemon_backup(program, tmp, src, tgt, size, compress=False):
     if os.path.exists(tgt):
         os.unlink(tgt)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tgt, str(size)], check=True)
@@ -75,7 +76,8 @@ def daemon_backup(program, tmp, src, tgt, size):
         qmp.cmd("blockdev-add", driver="qcow2", **{"node-name": "tgt"},
                 file={"driver": "file", "filename": tgt})
         start = time.monotonic()
-        qmp.cmd("blockdev-backup", **{"job-id": "j"}, device="src", target="tgt", sync="full")
+        qmp.cmd("blockdev-backup", **{"job-id": "j"}, device="src", target="tgt", sync="full",
+                compress=compress)
         done = qmp.wait_event("BLOCK_JOB_COMPLETED")
         for _ in range(500):  # qemu-storage-daemon releases the target just after the event
             try:
@@ -140,10 +142,19 @@ def main():
              lambda: daemon_backup(("qemu-storage-daemon",), tmp, mixed, out, size), mixed),
             ("backup/qemu-img convert", convert(mixed), mixed),
         ], args.runs))
+        results.update(interleaved([
+            ("compressed/stillpoint daemon",
+             lambda: daemon_backup(ours_daemon, tmp, mixed, out, size, True), mixed),
+            ("compressed/qemu-storage-daemon",
+             lambda: daemon_backup(("qemu-storage-daemon",), tmp, mixed, out, size, True), mixed),
+        ], args.runs))
         # Every tool's output, once more, checked.
         for fn, src in ((ours_write, rnd), (convert(rnd), rnd),
                         (lambda: daemon_backup(ours_daemon, tmp, mixed, out, size), mixed),
-                        (lambda: daemon_backup(("qemu-storage-daemon",), tmp, mixed, out, size), mixed)):
+                        (lambda: daemon_backup(("qemu-storage-daemon",), tmp, mixed, out, size), mixed),
+                        (lambda: daemon_backup(ours_daemon, tmp, mixed, out, size, True), mixed),
+                        (lambda: daemon_backup(("qemu-storage-daemon",), tmp, mixed, out, size, True),
+                         mixed)):
             fn()
             check_and_compare(src, out)
 
@@ -156,6 +167,8 @@ def main():
     print(f"ratio sequential write, stillpoint / qemu-img convert:        {w:.2f}")
     print(f"ratio backup raw->qcow2, stillpoint / qemu-storage-daemon:    {b:.2f}")
     print(f"ratio backup raw->qcow2, stillpoint / qemu-img convert:       {c:.2f}")
+    z = results["compressed/stillpoint daemon"][0] / results["compressed/qemu-storage-daemon"][0]
+    print(f"ratio compressed backup, stillpoint / qemu-storage-daemon:    {z:.2f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
 //!   Attachment --slot--> Node        generic layer: range checks, read-only,
 //!                         |          discard/detect-zeroes/no-flush policy
 //!                         v
-//!                    BlockDriver     file | raw | null-co (qcow2, nbd, filters later)
+//!                    BlockDriver     file | raw | qcow2 | null-co | fault (nbd, filters elsewhere)
 //!                         |
 //!                    child Attachment (format drivers and filters have children)
 //! ```
@@ -32,7 +32,8 @@
 //! * Retargeting an attachment waits for its in-flight requests and holds new ones until
 //!   the change is done, so a filter sees every request issued after its insertion.
 //!
-//! Out of scope for now: qcow2, NBD client, image locking, io_uring, resize.
+//! Out of scope for now: image locking, io_uring, resize. (The NBD client driver lives in
+//! the `nbd` crate and plugs in through [`graph::ExternalDrivers`].)
 
 pub mod buf;
 pub mod driver;

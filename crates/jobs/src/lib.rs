@@ -44,8 +44,13 @@
 //! `tokio::sync::Notify` with the future enabled under the lock, so wake-ups are never
 //! lost.
 //!
-//! Out of scope for now: sync=bitmap and dirty bitmaps, compression, copy offload
-//! (`copy_file_range`), transactions.
+//! Compression (`compress`) writes through the target's compressed-write path (qcow2),
+//! in whole target clusters: the engine's zero detection then works per target
+//! cluster rather than per 4 KiB, since a partial-cluster write would make the format
+//! allocate and copy the cluster anyway.
+//!
+//! Out of scope for now: sync=bitmap and dirty bitmaps, copy offload
+//! (`copy_file_range`).
 
 pub mod backup;
 pub mod block_copy;
