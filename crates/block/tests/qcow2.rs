@@ -630,3 +630,51 @@ async fn hostile_images_are_refused_without_panics_or_writes() {
     assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
     assert!(err.to_string().contains("loops"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_bitmaps_are_kept_and_honestly_marked_inconsistent_after_writes() {
+    let dir = tempdir();
+    let img = dir.path().join("bm.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
+    ok("qemu-img", &["bitmap", "--add", s(&img), "b0"]);
+    ok("qemu-io", &["-c", "write -P 1 0 1M", s(&img)]);
+    // Reading changes nothing: the bitmap stays consistent.
+    let before = std::fs::read(&img).unwrap();
+    let image = open(&img, true).await.unwrap();
+    image.read_all().await;
+    image.close().await;
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a read-only open wrote"
+    );
+    let info = run("qemu-img", &["info", "--output=json", s(&img)]);
+    assert!(String::from_utf8_lossy(&info.stdout).contains("\"b0\""));
+    // Writing keeps the extension but clears its "consistent" bit, so QEMU no longer
+    // trusts a bitmap that did not see our writes.
+    let image = open(&img, false).await.unwrap();
+    image
+        .node
+        .write(
+            2 << 20,
+            IoBuf::from_slice(&[2; 4096]),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+    image.close().await;
+    let raw = std::fs::read(&img).unwrap();
+    let autoclear = u64::from_be_bytes(raw[88..96].try_into().unwrap());
+    assert_eq!(autoclear & 1, 0);
+    assert!(
+        raw[..65536]
+            .windows(4)
+            .any(|w| w == [0x23, 0x85, 0x28, 0x75]),
+        "the bitmaps extension was dropped"
+    );
+    let info = run("qemu-img", &["info", s(&img)]);
+    assert!(
+        String::from_utf8_lossy(&info.stderr).contains("lacking bitmap support"),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+}

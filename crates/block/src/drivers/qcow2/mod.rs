@@ -9,7 +9,7 @@
 //!                                                                    -> backing node
 //! ```
 //!
-//! All metadata lives in [`Meta`] behind one async mutex: the L1 table and the refcount
+//! All metadata lives in `Meta` behind one async mutex: the L1 table and the refcount
 //! table whole, L2 tables and refcount blocks in write-back caches. Data moves without
 //! the lock: a request looks its range up under the lock, takes a shared hold on the
 //! I/O gate, releases the lock and does its I/O.
@@ -19,7 +19,7 @@
 //! `qemu-img check` must never find corruption after a crash, only leaks. Corruption is
 //! a reference to a cluster whose refcount is too low; a leak is a refcount too high.
 //! So metadata reaches the disk in this order, with a flush (fdatasync) between stages
-//! ([`Qcow2Driver::flush_meta`]):
+//! (`Qcow2Driver::flush_meta`):
 //!
 //! 1. refcount blocks (new allocations counted before anything points at them);
 //! 2. refcount table entries (a new block is on disk before the table names it);
@@ -730,7 +730,15 @@ impl Qcow2Driver {
         let mut c = m.free_hint;
         let mut start = c;
         let mut first_free = None;
+        // Holes too small for this run should not make every allocation rescan the
+        // whole image: after this many clusters, continue from the end.
+        let mut budget = 1u64 << 16;
         while c - start < n {
+            if budget == 0 && c < m.end {
+                c = m.end;
+                start = c;
+            }
+            budget = budget.saturating_sub(1);
             if c >= m.end && m.reftable.len() as u64 * self.geo.rb_entries <= c {
                 break; // nothing beyond this is counted: all free
             }
