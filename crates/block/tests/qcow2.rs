@@ -164,6 +164,63 @@ async fn images_made_by_qemu_read_identically() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_2_and_converted_images_read_identically() {
+    let dir = tempdir();
+    // A raw image of mixed content, converted by qemu-img: plain, compressed, and as a
+    // version 2 (compat=0.10) image.
+    let raw = dir.path().join("src.raw");
+    let mut rng = Rng(5);
+    let mut data = vec![0u8; 6 << 20];
+    for chunk in data.chunks_mut(256 << 10) {
+        match rng.below(3) {
+            0 => chunk.copy_from_slice(&rng.bytes(chunk.len())),
+            1 => chunk.fill(b'q'),
+            _ => {}
+        }
+    }
+    std::fs::write(&raw, &data).unwrap();
+    for (name, extra) in [
+        ("plain", vec![]),
+        ("compressed", vec!["-c"]),
+        ("v2", vec!["-o", "compat=0.10"]),
+        ("v2-small", vec!["-o", "compat=0.10,cluster_size=4k", "-c"]),
+    ] {
+        let img = dir.path().join(format!("{name}.qcow2"));
+        let mut args = vec!["convert", "-O", "qcow2"];
+        args.extend(extra.iter().copied());
+        args.extend([s(&raw), s(&img)]);
+        ok("qemu-img", &args);
+        let image = open(&img, true).await.unwrap();
+        assert!(image.read_all().await == data, "{name}: contents differ");
+        image.close().await;
+    }
+    // Writing to a version 2 image: no zero flag, so zeros deallocate (no backing).
+    let img = dir.path().join("v2.qcow2");
+    let image = open(&img, false).await.unwrap();
+    image
+        .node
+        .write(
+            100_000,
+            IoBuf::from_slice(&[9; 300_000]),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+    image
+        .node
+        .write_zeroes(1 << 20, 1 << 20, ZeroFlags::default())
+        .await
+        .unwrap();
+    image.close().await;
+    data[100_000..400_000].fill(9);
+    data[1 << 20..2 << 20].fill(0);
+    assert_clean(&img);
+    assert!(qemu_bytes(&img, dir.path()) == data, "v2 after writes");
+    let info = ok("qemu-img", &["info", "--output=json", s(&img)]);
+    assert!(info.contains("\"compat\": \"0.10\""), "{info}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backing_chain_reads_through_and_writes_copy_on_write() {
     let dir = tempdir();
     let base = dir.path().join("base.qcow2");
