@@ -89,6 +89,9 @@ enum Command {
         /// Store the target's clusters compressed (qcow2 targets only).
         #[arg(long)]
         compress: bool,
+        /// Largest background request (default 2M; at least the copy cluster size).
+        #[arg(long)]
+        chunk_size: Option<String>,
     },
     /// Create an image of SIZE bytes (512, 64K, 1M, 10G, 2T...); replaces an existing file.
     Create {
@@ -232,7 +235,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             workers,
             json,
             compress,
+            chunk_size,
         } => {
+            let chunk_size = chunk_size
+                .map(|c| size::parse_size(&c).context("invalid --chunk-size"))
+                .transpose()?;
             let speed = size::parse_size(&speed).context("invalid --speed")?;
             let cluster_size = cluster_size
                 .map(|c| size::parse_size(&c).context("invalid --cluster-size"))
@@ -252,6 +259,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 workers,
                 json,
                 compress,
+                chunk_size,
             };
             backup::run(args).await
         }
