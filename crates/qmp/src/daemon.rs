@@ -691,14 +691,37 @@ fn node_info(node: &block::Node) -> Value {
         DetectZeroes::On => "on",
         DetectZeroes::Unmap => "unmap",
     };
-    json!({
+    // The backing chain: its depth and the first backing file's name.
+    let mut depth = 0;
+    let mut backing_name = None;
+    let mut below = node.driver().backing().map(|b| b.node());
+    while let Some(b) = below {
+        depth += 1;
+        if backing_name.is_none() {
+            backing_name = b.filename().map(|p| p.display().to_string());
+        }
+        below = b.driver().backing().map(|a| a.node());
+    }
+    let mut image = json!({
+        "filename": filename, "format": node.driver_name(), "virtual-size": node.length(),
+        "dirty-flag": false,
+    });
+    if let Some(cs) = node.limits().cluster_size {
+        image["cluster-size"] = json!(cs);
+    }
+    let mut info = json!({
         "node-name": node.name(), "drv": node.driver_name(), "ro": policy.read_only, "file": filename,
-        "backing_file_depth": 0, "encrypted": false, "detect_zeroes": detect, "active": true,
+        "backing_file_depth": depth, "encrypted": false, "detect_zeroes": detect, "active": true,
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "write_threshold": 0,
         "cache": {"writeback": true, "direct": policy.direct, "no-flush": policy.no_flush},
-        "image": {"filename": filename, "format": node.driver_name(), "virtual-size": node.length(), "dirty-flag": false},
-    })
+        "image": image,
+    });
+    if let Some(name) = backing_name {
+        info["image"]["backing-filename"] = json!(name);
+        info["backing_file"] = json!(name);
+    }
+    info
 }
 
 /// Parses `blockdev-backup` arguments, applying QEMU's rules and refusing what
