@@ -45,6 +45,7 @@ use std::sync::RwLock;
 use std::sync::Weak;
 
 use crate::buf::IoBuf;
+use crate::dirty::DirtyBitmap;
 use crate::driver::BlockDriver;
 use crate::driver::Extent;
 use crate::driver::Limits;
@@ -92,6 +93,8 @@ pub struct Node {
     policy: NodePolicy,
     /// Writes may extend the node past its end (the file under a qcow2 node).
     growable: std::sync::atomic::AtomicBool,
+    /// Dirty bitmaps every write to this node marks.
+    bitmaps: Mutex<Vec<Arc<DirtyBitmap>>>,
     driver: Box<dyn BlockDriver>,
 }
 
@@ -156,6 +159,97 @@ impl Node {
         Ok(())
     }
 
+    /// `block-dirty-bitmap-add`: a new bitmap named `name` (unique on this node).
+    pub fn add_bitmap(
+        &self,
+        name: &str,
+        granularity: Option<u64>,
+        persistent: bool,
+        disabled: bool,
+    ) -> Result<Arc<DirtyBitmap>> {
+        if name.is_empty() {
+            return Err(Error::invalid("Bitmap name cannot be empty"));
+        }
+        if persistent && name.len() > 1023 {
+            return Err(Error::invalid("Bitmap name is too long"));
+        }
+        let granularity = granularity
+            .unwrap_or_else(|| crate::dirty::default_granularity(self.limits().cluster_size));
+        if !granularity.is_power_of_two() || !(512..=1 << 31).contains(&granularity) {
+            return Err(Error::invalid(
+                "Granularity must be power of 2 and at least 512",
+            ));
+        }
+        if persistent {
+            return Err(Error::unsupported(format!(
+                "Can't store persistent bitmaps to {}: persistent bitmaps are not \
+                 supported by stillpoint yet",
+                self.name
+            )));
+        }
+        let mut bitmaps = self.bitmaps.lock().unwrap_or_else(|e| e.into_inner());
+        if bitmaps.iter().any(|b| b.name() == name) {
+            return Err(Error::invalid(format!("Bitmap already exists: {name}")));
+        }
+        let bitmap = DirtyBitmap::new(name, self.length(), granularity, !disabled, persistent)?;
+        bitmaps.push(bitmap.clone());
+        Ok(bitmap)
+    }
+
+    /// The bitmap named `name`, with QEMU's message when there is none.
+    pub fn bitmap(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
+        self.bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|b| b.name() == name)
+            .cloned()
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("Dirty bitmap '{name}' not found"),
+                )
+            })
+    }
+
+    /// Every bitmap of this node, in creation order.
+    pub fn bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
+        self.bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// `block-dirty-bitmap-remove`: refused while the bitmap is busy.
+    pub fn remove_bitmap(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
+        let bitmap = self.bitmap(name)?;
+        if bitmap.info().busy {
+            return Err(Error::invalid(format!(
+                "Bitmap '{name}' is currently in use by another operation and cannot be used"
+            )));
+        }
+        self.bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|b| !Arc::ptr_eq(b, &bitmap));
+        Ok(bitmap)
+    }
+
+    /// Puts back a bitmap taken out by [`Node::remove_bitmap`] (transaction rollback).
+    pub fn restore_bitmap(&self, bitmap: Arc<DirtyBitmap>) {
+        self.bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(bitmap);
+    }
+
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        let bitmaps = self.bitmaps.lock().unwrap_or_else(|e| e.into_inner());
+        for bitmap in bitmaps.iter() {
+            bitmap.mark(offset, len);
+        }
+    }
+
     /// Lets writes extend the node past its end, if its driver can grow (a host file).
     /// Format drivers that allocate at the end of their file call this on their child.
     pub fn make_growable(&self) -> bool {
@@ -208,7 +302,10 @@ impl Node {
             self.write_zeroes(offset, buf.len() as u64, zero).await?;
             return Ok(buf);
         }
-        self.driver.write(offset, buf, flags).await
+        let len = buf.len() as u64;
+        let result = self.driver.write(offset, buf, flags).await;
+        self.mark_dirty(offset, len);
+        result
     }
 
     /// Makes the range read as zeros; unmapping only when `discard=unmap`.
@@ -219,7 +316,9 @@ impl Node {
             return Ok(());
         }
         flags.may_unmap &= self.policy.discard == DiscardMode::Unmap;
-        self.driver.write_zeroes(offset, len, flags).await
+        let result = self.driver.write_zeroes(offset, len, flags).await;
+        self.mark_dirty(offset, len);
+        result
     }
 
     /// Discards the range if the node passes discards down (`discard=unmap`).
@@ -229,7 +328,9 @@ impl Node {
         if len == 0 || self.policy.discard == DiscardMode::Ignore {
             return Ok(());
         }
-        self.driver.discard(offset, len).await
+        let result = self.driver.discard(offset, len).await;
+        self.mark_dirty(offset, len);
+        result
     }
 
     /// Makes completed writes durable, unless `cache.no-flush` is set.
@@ -696,6 +797,7 @@ impl NodeGraph {
                 implicit_children,
                 policy,
                 growable: Default::default(),
+                bitmaps: Default::default(),
                 driver,
             });
             let mut state = self.state();
@@ -946,6 +1048,7 @@ impl NodeGraph {
                 implicit_children: Vec::new(),
                 policy,
                 growable: Default::default(),
+                bitmaps: Default::default(),
                 driver,
             });
             built.push((below, filter));

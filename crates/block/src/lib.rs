@@ -36,6 +36,7 @@
 //! the `nbd` crate and plugs in through [`graph::ExternalDrivers`].)
 
 pub mod buf;
+pub mod dirty;
 pub mod driver;
 pub mod drivers;
 pub mod error;

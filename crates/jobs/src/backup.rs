@@ -19,6 +19,7 @@ use block::Attachment;
 use block::BlockDriver;
 use block::Error;
 use block::NodeGraph;
+use block::dirty::DirtyBitmap;
 use block::graph::FilterSpec;
 
 use crate::block_copy::BlockCopy;
@@ -51,6 +52,21 @@ pub enum SyncMode {
     Top,
     /// Only clusters guest writes overwrite while the job runs; runs until cancelled.
     None,
+    /// Only clusters dirty in the sync bitmap (`bitmap`, and legacy `incremental`).
+    Bitmap,
+}
+
+/// What happens to the sync bitmap when the job ends (QEMU's `bitmap-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitmapMode {
+    /// Cleared to the writes made during the job on success; kept (plus those writes)
+    /// on failure.
+    OnSuccess,
+    /// Never cleared: old bits plus the writes made during the job.
+    Never,
+    /// Cleared on success; on failure it keeps the writes made during the job and
+    /// what was not copied.
+    Always,
 }
 
 /// Everything a backup can be asked to do.
@@ -82,6 +98,11 @@ pub struct BackupOptions {
     pub scratch_dir: Option<PathBuf>,
     /// Write data clusters compressed (the target must support it: qcow2).
     pub compress: bool,
+    /// The source's dirty bitmap to copy from (`SyncMode::Bitmap`) or to synchronize
+    /// at the end (full/top).
+    pub bitmap: Option<String>,
+    /// What happens to `bitmap` at the end (required with a bitmap).
+    pub bitmap_mode: Option<BitmapMode>,
 }
 
 impl BackupOptions {
@@ -101,6 +122,8 @@ impl BackupOptions {
             staging_memory: 64 << 20,
             scratch_dir: None,
             compress: false,
+            bitmap: None,
+            bitmap_mode: None,
         }
     }
 }
@@ -125,6 +148,29 @@ pub struct BackupJob {
     chunk: u64,
     /// Released at clean-up so the target node becomes free again.
     target_hold: Mutex<Option<Attachment>>,
+    /// The frozen sync bitmap, settled by the bitmap mode when the job ends.
+    sync_bitmap: Option<Arc<DirtyBitmap>>,
+}
+
+impl BackupJob {
+    /// QEMU's end-of-job rule: "sync" the bitmap (keep only the writes made during the
+    /// job) on success or with mode always, never with mode never; otherwise merge the
+    /// writes back in. A failed job with mode always also keeps what it did not copy.
+    fn settle_bitmap(&self, success: bool) {
+        let Some(bitmap) = &self.sync_bitmap else {
+            return;
+        };
+        let mode = self.options.bitmap_mode.unwrap_or(BitmapMode::OnSuccess);
+        let sync = (success || mode == BitmapMode::Always) && mode != BitmapMode::Never;
+        if sync {
+            let uncopied = (!success && mode == BitmapMode::Always)
+                .then(|| self.engine().map(|copy| copy.remaining()))
+                .flatten();
+            bitmap.abdicate(uncopied.as_ref());
+        } else {
+            bitmap.reclaim();
+        }
+    }
 }
 
 impl std::fmt::Debug for BackupJob {
@@ -209,6 +255,7 @@ pub async fn start_backups(
         Ok(filters) => filters,
         Err(e) => {
             for p in prepared {
+                p.release_bitmap();
                 registry.abort_unstarted(&p.job);
             }
             return Err(generic(e));
@@ -228,6 +275,7 @@ pub async fn start_backups(
             copy: Mutex::new(Some(copy)),
             filter_name: filter.name().to_string(),
             chunk: p.chunk,
+            sync_bitmap: p.sync_bitmap.as_ref().map(|(b, _)| b.clone()),
             options: p.options,
             target_hold: Mutex::new(Some(p.target_hold)),
         });
@@ -245,6 +293,19 @@ struct PreparedBackup {
     target_hold: Attachment,
     options: BackupOptions,
     chunk: u64,
+    /// The sync bitmap and whether the filter build froze it.
+    sync_bitmap: Option<(Arc<DirtyBitmap>, Arc<std::sync::atomic::AtomicBool>)>,
+}
+
+impl PreparedBackup {
+    /// Unfreezes the sync bitmap of a backup that will not start.
+    fn release_bitmap(&self) {
+        if let Some((bitmap, frozen)) = &self.sync_bitmap
+            && frozen.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            bitmap.reclaim();
+        }
+    }
 }
 
 async fn prepare_backup(
@@ -261,6 +322,51 @@ async fn prepare_backup(
     };
     let source_node = graph.node(device).ok_or_else(|| not_found(device))?;
     let target_node = graph.node(target).ok_or_else(|| not_found(target))?;
+    // QEMU checks the bitmap arguments first (do_backup_common), in this order.
+    let sync_name = match options.sync {
+        SyncMode::Full => "full",
+        SyncMode::Top => "top",
+        SyncMode::None => "none",
+        SyncMode::Bitmap => "bitmap",
+    };
+    let sync_bitmap = match &options.bitmap {
+        Some(name) => {
+            let bitmap = source_node
+                .bitmap(name)
+                .map_err(|_| JobError::generic(format!("Bitmap '{name}' could not be found")))?;
+            let Some(mode) = options.bitmap_mode else {
+                return Err(JobError::generic(
+                    "Bitmap sync mode must be given when providing a bitmap",
+                ));
+            };
+            bitmap.check_usable().map_err(generic)?;
+            if options.sync == SyncMode::None {
+                return Err(JobError::generic(
+                    "sync mode 'none' does not produce meaningful bitmap outputs",
+                ));
+            }
+            if mode == BitmapMode::Never && options.sync != SyncMode::Bitmap {
+                return Err(JobError::generic(format!(
+                    "Bitmap sync mode 'never' has no meaningful effect when combined with \
+                     sync mode '{sync_name}'"
+                )));
+            }
+            Some(bitmap)
+        }
+        None => {
+            if options.sync == SyncMode::Bitmap {
+                return Err(JobError::generic(
+                    "must provide a valid bitmap name for 'bitmap' sync mode",
+                ));
+            }
+            if options.bitmap_mode.is_some() {
+                return Err(JobError::generic(
+                    "Cannot specify bitmap sync mode without a bitmap",
+                ));
+            }
+            None
+        }
+    };
     if Arc::ptr_eq(&source_node, &target_node) {
         return Err(JobError::generic("Source and target cannot be the same"));
     }
@@ -348,11 +454,29 @@ async fn prepare_backup(
     let progress = job.progress_meter().clone();
     let engine: Arc<Mutex<Option<Arc<BlockCopy>>>> = Arc::new(Mutex::new(None));
     let slot = engine.clone();
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let freeze = sync_bitmap.clone().map(|b| (b, frozen.clone()));
+    let copy_only_dirty = options.sync == SyncMode::Bitmap;
     let spec = FilterSpec {
         above: device.to_string(),
         name: options.filter_node_name.clone(),
         build: Box::new(move |source| {
-            let copy = Arc::new(BlockCopy::new(source, copy_target, copy_options, progress)?);
+            // Under the drain: the bitmap's bits and the copy start at the same instant.
+            let initial = match &freeze {
+                Some((bitmap, frozen)) => {
+                    let bits = bitmap.freeze()?;
+                    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+                    copy_only_dirty.then_some(bits)
+                }
+                None => None,
+            };
+            let copy = Arc::new(BlockCopy::new(
+                source,
+                copy_target,
+                copy_options,
+                progress,
+                initial.as_ref(),
+            )?);
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(copy.clone());
             Ok(Box::new(CbwFilter::new(copy)) as Box<dyn BlockDriver>)
         }),
@@ -364,6 +488,7 @@ async fn prepare_backup(
         target_hold,
         options,
         chunk,
+        sync_bitmap: sync_bitmap.map(|b| (b, frozen)),
     })
 }
 
@@ -441,6 +566,14 @@ impl JobDriver for BackupJob {
             )));
         }
         Ok(())
+    }
+
+    async fn commit(&self, _job: &Arc<Job>) {
+        self.settle_bitmap(true);
+    }
+
+    async fn abort(&self, _job: &Arc<Job>) {
+        self.settle_bitmap(false);
     }
 
     async fn clean(&self, job: &Arc<Job>) {

@@ -263,19 +263,26 @@ fn round_down(v: u64, to: u64) -> u64 {
 }
 
 impl BlockCopy {
-    /// An engine copying every cluster of `source` to `target` (same length), with all
-    /// clusters dirty: the point in time is the moment this returns.
+    /// An engine copying `source` to `target` (same length): every cluster, or only
+    /// the clusters `initial` marks (rounded out to whole clusters). The point in time
+    /// is the moment this returns.
     pub fn new(
         source: Attachment,
         target: Attachment,
         options: BlockCopyOptions,
         progress: Arc<Progress>,
+        initial: Option<&Bitmap>,
     ) -> Result<Self, Error> {
         let len = source.length();
         let mut dirty = Bitmap::new(len, options.cluster_size)
             .map_err(|e| Error::invalid(format!("cannot track copies: {e}")))?;
-        dirty.fill();
-        progress.set_total(len);
+        match initial {
+            Some(bits) => dirty
+                .merge(bits)
+                .map_err(|e| Error::invalid(format!("cannot use the sync bitmap: {e}")))?,
+            None => dirty.fill(),
+        }
+        progress.set_total(dirty.count_bytes().min(len));
         Ok(Self {
             source,
             target,
@@ -321,6 +328,11 @@ impl BlockCopy {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CopyState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The clusters not copied yet.
+    pub fn remaining(&self) -> Bitmap {
+        self.lock().dirty.clone()
     }
 
     /// The source (the filter's child).

@@ -60,6 +60,7 @@ pub mod ratelimit;
 
 pub use backup::BackupOptions;
 pub use backup::BackupRequest;
+pub use backup::BitmapMode;
 pub use backup::SyncMode;
 pub use backup::start_backup;
 pub use backup::start_backups;

@@ -86,6 +86,12 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-backup",
     "query-block-jobs",
     "blockdev-create",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
     "query-jobs",
     "block-job-set-speed",
     "block-job-cancel",
@@ -287,6 +293,11 @@ impl Daemon {
                 ))
             }
             "blockdev-backup" => self.blockdev_backup(m).await,
+            name if crate::bitmaps::COMMANDS.contains(&name) => {
+                let action = crate::bitmaps::parse(name, m)?;
+                crate::bitmaps::apply(&self.graph, &action)?;
+                Ok(json!({}))
+            }
             "blockdev-create" => {
                 crate::create::blockdev_create(&self.graph, &self.jobs, m)?;
                 Ok(json!({}))
@@ -471,6 +482,7 @@ impl Daemon {
         };
         m.finish()?;
         let mut requests = Vec::with_capacity(actions.len());
+        let mut bitmap_actions = Vec::new();
         for (i, action) in actions.into_iter().enumerate() {
             let Value::Object(map) = action else {
                 return Err(QmpError::generic(format!(
@@ -479,16 +491,46 @@ impl Daemon {
             };
             let mut a = Members::new(map, format!("actions[{i}]."));
             let kind = a.required("type", Members::string)?;
-            if kind != "blockdev-backup" {
+            let is_bitmap = crate::bitmaps::COMMANDS.contains(&kind.as_str());
+            if kind != "blockdev-backup" && !is_bitmap {
                 return Err(QmpError::generic(format!(
-                    "Transaction action '{kind}' is not supported by stillpoint yet (only blockdev-backup)"
+                    "Transaction action '{kind}' is not supported by stillpoint yet \
+                     (blockdev-backup and block-dirty-bitmap-* are)"
                 )));
             }
             let data = a.required("data", Members::object)?;
             a.finish()?;
-            requests.push(parse_backup(data)?);
+            if is_bitmap {
+                bitmap_actions.push(crate::bitmaps::parse(&kind, data)?);
+            } else {
+                requests.push(parse_backup(data)?);
+            }
         }
-        let started = jobs::start_backups(&self.graph, &self.jobs, requests).await?;
+        // Bitmap actions first, in order, then the backups; if anything fails,
+        // everything applied is taken back. Writes landing between a new bitmap and the
+        // backups' instant are marked in the bitmap and also in the full backup: the
+        // next incremental copies them once more, never misses them.
+        let mut undos = Vec::new();
+        for action in &bitmap_actions {
+            match crate::bitmaps::apply(&self.graph, action) {
+                Ok(u) => undos.push(u),
+                Err(e) => {
+                    for u in undos.into_iter().rev() {
+                        crate::bitmaps::undo(&self.graph, u);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let started = match jobs::start_backups(&self.graph, &self.jobs, requests).await {
+            Ok(started) => started,
+            Err(e) => {
+                for u in undos.into_iter().rev() {
+                    crate::bitmaps::undo(&self.graph, u);
+                }
+                return Err(e.into());
+            }
+        };
         if grouped && started.len() > 1 {
             let ids: Vec<String> = started
                 .iter()
@@ -721,6 +763,9 @@ fn node_info(node: &block::Node) -> Value {
         info["image"]["backing-filename"] = json!(name);
         info["backing_file"] = json!(name);
     }
+    if let Some(bitmaps) = crate::bitmaps::node_bitmaps(node) {
+        info["dirty-bitmaps"] = bitmaps;
+    }
     info
 }
 
@@ -785,22 +830,23 @@ fn parse_backup(mut m: Members) -> Result<jobs::BackupRequest, QmpError> {
     }
     m.finish()?;
 
-    // QEMU's argument rules for bitmaps, then what we cannot do yet.
-    if matches!(sync.as_str(), "bitmap" | "incremental") && bitmap.is_none() {
-        return Err(QmpError::generic(format!(
-            "must provide a valid bitmap name for '{sync}' sync mode"
-        )));
-    }
-    if bitmap.is_none() && bitmap_mode.is_some() {
-        return Err(QmpError::generic(
-            "Cannot specify bitmap sync mode without a bitmap",
-        ));
-    }
-    if let Some(name) = bitmap {
-        // No dirty bitmaps exist in this build, so none can be found.
-        return Err(QmpError::generic(format!(
-            "Bitmap '{name}' could not be found"
-        )));
+    // `incremental` is `bitmap` with mode on-success; the other bitmap rules need the
+    // graph and are checked when the job is prepared, in QEMU's order.
+    let mut sync = sync;
+    let mut bitmap_mode = bitmap_mode;
+    if sync == "incremental" {
+        if bitmap.is_none() {
+            return Err(QmpError::generic(
+                "must provide a valid bitmap name for 'incremental' sync mode",
+            ));
+        }
+        if bitmap_mode.as_deref().is_some_and(|m| m != "on-success") {
+            return Err(QmpError::generic(
+                "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
+            ));
+        }
+        sync = "bitmap".into();
+        bitmap_mode = Some("on-success".into());
     }
     if discard_source {
         return Err(QmpError::generic(
@@ -816,8 +862,15 @@ fn parse_backup(mut m: Members) -> Result<jobs::BackupRequest, QmpError> {
     options.sync = match sync.as_str() {
         "top" => SyncMode::Top,
         "none" => SyncMode::None,
+        "bitmap" => SyncMode::Bitmap,
         _ => SyncMode::Full,
     };
+    options.bitmap = bitmap;
+    options.bitmap_mode = bitmap_mode.map(|m| match m.as_str() {
+        "never" => jobs::BitmapMode::Never,
+        "always" => jobs::BitmapMode::Always,
+        _ => jobs::BitmapMode::OnSuccess,
+    });
     options.job.speed = speed.unwrap_or(0);
     options.job.auto_finalize = auto_finalize;
     options.job.auto_dismiss = auto_dismiss;

@@ -12,6 +12,7 @@
 //! package "stillpoint VERSION". Out of scope for now: `transaction`, dirty bitmaps,
 //! `query-qmp-schema`, the dotted `--blockdev` form.
 
+pub mod bitmaps;
 pub mod create;
 pub mod daemon;
 pub mod server;

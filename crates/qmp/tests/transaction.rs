@@ -149,9 +149,25 @@ async fn a_refused_action_starts_nothing() {
     let e = daemon
         .execute(
             "transaction",
-            json!({"actions":[{"type":"block-dirty-bitmap-add","data":{}}]}),
+            json!({"actions":[{"type":"drive-backup","data":{}}]}),
         )
         .await
         .unwrap_err();
     assert!(e.desc.contains("not supported"), "{}", e.desc);
+    // A refused backup takes back the bitmap actions before it.
+    let e = daemon
+        .execute(
+            "transaction",
+            json!({"actions":[
+                {"type":"block-dirty-bitmap-add","data":{"node":"src","name":"bm"}},
+                backup("a","src","nosuch",0)]}),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.desc.contains("nosuch"), "{}", e.desc);
+    let src = daemon.graph.node("src").unwrap();
+    assert!(
+        src.bitmaps().is_empty(),
+        "the new bitmap was not rolled back"
+    );
 }
