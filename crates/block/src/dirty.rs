@@ -89,6 +89,40 @@ impl DirtyBitmap {
         }))
     }
 
+    /// A bitmap loaded from an image.
+    pub fn from_stored(stored: crate::driver::PersistentBitmap) -> Arc<Self> {
+        Arc::new(Self {
+            name: stored.name,
+            state: Mutex::new(State {
+                bits: stored.bits,
+                recording: stored.recording,
+                persistent: true,
+                busy: false,
+                inconsistent: stored.inconsistent,
+                successor: None,
+            }),
+        })
+    }
+
+    /// What to store in the image at close: every bit, the successor's too (a job
+    /// still running at close has not settled them).
+    pub fn to_stored(&self) -> Option<crate::driver::PersistentBitmap> {
+        let s = self.lock();
+        if !s.persistent {
+            return None;
+        }
+        let mut bits = s.bits.clone();
+        if let Some(successor) = &s.successor {
+            let _ = bits.merge(successor);
+        }
+        Some(crate::driver::PersistentBitmap {
+            name: self.name.clone(),
+            bits,
+            recording: s.recording,
+            inconsistent: s.inconsistent,
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -151,8 +185,7 @@ impl DirtyBitmap {
         }
         if s.inconsistent {
             return Err(Error::invalid(format!(
-                "Bitmap '{}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove \
-                 to delete this bitmap from disk",
+                "Bitmap '{}' is inconsistent and cannot be used",
                 self.name
             )));
         }

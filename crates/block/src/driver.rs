@@ -89,6 +89,20 @@ pub struct Extent {
     pub status: Status,
 }
 
+/// A dirty bitmap stored in an image (qcow2's bitmaps extension), as the node layer
+/// hands it to the driver on close and gets it back on open.
+#[derive(Debug, Clone)]
+pub struct PersistentBitmap {
+    /// Name, unique in the image.
+    pub name: String,
+    /// The bits; their granularity is the bitmap's.
+    pub bits: bitmap::Bitmap,
+    /// Whether it records writes ("auto" on disk).
+    pub recording: bool,
+    /// Found marked in use: not saved cleanly, its bits cannot be trusted.
+    pub inconsistent: bool,
+}
+
 /// A block driver: a format (raw), a protocol (file) or a filter, behind a node.
 ///
 /// Offsets and lengths are in bytes. Every method may be called concurrently from many
@@ -119,6 +133,29 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     /// The backing node reads of unallocated ranges fall through to (qcow2), if any.
     fn backing(&self) -> Option<&Attachment> {
         None
+    }
+
+    /// Whether the image can store dirty bitmaps (`persistent: true`).
+    fn supports_persistent_bitmaps(&self) -> bool {
+        false
+    }
+
+    /// The bitmaps found in the image when it was opened (taken once, by the node).
+    fn take_persistent_bitmaps(&self) -> Vec<PersistentBitmap> {
+        Vec::new()
+    }
+
+    /// Stores exactly these bitmaps in the image (called before [`BlockDriver::close`];
+    /// bitmaps stored before and missing here are removed).
+    async fn store_persistent_bitmaps(&self, bitmaps: Vec<PersistentBitmap>) -> Result<()> {
+        if bitmaps.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::unsupported(format!(
+                "{} cannot store dirty bitmaps",
+                self.driver_name()
+            )))
+        }
     }
 
     /// Whether writes with [`WriteFlags::compressed`] are stored compressed.

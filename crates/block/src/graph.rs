@@ -180,10 +180,9 @@ impl Node {
                 "Granularity must be power of 2 and at least 512",
             ));
         }
-        if persistent {
+        if persistent && !self.driver.supports_persistent_bitmaps() {
             return Err(Error::unsupported(format!(
-                "Can't store persistent bitmaps to {}: persistent bitmaps are not \
-                 supported by stillpoint yet",
+                "Can't store persistent bitmaps to {}: Operation not supported",
                 self.name
             )));
         }
@@ -241,6 +240,17 @@ impl Node {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(bitmap);
+    }
+
+    /// Hands the node's persistent bitmaps to the driver to store (before close);
+    /// inconsistent ones are stored still marked in use.
+    async fn store_bitmaps(&self) -> Result<()> {
+        let stored: Vec<_> = self
+            .bitmaps()
+            .iter()
+            .filter_map(|b| b.to_stored())
+            .collect();
+        self.driver.store_persistent_bitmaps(stored).await
     }
 
     fn mark_dirty(&self, offset: u64, len: u64) {
@@ -791,13 +801,18 @@ impl NodeGraph {
                     Box::new(FaultDriver::new(child, fault.rules))
                 }
             };
+            let stored: Vec<Arc<DirtyBitmap>> = driver
+                .take_persistent_bitmaps()
+                .into_iter()
+                .map(DirtyBitmap::from_stored)
+                .collect();
             let node = Arc::new(Node {
                 name: name.clone(),
                 implicit,
                 implicit_children,
                 policy,
                 growable: Default::default(),
-                bitmaps: Default::default(),
+                bitmaps: Mutex::new(stored),
                 driver,
             });
             let mut state = self.state();
@@ -922,6 +937,10 @@ impl NodeGraph {
                 remaining = rest;
             }
             for node in ready {
+                if let Err(e) = node.store_bitmaps().await {
+                    tracing::warn!(node = node.name, "storing dirty bitmaps failed: {e}");
+                    first_error.get_or_insert(e);
+                }
                 if let Err(e) = node.driver.close().await {
                     tracing::warn!(node = node.name, "closing node failed: {e}");
                     first_error.get_or_insert(e);
@@ -963,6 +982,9 @@ impl NodeGraph {
     async fn close_tree(&self, node: Arc<Node>) {
         let mut pending = vec![node];
         while let Some(node) = pending.pop() {
+            if let Err(e) = node.store_bitmaps().await {
+                tracing::warn!(node = node.name, "storing dirty bitmaps failed: {e}");
+            }
             if let Err(e) = node.driver.close().await {
                 tracing::warn!(node = node.name, "closing node failed: {e}");
             }

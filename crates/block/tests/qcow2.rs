@@ -707,49 +707,66 @@ async fn hostile_images_are_refused_without_panics_or_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn persistent_bitmaps_are_kept_and_honestly_marked_inconsistent_after_writes() {
+async fn persistent_bitmaps_are_loaded_kept_up_to_date_and_stored() {
     let dir = tempdir();
     let img = dir.path().join("bm.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
-    ok("qemu-img", &["bitmap", "--add", s(&img), "b0"]);
+    ok(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "32768", s(&img), "b0"],
+    );
     ok("qemu-io", &["-c", "write -P 1 0 1M", s(&img)]);
-    // Reading changes nothing: the bitmap stays consistent.
+    // Reading changes nothing.
     let before = std::fs::read(&img).unwrap();
     let image = open(&img, true).await.unwrap();
-    image.read_all().await;
+    let b0 = image.node.node().bitmap("b0").unwrap().info();
+    assert_eq!(
+        (b0.count, b0.granularity, b0.recording),
+        (1 << 20, 32768, true)
+    );
     image.close().await;
     assert!(
         std::fs::read(&img).unwrap() == before,
         "a read-only open wrote"
     );
-    let info = run("qemu-img", &["info", "--output=json", s(&img)]);
-    assert!(String::from_utf8_lossy(&info.stdout).contains("\"b0\""));
-    // Writing keeps the extension but clears its "consistent" bit, so QEMU no longer
-    // trusts a bitmap that did not see our writes.
+    // Writing marks the bitmap; while open it is in use on disk; a clean close stores
+    // it with the new bits and qemu-img sees a clean image.
     let image = open(&img, false).await.unwrap();
     image
         .node
         .write(
-            2 << 20,
+            4 << 20,
             IoBuf::from_slice(&[2; 4096]),
             WriteFlags::default(),
         )
         .await
         .unwrap();
-    image.close().await;
-    let raw = std::fs::read(&img).unwrap();
-    let autoclear = u64::from_be_bytes(raw[88..96].try_into().unwrap());
-    assert_eq!(autoclear & 1, 0);
+    let info = run("qemu-img", &["info", "-U", s(&img)]);
     assert!(
-        raw[..65536]
-            .windows(4)
-            .any(|w| w == [0x23, 0x85, 0x28, 0x75]),
-        "the bitmaps extension was dropped"
+        String::from_utf8_lossy(&info.stdout).contains("in-use"),
+        "{}",
+        String::from_utf8_lossy(&info.stdout)
     );
-    let info = run("qemu-img", &["info", s(&img)]);
+    image.close().await;
+    assert_clean(&img);
+    let info = run("qemu-img", &["info", "--output=json", s(&img)]);
+    let text = String::from_utf8_lossy(&info.stdout);
     assert!(
-        String::from_utf8_lossy(&info.stderr).contains("lacking bitmap support"),
+        text.contains("\"b0\"") && !text.contains("in-use"),
+        "{text}"
+    );
+    assert!(
+        info.stderr.is_empty(),
         "{}",
         String::from_utf8_lossy(&info.stderr)
     );
+    let image = open(&img, true).await.unwrap();
+    let b0 = image.node.node().bitmap("b0").unwrap().info();
+    assert_eq!(
+        b0.count,
+        (1 << 20) + 32768,
+        "the write was not stored in the bitmap"
+    );
+    assert!(!b0.inconsistent);
+    image.close().await;
 }

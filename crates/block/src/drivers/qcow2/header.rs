@@ -117,8 +117,13 @@ pub struct Header {
     pub backing_file: Option<String>,
     /// Backing file format from the extension.
     pub backing_format: Option<String>,
-    /// A bitmaps extension is present (kept untouched in the header cluster).
+    /// A bitmaps extension is present.
     pub has_bitmaps: bool,
+    /// The bitmaps extension: (number of bitmaps, directory size, directory offset).
+    pub bitmaps: Option<(u32, u64, u64)>,
+    /// Every extension as found (type, data), in order, so the header can be rewritten
+    /// with one of them changed and the others kept.
+    pub extensions: Vec<(u32, Vec<u8>)>,
     /// Names of feature bits from the feature name table: (type, bit, name).
     pub feature_names: Vec<(u8, u8, String)>,
 }
@@ -248,6 +253,8 @@ impl Header {
             backing_file: None,
             backing_format: None,
             has_bitmaps: false,
+            bitmaps: None,
+            extensions: Vec::new(),
             feature_names: Vec::new(),
         };
         let header_area = &first[..first.len().min(cluster_size as usize)];
@@ -396,6 +403,7 @@ impl Header {
             }
             seen.push(kind);
             let data = &area[at..at + len];
+            self.extensions.push((kind, data.to_vec()));
             match kind {
                 EXT_BACKING_FORMAT => {
                     let name = std::str::from_utf8(data)
@@ -410,7 +418,12 @@ impl Header {
                         self.feature_names.push((entry[0], entry[1], name));
                     }
                 }
-                EXT_BITMAPS => self.has_bitmaps = true,
+                EXT_BITMAPS => {
+                    self.has_bitmaps = true;
+                    if data.len() >= 24 {
+                        self.bitmaps = Some((be32(data, 0), be64(data, 8), be64(data, 16)));
+                    }
+                }
                 _ => {} // skippable by definition
             }
             at += len.div_ceil(8) * 8;
@@ -435,6 +448,43 @@ impl Header {
         }
         names.join(", ")
     }
+}
+
+/// Rebuilds the extension area of header cluster `cluster0` (the fixed header stays):
+/// `extensions` in order, the end marker, then the backing file name, whose offset is
+/// updated in the fixed header.
+pub fn rewrite_extensions(
+    cluster0: &mut [u8],
+    header_length: usize,
+    extensions: &[(u32, Vec<u8>)],
+    backing_file: Option<&str>,
+) -> Result<()> {
+    let mut at = header_length;
+    let area_len = cluster0.len();
+    let mut out = Vec::new();
+    for (kind, data) in extensions {
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(8) * 8, 0);
+    }
+    out.extend_from_slice(&[0; 8]);
+    let name = backing_file.map(str::as_bytes).unwrap_or_default();
+    if at + out.len() + name.len() > area_len {
+        return Err(Error::new(
+            ErrorKind::NoSpace,
+            "the qcow2 header extensions do not fit in the first cluster",
+        ));
+    }
+    cluster0[at..].fill(0);
+    cluster0[at..at + out.len()].copy_from_slice(&out);
+    at += out.len();
+    if !name.is_empty() {
+        cluster0[at..at + name.len()].copy_from_slice(name);
+        cluster0[8..16].copy_from_slice(&(at as u64).to_be_bytes());
+        cluster0[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+    }
+    Ok(())
 }
 
 fn ranges_overlap(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
