@@ -57,6 +57,16 @@ pub struct BackupArgs {
     pub compress: bool,
     /// Largest background request (default [`CLI_CHUNK`]).
     pub chunk_size: Option<u64>,
+    /// A persistent dirty bitmap of the (qcow2) source: created by a full backup when
+    /// missing, copied from by an incremental one, and reset to "no changes since this
+    /// backup" when the backup succeeds.
+    pub bitmap: Option<String>,
+    /// Granularity of a bitmap this backup creates.
+    pub granularity: Option<u64>,
+    /// Copy only what `bitmap` marks (sync=bitmap, mode on-success).
+    pub incremental: bool,
+    /// Backing file of a qcow2 target this backup creates (the previous backup).
+    pub backing: Option<PathBuf>,
 }
 
 /// Background request size of the one-shot CLI. The daemon keeps 512 KiB requests so a
@@ -72,8 +82,14 @@ fn format_of(path: &Path, format: Option<Format>) -> anyhow::Result<Format> {
     })
 }
 
-/// Creates an empty target of `len` bytes: a sparse raw file or a fresh qcow2 image.
-fn create_target(path: &Path, format: Format, len: u64) -> anyhow::Result<()> {
+/// Creates an empty target of `len` bytes: a sparse raw file or a fresh qcow2 image,
+/// optionally backed by the previous backup of a chain.
+fn create_target(
+    path: &Path,
+    format: Format,
+    len: u64,
+    backing: Option<&Path>,
+) -> anyhow::Result<()> {
     match format {
         Format::Raw => {
             let file = std::fs::File::create(path).map_err(|e| {
@@ -84,8 +100,22 @@ fn create_target(path: &Path, format: Format, len: u64) -> anyhow::Result<()> {
             })?;
         }
         Format::Qcow2 => {
+            let backing_format = backing
+                .map(|b| -> anyhow::Result<String> {
+                    let resolved = match path.parent() {
+                        Some(dir) if b.is_relative() && !dir.as_os_str().is_empty() => dir.join(b),
+                        _ => b.to_path_buf(),
+                    };
+                    Ok(match probe(&resolved)? {
+                        Format::Qcow2 => "qcow2".into(),
+                        Format::Raw => "raw".into(),
+                    })
+                })
+                .transpose()?;
             let options = block::drivers::qcow2::header::CreateOptions {
                 size: len,
+                backing_file: backing.map(|b| b.display().to_string()),
+                backing_format,
                 ..Default::default()
             };
             block::drivers::qcow2::create_file(path, &options)?;
@@ -108,6 +138,15 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
     if args.compress && target_format != Format::Qcow2 {
         bail!("--compress needs a qcow2 target (--target-format qcow2)");
     }
+    if args.incremental && args.bitmap.is_none() {
+        bail!("--incremental needs --bitmap NAME");
+    }
+    if args.bitmap.is_some() && source_format != Format::Qcow2 {
+        bail!("--bitmap needs a qcow2 source: only qcow2 images store dirty bitmaps");
+    }
+    if args.backing.is_some() && (target_format != Format::Qcow2 || args.target.exists()) {
+        bail!("--backing applies to a qcow2 target this backup creates (--target-format qcow2)");
+    }
     if let (Ok(a), Ok(b)) = (
         std::fs::metadata(&args.source),
         std::fs::metadata(&args.target),
@@ -118,18 +157,40 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
         }
     }
     let graph = Arc::new(NodeGraph::new());
+    // With a bitmap the source is opened for writing, so the bitmap can be stored
+    // back; nothing else writes it.
     graph
         .add(node_options(
             &args.source,
             source_format,
-            true,
+            args.bitmap.is_none(),
             Some("source"),
         ))
         .await?;
-    let source_len = graph.node("source").map(|n| n.length()).unwrap_or(0);
+    let source_node = graph.node("source").expect("just added");
+    let source_len = source_node.length();
+    if let Some(name) = &args.bitmap
+        && source_node.bitmap(name).is_err()
+    {
+        if args.incremental {
+            let _ = graph.close_all().await;
+            bail!(
+                "Bitmap '{name}' could not be found in '{}': start the chain with a full \
+                 backup and --bitmap {name}",
+                args.source.display()
+            );
+        }
+        // A full backup starts the chain: the bitmap records from this instant.
+        source_node.add_bitmap(name, args.granularity, true, false)?;
+    }
     let created = !args.target.exists();
     if created {
-        create_target(&args.target, target_format, source_len)?;
+        create_target(
+            &args.target,
+            target_format,
+            source_len,
+            args.backing.as_deref(),
+        )?;
     }
     if let Err(e) = graph
         .add(node_options(
@@ -154,6 +215,13 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
     options.max_workers = args.workers;
     options.max_chunk = args.chunk_size.unwrap_or(CLI_CHUNK);
     options.compress = args.compress;
+    if let Some(name) = &args.bitmap {
+        options.bitmap = Some(name.clone());
+        options.bitmap_mode = Some(jobs::BitmapMode::OnSuccess);
+        if args.incremental {
+            options.sync = SyncMode::Bitmap;
+        }
+    }
     let started = Instant::now();
     let (job, stats) = match start_backup(&graph, &registry, "source", "target", options).await {
         Ok(started) => started,

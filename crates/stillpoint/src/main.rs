@@ -92,6 +92,32 @@ enum Command {
         /// Largest background request (default 2M; at least the copy cluster size).
         #[arg(long)]
         chunk_size: Option<String>,
+        /// Persistent dirty bitmap of a qcow2 source: a full backup creates it (the
+        /// start of an incremental chain); on success it is reset to "no changes since
+        /// this backup".
+        #[arg(long)]
+        bitmap: Option<String>,
+        /// Copy only what --bitmap marks as changed since the previous backup.
+        #[arg(long)]
+        incremental: bool,
+        /// Granularity of a bitmap this backup creates (default 64K).
+        #[arg(long)]
+        granularity: Option<String>,
+        /// Backing file of the qcow2 target this backup creates: the previous backup
+        /// (relative to the target's directory, as qemu-img stores it).
+        #[arg(long)]
+        backing: Option<PathBuf>,
+    },
+    /// Rebuild a full image from a backup chain: copy what CHAIN_TOP reads (through
+    /// its backing files) to OUTPUT.
+    Restore {
+        /// The newest backup of the chain (qcow2).
+        chain_top: PathBuf,
+        /// The image to write (created raw when missing, or --target-format qcow2).
+        output: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum)]
+        target_format: Option<Format>,
     },
     /// Create an image of SIZE bytes (512, 64K, 1M, 10G, 2T...); replaces an existing file.
     Create {
@@ -236,7 +262,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             json,
             compress,
             chunk_size,
+            bitmap,
+            incremental,
+            granularity,
+            backing,
         } => {
+            let granularity = granularity
+                .map(|g| size::parse_size(&g).context("invalid --granularity"))
+                .transpose()?;
             let chunk_size = chunk_size
                 .map(|c| size::parse_size(&c).context("invalid --chunk-size"))
                 .transpose()?;
@@ -260,6 +293,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 json,
                 compress,
                 chunk_size,
+                bitmap,
+                granularity,
+                incremental,
+                backing,
             };
             backup::run(args).await
         }
@@ -298,6 +335,30 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 (None, None) => bail!("give --socket PATH or --bind HOST:PORT"),
             };
             nbd_cmd::run(&image, listen, format, name, writable).await
+        }
+        Command::Restore {
+            chain_top,
+            output,
+            target_format,
+        } => {
+            let args = backup::BackupArgs {
+                source: chain_top,
+                target: output,
+                source_format: None,
+                target_format,
+                sync: jobs::SyncMode::Full,
+                speed: 0,
+                cluster_size: None,
+                workers: jobs::backup::DEFAULT_WORKERS,
+                json: false,
+                compress: false,
+                chunk_size: None,
+                bitmap: None,
+                granularity: None,
+                incremental: false,
+                backing: None,
+            };
+            backup::run(args).await
         }
         Command::Create {
             format,
