@@ -73,6 +73,8 @@ def verify(snapshot, image):
 
 def one_round(program, tmp, src, size, writes):
     sock = os.path.join(tmp, "nbd.sock")
+    if os.path.exists(sock):
+        os.unlink(sock)  # qemu-storage-daemon leaves its NBD socket behind
     proc, qmp = common.start_qsd(tmp, extra=[
         "--blockdev", f"driver=raw,node-name=src,file.driver=file,file.filename={src}",
         "--nbd-server", f"addr.type=unix,addr.path={sock}",

@@ -276,6 +276,9 @@ pub struct Qcow2Driver {
     fixed_metadata: Vec<(u64, u64)>,
     /// Bitmaps found at open, until the node takes them.
     loaded_bitmaps: std::sync::Mutex<Vec<crate::driver::PersistentBitmap>>,
+    /// Something was written to the file since the last sync (syncs with nothing to
+    /// make durable are skipped: closing used to cost four fdatasyncs).
+    unsynced: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Qcow2Driver {
@@ -472,6 +475,7 @@ impl Qcow2Driver {
             allocated: Notify::new(),
             fixed_metadata,
             loaded_bitmaps: std::sync::Mutex::new(Vec::new()),
+            unsynced: std::sync::atomic::AtomicBool::new(false),
         };
         driver.load_bitmaps().await?;
         if !read_only {
@@ -481,6 +485,32 @@ impl Qcow2Driver {
             driver.mark_open_for_writing().await?;
         }
         Ok(driver)
+    }
+
+    /// Writes to the file, remembering that a sync is due.
+    async fn write_file(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+        let result = self.file.write(offset, buf, flags).await;
+        // Even a failed write may have changed part of the range.
+        self.unsynced
+            .store(true, std::sync::atomic::Ordering::Release);
+        result
+    }
+
+    /// Makes everything written so far durable, unless nothing was written since the
+    /// last sync.
+    async fn sync_file(&self) -> Result<()> {
+        if !self
+            .unsynced
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return Ok(());
+        }
+        let result = self.file.flush().await;
+        if result.is_err() {
+            self.unsynced
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        result
     }
 
     /// The header as opened.
@@ -495,25 +525,23 @@ impl Qcow2Driver {
         }
         let mut m = self.meta.lock().await;
         let incompatible = self.header.incompatible | header::INCOMPAT_DIRTY;
-        self.file
-            .write(
-                header::OFFSET_INCOMPATIBLE,
-                IoBuf::from_slice(&incompatible.to_be_bytes()),
-                WriteFlags::default(),
-            )
-            .await?;
+        self.write_file(
+            header::OFFSET_INCOMPATIBLE,
+            IoBuf::from_slice(&incompatible.to_be_bytes()),
+            WriteFlags::default(),
+        )
+        .await?;
         // Keep "bitmaps consistent" (we maintain them); clear what we do not know.
         let autoclear = self.header.autoclear & header::AUTOCLEAR_BITMAPS;
         if self.header.autoclear != autoclear {
-            self.file
-                .write(
-                    header::OFFSET_AUTOCLEAR,
-                    IoBuf::from_slice(&autoclear.to_be_bytes()),
-                    WriteFlags::default(),
-                )
-                .await?;
+            self.write_file(
+                header::OFFSET_AUTOCLEAR,
+                IoBuf::from_slice(&autoclear.to_be_bytes()),
+                WriteFlags::default(),
+            )
+            .await?;
         }
-        self.file.flush().await?;
+        self.sync_file().await?;
         m.dirty_bit = true;
         Ok(())
     }
@@ -620,10 +648,9 @@ impl Qcow2Driver {
                 let flags = e.flags | bitmaps::FLAG_IN_USE;
                 dir[e.flags_at..e.flags_at + 4].copy_from_slice(&flags.to_be_bytes());
             }
-            self.file
-                .write(dir_offset, IoBuf::from_slice(&dir), WriteFlags::default())
+            self.write_file(dir_offset, IoBuf::from_slice(&dir), WriteFlags::default())
                 .await?;
-            self.file.flush().await?;
+            self.sync_file().await?;
         }
         self.meta.lock().await.bitmap_dir = Some((dir_offset, dir_size, entries, used));
         *self
@@ -656,8 +683,7 @@ impl Qcow2Driver {
                     continue;
                 }
                 let at = self.alloc_clusters(&mut m, 1).await?;
-                self.file
-                    .write(at, IoBuf::from_slice(chunk), WriteFlags::default())
+                self.write_file(at, IoBuf::from_slice(chunk), WriteFlags::default())
                     .await?;
                 used.push(at);
                 table.push(at);
@@ -665,13 +691,12 @@ impl Qcow2Driver {
             let table_bytes = u64s_be(&table);
             let n = (table_bytes.len() as u64).div_ceil(cs).max(1);
             let table_offset = self.alloc_clusters(&mut m, n).await?;
-            self.file
-                .write(
-                    table_offset,
-                    IoBuf::from_slice(&table_bytes),
-                    WriteFlags::default(),
-                )
-                .await?;
+            self.write_file(
+                table_offset,
+                IoBuf::from_slice(&table_bytes),
+                WriteFlags::default(),
+            )
+            .await?;
             used.extend((0..n).map(|i| table_offset + i * cs));
             entries.push(bitmaps::Entry {
                 table_offset,
@@ -692,15 +717,14 @@ impl Qcow2Driver {
             let dir = bitmaps::encode_directory(&entries);
             let n = (dir.len() as u64).div_ceil(cs);
             let dir_offset = self.alloc_clusters(&mut m, n).await?;
-            self.file
-                .write(dir_offset, IoBuf::from_slice(&dir), WriteFlags::default())
+            self.write_file(dir_offset, IoBuf::from_slice(&dir), WriteFlags::default())
                 .await?;
             used.extend((0..n).map(|i| dir_offset + i * cs));
             new_dir = Some((dir_offset, dir.len() as u64));
         }
         // Everything new is counted and on disk before the header names it.
         self.flush_meta(&mut m).await?;
-        self.file.flush().await?;
+        self.sync_file().await?;
         let mut extensions: Vec<(u32, Vec<u8>)> = m
             .extensions
             .iter()
@@ -732,10 +756,9 @@ impl Qcow2Driver {
             0
         };
         cluster0[88..96].copy_from_slice(&autoclear.to_be_bytes());
-        self.file
-            .write(0, IoBuf::from_slice(&cluster0), WriteFlags::default())
+        self.write_file(0, IoBuf::from_slice(&cluster0), WriteFlags::default())
             .await?;
-        self.file.flush().await?;
+        self.sync_file().await?;
         // The old directory, tables and data are unreferenced now.
         if let Some((_, _, _, old)) = m.bitmap_dir.take() {
             for at in old {
@@ -1096,31 +1119,28 @@ impl Qcow2Driver {
             for c in base.max(i * rbe)..used_end.min((i + 1) * rbe) {
                 refcount::set(&mut data, self.geo.refcount_order, c - i * rbe, 1);
             }
-            self.file
-                .write(at * cs, IoBuf::from_slice(&data), WriteFlags::default())
+            self.write_file(at * cs, IoBuf::from_slice(&data), WriteFlags::default())
                 .await?;
             m.refblocks.insert(i, RefBlock { data, dirty: false });
             m.refblock_offsets.insert(at * cs);
         }
-        self.file
-            .write(
-                base * cs,
-                IoBuf::from_slice(&u64s_be(&table)),
-                WriteFlags::default(),
-            )
-            .await?;
-        self.file.flush().await?;
+        self.write_file(
+            base * cs,
+            IoBuf::from_slice(&u64s_be(&table)),
+            WriteFlags::default(),
+        )
+        .await?;
+        self.sync_file().await?;
         let mut pointer = Vec::with_capacity(12);
         pointer.extend_from_slice(&(base * cs).to_be_bytes());
         pointer.extend_from_slice(&(k as u32).to_be_bytes());
-        self.file
-            .write(
-                header::OFFSET_REFCOUNT_TABLE,
-                IoBuf::from_slice(&pointer),
-                WriteFlags::default(),
-            )
-            .await?;
-        self.file.flush().await?;
+        self.write_file(
+            header::OFFSET_REFCOUNT_TABLE,
+            IoBuf::from_slice(&pointer),
+            WriteFlags::default(),
+        )
+        .await?;
+        self.sync_file().await?;
         // The old table is unreferenced now that the header is durable.
         let old_offset = m.reftable_offset;
         let old_clusters = m.reftable_clusters;
@@ -1176,16 +1196,15 @@ impl Qcow2Driver {
         for i in dirty {
             let offset = m.reftable[i as usize] & !511;
             let block = m.refblocks.get_mut(&i).unwrap();
-            self.file
-                .write(
-                    offset,
-                    IoBuf::from_slice(&block.data),
-                    WriteFlags::default(),
-                )
-                .await?;
+            self.write_file(
+                offset,
+                IoBuf::from_slice(&block.data),
+                WriteFlags::default(),
+            )
+            .await?;
             block.dirty = false;
         }
-        self.file.flush().await?;
+        self.sync_file().await?;
         Ok(true)
     }
 
@@ -1201,15 +1220,14 @@ impl Qcow2Driver {
                 let from = i as usize * per;
                 let to = (from + per).min(m.reftable.len());
                 let bytes = u64s_be(&m.reftable[from..to]);
-                self.file
-                    .write(
-                        m.reftable_offset + i * cs,
-                        IoBuf::from_slice(&bytes),
-                        WriteFlags::default(),
-                    )
-                    .await?;
+                self.write_file(
+                    m.reftable_offset + i * cs,
+                    IoBuf::from_slice(&bytes),
+                    WriteFlags::default(),
+                )
+                .await?;
             }
-            self.file.flush().await?;
+            self.sync_file().await?;
         }
         // 3. L2 tables.
         let dirty: Vec<u64> =
@@ -1221,12 +1239,11 @@ impl Qcow2Driver {
             for offset in dirty {
                 let table = m.l2.get_mut(&offset).unwrap();
                 let bytes = u64s_be(&table.entries);
-                self.file
-                    .write(offset, IoBuf::from_slice(&bytes), WriteFlags::default())
+                self.write_file(offset, IoBuf::from_slice(&bytes), WriteFlags::default())
                     .await?;
                 table.dirty = false;
             }
-            self.file.flush().await?;
+            self.sync_file().await?;
         }
         // 4. L1 table.
         if !m.l1_dirty.is_empty() {
@@ -1235,15 +1252,14 @@ impl Qcow2Driver {
                 let from = i as usize * per;
                 let to = (from + per).min(m.l1.len());
                 let bytes = u64s_be(&m.l1[from..to]);
-                self.file
-                    .write(
-                        self.header.l1_table_offset + i * cs,
-                        IoBuf::from_slice(&bytes),
-                        WriteFlags::default(),
-                    )
-                    .await?;
+                self.write_file(
+                    self.header.l1_table_offset + i * cs,
+                    IoBuf::from_slice(&bytes),
+                    WriteFlags::default(),
+                )
+                .await?;
             }
-            self.file.flush().await?;
+            self.sync_file().await?;
         }
         // 5. Frees, once nobody can still be addressing the clusters.
         if !m.pending_frees.is_empty() {
@@ -1441,7 +1457,7 @@ impl Qcow2Driver {
             } else {
                 IoBuf::from_slice(&buf[pos as usize..(pos + run.len) as usize])
             };
-            self.file.write(host, data, flags).await?;
+            self.write_file(host, data, flags).await?;
             return Ok(run.len);
         }
         // Allocate: a run of clusters that are not writable in place, within one L2
@@ -1475,7 +1491,7 @@ impl Qcow2Driver {
             at.is_multiple_of(cs) && (covered.is_multiple_of(cs) || at + covered == geo.size);
         let result = if whole_clusters && pos == 0 && covered == len {
             // The request is exactly these clusters: write it as it is, no copy.
-            self.file.write(host, buf.clone(), flags).await.map(drop)
+            self.write_file(host, buf.clone(), flags).await.map(drop)
         } else {
             let data = &buf[pos as usize..(pos + covered) as usize];
             self.fill_new_clusters(at, data, first, n, host, &olds, flags)
@@ -1566,7 +1582,7 @@ impl Qcow2Driver {
         let guest_end = (self.geo.size.div_ceil(512) * 512).max(span_start);
         let write_len = span.min(guest_end.saturating_sub(span_start).max(1).div_ceil(512) * 512);
         buf.set_len(write_len as usize);
-        self.file.write(host, buf, flags).await?;
+        self.write_file(host, buf, flags).await?;
         Ok(())
     }
 
@@ -1607,8 +1623,7 @@ impl Qcow2Driver {
         let io = self.gate.read().await;
         drop(m);
         let result = self
-            .file
-            .write(at, IoBuf::from_slice(&compressed), WriteFlags::default())
+            .write_file(at, IoBuf::from_slice(&compressed), WriteFlags::default())
             .await;
         drop(io);
         let mut m = self.meta.lock().await;
@@ -1702,17 +1717,16 @@ impl Qcow2Driver {
         // Frees applied by the first pass are refcount changes of their own.
         self.flush_meta(&mut m).await?;
         if m.dirty_bit {
-            self.file.flush().await?;
-            self.file
-                .write(
-                    header::OFFSET_INCOMPATIBLE,
-                    IoBuf::from_slice(&self.header.incompatible.to_be_bytes()),
-                    WriteFlags::default(),
-                )
-                .await?;
+            self.sync_file().await?;
+            self.write_file(
+                header::OFFSET_INCOMPATIBLE,
+                IoBuf::from_slice(&self.header.incompatible.to_be_bytes()),
+                WriteFlags::default(),
+            )
+            .await?;
             m.dirty_bit = false;
         }
-        self.file.flush().await?;
+        self.sync_file().await?;
         m.closed = true;
         Ok(())
     }
@@ -1915,7 +1929,7 @@ impl BlockDriver for Qcow2Driver {
         }
         self.flush_meta(&mut m).await?;
         drop(m);
-        self.file.flush().await
+        self.sync_file().await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
