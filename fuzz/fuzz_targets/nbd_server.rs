@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
         graph.add(options).await.unwrap();
         let disk = graph.attach("n", AttachUser::Other("fuzz".into())).unwrap();
         let server = NbdServer::new();
-        server.add_export(Export { name: String::new(), description: String::new(), disk, writable: true }).unwrap();
+        server.add_export(Export { name: String::new(), description: String::new(), disk, writable: true, bitmaps: Vec::new() }).unwrap();
         let (client, server_side) = tokio::io::duplex(1 << 20);
         let serving = tokio::spawn(server.serve_connection(server_side));
         let (mut rd, mut wr) = tokio::io::split(client);

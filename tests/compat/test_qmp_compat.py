@@ -637,3 +637,61 @@ def test_persistent_bitmaps_move_between_daemons_and_survive_restarts(tmp_path):
     assert crashed["stillpoint"] == crashed["qemu-storage-daemon"], crashed
     check = subprocess.run(["qemu-img", "check", image], capture_output=True, text=True)
     assert check.returncode in (0, 3), check.stdout
+
+
+def test_fleecing_export_with_a_dirty_bitmap_while_writes_continue(tmp_path):
+    """Pull-mode backup (iotests 222/image-fleecing, the temp-overlay form): a qcow2
+    overlay backed by the live disk, a sync=none backup into it (copy-before-write),
+    and an NBD export of the overlay offering the changed-block bitmap. While the guest
+    keeps writing, `nbdinfo --map=qemu:dirty-bitmap:...` lists what changed and
+    `nbdcopy` reads the disk exactly as it was when the fleecing started."""
+    def extra(tmp):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", os.path.join(tmp, "fleece.qcow2"),
+                        str(SIZE)], check=True)
+        return nbd_export(tmp)
+
+    async def scenario(d):
+        sock = os.path.join(d.tmp, "nbd.sock")
+        r = [await d.run("block-dirty-bitmap-add", {"node": "src", "name": "fl-bm"})]
+        await guest_writes(d, "write -P 0x31 64k 64k", "write -P 0x32 2M 300k", "write -z 6M 64k")
+        r.append(await d.run("blockdev-add", {"driver": "qcow2", "node-name": "tmp", "backing": "src",
+                                              "file": {"driver": "file",
+                                                       "filename": os.path.join(d.tmp, "fleece.qcow2")}}))
+        r.append(await d.run("transaction", {"actions": [
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "src", "name": "fl-bm"}},
+            {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "next"}},
+            {"type": "blockdev-backup", "data": {"job-id": "fl", "device": "src", "target": "tmp",
+                                                 "sync": "none"}}]}))
+        snapshot = os.path.join(d.tmp, "snapshot.raw")
+        subprocess.run(["cp", d.src, snapshot], check=True)
+        r.append(await d.run("block-export-add", {"type": "nbd", "id": "fl", "node-name": "tmp",
+                                                  "name": "fleece", "bitmaps": ["fl-bm"]}))
+        # Refused: an enabled bitmap on a read-only export.
+        r.append(await d.run("block-export-add", {"type": "nbd", "id": "fl2", "node-name": "tmp",
+                                                  "name": "fleece2", "bitmaps": ["next"]}))
+        r.append(await d.run("block-dirty-bitmap-remove", {"node": "src", "name": "fl-bm"}))
+        # The guest keeps writing, over changed and unchanged areas alike.
+        await guest_writes(d, "write -P 0x41 0 1M", "write -P 0x42 2M 64k", "write -z 5M 2M")
+        uri = f"nbd+unix:///fleece?socket={sock}"
+        nbdmap = await asyncio.to_thread(subprocess.run, ["nbdinfo", "--map=qemu:dirty-bitmap:fl-bm", uri],
+                                         capture_output=True, text=True)
+        copy = os.path.join(d.tmp, "pulled.raw")
+        pulled = await asyncio.to_thread(subprocess.run, ["nbdcopy", uri, copy], capture_output=True, text=True)
+        same = images_identical(snapshot, copy)
+        r.append(await d.run("block-export-del", {"id": "fl"}))
+        await d.until("BLOCK_EXPORT_DELETED")
+        r.append(await d.run("block-job-cancel", {"device": "fl"}))
+        events = normalize(await d.until("JOB_STATUS_CHANGE", "null"))
+        for _ in range(200):
+            deleted = await d.run("blockdev-del", {"node-name": "tmp"})
+            if "busy" not in str(deleted):
+                break
+            await asyncio.sleep(0.01)
+        r.append(deleted)
+        bitmaps = await bitmaps_of(d)
+        return r, nbdmap.stdout, nbdmap.returncode, pulled.returncode, same, events[-3:], bitmaps
+
+    r = run_both(tmp_path, scenario, extra)
+    assert r["stillpoint"] == r["qemu-storage-daemon"]
+    assert r["stillpoint"][2:5] == (0, 0, True)
+    assert "dirty" in r["stillpoint"][1], r["stillpoint"][1]

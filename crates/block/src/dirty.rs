@@ -222,6 +222,32 @@ impl DirtyBitmap {
         s.recording = recording;
     }
 
+    /// Marks the bitmap busy while an export (or another user) reads it, or frees it.
+    pub fn set_busy(&self, busy: bool) {
+        self.lock().busy = busy;
+    }
+
+    /// Runs of `[offset, offset + len)`: (length, dirty), at most `max` of them.
+    pub fn runs(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
+        let s = self.lock();
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < end && out.len() < max {
+            let dirty = s.bits.get(at);
+            let next = if dirty {
+                s.bits.next_clear(at)
+            } else {
+                s.bits.next_set(at)
+            }
+            .unwrap_or(end)
+            .clamp(at + 1, end);
+            out.push((next - at, dirty));
+            at = next;
+        }
+        out
+    }
+
     /// Marks the bitmap inconsistent (a persistent bitmap that was not saved cleanly).
     pub fn set_inconsistent(&self) {
         self.lock().inconsistent = true;

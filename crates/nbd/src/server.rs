@@ -58,6 +58,8 @@ pub struct Export {
     pub disk: Attachment,
     /// Whether clients may write.
     pub writable: bool,
+    /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` metadata contexts.
+    pub bitmaps: Vec<Arc<block::dirty::DirtyBitmap>>,
 }
 
 impl Export {
@@ -110,6 +112,8 @@ enum Context {
     Allocation,
     /// `qemu:allocation-depth`: 0 = unallocated, 1 = this layer.
     AllocationDepth,
+    /// `qemu:dirty-bitmap:NAME`: the export's bitmap number n; flag 1 = dirty.
+    DirtyBitmap(usize),
 }
 
 impl Context {
@@ -117,24 +121,42 @@ impl Context {
         match self {
             Context::Allocation => 1,
             Context::AllocationDepth => 2,
+            Context::DirtyBitmap(n) => 3 + n as u32,
         }
     }
 
-    fn name(self) -> &'static str {
+    fn name(self, export: &Export) -> String {
         match self {
-            Context::Allocation => "base:allocation",
-            Context::AllocationDepth => "qemu:allocation-depth",
+            Context::Allocation => "base:allocation".into(),
+            Context::AllocationDepth => "qemu:allocation-depth".into(),
+            Context::DirtyBitmap(n) => format!("qemu:dirty-bitmap:{}", export.bitmaps[n].name()),
         }
+    }
+
+    /// Every context an export offers.
+    fn all(export: &Export) -> Vec<Context> {
+        let mut all = vec![Context::Allocation, Context::AllocationDepth];
+        all.extend((0..export.bitmaps.len()).map(Context::DirtyBitmap));
+        all
     }
 
     /// Contexts a query selects; `list` allows the namespace wildcards.
-    fn matching(query: &str, list: bool) -> Vec<Context> {
+    fn matching(query: &str, list: bool, export: &Export) -> Vec<Context> {
+        let bitmaps = (0..export.bitmaps.len()).map(Context::DirtyBitmap);
         match query {
             "base:allocation" => vec![Context::Allocation],
             "qemu:allocation-depth" => vec![Context::AllocationDepth],
             "base:" if list => vec![Context::Allocation],
-            "qemu:" if list => vec![Context::AllocationDepth],
-            _ => Vec::new(),
+            "qemu:" if list => std::iter::once(Context::AllocationDepth)
+                .chain(bitmaps)
+                .collect(),
+            "qemu:dirty-bitmap:" if list => bitmaps.collect(),
+            q => match q.strip_prefix("qemu:dirty-bitmap:") {
+                Some(name) => bitmaps
+                    .filter(|c| matches!(c, Context::DirtyBitmap(n) if export.bitmaps[*n].name() == name))
+                    .collect(),
+                None => Vec::new(),
+            },
         }
     }
 }
@@ -487,17 +509,17 @@ impl NbdServer {
             )
             .await;
         };
-        if self.export(&name).is_none() {
+        let Some(export) = self.export(&name) else {
             let message = format!("export '{name}' not present");
             return reply_error(writer, option, REP_ERR_UNKNOWN, &message).await;
-        }
+        };
         let list = option == OPT_LIST_META_CONTEXT;
         let mut chosen: Vec<Context> = Vec::new();
         if list && queries.is_empty() {
-            chosen = vec![Context::Allocation, Context::AllocationDepth];
+            chosen = Context::all(&export);
         }
         for query in &queries {
-            for context in Context::matching(query, list) {
+            for context in Context::matching(query, list, &export) {
                 if !chosen.contains(&context) {
                     chosen.push(context);
                 }
@@ -505,7 +527,7 @@ impl NbdServer {
         }
         for context in &chosen {
             let mut payload = context.id().to_be_bytes().to_vec();
-            payload.extend_from_slice(context.name().as_bytes());
+            payload.extend_from_slice(context.name(&export).as_bytes());
             writer
                 .write_all(&option_reply(
                     option,
@@ -892,13 +914,36 @@ async fn block_status(
     let mut out = Vec::new();
     for (i, context) in contexts.iter().enumerate() {
         let mut extents: Vec<(u32, u32)> = Vec::new();
-        for &(length, data, zero, allocated) in &runs {
-            let flags = match context {
-                Context::Allocation => {
-                    (if data { 0 } else { STATE_HOLE }) | (if zero { STATE_ZERO } else { 0 })
-                }
-                Context::AllocationDepth => u32::from(allocated),
-            };
+        // A bitmap context has its own runs; the others follow the node's.
+        let context_runs: Vec<(u64, u32)> = match context {
+            Context::DirtyBitmap(n) => {
+                let max = if one { 1 } else { MAX_EXTENTS };
+                export.bitmaps[*n]
+                    .runs(request.offset, end - request.offset, max)
+                    .into_iter()
+                    .map(|(length, dirty)| {
+                        (
+                            length.min(u64::from(u32::MAX) & !511).max(1),
+                            u32::from(dirty),
+                        )
+                    })
+                    .collect()
+            }
+            _ => runs
+                .iter()
+                .map(|&(length, data, zero, allocated)| {
+                    let flags = match context {
+                        Context::AllocationDepth => u32::from(allocated),
+                        _ => {
+                            (if data { 0 } else { STATE_HOLE })
+                                | (if zero { STATE_ZERO } else { 0 })
+                        }
+                    };
+                    (length, flags)
+                })
+                .collect(),
+        };
+        for &(length, flags) in &context_runs {
             match extents.last_mut() {
                 Some(last)
                     if last.1 == flags && u64::from(last.0) + length <= u64::from(u32::MAX) =>

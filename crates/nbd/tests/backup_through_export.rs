@@ -62,6 +62,7 @@ async fn a_backup_under_qemu_io_writes_through_the_export_keeps_its_point_in_tim
             description: String::new(),
             disk,
             writable: true,
+            bitmaps: Vec::new(),
         })
         .unwrap();
     let socket = dir.path().join("nbd.sock");

@@ -237,6 +237,7 @@ async fn our_client_and_server_agree_including_split_reads() {
             description: String::new(),
             disk,
             writable: false,
+            bitmaps: Vec::new(),
         })
         .unwrap();
     let socket = dir.path().join("ours.sock");

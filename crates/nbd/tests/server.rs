@@ -49,6 +49,7 @@ async fn rig() -> Rig {
                 description: "test".into(),
                 disk,
                 writable,
+                bitmaps: Vec::new(),
             })
             .unwrap();
     }
@@ -420,6 +421,7 @@ async fn removing_an_export_waits_for_running_requests_then_refuses_more() {
             description: String::new(),
             disk,
             writable: false,
+            bitmaps: Vec::new(),
         })
         .unwrap();
     let socket = dir.path().join("nbd.sock");

@@ -122,6 +122,8 @@ struct NbdRunning {
 struct ExportRecord {
     node_name: String,
     name: String,
+    /// Bitmaps the export offers; busy until it is deleted.
+    bitmaps: Vec<Arc<block::dirty::DirtyBitmap>>,
 }
 
 /// Everything one daemon serves.
@@ -401,6 +403,9 @@ impl Daemon {
         let record = self.exports.lock().unwrap().remove(id);
         if let Some(record) = record {
             server.remove_export(&record.name).await;
+            for bitmap in &record.bitmaps {
+                bitmap.set_busy(false);
+            }
             let _ = self
                 .events
                 .send(wire::event("BLOCK_EXPORT_DELETED", Some(json!({"id": id}))));
@@ -636,11 +641,12 @@ impl Daemon {
         let writable = m.optional("writable", Members::boolean)?.unwrap_or(false);
         m.optional("writethrough", Members::boolean)?;
         let allocation_depth = m.optional("allocation-depth", Members::boolean)?;
-        if m.optional("bitmaps", |_, _, v| Ok(v))?.is_some() {
-            return Err(QmpError::generic(
-                "exporting dirty bitmaps is not supported by stillpoint yet",
-            ));
-        }
+        let bitmap_refs = m
+            .optional("bitmaps", |m, k, v| match v {
+                Value::Array(items) => Ok(items),
+                _ => Err(m.type_error(k, "array")),
+            })?
+            .unwrap_or_default();
         for key in ["iothread", "fixed-iothread"] {
             if m.optional(key, |_, _, v| Ok(v))?.is_some() {
                 return Err(QmpError::generic(format!(
@@ -669,18 +675,78 @@ impl Daemon {
         if writable && disk.node().policy().read_only {
             return Err(QmpError::generic("Block node is read-only"));
         }
+        // Bitmaps: a name is looked up on the node and down its backing chain, a
+        // {node, name} pair on that node.
+        let mut bitmaps = Vec::new();
+        for item in bitmap_refs {
+            let bitmap = match item {
+                Value::String(bname) => {
+                    let mut node = Some(disk.node());
+                    let mut found = None;
+                    while let Some(n) = node {
+                        if let Ok(b) = n.bitmap(&bname) {
+                            found = Some(b);
+                            break;
+                        }
+                        node = n
+                            .driver()
+                            .filtered_child()
+                            .or(n.driver().backing())
+                            .map(|a| a.node());
+                    }
+                    found.ok_or_else(|| {
+                        QmpError::generic(format!("Bitmap '{bname}' is not found"))
+                    })?
+                }
+                Value::Object(map) => {
+                    let mut b = Members::new(map, "bitmaps.".into());
+                    let bnode = b.required("node", Members::string)?;
+                    let bname = b.required("name", Members::string)?;
+                    b.finish()?;
+                    self.graph
+                        .node(&bnode)
+                        .ok_or_else(|| QmpError::generic(format!("Node '{bnode}' not found")))?
+                        .bitmap(&bname)
+                        .map_err(|e| QmpError::generic(e.message()))?
+                }
+                _ => {
+                    return Err(QmpError::generic(
+                        "Invalid parameter type for 'bitmaps', expected: BlockDirtyBitmapOrStr",
+                    ));
+                }
+            };
+            bitmap
+                .check_usable()
+                .map_err(|e| QmpError::generic(e.message()))?;
+            let node_read_only = disk.node().policy().read_only;
+            if !writable && !node_read_only && bitmap.info().recording {
+                return Err(QmpError::generic(format!(
+                    "Enabled bitmap '{}' incompatible with readonly export",
+                    bitmap.name()
+                )));
+            }
+            bitmaps.push(bitmap);
+        }
         server
             .add_export(Export {
                 name: name.clone(),
                 description,
                 disk,
                 writable,
+                bitmaps: bitmaps.clone(),
             })
             .map_err(QmpError::generic)?;
-        self.exports
-            .lock()
-            .unwrap()
-            .insert(id, ExportRecord { node_name, name });
+        for bitmap in &bitmaps {
+            bitmap.set_busy(true);
+        }
+        self.exports.lock().unwrap().insert(
+            id,
+            ExportRecord {
+                node_name,
+                name,
+                bitmaps,
+            },
+        );
         Ok(json!({}))
     }
 }

@@ -58,6 +58,7 @@ pub async fn run(
             description: String::new(),
             disk,
             writable,
+            bitmaps: Vec::new(),
         })
         .map_err(anyhow::Error::msg)?;
 
