@@ -171,3 +171,68 @@ async fn a_refused_action_starts_nothing() {
         "the new bitmap was not rolled back"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_incrementals_keep_every_bitmap_when_one_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = setup(dir.path()).await;
+    for node in ["src", "src2"] {
+        daemon
+            .execute(
+                "block-dirty-bitmap-add",
+                json!({"node": node, "name": "bm"}),
+            )
+            .await
+            .unwrap();
+        // Changes since the (imaginary) last backup: 3 clusters.
+        let disk = daemon
+            .graph
+            .attach(node, block::AttachUser::Other("test".into()))
+            .unwrap();
+        disk.write(
+            0,
+            block::IoBuf::from_slice(&[7; 3 * 65536]),
+            block::WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let incremental = |job: &str, device: &str, target: &str, speed: u64| {
+        json!({"type":"blockdev-backup","data":{"job-id":job,"device":device,"target":target,
+            "sync":"incremental","bitmap":"bm","speed":speed}})
+    };
+    let waiting = tokio::spawn({
+        let daemon = daemon.clone();
+        async move { outcomes(&daemon, 2).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    daemon
+        .execute(
+            "transaction",
+            json!({"actions":[incremental("a","src","tgt", 1 << 10), incremental("b","src2","bad", 0)],
+                "properties":{"completion-mode":"grouped"}}),
+        )
+        .await
+        .unwrap();
+    let got = waiting.await.unwrap();
+    assert_eq!(
+        got,
+        [
+            ("a".to_string(), "cancelled".to_string()),
+            ("b".to_string(), "failed".to_string())
+        ]
+    );
+    // on-success and a failed group: both bitmaps still hold every change, so the next
+    // incremental copies them again.
+    for node in ["src", "src2"] {
+        let info = daemon
+            .graph
+            .node(node)
+            .unwrap()
+            .bitmap("bm")
+            .unwrap()
+            .info();
+        assert_eq!(info.count, 3 * 65536, "{node}");
+        assert!(!info.busy, "{node}");
+    }
+}
