@@ -49,7 +49,7 @@
 //! cluster rather than per 4 KiB, since a partial-cluster write would make the format
 //! allocate and copy the cluster anyway.
 //!
-//! Out of scope for now: sync=bitmap and dirty bitmaps, copy offload
+//! Out of scope for now: copy offload
 //! (`copy_file_range`).
 
 pub mod backup;
