@@ -23,6 +23,9 @@
 //!   `blockdev-add` JSON), names them, counts their users and inserts or removes
 //!   filters under live attachments; see that module for the draining rule.
 //! * [`error::Error`] carries a kind that maps to a QMP error class and an NBD errno.
+//! * [`dirty::DirtyBitmap`]s hang off nodes; the node layer marks them on every write,
+//!   write-zeroes and discard, and hands persistent ones to the driver (qcow2) to
+//!   store on close.
 //!
 //! # Invariants
 //!

@@ -667,6 +667,39 @@ async fn hostile_images_are_refused_without_panics_or_writes() {
     let path = patch("data-on-l1", l2, &((l1 as u64) | (1 << 63)).to_be_bytes());
     expect_refused(&path, "data-on-l1").await;
 
+    // A bitmaps extension whose directory lies beyond the end of the file, and one
+    // claiming 70000 bitmaps.
+    let with_bitmap = dir.path().join("bitmap.qcow2");
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&with_bitmap), "16M"],
+    );
+    ok("qemu-img", &["bitmap", "--add", s(&with_bitmap), "b0"]);
+    let bytes = std::fs::read(&with_bitmap).unwrap();
+    let ext = bytes[..65536]
+        .windows(4)
+        .position(|w| w == [0x23, 0x85, 0x28, 0x75])
+        .expect("a bitmaps extension");
+    for (name, at, value) in [
+        (
+            "bitmap-dir-beyond",
+            ext + 8 + 16,
+            (1u64 << 40).to_be_bytes().to_vec(),
+        ),
+        ("bitmap-count", ext + 8, 70000u32.to_be_bytes().to_vec()),
+        (
+            "bitmap-dir-size",
+            ext + 8 + 8,
+            (1u64 << 40).to_be_bytes().to_vec(),
+        ),
+    ] {
+        let mut data = bytes.clone();
+        data[at..at + value.len()].copy_from_slice(&value);
+        let path = dir.path().join(name);
+        std::fs::write(&path, data).unwrap();
+        expect_refused(&path, name).await;
+    }
+
     // A backing chain that loops: a -> b -> a.
     let a = dir.path().join("a.qcow2");
     let b = dir.path().join("b.qcow2");
