@@ -527,6 +527,9 @@ impl Daemon {
                 }
             }
         }
+        // Listen before the jobs start: a member can fail before start_backups returns,
+        // and grouped completion must not miss that event.
+        let mut rx = self.jobs.subscribe();
         let started = match jobs::start_backups(&self.graph, &self.jobs, requests).await {
             Ok(started) => started,
             Err(e) => {
@@ -542,7 +545,6 @@ impl Daemon {
                 .map(|(job, _)| job.id().to_string())
                 .collect();
             let registry = self.jobs.clone();
-            let mut rx = registry.subscribe();
             tokio::spawn(async move {
                 let mut gone = 0;
                 while gone < ids.len() {

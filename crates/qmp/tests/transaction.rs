@@ -81,8 +81,9 @@ async fn grouped_completion_cancels_the_others_when_one_fails() {
     daemon
         .execute(
             "transaction",
-            // "a" is throttled hard, so it cannot finish before "b" fails even on a
-            // loaded machine (a CI run once saw "b" take seconds to fail).
+            // "a" is throttled hard, so it cannot finish before "b" fails. (Two CI runs
+            // caught a real race here: "b" failed before the grouped-completion
+            // listener subscribed, so "a" was never cancelled.)
             json!({"actions":[backup("a","src","tgt", 1 << 16), backup("b","src2","bad", 0)],
             "properties":{"completion-mode":"grouped"}}),
         )
