@@ -144,6 +144,23 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
     if args.bitmap.is_some() && source_format != Format::Qcow2 {
         bail!("--bitmap needs a qcow2 source: only qcow2 images store dirty bitmaps");
     }
+    if args.incremental {
+        // Unchanged clusters must read through to the previous backup.
+        let backed = match (target_format, args.target.exists()) {
+            (Format::Qcow2, false) => args.backing.is_some(),
+            (Format::Qcow2, true) => block::drivers::qcow2::read_file_header(&args.target)
+                .ok()
+                .flatten()
+                .is_some_and(|h| h.backing_file.is_some()),
+            (Format::Raw, _) => false,
+        };
+        if !backed {
+            bail!(
+                "an incremental backup needs a qcow2 target backed by the previous backup \
+                 (--target-format qcow2 --backing PREVIOUS)"
+            );
+        }
+    }
     if args.backing.is_some() && (target_format != Format::Qcow2 || args.target.exists()) {
         bail!("--backing applies to a qcow2 target this backup creates (--target-format qcow2)");
     }

@@ -222,4 +222,35 @@ fn a_crash_leaves_the_bitmap_inconsistent_and_the_incremental_is_refused() {
         stderr(&out)
     );
     assert!(!target.exists(), "a refused backup left a target behind");
+    // An incremental into a target that does not read through to the previous backup
+    // would lose the unchanged clusters: refused before anything is written.
+    for args in [
+        vec![
+            "backup",
+            s(&disk),
+            s(&d.join("x.raw")),
+            "--incremental",
+            "--bitmap",
+            "daily",
+        ],
+        vec![
+            "backup",
+            s(&disk),
+            s(&d.join("x.qcow2")),
+            "--target-format",
+            "qcow2",
+            "--incremental",
+            "--bitmap",
+            "daily",
+        ],
+    ] {
+        let out = stillpoint(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&out).contains("needs a qcow2 target backed by the previous backup"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert!(!d.join("x.raw").exists() && !d.join("x.qcow2").exists());
 }
