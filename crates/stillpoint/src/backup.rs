@@ -69,6 +69,29 @@ pub struct BackupArgs {
     pub backing: Option<PathBuf>,
 }
 
+impl BackupArgs {
+    /// A full backup of `source` to `target` with every option at its default.
+    pub fn new(source: PathBuf, target: PathBuf) -> Self {
+        Self {
+            source,
+            target,
+            source_format: None,
+            target_format: None,
+            sync: SyncMode::Full,
+            speed: 0,
+            cluster_size: None,
+            workers: jobs::backup::DEFAULT_WORKERS,
+            json: false,
+            compress: false,
+            chunk_size: None,
+            bitmap: None,
+            granularity: None,
+            incremental: false,
+            backing: None,
+        }
+    }
+}
+
 /// Background request size of the one-shot CLI. The daemon keeps 512 KiB requests so a
 /// guest write waits less behind them; here nobody writes the source, and 2 MiB
 /// requests measured faster (bench/RESULTS.md, "qcow2").
@@ -174,6 +197,21 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
         }
     }
     let graph = Arc::new(NodeGraph::new());
+    let result = run_on(&graph, &args, source_format, target_format).await;
+    // Every exit closes what was opened: a qcow2 opened for writing must have its
+    // bitmaps stored and its dirty bit cleared, even when the backup never started.
+    // (A second close after the one run_on does is a no-op.)
+    let closed = graph.close_all().await;
+    result?;
+    closed.map_err(|e| anyhow::anyhow!("closing the images failed: {e}"))
+}
+
+async fn run_on(
+    graph: &Arc<NodeGraph>,
+    args: &BackupArgs,
+    source_format: Format,
+    target_format: Format,
+) -> anyhow::Result<()> {
     // With a bitmap the source is opened for writing, so the bitmap can be stored
     // back; nothing else writes it.
     graph
@@ -240,7 +278,7 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
         }
     }
     let started = Instant::now();
-    let (job, stats) = match start_backup(&graph, &registry, "source", "target", options).await {
+    let (job, stats) = match start_backup(graph, &registry, "source", "target", options).await {
         Ok(started) => started,
         Err(e) => {
             let _ = graph.close_all().await;

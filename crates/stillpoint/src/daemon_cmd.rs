@@ -60,6 +60,16 @@ fn members(text: &str, implied: Option<&str>) -> anyhow::Result<Members> {
 /// Runs the daemon until a signal or `quit`.
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let daemon = Daemon::new();
+    let result = serve(&daemon, &args).await;
+    if result.is_err() {
+        // A start-up failure after some nodes opened: close them cleanly (qcow2
+        // metadata, bitmaps, dirty bit) before exiting.
+        daemon.shutdown().await;
+    }
+    result
+}
+
+async fn serve(daemon: &Arc<Daemon>, args: &DaemonArgs) -> anyhow::Result<()> {
     for text in &args.blockdev {
         let options = if text.trim_start().starts_with('{') {
             BlockdevOptions::from_json(
@@ -157,7 +167,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         if sockets.len() == 1 { "" } else { "s" }
     );
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let quitting = Arc::clone(&daemon);
+    let quitting = Arc::clone(daemon);
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = sigterm.recv() => {}

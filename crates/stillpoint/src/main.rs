@@ -342,21 +342,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             target_format,
         } => {
             let args = backup::BackupArgs {
-                source: chain_top,
-                target: output,
-                source_format: None,
                 target_format,
-                sync: jobs::SyncMode::Full,
-                speed: 0,
-                cluster_size: None,
-                workers: jobs::backup::DEFAULT_WORKERS,
-                json: false,
-                compress: false,
-                chunk_size: None,
-                bitmap: None,
-                granularity: None,
-                incremental: false,
-                backing: None,
+                ..backup::BackupArgs::new(chain_top, output)
             };
             backup::run(args).await
         }

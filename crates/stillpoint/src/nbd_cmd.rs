@@ -49,6 +49,20 @@ pub async fn run(
             Some("disk"),
         ))
         .await?;
+    let result = serve(&graph, image, listen, name, writable).await;
+    // Close on every exit (a failed bind included), so a qcow2 image is left clean.
+    let closed = graph.close_all().await;
+    result?;
+    closed.context("failed to close the image")
+}
+
+async fn serve(
+    graph: &NodeGraph,
+    image: &Path,
+    listen: Listen,
+    name: String,
+    writable: bool,
+) -> anyhow::Result<()> {
     let disk = graph.attach("disk", AttachUser::Other(format!("NBD export '{name}'")))?;
     let flusher = graph.attach("disk", AttachUser::Other("nbd command".into()))?;
     let server = NbdServer::new();

@@ -13,31 +13,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn ok(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-    stdout(&out)
-}
-
-fn ours(args: &[&str]) -> String {
-    let out = stillpoint(args);
-    assert!(
-        out.status.success(),
-        "stillpoint {args:?}: {}",
-        stderr(&out)
-    );
-    stdout(&out)
-}
-
 /// The guest-visible bytes of an image, as qemu-img reads them.
 fn contents(image: &Path, dir: &Path) -> Vec<u8> {
     let raw = dir.join("view.raw");
@@ -253,4 +228,40 @@ fn a_crash_leaves_the_bitmap_inconsistent_and_the_incremental_is_refused() {
         );
     }
     assert!(!d.join("x.raw").exists() && !d.join("x.qcow2").exists());
+}
+
+#[test]
+fn a_refused_backup_leaves_the_source_and_its_bitmaps_clean() {
+    // The source is opened for writing (to store its bitmap), so every exit must close
+    // it: a refusal after the open once left the bitmaps in use, i.e. inconsistent.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let disk = d.join("disk.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&disk), "8M"]);
+    ok("qemu-img", &["bitmap", "--add", s(&disk), "daily"]);
+    let target = d.join("t.qcow2");
+    for granularity in ["1000", "256"] {
+        let out = stillpoint(&[
+            "backup",
+            s(&disk),
+            s(&target),
+            "--target-format",
+            "qcow2",
+            "--bitmap",
+            "new",
+            "--granularity",
+            granularity,
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            stderr(&out).contains("Granularity must be power of 2"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let info = ok("qemu-img", &["info", "--output=json", s(&disk)]);
+    assert!(!info.contains("in-use"), "{info}");
+    assert!(info.contains("\"dirty-flag\": false"), "{info}");
+    assert!(!target.exists());
+    ok("qemu-img", &["check", s(&disk)]);
 }

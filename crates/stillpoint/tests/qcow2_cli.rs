@@ -13,38 +13,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn run(program: &str, args: &[&str]) -> std::process::Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is required for these tests: {e}"))
-}
-
-fn ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-    stdout(&out)
-}
-
-fn ours(args: &[&str]) -> String {
-    let out = stillpoint(args);
-    assert!(
-        out.status.success(),
-        "stillpoint {args:?}: {}",
-        stderr(&out)
-    );
-    stdout(&out)
-}
-
 /// `qemu-img check` exit code and report: 0 clean, 3 leaks only, 2 corruption.
 fn check(image: &Path) -> (i32, serde_json::Value) {
     let out = run("qemu-img", &["check", "--output=json", s(image)]);

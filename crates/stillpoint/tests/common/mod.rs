@@ -25,6 +25,42 @@ pub fn qemu_img(args: &[&str]) -> Output {
         .expect("qemu-img is required for these tests (apt-get install qemu-utils)")
 }
 
+/// A path as the &str command lines want.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Runs any program (qemu-img, qemu-io, nbdinfo...), which the tests require.
+pub fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is required for these tests: {e}"))
+}
+
+/// Runs a program that must succeed; returns its stdout.
+pub fn ok(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+/// Runs stillpoint, which must succeed; returns its stdout.
+pub fn ours(args: &[&str]) -> String {
+    let out = stillpoint(args);
+    assert!(
+        out.status.success(),
+        "stillpoint {args:?}: {}",
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
 pub fn stdout(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }

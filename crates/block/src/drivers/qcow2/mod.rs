@@ -668,7 +668,9 @@ impl Qcow2Driver {
         }
         let cs = self.geo.cluster_size;
         let mut m = self.meta.lock().await;
-        self.check_open(&m)?;
+        if m.closed {
+            return Ok(()); // stored when it was closed
+        }
         if list.is_empty() && m.bitmap_dir.is_none() && self.header.bitmaps.is_none() {
             return Ok(());
         }
