@@ -242,15 +242,24 @@ impl Node {
             .push(bitmap);
     }
 
-    /// Hands the node's persistent bitmaps to the driver to store (before close);
-    /// inconsistent ones are stored still marked in use.
-    async fn store_bitmaps(&self) -> Result<()> {
+    /// Closes the driver after handing it the node's persistent bitmaps to store
+    /// (inconsistent ones stay marked in use). Tries both; returns the first error and
+    /// logs each.
+    async fn close(&self) -> Result<()> {
         let stored: Vec<_> = self
             .bitmaps()
             .iter()
             .filter_map(|b| b.to_stored())
             .collect();
-        self.driver.store_persistent_bitmaps(stored).await
+        let stored = self.driver.store_persistent_bitmaps(stored).await;
+        if let Err(e) = &stored {
+            tracing::warn!(node = self.name, "storing dirty bitmaps failed: {e}");
+        }
+        let closed = self.driver.close().await;
+        if let Err(e) = &closed {
+            tracing::warn!(node = self.name, "closing node failed: {e}");
+        }
+        stored.and(closed)
     }
 
     fn mark_dirty(&self, offset: u64, len: u64) {
@@ -937,12 +946,7 @@ impl NodeGraph {
                 remaining = rest;
             }
             for node in ready {
-                if let Err(e) = node.store_bitmaps().await {
-                    tracing::warn!(node = node.name, "storing dirty bitmaps failed: {e}");
-                    first_error.get_or_insert(e);
-                }
-                if let Err(e) = node.driver.close().await {
-                    tracing::warn!(node = node.name, "closing node failed: {e}");
+                if let Err(e) = node.close().await {
                     first_error.get_or_insert(e);
                 }
             }
@@ -982,12 +986,8 @@ impl NodeGraph {
     async fn close_tree(&self, node: Arc<Node>) {
         let mut pending = vec![node];
         while let Some(node) = pending.pop() {
-            if let Err(e) = node.store_bitmaps().await {
-                tracing::warn!(node = node.name, "storing dirty bitmaps failed: {e}");
-            }
-            if let Err(e) = node.driver.close().await {
-                tracing::warn!(node = node.name, "closing node failed: {e}");
-            }
+            // Failures are logged by close; removal goes on regardless.
+            let _ = node.close().await;
             let children = node.implicit_children.clone();
             // Dropping the node drops its driver and with it the child attachments.
             drop(node);

@@ -117,8 +117,6 @@ pub struct Header {
     pub backing_file: Option<String>,
     /// Backing file format from the extension.
     pub backing_format: Option<String>,
-    /// A bitmaps extension is present.
-    pub has_bitmaps: bool,
     /// The bitmaps extension: (number of bitmaps, directory size, directory offset).
     pub bitmaps: Option<(u32, u64, u64)>,
     /// Every extension as found (type, data), in order, so the header can be rewritten
@@ -252,7 +250,6 @@ impl Header {
             compression,
             backing_file: None,
             backing_format: None,
-            has_bitmaps: false,
             bitmaps: None,
             extensions: Vec::new(),
             feature_names: Vec::new(),
@@ -418,11 +415,8 @@ impl Header {
                         self.feature_names.push((entry[0], entry[1], name));
                     }
                 }
-                EXT_BITMAPS => {
-                    self.has_bitmaps = true;
-                    if data.len() >= 24 {
-                        self.bitmaps = Some((be32(data, 0), be64(data, 8), be64(data, 16)));
-                    }
+                EXT_BITMAPS if data.len() >= 24 => {
+                    self.bitmaps = Some((be32(data, 0), be64(data, 8), be64(data, 16)));
                 }
                 _ => {} // skippable by definition
             }
