@@ -211,6 +211,30 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     async fn close(&self) -> Result<()> {
         self.flush().await
     }
+
+    /// Snapshot API (a standalone `copy-before-write` filter; used by
+    /// `snapshot-access`): reads the point-in-time view instead of the current data.
+    async fn read_snapshot(&self, _offset: u64, _buf: IoBuf) -> Result<IoBuf> {
+        Err(no_snapshot(self.driver_name()))
+    }
+
+    /// Snapshot API: status of the point-in-time view.
+    async fn block_status_snapshot(&self, _offset: u64, _len: u64) -> Result<Extent> {
+        Err(no_snapshot(self.driver_name()))
+    }
+
+    /// Snapshot API: the reader is done with the range; it stops being protected and
+    /// readable, and the space its saved data took is given back.
+    async fn discard_snapshot(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(no_snapshot(self.driver_name()))
+    }
+}
+
+fn no_snapshot(driver: &str) -> Error {
+    Error::unsupported(format!(
+        "a {driver} node has no point-in-time snapshot to read \
+         (snapshot-access needs a copy-before-write node)"
+    ))
 }
 
 /// Largest zero buffer the write-zeroes fallback writes in one request.

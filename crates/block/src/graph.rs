@@ -58,12 +58,14 @@ use crate::drivers::null::NullDriver;
 use crate::drivers::qcow2;
 use crate::drivers::qcow2::Qcow2Driver;
 use crate::drivers::raw::RawDriver;
+use crate::drivers::snapshot_access::SnapshotAccessDriver;
 use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::error::Result;
 use crate::options::BackingRef;
 use crate::options::BlockdevOptions;
 use crate::options::BlockdevRef;
+use crate::options::CbwOptions;
 use crate::options::DetectZeroes;
 use crate::options::DiscardMode;
 use crate::options::DriverOptions;
@@ -95,6 +97,8 @@ pub struct Node {
     growable: std::sync::atomic::AtomicBool,
     /// Dirty bitmaps every write to this node marks.
     bitmaps: Mutex<Vec<Arc<DirtyBitmap>>>,
+    /// For a filter a job inserted: the job, which alone may remove it.
+    filter_owner: Option<AttachUser>,
     driver: Box<dyn BlockDriver>,
 }
 
@@ -370,6 +374,35 @@ impl Node {
         debug_assert!(extent.offset == offset && extent.length > 0 && extent.length <= len);
         Ok(extent)
     }
+
+    /// Reads the node's point-in-time snapshot (see [`BlockDriver::read_snapshot`]).
+    pub async fn read_snapshot(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        check_request("read", offset, buf.len() as u64, self.length())?;
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+        self.driver.read_snapshot(offset, buf).await
+    }
+
+    /// Status of the node's point-in-time snapshot.
+    pub async fn block_status_snapshot(&self, offset: u64, len: u64) -> Result<Extent> {
+        check_request("block status", offset, len, self.length())?;
+        if len == 0 {
+            return Err(Error::invalid("block status of an empty range"));
+        }
+        let extent = self.driver.block_status_snapshot(offset, len).await?;
+        debug_assert!(extent.offset == offset && extent.length > 0 && extent.length <= len);
+        Ok(extent)
+    }
+
+    /// Gives up a range of the node's point-in-time snapshot.
+    pub async fn discard_snapshot(&self, offset: u64, len: u64) -> Result<()> {
+        check_request("discard", offset, len, self.length())?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.driver.discard_snapshot(offset, len).await
+    }
 }
 
 /// Who holds an attachment; decides the "in use" message.
@@ -416,8 +449,11 @@ struct Slot {
     follows_filters: bool,
     target: RwLock<Arc<Node>>,
     /// Held shared by every request through the slot, exclusively while retargeting.
-    gate: tokio::sync::RwLock<()>,
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
+
+/// A slot whose requests are held back (a filter is going in above its node).
+type HeldSlot = (Arc<Slot>, tokio::sync::OwnedRwLockWriteGuard<()>);
 
 /// A user's handle on a node: all I/O of exports, jobs and parents goes through one,
 /// so the graph can insert a filter under their feet without them noticing.
@@ -494,6 +530,24 @@ impl Attachment {
         let _in_flight = self.slot.gate.read().await;
         self.node().block_status(offset, len).await
     }
+
+    /// See [`Node::read_snapshot`].
+    pub async fn read_snapshot(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let _in_flight = self.slot.gate.read().await;
+        self.node().read_snapshot(offset, buf).await
+    }
+
+    /// See [`Node::block_status_snapshot`].
+    pub async fn block_status_snapshot(&self, offset: u64, len: u64) -> Result<Extent> {
+        let _in_flight = self.slot.gate.read().await;
+        self.node().block_status_snapshot(offset, len).await
+    }
+
+    /// See [`Node::discard_snapshot`].
+    pub async fn discard_snapshot(&self, offset: u64, len: u64) -> Result<()> {
+        let _in_flight = self.slot.gate.read().await;
+        self.node().discard_snapshot(offset, len).await
+    }
 }
 
 /// Options a child inherits from its parent when it does not set them.
@@ -504,6 +558,8 @@ struct Inherited {
     direct: Option<bool>,
     no_flush: Option<bool>,
     discard: Option<DiscardMode>,
+    /// Opened as a child of another node in the same `blockdev-add`.
+    nested: bool,
 }
 
 #[derive(Default)]
@@ -512,6 +568,9 @@ struct GraphState {
     slots: Vec<Weak<Slot>>,
     /// node-name -> name of the filter directly above it.
     filter_above: HashMap<String, String>,
+    /// Nodes a filter is going in above right now, with the attachments made to them
+    /// meanwhile: those are created held, and move to the filter with the others.
+    filtering: HashMap<String, Vec<HeldSlot>>,
     next_implicit: u64,
 }
 
@@ -548,12 +607,23 @@ impl GraphState {
     }
 
     fn attach(&mut self, target: Arc<Node>, user: AttachUser, follows_filters: bool) -> Attachment {
+        let held = follows_filters
+            .then(|| self.filtering.get_mut(&target.name))
+            .flatten();
         let slot = Arc::new(Slot {
             user,
             follows_filters,
             target: RwLock::new(target),
-            gate: tokio::sync::RwLock::new(()),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
         });
+        if let Some(held) = held {
+            let guard = slot
+                .gate
+                .clone()
+                .try_write_owned()
+                .expect("a new gate is free");
+            held.push((slot.clone(), guard));
+        }
         self.slots.retain(|s| s.strong_count() > 0);
         self.slots.push(Arc::downgrade(&slot));
         Attachment { slot }
@@ -589,7 +659,25 @@ type OpenFuture<'a> = Pin<Box<dyn Future<Output = Result<Arc<Node>>> + Send + 'a
 pub trait ExternalDrivers: Send + Sync {
     /// Opens `options` (a driver this crate does not implement).
     async fn open(&self, options: &DriverOptions) -> Result<Box<dyn BlockDriver>>;
+
+    /// Builds a standalone copy-before-write filter over `file` saving old data to
+    /// `target`, protecting every cluster or only those `initial` marks. Called while
+    /// every request to the filtered node is drained: that instant is the snapshot's.
+    fn copy_before_write(
+        &self,
+        _options: &CbwOptions,
+        _file: Attachment,
+        _target: Attachment,
+        _initial: Option<bitmap::Bitmap>,
+    ) -> Result<Box<dyn BlockDriver>> {
+        Err(Error::unsupported(
+            "the copy-before-write driver is not available here",
+        ))
+    }
 }
+
+/// Builds a filter driver from its fixed link to the filtered node.
+pub type FilterBuild = Box<dyn FnOnce(Attachment) -> Result<Box<dyn BlockDriver>> + Send>;
 
 /// A filter to insert: where, its name, and how to build its driver from its link to
 /// the filtered node.
@@ -598,8 +686,17 @@ pub struct FilterSpec {
     pub above: String,
     /// The filter's node-name (generated when absent).
     pub name: Option<String>,
-    /// Builds the filter driver from its fixed child attachment.
-    pub build: Box<dyn FnOnce(Attachment) -> Result<Box<dyn BlockDriver>> + Send>,
+    /// Builds the filter driver from its fixed child attachment. It runs while every
+    /// request to the filtered node is drained, so what it captures (a bitmap's bits)
+    /// belongs to the same instant as the switch.
+    pub build: FilterBuild,
+    /// The job that owns the filter (it alone removes it); `None` for a filter the
+    /// monitor added, which `blockdev-del` removes.
+    pub owner: Option<AttachUser>,
+    /// Inline children created for the filter, deleted with it.
+    pub implicit_children: Vec<String>,
+    /// The filter's `discard` mode, when it is not the filtered node's.
+    pub discard: Option<DiscardMode>,
 }
 
 /// The set of nodes of one daemon (or one CLI invocation).
@@ -702,9 +799,48 @@ impl NodeGraph {
                 direct: Some(policy.direct),
                 no_flush: Some(policy.no_flush),
                 discard: Some(policy.discard),
+                nested: true,
             };
             let mut implicit_children = Vec::new();
             let driver: Box<dyn BlockDriver> = match options.driver {
+                DriverOptions::CopyBeforeWrite(cbw) => {
+                    if implicit || inherited.nested {
+                        return Err(Error::unsupported(
+                            "a copy-before-write node must be added on its own, with a \
+                             node-name, not as an inline child",
+                        ));
+                    }
+                    return self
+                        .open_cbw(name, cbw, options.discard, inherit, created)
+                        .await;
+                }
+                DriverOptions::SnapshotAccess(access) => {
+                    let user = AttachUser::Parent {
+                        parent: name.clone(),
+                        role: "file",
+                    };
+                    // A fixed link to that very node: a filter inserted above it later
+                    // must not come between the reader and the snapshot.
+                    let child = match access.file {
+                        BlockdevRef::Node(child_name) => {
+                            let mut state = self.state();
+                            let node = state
+                                .nodes
+                                .get(&child_name)
+                                .cloned()
+                                .ok_or_else(|| not_found(&child_name))?;
+                            state.attach(node, user, false)
+                        }
+                        BlockdevRef::Inline(child_options) => {
+                            let child = self.open_node(*child_options, inherit, created).await?;
+                            if child.implicit {
+                                implicit_children.push(child.name.clone());
+                            }
+                            self.state().attach(child, user, false)
+                        }
+                    };
+                    Box::new(SnapshotAccessDriver::new(child))
+                }
                 DriverOptions::File(file) => {
                     let (read_only, direct) = (policy.read_only, policy.direct);
                     let driver = tokio::task::spawn_blocking(move || {
@@ -822,6 +958,7 @@ impl NodeGraph {
                 policy,
                 growable: Default::default(),
                 bitmaps: Mutex::new(stored),
+                filter_owner: None,
                 driver,
             });
             let mut state = self.state();
@@ -832,6 +969,86 @@ impl NodeGraph {
             created.push(name);
             Ok(node)
         })
+    }
+
+    /// `blockdev-add` of a `copy-before-write` node: opens its target (and its file when
+    /// given inline), then inserts it above the file like a job's filter, so every
+    /// writer of the file goes through it from that instant on; the snapshot is the
+    /// file as it was then.
+    async fn open_cbw(
+        &self,
+        name: String,
+        options: CbwOptions,
+        discard: Option<DiscardMode>,
+        inherit: Inherited,
+        created: &mut Vec<String>,
+    ) -> Result<Arc<Node>> {
+        let external = self.external.clone().ok_or_else(|| {
+            Error::unsupported("the copy-before-write driver is not available here")
+        })?;
+        let mut implicit_children = Vec::new();
+        let below = match options.file.clone() {
+            BlockdevRef::Node(file) => {
+                if self.node(&file).is_none() {
+                    return Err(not_found(&file));
+                }
+                file
+            }
+            BlockdevRef::Inline(file) => {
+                let child = self.open_node(*file, inherit, created).await?;
+                if child.implicit {
+                    implicit_children.push(child.name.clone());
+                }
+                child.name.clone()
+            }
+        };
+        let target = self
+            .open_child(
+                options.target.clone(),
+                &name,
+                "target",
+                inherit,
+                created,
+                &mut implicit_children,
+            )
+            .await?;
+        let bitmap = match &options.bitmap {
+            Some(bitmap) => {
+                let node = self.node(&bitmap.node).ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("Node '{}' not found", bitmap.node),
+                    )
+                })?;
+                Some(node.bitmap(&bitmap.name)?)
+            }
+            None => None,
+        };
+        let spec = FilterSpec {
+            above: below,
+            name: Some(name),
+            build: Box::new(move |file| {
+                let initial = match &bitmap {
+                    Some(bitmap) => {
+                        if bitmap.info().inconsistent {
+                            return Err(Error::invalid(format!(
+                                "Bitmap '{}' is inconsistent and cannot be used",
+                                bitmap.name()
+                            )));
+                        }
+                        Some(bitmap.snapshot())
+                    }
+                    None => None,
+                };
+                external.copy_before_write(&options, file, target, initial)
+            }),
+            owner: None,
+            implicit_children,
+            discard,
+        };
+        // Not recorded in `created`: the node is complete, and a copy-before-write
+        // node is never an inline child, so nothing can fail after this.
+        Ok(self.insert_filters_locked(vec![spec]).await?.remove(0))
     }
 
     /// Opens or finds a child and attaches the parent to it.
@@ -956,9 +1173,14 @@ impl NodeGraph {
 
     /// `blockdev-del`: removes an unused, monitor-owned node, then the inline children
     /// it created. Nodes are flushed as they are closed.
+    ///
+    /// A filter the monitor added (`copy-before-write`) is spliced out: attachments
+    /// that follow filters go back to the node below it, drained like an insertion.
+    /// Only users pinned to the filter itself (a `snapshot-access` node, a filter above
+    /// it) keep it in use. A job's filter belongs to the job.
     pub async fn remove(&self, name: &str) -> Result<()> {
         let _reconfigure = self.reconfigure.lock().await;
-        let node = {
+        let (node, moves) = {
             let mut state = self.state();
             let node = state.nodes.get(name).cloned().ok_or_else(|| {
                 Error::new(
@@ -971,12 +1193,32 @@ impl NodeGraph {
                     "Node {name} is not owned by the monitor"
                 )));
             }
-            if let Some(user) = state.first_user(&node) {
+            if let Some(owner) = &node.filter_owner {
+                return Err(owner.busy_error(name));
+            }
+            let mut moves = Vec::new();
+            if state.filter_above.values().any(|f| f == name) {
+                let users = slots_targeting(&mut state, &node, false);
+                if let Some(pinned) = users.iter().find(|s| !s.follows_filters) {
+                    return Err(pinned.user.busy_error(name));
+                }
+                let below = node
+                    .driver
+                    .filtered_child()
+                    .expect("a filter has a filtered child")
+                    .node();
+                match state.filter_above.remove(name) {
+                    Some(upper) => state.filter_above.insert(below.name.clone(), upper),
+                    None => state.filter_above.remove(&below.name),
+                };
+                moves = users.into_iter().map(|s| (s, below.clone())).collect();
+            } else if let Some(user) = state.first_user(&node) {
                 return Err(user.busy_error(name));
             }
             state.nodes.remove(name);
-            node
+            (node, moves)
         };
+        retarget_each(moves).await;
         self.close_tree(node).await;
         Ok(())
     }
@@ -1018,78 +1260,147 @@ impl NodeGraph {
             above: above.to_string(),
             name: filter_name,
             build: Box::new(build),
+            owner: None,
+            implicit_children: Vec::new(),
+            discard: None,
         };
         Ok(self.insert_filters(vec![spec]).await?.remove(0))
     }
 
     /// Inserts several filters at one instant: every attachment of every filtered node
-    /// is drained together, all are retargeted, then all resume. This is what lets a
-    /// transaction capture several disks at one point in time. All or nothing: if a
-    /// filter cannot be built, none is inserted.
+    /// is drained together, the filters are built, all attachments are retargeted, then
+    /// all resume. This is what lets a transaction capture several disks at one point in
+    /// time. All or nothing: if a filter cannot be built, none is inserted.
     pub async fn insert_filters(&self, specs: Vec<FilterSpec>) -> Result<Vec<Arc<Node>>> {
         let _reconfigure = self.reconfigure.lock().await;
-        let mut built: Vec<(Arc<Node>, Arc<Node>)> = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let (below, name, implicit, child) = {
-                let mut state = self.state();
+        self.insert_filters_locked(specs).await
+    }
+
+    /// [`NodeGraph::insert_filters`] for a caller holding the reconfiguration lock.
+    ///
+    /// 1. Under the state lock: resolve each filtered node, collect the attachments
+    ///    that follow it, and mark it as being filtered, so attachments made from now
+    ///    on are created held (see [`GraphState::attach`]) and cannot slip past.
+    /// 2. Drain the collected attachments (wait for their requests in flight).
+    /// 3. Build the filters: whatever they capture belongs to this instant.
+    /// 4. Under the state lock: insert the filters and point every drained or held
+    ///    attachment at its filter; then let requests resume.
+    async fn insert_filters_locked(&self, specs: Vec<FilterSpec>) -> Result<Vec<Arc<Node>>> {
+        struct Plan {
+            below: Arc<Node>,
+            name: String,
+            implicit: bool,
+            build: Option<FilterBuild>,
+            owner: Option<AttachUser>,
+            implicit_children: Vec<String>,
+            discard: Option<DiscardMode>,
+        }
+        let mut plans: Vec<Plan> = Vec::with_capacity(specs.len());
+        let slots = {
+            let mut state = self.state();
+            for spec in specs {
                 let below = state
                     .top_of(&spec.above)
                     .ok_or_else(|| not_found(&spec.above))?;
-                if built.iter().any(|(b, _)| Arc::ptr_eq(b, &below)) {
+                if plans.iter().any(|p| Arc::ptr_eq(&p.below, &below)) {
                     return Err(Error::invalid(format!(
                         "Node '{}' cannot take two filters at the same instant",
                         spec.above
                     )));
                 }
-                let (name, implicit) = match spec.name {
+                let (name, implicit) = match &spec.name {
                     Some(name) => {
-                        validate_node_name(&name)?;
-                        if state.nodes.contains_key(&name)
-                            || built.iter().any(|(_, f)| f.name == name)
-                        {
-                            return Err(duplicate(&name));
+                        validate_node_name(name)?;
+                        if state.nodes.contains_key(name) || plans.iter().any(|p| &p.name == name) {
+                            return Err(duplicate(name));
                         }
-                        (name, false)
+                        (name.clone(), false)
                     }
                     None => (state.implicit_name(), true),
                 };
-                let user = AttachUser::FilterChild {
-                    filter: name.clone(),
-                };
-                let child = state.attach(below.clone(), user, false);
-                (below, name, implicit, child)
-            };
-            let driver = (spec.build)(child)?;
-            let policy = NodePolicy {
-                detect_zeroes: DetectZeroes::Off,
-                ..below.policy
-            };
-            let filter = Arc::new(Node {
-                name,
-                implicit,
-                implicit_children: Vec::new(),
-                policy,
-                growable: Default::default(),
-                bitmaps: Default::default(),
-                driver,
-            });
-            built.push((below, filter));
-        }
-        let mut moves: Vec<(Arc<Slot>, Arc<Node>)> = Vec::new();
-        {
-            let mut state = self.state();
-            for (below, filter) in &built {
-                state.nodes.insert(filter.name.clone(), filter.clone());
-                state
-                    .filter_above
-                    .insert(below.name.clone(), filter.name.clone());
-                for slot in slots_targeting(&mut state, below, true) {
-                    moves.push((slot, filter.clone()));
+                plans.push(Plan {
+                    below,
+                    name,
+                    implicit,
+                    build: Some(spec.build),
+                    owner: spec.owner,
+                    implicit_children: spec.implicit_children,
+                    discard: spec.discard,
+                });
+            }
+            let mut slots = Vec::new();
+            for plan in &plans {
+                state.filtering.insert(plan.below.name.clone(), Vec::new());
+                slots.extend(slots_targeting(&mut state, &plan.below, true));
+            }
+            slots
+        };
+        let drained = drain(&slots).await;
+        let mut built: Vec<(Arc<Node>, Arc<Node>)> = Vec::with_capacity(plans.len());
+        let mut failure = None;
+        for plan in plans.iter_mut() {
+            let child = self.state().attach(
+                plan.below.clone(),
+                AttachUser::FilterChild {
+                    filter: plan.name.clone(),
+                },
+                false,
+            );
+            let build = plan.build.take().expect("each filter is built once");
+            match build(child) {
+                Ok(driver) => {
+                    let policy = NodePolicy {
+                        detect_zeroes: DetectZeroes::Off,
+                        discard: plan.discard.unwrap_or(plan.below.policy.discard),
+                        ..plan.below.policy
+                    };
+                    let filter = Arc::new(Node {
+                        name: plan.name.clone(),
+                        implicit: plan.implicit,
+                        implicit_children: std::mem::take(&mut plan.implicit_children),
+                        policy,
+                        growable: Default::default(),
+                        bitmaps: Default::default(),
+                        filter_owner: plan.owner.clone(),
+                        driver,
+                    });
+                    built.push((plan.below.clone(), filter));
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
                 }
             }
         }
-        retarget_each(moves).await;
-        Ok(built.into_iter().map(|(_, filter)| filter).collect())
+        let held = {
+            let mut state = self.state();
+            let mut held = Vec::new();
+            for plan in &plans {
+                held.extend(state.filtering.remove(&plan.below.name).unwrap_or_default());
+            }
+            if failure.is_none() {
+                for (below, filter) in &built {
+                    state.nodes.insert(filter.name.clone(), filter.clone());
+                    state
+                        .filter_above
+                        .insert(below.name.clone(), filter.name.clone());
+                }
+                let moving = slots.iter().chain(held.iter().map(|(slot, _)| slot));
+                for slot in moving {
+                    let mut target = slot.target.write().unwrap_or_else(|e| e.into_inner());
+                    if let Some((_, filter)) = built.iter().find(|(b, _)| Arc::ptr_eq(b, &target)) {
+                        *target = filter.clone();
+                    }
+                }
+            }
+            held
+        };
+        drop(drained);
+        drop(held);
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(built.into_iter().map(|(_, filter)| filter).collect()),
+        }
     }
 
     /// Removes a filter inserted by [`NodeGraph::insert_filter`]: its users go back to
@@ -1165,14 +1476,22 @@ fn slots_targeting(state: &mut GraphState, node: &Arc<Node>, following: bool) ->
         .collect()
 }
 
-/// Drains every slot (in a fixed order, so two retargets cannot deadlock), points each
-/// at its new node, and lets their requests resume.
-async fn retarget_each(mut moves: Vec<(Arc<Slot>, Arc<Node>)>) {
-    moves.sort_by_key(|(s, _)| Arc::as_ptr(s) as usize);
-    let mut drained = Vec::with_capacity(moves.len());
-    for (slot, _) in &moves {
-        drained.push(slot.gate.write().await);
+/// Waits for the requests in flight on every slot and holds new ones back until the
+/// guards are dropped. Slots are taken in a fixed order, so two drains cannot deadlock.
+async fn drain(slots: &[Arc<Slot>]) -> Vec<tokio::sync::OwnedRwLockWriteGuard<()>> {
+    let mut ordered: Vec<&Arc<Slot>> = slots.iter().collect();
+    ordered.sort_by_key(|s| Arc::as_ptr(s) as usize);
+    let mut drained = Vec::with_capacity(ordered.len());
+    for slot in ordered {
+        drained.push(slot.gate.clone().write_owned().await);
     }
+    drained
+}
+
+/// Drains every slot, points each at its new node, and lets their requests resume.
+async fn retarget_each(moves: Vec<(Arc<Slot>, Arc<Node>)>) {
+    let slots: Vec<Arc<Slot>> = moves.iter().map(|(s, _)| s.clone()).collect();
+    let drained = drain(&slots).await;
     for (slot, to) in &moves {
         *slot.target.write().unwrap_or_else(|e| e.into_inner()) = to.clone();
     }

@@ -8,7 +8,8 @@
 //! "Invalid parameter type for 'size', expected: integer"). [`BlockdevOptions`] still
 //! implements `Deserialize`, through this parser.
 //!
-//! Supported drivers: `file`, `raw`, `null-co` and `null-aio`. Options QEMU has that
+//! Supported drivers: `file`, `raw`, `qcow2`, `null-co`, `null-aio`, `nbd`,
+//! `copy-before-write`, `snapshot-access` and our test filter `fault`. Options QEMU has that
 //! we cannot honour are refused with [`ErrorKind::Unsupported`], never ignored.
 
 use std::path::PathBuf;
@@ -93,6 +94,56 @@ pub enum DriverOptions {
     Nbd(NbdOptions),
     /// `qcow2`: QEMU's copy-on-write format over a child.
     Qcow2(Qcow2Options),
+    /// `copy-before-write`: a standalone copy-before-write filter (fleecing), built by
+    /// the jobs crate through [`crate::graph::ExternalDrivers`].
+    CopyBeforeWrite(CbwOptions),
+    /// `snapshot-access`: reads the point-in-time view of a `copy-before-write` node.
+    SnapshotAccess(SnapshotAccessOptions),
+}
+
+/// What a copy-before-write does when it cannot save the old data (`on-cbw-error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnCbwError {
+    /// The guest write fails with the errno of the failed read or staging.
+    #[default]
+    BreakGuestWrite,
+    /// The guest write goes through; the snapshot is broken (the job fails, snapshot
+    /// reads are refused).
+    BreakSnapshot,
+}
+
+/// A dirty bitmap named by node and bitmap name (`BlockDirtyBitmap`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapRef {
+    /// Node holding the bitmap.
+    pub node: String,
+    /// Bitmap name.
+    pub name: String,
+}
+
+/// Members of the `copy-before-write` driver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CbwOptions {
+    /// `file`: the node whose old data is saved (the filtered child).
+    pub file: BlockdevRef,
+    /// `target`: where old data goes.
+    pub target: BlockdevRef,
+    /// `bitmap`: only its dirty clusters are protected (and readable in the snapshot).
+    pub bitmap: Option<BitmapRef>,
+    /// `on-cbw-error`.
+    pub on_cbw_error: OnCbwError,
+    /// `cbw-timeout`: seconds a copy-before-write may take (0: no limit).
+    pub cbw_timeout: u64,
+    /// `min-cluster-size`: lower bound of the copy granularity (a power of two).
+    pub min_cluster_size: Option<u64>,
+}
+
+/// Members of the `snapshot-access` driver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotAccessOptions {
+    /// `file`: the `copy-before-write` node whose snapshot is read.
+    pub file: BlockdevRef,
 }
 
 /// Members of the `nbd` driver.
@@ -191,14 +242,7 @@ pub enum BlockdevRef {
 
 /// Drivers QEMU has that this build does not, named so the error says "not yet"
 /// instead of "no such thing".
-const KNOWN_UNSUPPORTED: &[&str] = &[
-    "nbd",
-    "copy-before-write",
-    "snapshot-access",
-    "blkdebug",
-    "throttle",
-    "qcow",
-];
+const KNOWN_UNSUPPORTED: &[&str] = &["blkdebug", "throttle", "qcow"];
 
 impl BlockdevOptions {
     /// Parses the dotted key=value form `--blockdev` takes.
@@ -265,6 +309,10 @@ impl BlockdevOptions {
             "qcow2" => DriverOptions::Qcow2(parse_qcow2(&mut m)?),
             "fault" => DriverOptions::Fault(parse_fault(&mut m)?),
             "nbd" => DriverOptions::Nbd(parse_nbd(&mut m)?),
+            "copy-before-write" => DriverOptions::CopyBeforeWrite(parse_cbw(&mut m)?),
+            "snapshot-access" => DriverOptions::SnapshotAccess(SnapshotAccessOptions {
+                file: m.required("file", blockdev_ref)?,
+            }),
             "null-co" | "null-aio" => {
                 let name = if driver_name == "null-co" {
                     "null-co"
@@ -335,6 +383,8 @@ impl BlockdevOptions {
             DriverOptions::Null(n) => n.name,
             DriverOptions::Fault(_) => "fault",
             DriverOptions::Nbd(_) => "nbd",
+            DriverOptions::CopyBeforeWrite(_) => "copy-before-write",
+            DriverOptions::SnapshotAccess(_) => "snapshot-access",
         }
     }
 }
@@ -479,6 +529,51 @@ fn parse_nbd(m: &mut Members) -> Result<NbdOptions> {
         }
     }
     Ok(NbdOptions { server, export })
+}
+
+fn parse_cbw(m: &mut Members) -> Result<CbwOptions> {
+    let file = m.required("file", blockdev_ref)?;
+    let target = m.required("target", blockdev_ref)?;
+    let bitmap = m.optional("bitmap", |m, key, value| {
+        let mut b = m.object(key, value)?;
+        let bitmap = BitmapRef {
+            node: b.required("node", Members::string)?,
+            name: b.required("name", Members::string)?,
+        };
+        b.finish()?;
+        Ok(bitmap)
+    })?;
+    let on_cbw_error = match m
+        .optional("on-cbw-error", |m, k, v| {
+            m.enumeration(k, v, &["break-guest-write", "break-snapshot"])
+        })?
+        .as_deref()
+    {
+        Some("break-snapshot") => OnCbwError::BreakSnapshot,
+        _ => OnCbwError::BreakGuestWrite,
+    };
+    let cbw_timeout = m.optional("cbw-timeout", Members::unsigned)?.unwrap_or(0);
+    if cbw_timeout > u64::from(u32::MAX) {
+        return Err(Error::invalid(format!(
+            "Parameter '{}cbw-timeout' expects uint32",
+            m.prefix
+        )));
+    }
+    let min_cluster_size = m.optional("min-cluster-size", Members::unsigned)?;
+    if let Some(size) = min_cluster_size
+        && size != 0
+        && !size.is_power_of_two()
+    {
+        return Err(Error::invalid("min-cluster-size needs to be a power of 2"));
+    }
+    Ok(CbwOptions {
+        file,
+        target,
+        bitmap,
+        on_cbw_error,
+        cbw_timeout,
+        min_cluster_size,
+    })
 }
 
 fn parse_raw(m: &mut Members) -> Result<RawOptions> {

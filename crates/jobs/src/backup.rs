@@ -480,6 +480,11 @@ async fn prepare_backup(
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(copy.clone());
             Ok(Box::new(CbwFilter::new(copy)) as Box<dyn BlockDriver>)
         }),
+        owner: Some(AttachUser::Job {
+            job_type: "backup".into(),
+        }),
+        implicit_children: Vec::new(),
+        discard: None,
     };
     Ok(PreparedBackup {
         job,

@@ -68,16 +68,7 @@ use crate::job::IoOperation;
 use crate::job::Progress;
 use crate::ratelimit::RateLimit;
 
-/// What a copy-before-write does when it cannot save the old data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OnCbwError {
-    /// The guest write fails with the errno of the failed read or staging.
-    #[default]
-    BreakGuestWrite,
-    /// The guest write goes through; the snapshot is broken and the job fails.
-    BreakSnapshot,
-}
+pub use block::options::OnCbwError;
 
 /// Tuning of one engine.
 #[derive(Debug, Clone)]

@@ -4,9 +4,12 @@
 //! * `raw`: format driver that passes bytes through, optionally a window of its child.
 //! * `null`: a device that stores nothing (`null-co`/`null-aio`), for tests and benchmarks.
 //! * `fault`: fails chosen requests of its child, for testing error paths.
+//! * `qcow2`: QEMU's copy-on-write image format.
+//! * `snapshot_access`: reads the point-in-time view of a copy-before-write node.
 
 pub mod fault;
 pub mod file;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod snapshot_access;

@@ -409,6 +409,95 @@ async fn inserting_a_filter_waits_for_requests_in_flight() {
     assert_eq!(writes.load(Ordering::SeqCst), 1);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_filter_is_built_while_requests_are_drained_and_late_users_cannot_slip_past() {
+    let graph = Arc::new(NodeGraph::new());
+    graph
+        .add(opts(
+            json!({"driver":"null-co","node-name":"slow","size":4096,"latency-ns":50_000_000u64}),
+        ))
+        .await
+        .unwrap();
+    let export = Arc::new(
+        graph
+            .attach("slow", AttachUser::Other("export".into()))
+            .unwrap(),
+    );
+    let finished = Arc::new(AtomicBool::new(false));
+    let in_flight = {
+        let (export, finished) = (export.clone(), finished.clone());
+        tokio::spawn(async move {
+            export
+                .write(0, IoBuf::zeroed(512), WriteFlags::default())
+                .await
+                .unwrap();
+            finished.store(true, Ordering::SeqCst);
+        })
+    };
+    tokio::task::yield_now().await; // let the write enter the driver
+    let writes = Arc::new(AtomicU64::new(0));
+    let (counter, seen_finished, builder_graph) = (writes.clone(), finished.clone(), graph.clone());
+    let late = Arc::new(Mutex::new(None));
+    let late_slot = late.clone();
+    graph
+        .insert_filter("slow", Some("filter".into()), move |child| {
+            // What a filter captures at build time belongs to the switch's instant: the
+            // write in flight has finished.
+            assert!(
+                seen_finished.load(Ordering::SeqCst),
+                "built before the drain"
+            );
+            // A user arriving now must end up behind the filter too.
+            let attachment = builder_graph
+                .attach("slow", AttachUser::Other("late export".into()))
+                .unwrap();
+            *late_slot.lock().unwrap() = Some(attachment);
+            Ok(Box::new(CountingFilter {
+                child,
+                writes: counter,
+            }) as Box<dyn BlockDriver>)
+        })
+        .await
+        .unwrap();
+    in_flight.await.unwrap();
+    let late = late.lock().unwrap().take().unwrap();
+    assert_eq!(late.node().name(), "filter");
+    late.write(0, IoBuf::zeroed(512), WriteFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(writes.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_filter_that_cannot_be_built_leaves_users_where_they_were() {
+    let graph = NodeGraph::new();
+    graph
+        .add(opts(
+            json!({"driver":"null-co","node-name":"disk0","size":4096}),
+        ))
+        .await
+        .unwrap();
+    let export = graph
+        .attach("disk0", AttachUser::Other("export".into()))
+        .unwrap();
+    let e = graph
+        .insert_filter("disk0", Some("f".into()), |_| {
+            Err(Error::invalid("no filter today"))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "no filter today");
+    assert_eq!(export.node().name(), "disk0");
+    assert_eq!(graph.node_names(), vec!["disk0"]);
+    export
+        .write(0, IoBuf::zeroed(512), WriteFlags::default())
+        .await
+        .unwrap();
+    // A later filter goes in normally.
+    insert_counter(&graph, "disk0", "f").await;
+    assert_eq!(export.node().name(), "f");
+}
+
 #[tokio::test]
 async fn null_co_reads_zeroes_only_when_asked() {
     let graph = NodeGraph::new();
