@@ -839,6 +839,13 @@ impl NodeGraph {
                             self.state().attach(child, user, false)
                         }
                     };
+                    if child.node().driver_name() != "copy-before-write" {
+                        return Err(Error::invalid(format!(
+                            "Node '{}' is not a copy-before-write node: snapshot-access \
+                             reads the snapshot one keeps",
+                            child.node().name()
+                        )));
+                    }
                     Box::new(SnapshotAccessDriver::new(child))
                 }
                 DriverOptions::File(file) => {
@@ -1012,6 +1019,12 @@ impl NodeGraph {
                 &mut implicit_children,
             )
             .await?;
+        if target.node().policy.read_only {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                "Block node is read-only",
+            ));
+        }
         let bitmap = match &options.bitmap {
             Some(bitmap) => {
                 let node = self.node(&bitmap.node).ok_or_else(|| {

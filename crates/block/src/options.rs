@@ -473,6 +473,7 @@ fn parse_fault_rule(r: &mut Members) -> Result<FaultRule> {
         errno,
         once: r.optional("once", Members::boolean)?.unwrap_or(false),
         after: r.optional("after", Members::unsigned)?.unwrap_or(0),
+        delay_ms: r.optional("delay-ms", Members::unsigned)?,
     })
 }
 
@@ -552,19 +553,24 @@ fn parse_cbw(m: &mut Members) -> Result<CbwOptions> {
         Some("break-snapshot") => OnCbwError::BreakSnapshot,
         _ => OnCbwError::BreakGuestWrite,
     };
-    let cbw_timeout = m.optional("cbw-timeout", Members::unsigned)?.unwrap_or(0);
-    if cbw_timeout > u64::from(u32::MAX) {
-        return Err(Error::invalid(format!(
-            "Parameter '{}cbw-timeout' expects uint32",
-            m.prefix
-        )));
-    }
+    let cbw_timeout = m
+        .optional("cbw-timeout", |m, k, v| {
+            m.unsigned(k, v)
+                .ok()
+                .filter(|t| *t <= u64::from(u32::MAX))
+                .ok_or_else(|| {
+                    Error::invalid(format!("Parameter '{}{k}' expects uint32_t", m.prefix))
+                })
+        })?
+        .unwrap_or(0);
     let min_cluster_size = m.optional("min-cluster-size", Members::unsigned)?;
     if let Some(size) = min_cluster_size
         && size != 0
         && !size.is_power_of_two()
     {
-        return Err(Error::invalid("min-cluster-size needs to be a power of 2"));
+        return Err(Error::invalid(
+            "Cannot create block-copy-state: min-cluster-size needs to be a power of 2",
+        ));
     }
     Ok(CbwOptions {
         file,

@@ -450,6 +450,8 @@ async fn prepare_backup(
         on_cbw_error: options.on_cbw_error,
         compress: options.compress,
         sparse_block: target_cluster.max(4096),
+        standalone: false,
+        cbw_timeout: None,
     };
     let progress = job.progress_meter().clone();
     let engine: Arc<Mutex<Option<Arc<BlockCopy>>>> = Arc::new(Mutex::new(None));

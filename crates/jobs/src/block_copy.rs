@@ -58,6 +58,7 @@ use bitmap::Bitmap;
 use block::Attachment;
 use block::Error;
 use block::ErrorKind;
+use block::Extent;
 use block::IoBuf;
 use block::WriteFlags;
 use block::ZeroFlags;
@@ -69,6 +70,21 @@ use crate::job::Progress;
 use crate::ratelimit::RateLimit;
 
 pub use block::options::OnCbwError;
+
+/// One run of a snapshot read: its length, and the frozen-read registration when
+/// the data is read from the source.
+struct SnapshotRun {
+    len: u64,
+    frozen: Option<u64>,
+}
+
+/// EACCES, as QEMU fails snapshot reads outside the snapshot or after it broke.
+fn access_denied(why: &str) -> Error {
+    Error::from_io(
+        format!("cannot read the snapshot: {why}"),
+        std::io::Error::from_raw_os_error(libc::EACCES),
+    )
+}
 
 /// Tuning of one engine.
 #[derive(Debug, Clone)]
@@ -91,6 +107,14 @@ pub struct BlockCopyOptions {
     /// formats that allocate clusters (a partial-cluster write would make them copy
     /// on write and allocate the cluster anyway).
     pub sparse_block: u64,
+    /// A filter of its own (`blockdev-add copy-before-write`), with no job to drain a
+    /// staging area: a copy-before-write writes the old data to the target before the
+    /// guest write proceeds, and the point-in-time view can be read (see
+    /// [`BlockCopy::read_snapshot`]).
+    pub standalone: bool,
+    /// How long a copy-before-write may take before it counts as failed (ETIMEDOUT);
+    /// the copy itself goes on in the background.
+    pub cbw_timeout: Option<std::time::Duration>,
 }
 
 /// A copy that failed in the background.
@@ -154,7 +178,13 @@ struct Reading {
 struct CopyState {
     /// Set = point-in-time data only on the source.
     dirty: Bitmap,
+    /// Claims being copied: source reads (and, standalone, the target writes after).
     reading: Vec<Reading>,
+    /// Snapshot reads of the source in progress: guest writes over them wait.
+    frozen: Vec<Reading>,
+    /// Standalone only: clusters the snapshot may be read at (the initial copy bitmap,
+    /// minus what the reader discarded).
+    access: Option<Bitmap>,
     /// Chunks staged by guest writes, written first.
     staged: VecDeque<Chunk>,
     /// Chunks whose target write failed, kept for a retry.
@@ -184,6 +214,24 @@ impl CopyState {
         if let Some(i) = self.reading.iter().position(|r| r.id == id) {
             let reading = self.reading.swap_remove(i);
             reading.done.notify_waiters();
+        }
+    }
+
+    /// Registers a snapshot read of the source over `[start, end)`.
+    fn freeze(&mut self, start: u64, end: u64) -> u64 {
+        self.next_id += 1;
+        self.frozen.push(Reading {
+            id: self.next_id,
+            start,
+            end,
+            done: Arc::new(Notify::new()),
+        });
+        self.next_id
+    }
+
+    fn unfreeze(&mut self, id: u64) {
+        if let Some(i) = self.frozen.iter().position(|r| r.id == id) {
+            self.frozen.swap_remove(i).done.notify_waiters();
         }
     }
 
@@ -274,6 +322,7 @@ impl BlockCopy {
             None => dirty.fill(),
         }
         progress.set_total(dirty.count_bytes().min(len));
+        let access = options.standalone.then(|| dirty.clone());
         Ok(Self {
             source,
             target,
@@ -282,6 +331,8 @@ impl BlockCopy {
             state: Mutex::new(CopyState {
                 dirty,
                 reading: Vec::new(),
+                frozen: Vec::new(),
+                access,
                 staged: VecDeque::new(),
                 retry: VecDeque::new(),
                 writing: 0,
@@ -371,8 +422,9 @@ impl BlockCopy {
 
     /// Copy-before-write: makes sure the point-in-time data of every cluster touched
     /// by `[offset, offset + len)` is safe (in hand or on the target) before the caller
-    /// overwrites the source.
-    pub async fn before_write(&self, offset: u64, len: u64) -> Result<(), Error> {
+    /// overwrites the source, and that no snapshot read of those clusters is still
+    /// reading the source.
+    pub async fn before_write(self: &Arc<Self>, offset: u64, len: u64) -> Result<(), Error> {
         if len == 0 || offset >= self.len || self.snapshot_error().is_some() {
             return Ok(());
         }
@@ -383,6 +435,39 @@ impl BlockCopy {
             .div_ceil(cluster)
             .saturating_mul(cluster)
             .min(self.len);
+        let saved = match self.options.cbw_timeout {
+            None => self.save_old_data(start, end).await,
+            Some(limit) => {
+                // In a task of its own, so a copy that outlives the limit still
+                // finishes (and releases its claims) after the guest write gave up.
+                let engine = self.clone();
+                let copy = tokio::spawn(async move { engine.save_old_data(start, end).await });
+                match tokio::time::timeout(limit, copy).await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(join)) => Err(Error::new(
+                        ErrorKind::Io,
+                        format!("copy-before-write task failed: {join}"),
+                    )),
+                    Err(_) => Err(Error::from_io(
+                        format!(
+                            "copy-before-write took longer than {} s",
+                            limit.as_secs_f64()
+                        ),
+                        std::io::Error::from_raw_os_error(libc::ETIMEDOUT),
+                    )),
+                }
+            }
+        };
+        if let Err(error) = saved {
+            self.cbw_failed(error)?;
+        }
+        self.wait_for_snapshot_reads(start, end).await;
+        Ok(())
+    }
+
+    /// Claims the dirty clusters of `[start, end)` and saves their old data; waits for
+    /// copies of the range others have in flight.
+    async fn save_old_data(&self, start: u64, end: u64) -> Result<(), Error> {
         loop {
             let (claims, other) = {
                 let mut state = self.lock();
@@ -416,7 +501,7 @@ impl BlockCopy {
                     }
                     drop(state);
                     self.changed.notify_waiters();
-                    return self.cbw_failed(error);
+                    return Err(error);
                 }
             }
             let Some((id, done)) = other else {
@@ -430,6 +515,193 @@ impl BlockCopy {
             }
             // Re-check: the other read may have failed and left its clusters dirty.
         }
+    }
+
+    /// Waits until no snapshot read of `[start, end)` is reading the source.
+    async fn wait_for_snapshot_reads(&self, start: u64, end: u64) {
+        loop {
+            let done = {
+                let state = self.lock();
+                match state.frozen.iter().find(|r| r.start < end && start < r.end) {
+                    Some(r) => r.done.clone(),
+                    None => return,
+                }
+            };
+            let notified = done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let still = self
+                .lock()
+                .frozen
+                .iter()
+                .any(|r| Arc::ptr_eq(&r.done, &done));
+            if still {
+                notified.await;
+            }
+        }
+    }
+
+    /// Where the snapshot's data for the run at `offset` (at most `len` bytes) is, once
+    /// no copy of it is in flight. A source run comes registered as a frozen read:
+    /// guest writes over it wait until [`BlockCopy::end_snapshot_read`].
+    async fn snapshot_run(&self, offset: u64, len: u64) -> Result<SnapshotRun, Error> {
+        let cluster = self.options.cluster_size;
+        let end = offset + len;
+        loop {
+            let in_flight = {
+                let mut state = self.lock();
+                if let Some(broken) = self.snapshot_error() {
+                    return Err(access_denied(&broken));
+                }
+                let Some(access) = &state.access else {
+                    return Err(Error::unsupported(
+                        "only a copy-before-write node added with blockdev-add has a \
+                         snapshot to read",
+                    ));
+                };
+                if access.next_clear(offset).is_some_and(|at| at < end) {
+                    return Err(access_denied(
+                        "the range is outside the snapshot (not in its bitmap, or \
+                         discarded by the reader)",
+                    ));
+                }
+                let on_source = state.dirty.get(offset);
+                let run_end = if on_source {
+                    state.dirty.next_clear(offset)
+                } else {
+                    state.dirty.next_set(offset)
+                }
+                .unwrap_or(self.len)
+                .min(end);
+                let (a, b) = (
+                    round_down(offset, cluster),
+                    run_end.div_ceil(cluster) * cluster,
+                );
+                match state.reading.iter().find(|r| r.start < b && a < r.end) {
+                    Some(copy) => copy.done.clone(),
+                    None if on_source => {
+                        let id = state.freeze(a, b);
+                        return Ok(SnapshotRun {
+                            len: run_end - offset,
+                            frozen: Some(id),
+                        });
+                    }
+                    None => {
+                        return Ok(SnapshotRun {
+                            len: run_end - offset,
+                            frozen: None,
+                        });
+                    }
+                }
+            };
+            // A copy of the run is in flight: once it ends the data is on the target
+            // (or, if it failed, still on the source).
+            let notified = in_flight.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let still = self
+                .lock()
+                .reading
+                .iter()
+                .any(|r| Arc::ptr_eq(&r.done, &in_flight));
+            if still {
+                notified.await;
+            }
+        }
+    }
+
+    /// Ends a frozen read; fails it if the snapshot broke meanwhile (a guest write
+    /// that could not save the old data may have overwritten what was read).
+    fn end_snapshot_read(&self, run: &SnapshotRun) -> Result<(), Error> {
+        if let Some(id) = run.frozen {
+            self.lock().unfreeze(id);
+        }
+        match self.snapshot_error() {
+            Some(broken) => Err(access_denied(&broken)),
+            None => Ok(()),
+        }
+    }
+
+    /// Snapshot API: reads the point-in-time data, from the source where it is still
+    /// there and from the target where a copy-before-write saved it. Fails with EACCES
+    /// outside the snapshot or once it is broken.
+    pub async fn read_snapshot(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf, Error> {
+        let len = buf.len() as u64;
+        let mut done = 0;
+        while done < len {
+            let at = offset + done;
+            let run = self.snapshot_run(at, len - done).await?;
+            let from = if run.frozen.is_some() {
+                &self.source
+            } else {
+                &self.target
+            };
+            if run.len == len {
+                // One run covers the request: read straight into the caller's buffer.
+                let read = from.read(at, buf).await;
+                let ended = self.end_snapshot_read(&run);
+                let full = read?;
+                ended?;
+                return Ok(full);
+            }
+            let read = from.read(at, IoBuf::zeroed(run.len as usize)).await;
+            let ended = self.end_snapshot_read(&run);
+            let part = read?;
+            ended?;
+            let d = done as usize;
+            buf[d..d + part.len()].copy_from_slice(&part);
+            done += run.len;
+        }
+        Ok(buf)
+    }
+
+    /// Snapshot API: status of the point-in-time data. Runs saved on the target are
+    /// always reported allocated (the snapshot has data there, whatever the target's
+    /// own allocation says).
+    pub async fn block_status_snapshot(&self, offset: u64, len: u64) -> Result<Extent, Error> {
+        let run = self.snapshot_run(offset, len).await?;
+        let status = if run.frozen.is_some() {
+            self.source.block_status(offset, run.len).await
+        } else {
+            self.target
+                .block_status(offset, run.len)
+                .await
+                .map(|mut e| {
+                    e.status.allocated = true;
+                    e.status.host_offset = None;
+                    e
+                })
+        };
+        let ended = self.end_snapshot_read(&run);
+        let extent = status?;
+        ended?;
+        Ok(extent)
+    }
+
+    /// Snapshot API: the reader is done with the whole clusters of the range. They are
+    /// no longer protected or readable, and the target gives their space back.
+    pub async fn discard_snapshot(&self, offset: u64, len: u64) -> Result<(), Error> {
+        let cluster = self.options.cluster_size;
+        let start = offset.div_ceil(cluster) * cluster;
+        let end = if offset + len == self.len {
+            self.len
+        } else {
+            round_down(offset + len, cluster)
+        };
+        if end <= start {
+            return Ok(());
+        }
+        {
+            let mut state = self.lock();
+            let Some(access) = &mut state.access else {
+                return Err(Error::unsupported(
+                    "only a copy-before-write node added with blockdev-add has a snapshot",
+                ));
+            };
+            access.reset(start, end - start);
+            state.dirty.reset(start, end - start);
+        }
+        self.target.discard(start, end - start).await
     }
 
     fn cbw_failed(&self, error: Error) -> Result<(), Error> {
@@ -452,8 +724,12 @@ impl BlockCopy {
         }
     }
 
-    /// Reads the old data of a claimed run and parks it in the staging area.
+    /// Reads the old data of a claimed run and parks it in the staging area (or, for
+    /// a standalone filter, writes it to the target).
     async fn stage(&self, id: u64, start: u64, end: u64) -> Result<(), Error> {
+        if self.options.standalone {
+            return self.copy_through(id, start, end).await;
+        }
         let len = end - start;
         let staged = async {
             let buf = self.source.read(start, IoBuf::zeroed(len as usize)).await?;
@@ -502,6 +778,44 @@ impl BlockCopy {
                 Err(error)
             }
         }
+    }
+
+    /// Standalone copy-before-write of a claimed run: reads the old data and writes it
+    /// to the target. The claim stays until the target has it, so a snapshot read of
+    /// the run waits and then finds the data on the target.
+    async fn copy_through(&self, id: u64, start: u64, end: u64) -> Result<(), Error> {
+        let len = end - start;
+        let copied = async {
+            let buf = self.source.read(start, IoBuf::zeroed(len as usize)).await?;
+            let payload = if buf.is_zero() {
+                Payload::Zero
+            } else {
+                Payload::Memory(buf)
+            };
+            let chunk = Chunk {
+                offset: start,
+                len,
+                payload,
+                staged_memory: false,
+            };
+            self.write_payload(&chunk).await
+        }
+        .await;
+        let mut state = self.lock();
+        if copied.is_err() {
+            state.dirty.set(start, len);
+        }
+        state.finish_reading(id);
+        drop(state);
+        self.changed.notify_waiters();
+        let data = copied?;
+        self.stats.cbw_bytes.fetch_add(len, Ordering::Relaxed);
+        self.stats.data_bytes.fetch_add(data, Ordering::Relaxed);
+        self.stats
+            .zero_bytes
+            .fetch_add(len - data, Ordering::Relaxed);
+        self.progress.add_done(len);
+        Ok(())
     }
 
     async fn spill(&self, buf: IoBuf) -> Result<u64, Error> {

@@ -1,4 +1,5 @@
-//! The copy-before-write filter: a node inserted above a backup's source.
+//! The copy-before-write filter: a node inserted above a backup's source, or added on
+//! its own with `blockdev-add` for pull-mode backup (fleecing).
 //!
 //! Writes, write-zeroes and discards first ask the block-copy engine to save the old
 //! data of every cluster they touch (rounded out to clusters), then go to the source.
@@ -6,11 +7,17 @@
 //! with a drain (see `block::graph`), so every request issued after the insertion
 //! passes through it and the point in time is well defined; attachments made while it
 //! is in place resolve to it, so no writer can bypass it.
+//!
+//! A standalone filter ([`standalone`], QEMU's `copy-before-write` driver) has no job:
+//! old data goes straight to its target before the guest write proceeds, and a
+//! `snapshot-access` node reads the point-in-time view through the snapshot API
+//! (source where the data is unchanged, target where it was saved).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bitmap::Bitmap;
 use block::Attachment;
 use block::BlockDriver;
 use block::Extent;
@@ -19,8 +26,88 @@ use block::Limits;
 use block::Result;
 use block::WriteFlags;
 use block::ZeroFlags;
+use block::options::CbwOptions;
 
+use crate::backup::MIN_CLUSTER_SIZE;
 use crate::block_copy::BlockCopy;
+use crate::block_copy::BlockCopyOptions;
+use crate::job::Progress;
+
+/// External drivers for a graph that offers standalone copy-before-write nodes (tools
+/// and tests without NBD; the daemon's own set adds the NBD client).
+#[derive(Debug, Default)]
+pub struct CbwDrivers;
+
+#[async_trait]
+impl block::graph::ExternalDrivers for CbwDrivers {
+    async fn open(&self, _options: &block::options::DriverOptions) -> Result<Box<dyn BlockDriver>> {
+        Err(block::Error::unsupported(
+            "this graph opens no external drivers but copy-before-write",
+        ))
+    }
+
+    fn copy_before_write(
+        &self,
+        options: &CbwOptions,
+        file: Attachment,
+        target: Attachment,
+        initial: Option<Bitmap>,
+    ) -> Result<Box<dyn BlockDriver>> {
+        standalone(options, file, target, initial)
+    }
+}
+
+/// Builds the driver of a `copy-before-write` node added with `blockdev-add`: saves
+/// the old data of `file` to `target`, for every cluster or only those `initial`
+/// marks. The graph calls this while `file`'s writers are drained.
+pub fn standalone(
+    options: &CbwOptions,
+    file: Attachment,
+    target: Attachment,
+    initial: Option<Bitmap>,
+) -> Result<Box<dyn BlockDriver>> {
+    let target_node = target.node();
+    if Arc::ptr_eq(&file.node(), &target_node) {
+        return Err(block::Error::invalid(
+            "Source and target cannot be the same",
+        ));
+    }
+    // QEMU accepts a smaller target and fails the guest writes that land past its
+    // end; refusing up front loses nothing.
+    if target.length() < file.length() {
+        return Err(block::Error::invalid(format!(
+            "The target '{}' ({} bytes) is smaller than the node it protects ({} bytes)",
+            target_node.name(),
+            target.length(),
+            file.length()
+        )));
+    }
+    let target_cluster = u64::from(target.limits().cluster_size.unwrap_or(0));
+    let cluster = MIN_CLUSTER_SIZE
+        .max(target_cluster)
+        .max(options.min_cluster_size.unwrap_or(0));
+    let copy_options = BlockCopyOptions {
+        cluster_size: cluster,
+        chunk_size: cluster,
+        staging_memory: 0,
+        scratch_dir: std::env::temp_dir(),
+        skip_unallocated: false,
+        on_cbw_error: options.on_cbw_error,
+        compress: false,
+        sparse_block: target_cluster.max(4096),
+        standalone: true,
+        cbw_timeout: (options.cbw_timeout > 0)
+            .then(|| std::time::Duration::from_secs(options.cbw_timeout)),
+    };
+    let copy = BlockCopy::new(
+        file,
+        target,
+        copy_options,
+        Arc::new(Progress::default()),
+        initial.as_ref(),
+    )?;
+    Ok(Box::new(CbwFilter::new(Arc::new(copy))))
+}
 
 /// The filter driver; the source is the engine's source attachment.
 #[derive(Debug)]
@@ -90,5 +177,17 @@ impl BlockDriver for CbwFilter {
 
     async fn close(&self) -> Result<()> {
         Ok(())
+    }
+
+    async fn read_snapshot(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.copy.read_snapshot(offset, buf).await
+    }
+
+    async fn block_status_snapshot(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.copy.block_status_snapshot(offset, len).await
+    }
+
+    async fn discard_snapshot(&self, offset: u64, len: u64) -> Result<()> {
+        self.copy.discard_snapshot(offset, len).await
     }
 }

@@ -891,8 +891,13 @@ async fn block_status(
     let end = request.offset + u64::from(request.length);
     // Runs of the node: (length, data, zero, allocated).
     let mut runs: Vec<(u64, bool, bool, bool)> = Vec::new();
+    // Only when asked: a client that negotiated just a dirty bitmap must not fail
+    // because the node's own status cannot be read (a snapshot's discarded range).
+    let node_status = contexts
+        .iter()
+        .any(|c| !matches!(c, Context::DirtyBitmap(_)));
     let mut at = request.offset;
-    while at < end && runs.len() < MAX_EXTENTS {
+    while node_status && at < end && runs.len() < MAX_EXTENTS {
         let extent = export
             .disk
             .block_status(at, end - at)

@@ -170,12 +170,39 @@ fn block_job_missing(id: &str) -> QmpError {
     }
 }
 
+/// The drivers that live above the block crate: NBD client nodes and standalone
+/// copy-before-write filters.
+#[derive(Debug, Default)]
+struct DaemonDrivers {
+    nbd: NbdDrivers,
+}
+
+#[async_trait::async_trait]
+impl block::graph::ExternalDrivers for DaemonDrivers {
+    async fn open(
+        &self,
+        options: &block::options::DriverOptions,
+    ) -> block::Result<Box<dyn block::BlockDriver>> {
+        self.nbd.open(options).await
+    }
+
+    fn copy_before_write(
+        &self,
+        options: &block::options::CbwOptions,
+        file: block::Attachment,
+        target: block::Attachment,
+        initial: Option<bitmap::Bitmap>,
+    ) -> block::Result<Box<dyn block::BlockDriver>> {
+        jobs::cbw::standalone(options, file, target, initial)
+    }
+}
+
 impl Daemon {
     /// A daemon with nothing in it.
     pub fn new() -> Arc<Self> {
         let (events, _) = broadcast::channel(4096);
         let daemon = Arc::new(Self {
-            graph: Arc::new(NodeGraph::with_external(Arc::new(NbdDrivers))),
+            graph: Arc::new(NodeGraph::with_external(Arc::new(DaemonDrivers::default()))),
             jobs: JobRegistry::new(),
             nbd: tokio::sync::Mutex::new(None),
             exports: Mutex::new(BTreeMap::new()),

@@ -13,7 +13,9 @@
 //! `after` matching requests pass (default 0); the next fails with `errno` (`EIO` by
 //! default; a number or one of `EIO`, `ENOSPC`, `EPERM`, `EINVAL`, `ENOTSUP`). With
 //! `once` the rule then retires; otherwise it keeps failing. Rules are checked in order;
-//! the first that fires decides.
+//! the first that fires decides. A rule with `delay-ms` does not fail: the request it
+//! fires on waits that long, then proceeds (slow disks, timeouts, races made
+//! deterministic).
 
 use std::io;
 use std::sync::Mutex;
@@ -58,6 +60,8 @@ pub struct FaultRule {
     pub once: bool,
     /// Matching requests to let through first.
     pub after: u64,
+    /// Delay the request by this many milliseconds instead of failing it.
+    pub delay_ms: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -103,7 +107,16 @@ impl FaultDriver {
         }
     }
 
-    fn check(&self, op: FaultOp, offset: u64, len: u64) -> Result<()> {
+    /// Applies the first rule that fires: fails the request, or delays it.
+    async fn check(&self, op: FaultOp, offset: u64, len: u64) -> Result<()> {
+        let delay = self.fire(op, offset, len)?;
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(())
+    }
+
+    fn fire(&self, op: FaultOp, offset: u64, len: u64) -> Result<Option<std::time::Duration>> {
         let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
         for state in rules.iter_mut() {
             let rule = &state.rule;
@@ -120,12 +133,15 @@ impl FaultDriver {
             if rule.once {
                 state.retired = true;
             }
+            if let Some(ms) = rule.delay_ms {
+                return Ok(Some(std::time::Duration::from_millis(ms)));
+            }
             return Err(Error::from_io(
                 format!("injected fault at offset {offset}"),
                 io::Error::from_raw_os_error(rule.errno),
             ));
         }
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -152,27 +168,27 @@ impl BlockDriver for FaultDriver {
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        self.check(FaultOp::Read, offset, buf.len() as u64)?;
+        self.check(FaultOp::Read, offset, buf.len() as u64).await?;
         self.child.read(offset, buf).await
     }
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
-        self.check(FaultOp::Write, offset, buf.len() as u64)?;
+        self.check(FaultOp::Write, offset, buf.len() as u64).await?;
         self.child.write(offset, buf, flags).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.check(FaultOp::Write, offset, len)?;
+        self.check(FaultOp::Write, offset, len).await?;
         self.child.write_zeroes(offset, len, flags).await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.check(FaultOp::Write, offset, len)?;
+        self.check(FaultOp::Write, offset, len).await?;
         self.child.discard(offset, len).await
     }
 
     async fn flush(&self) -> Result<()> {
-        self.check(FaultOp::Flush, 0, 0)?;
+        self.check(FaultOp::Flush, 0, 0).await?;
         self.child.flush().await
     }
 
@@ -235,6 +251,17 @@ mod tests {
         assert_eq!(read(&node, 0).await, Ok(()));
         assert_eq!(read(&node, 0).await, Err(libc::EIO));
         assert_eq!(read(&node, 0).await, Ok(()), "retired after firing once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delay_rule_slows_a_request_down_without_failing_it() {
+        let (_g, node) = faulty(json!([{"op":"read","delay-ms":5000,"once":true}])).await;
+        let started = tokio::time::Instant::now();
+        assert_eq!(read(&node, 0).await, Ok(()));
+        assert!(started.elapsed() >= std::time::Duration::from_secs(5));
+        let started = tokio::time::Instant::now();
+        assert_eq!(read(&node, 0).await, Ok(()));
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[tokio::test]

@@ -71,7 +71,7 @@ impl Rig {
         let target = dir.path().join("target.img");
         seeded_source(&source, size, &mut Rng(seed));
         File::create(&target).unwrap().set_len(size).unwrap();
-        let graph = Arc::new(NodeGraph::new());
+        let graph = Arc::new(NodeGraph::with_external(Arc::new(jobs::cbw::CbwDrivers)));
         for (name, path) in [("src", &source), ("tgt", &target)] {
             graph
                 .add(options(
