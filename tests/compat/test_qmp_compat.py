@@ -695,3 +695,142 @@ def test_fleecing_export_with_a_dirty_bitmap_while_writes_continue(tmp_path):
     assert r["stillpoint"] == r["qemu-storage-daemon"]
     assert r["stillpoint"][2:5] == (0, 0, True)
     assert "dirty" in r["stillpoint"][1], r["stillpoint"][1]
+
+
+async def qemu_io_ro(d, export, *commands):
+    """Read-only qemu-io on an export: (return code, the result lines without timings)."""
+    uri = f"nbd+unix:///{export}?socket={os.path.join(d.tmp, 'nbd.sock')}"
+    args = ["qemu-io", "-r", "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    io = await asyncio.to_thread(subprocess.run, args + [uri], capture_output=True, text=True)
+    lines = [line for line in io.stdout.splitlines() if line.startswith(("read ", "Pattern"))]
+    return io.returncode, lines
+
+
+def test_snapshot_access_fleecing_pull_push_and_teardown(tmp_path):
+    """Modern pull-mode backup (iotest image-fleecing, snapshot-access variants): a
+    copy-before-write node over the disk with a raw temp target, a snapshot-access node
+    over it exported read-only with the changed-block bitmap, the guest writing through
+    the filter. The snapshot keeps every original pattern while the guest overwrites
+    them (whole, partly left, partly right, adjacent, zeroed), `nbdcopy` pulls the
+    point-in-time image, a backup job pushes it from the snapshot node, a second
+    filter protects only the bitmap's clusters and refuses reads elsewhere, and
+    teardown leaves the new data on the disk."""
+    def extra(tmp):
+        for name in ("fleece.raw", "fleece2.raw"):
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.truncate(SIZE)
+        return nbd_export(tmp)
+
+    async def scenario(d):
+        r = []
+        await guest_writes(d, "write -P 0x5d 0 64k", "write -P 0xd5 1M 64k", "write -P 0xdc 4M 64k",
+                           "write -P 0xcd 8128k 64k")
+        r.append(await d.run("block-dirty-bitmap-add", {"node": "src", "name": "fl-bm"}))
+        await guest_writes(d, "write -P 0x11 2M 128k", "write -P 0x12 6M 4k")
+        r.append(await d.run("block-dirty-bitmap-disable", {"node": "src", "name": "fl-bm"}))
+        # The guest moves from the disk to the filter: its export goes, and comes back
+        # on the filter once it is in place.
+        r.append(await d.run("block-export-del", {"id": "exp0"}))
+        await d.until("BLOCK_EXPORT_DELETED")
+        r.append(await d.run("blockdev-add", {"driver": "file", "node-name": "fl-tmp",
+                                              "filename": os.path.join(d.tmp, "fleece.raw")}))
+        r.append(await d.run("blockdev-add", {"driver": "copy-before-write", "node-name": "fl-cbw",
+                                              "file": "src", "target": "fl-tmp",
+                                              "bitmap": {"node": "src", "name": "nope"}}))
+        r.append(await d.run("blockdev-add", {"driver": "copy-before-write", "node-name": "fl-cbw",
+                                              "file": "src", "target": "fl-tmp"}))
+        r.append(await d.run("blockdev-add", {"driver": "snapshot-access", "node-name": "fl-access",
+                                              "file": "fl-cbw", "discard": "unmap"}))
+        snapshot = os.path.join(d.tmp, "snapshot.raw")
+        subprocess.run(["cp", d.src, snapshot], check=True)
+        r.append(await d.run("block-export-add", {"type": "nbd", "id": "guest", "node-name": "fl-cbw",
+                                                  "name": "disk", "writable": True}))
+        r.append(await d.run("block-export-add", {"type": "nbd", "id": "fleece", "node-name": "fl-access",
+                                                  "name": "fleece",
+                                                  "bitmaps": [{"node": "src", "name": "fl-bm"}]}))
+        # Overwrites: whole, partly left, partly right, adjacent, zeroed.
+        await guest_writes(d, "write -P 0xab 0 64k", "write -P 0xad 992k 64k", "write -P 0x1d 4128k 64k",
+                           "write -P 0xea 8064k 64k", "write -z 2M 1M")
+        reads = [await qemu_io_ro(d, "fleece", "read -P 0x5d 0 64k", "read -P 0xd5 1M 64k",
+                                  "read -P 0xdc 4M 64k", "read -P 0xcd 8128k 64k", "read -P 0 4192k 32k", "read -P 0 8064k 64k", "read -P 0x11 2M 128k")]
+        sock = os.path.join(d.tmp, "nbd.sock")
+        uri = f"nbd+unix:///fleece?socket={sock}"
+        nbdmap = await asyncio.to_thread(subprocess.run, ["nbdinfo", "--map=qemu:dirty-bitmap:fl-bm", uri],
+                                         capture_output=True, text=True)
+        pulled = os.path.join(d.tmp, "pulled.raw")
+        copy = await asyncio.to_thread(subprocess.run, ["nbdcopy", uri, pulled], capture_output=True, text=True)
+        pulled_same = images_identical(snapshot, pulled)
+        # Push from the snapshot while the guest keeps writing.
+        r.append(await d.run("blockdev-backup", {"job-id": "push", "device": "fl-access", "target": "tgt",
+                                                 "sync": "full", "speed": 1 << 20}))
+        await guest_writes(d, "write -P 0x77 0 1M", "write -P 0x78 5M 1M")
+        r.append(await d.run("block-job-set-speed", {"device": "push", "speed": 0}))
+        events = normalize(await d.until("JOB_STATUS_CHANGE", "null"))
+        pushed_same = images_identical(snapshot, d.tgt)
+        # The reader gives a range back: it is no longer readable.
+        r.append(await d.run("block-export-add", {"type": "nbd", "id": "fleecew", "node-name": "fl-access",
+                                                  "name": "fleecew", "writable": True}))
+        uri_w = f"nbd+unix:///fleecew?socket={sock}"
+        trim = await asyncio.to_thread(subprocess.run, ["qemu-io", "-f", "raw", "-c", "discard 4M 128k", uri_w],
+                                       capture_output=True, text=True)
+        after_trim = [(await qemu_io_ro(d, "fleece", "read 4M 64k"))[0],
+                      (await qemu_io_ro(d, "fleece", "read -P 0x5d 0 64k"))[0]]
+        # Teardown, in the order QEMU needs: readers, the snapshot node, the guest, the
+        # filter, the temp image.
+        r.append(await d.run("blockdev-del", {"node-name": "fl-access"}))
+        for export in ("fleece", "fleecew"):
+            r.append(await d.run("block-export-del", {"id": export}))
+            await d.until("BLOCK_EXPORT_DELETED")
+        r.append(await d.run("blockdev-del", {"node-name": "fl-access"}))
+        r.append(await d.run("block-export-del", {"id": "guest"}))
+        await d.until("BLOCK_EXPORT_DELETED")
+        r.append(await d.run("blockdev-del", {"node-name": "fl-cbw"}))
+        r.append(await d.run("blockdev-del", {"node-name": "fl-tmp"}))
+
+        # A second filter protecting only the bitmap's clusters (image-fleecing's
+        # bitmap variant): reads elsewhere are refused.
+        r.append(await d.run("blockdev-add", {"driver": "file", "node-name": "fl-tmp2",
+                                              "filename": os.path.join(d.tmp, "fleece2.raw")}))
+        r.append(await d.run("blockdev-add", {"driver": "copy-before-write", "node-name": "fl-cbw2",
+                                              "file": "src", "target": "fl-tmp2",
+                                              "bitmap": {"node": "src", "name": "fl-bm"}}))
+        r.append(await d.run("blockdev-add", {"driver": "snapshot-access", "node-name": "fl-access2",
+                                              "file": "fl-cbw2"}))
+        before = open(d.src, "rb").read()
+        r.append(await d.run("block-export-add", {"type": "nbd", "id": "guest", "node-name": "fl-cbw2",
+                                                  "name": "disk", "writable": True}))
+        r.append(await d.run("block-export-add", {"type": "nbd", "id": "fleece2",
+                                                  "node-name": "fl-access2", "name": "fleece2"}))
+        await guest_writes(d, "write -P 0x99 2M 64k", "write -P 0x98 0 64k")
+        in_bitmap = await qemu_io_ro(d, "fleece2", f"read -P 0x{before[2 << 20]:02x} 2M 64k",
+                                     "read 2M 128k")
+        outside = [(await qemu_io_ro(d, "fleece2", "read 0 64k"))[0],
+                   (await qemu_io_ro(d, "fleece2", "read 2M 192k"))[0]]
+        r.append(await d.run("block-export-del", {"id": "fleece2"}))
+        await d.until("BLOCK_EXPORT_DELETED")
+        r.append(await d.run("block-export-del", {"id": "guest"}))
+        await d.until("BLOCK_EXPORT_DELETED")
+        for node in ("fl-access2", "fl-cbw2", "fl-tmp2"):
+            r.append(await d.run("blockdev-del", {"node-name": node}))
+        with open(d.src, "rb") as f:
+            disk = f.read()
+        final = [disk[0:64 << 10] == b"\x98" * (64 << 10), disk[(1 << 20) + (32 << 10)] == 0xd5,
+                 disk[(1 << 20) + (16 << 10)] == 0xad, disk[2 << 20] == 0x99, disk[(3 << 20) - 1] == 0,
+                 disk[5 << 20] == 0x78, disk[8064 << 10] == 0xea, disk[(8 << 20) - 1] == 0xcd]
+        return (r, reads, nbdmap.stdout, nbdmap.returncode, copy.returncode, pulled_same, events[-3:],
+                pushed_same, trim.returncode, after_trim, in_bitmap, outside, final)
+
+    r = run_both(tmp_path, scenario, extra)
+    ours, theirs = r["stillpoint"], r["qemu-storage-daemon"]
+    for i, (a, b) in enumerate(zip(ours[0], theirs[0])):
+        assert a == b, f"reply {i}: {a} != {b}"
+    assert ours[1:] == theirs[1:]
+    reads, _, map_rc, copy_rc, pulled_same, _, pushed_same = ours[1:8]
+    assert reads == [(0, reads[0][1])] and len(reads[0][1]) == 7, reads
+    assert (map_rc, copy_rc, pulled_same, pushed_same) == (0, 0, True, True)
+    assert "dirty" in ours[2]
+    assert ours[9] == [1, 0], "a discarded range must be refused, the rest readable"
+    assert ours[11] == [1, 1], "reads outside the bitmap must be refused"
+    assert all(ours[12]), ours[12]

@@ -425,11 +425,14 @@ pub enum AttachUser {
         /// The job type ("backup").
         job_type: String,
     },
-    /// Anything else, an export...: the text completes "Node 'x' is busy: ...".
+    /// Anything else, an export...: a description of the user, for logs and tests.
     Other(String),
 }
 
 impl AttachUser {
+    /// Why `blockdev-del` refuses a node this user holds, in QEMU's words: parents make
+    /// "Block device X is in use", jobs "Node 'X' is busy: ...", and users like
+    /// exports (QEMU's block backends) "Node X is in use".
     fn busy_error(&self, node: &str) -> Error {
         let message = match self {
             AttachUser::Parent { .. } | AttachUser::FilterChild { .. } => {
@@ -438,7 +441,7 @@ impl AttachUser {
             AttachUser::Job { job_type } => {
                 format!("Node '{node}' is busy: block device is in use by block job: {job_type}")
             }
-            AttachUser::Other(reason) => format!("Node '{node}' is busy: {reason}"),
+            AttachUser::Other(_) => format!("Node {node} is in use"),
         };
         Error::new(ErrorKind::Busy, message)
     }

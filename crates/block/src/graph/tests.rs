@@ -163,7 +163,9 @@ async fn nodes_in_use_cannot_be_deleted_and_say_by_whom() {
     let job = graph
         .attach(
             "disk0",
-            AttachUser::Other("block device is in use by block job: backup".into()),
+            AttachUser::Job {
+                job_type: "backup".into(),
+            },
         )
         .unwrap();
     let e = graph.remove("disk0").await.unwrap_err();
@@ -172,6 +174,12 @@ async fn nodes_in_use_cannot_be_deleted_and_say_by_whom() {
         "Node 'disk0' is busy: block device is in use by block job: backup"
     );
     drop(job);
+    let export = graph
+        .attach("disk0", AttachUser::Other("export 'exp0'".into()))
+        .unwrap();
+    let e = graph.remove("disk0").await.unwrap_err();
+    assert_eq!(e.to_string(), "Node disk0 is in use");
+    drop(export);
 
     graph.remove("disk0").await.unwrap();
     graph.remove("file0").await.unwrap();
