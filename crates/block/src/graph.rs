@@ -679,6 +679,9 @@ pub trait ExternalDrivers: Send + Sync {
     }
 }
 
+/// Work done at a filter insertion's instant (see [`NodeGraph::insert_filters_at`]).
+pub type AtInstant = Box<dyn FnOnce() -> Result<()> + Send>;
+
 /// Builds a filter driver from its fixed link to the filtered node.
 pub type FilterBuild = Box<dyn FnOnce(Attachment) -> Result<Box<dyn BlockDriver>> + Send>;
 
@@ -1064,7 +1067,10 @@ impl NodeGraph {
         };
         // Not recorded in `created`: the node is complete, and a copy-before-write
         // node is never an inline child, so nothing can fail after this.
-        Ok(self.insert_filters_locked(vec![spec]).await?.remove(0))
+        Ok(self
+            .insert_filters_locked(vec![spec], None)
+            .await?
+            .remove(0))
     }
 
     /// Opens or finds a child and attaches the parent to it.
@@ -1289,7 +1295,19 @@ impl NodeGraph {
     /// time. All or nothing: if a filter cannot be built, none is inserted.
     pub async fn insert_filters(&self, specs: Vec<FilterSpec>) -> Result<Vec<Arc<Node>>> {
         let _reconfigure = self.reconfigure.lock().await;
-        self.insert_filters_locked(specs).await
+        self.insert_filters_locked(specs, None).await
+    }
+
+    /// [`NodeGraph::insert_filters`], running `at_instant` while the filtered nodes are
+    /// drained, before the filters are built: what it changes (a transaction's dirty
+    /// bitmaps) changes at the filters' instant. If it fails, nothing is inserted.
+    pub async fn insert_filters_at(
+        &self,
+        specs: Vec<FilterSpec>,
+        at_instant: AtInstant,
+    ) -> Result<Vec<Arc<Node>>> {
+        let _reconfigure = self.reconfigure.lock().await;
+        self.insert_filters_locked(specs, Some(at_instant)).await
     }
 
     /// [`NodeGraph::insert_filters`] for a caller holding the reconfiguration lock.
@@ -1301,7 +1319,11 @@ impl NodeGraph {
     /// 3. Build the filters: whatever they capture belongs to this instant.
     /// 4. Under the state lock: insert the filters and point every drained or held
     ///    attachment at its filter; then let requests resume.
-    async fn insert_filters_locked(&self, specs: Vec<FilterSpec>) -> Result<Vec<Arc<Node>>> {
+    async fn insert_filters_locked(
+        &self,
+        specs: Vec<FilterSpec>,
+        at_instant: Option<AtInstant>,
+    ) -> Result<Vec<Arc<Node>>> {
         struct Plan {
             below: Arc<Node>,
             name: String,
@@ -1353,8 +1375,11 @@ impl NodeGraph {
         };
         let drained = drain(&slots).await;
         let mut built: Vec<(Arc<Node>, Arc<Node>)> = Vec::with_capacity(plans.len());
-        let mut failure = None;
+        let mut failure = at_instant.and_then(|f| f().err());
         for plan in plans.iter_mut() {
+            if failure.is_some() {
+                break;
+            }
             let child = self.state().attach(
                 plan.below.clone(),
                 AttachUser::FilterChild {

@@ -227,6 +227,18 @@ pub async fn start_backups(
     registry: &JobRegistry,
     requests: Vec<BackupRequest>,
 ) -> Result<Vec<(Arc<Job>, Arc<CopyStats>)>, JobError> {
+    start_backups_at(graph, registry, requests, None).await
+}
+
+/// [`start_backups`], running `at_instant` at the backups' instant, while their
+/// sources are drained (a transaction's dirty-bitmap actions). If it fails, no backup
+/// starts and its error is returned.
+pub async fn start_backups_at(
+    graph: &Arc<NodeGraph>,
+    registry: &JobRegistry,
+    requests: Vec<BackupRequest>,
+    at_instant: Option<block::graph::AtInstant>,
+) -> Result<Vec<(Arc<Job>, Arc<CopyStats>)>, JobError> {
     let mut prepared: Vec<PreparedBackup> = Vec::with_capacity(requests.len());
     for request in requests {
         match prepare_backup(
@@ -251,7 +263,11 @@ pub async fn start_backups(
         .iter_mut()
         .map(|p| p.spec.take().expect("unused spec"))
         .collect();
-    let filters = match graph.insert_filters(specs).await {
+    let inserted = match at_instant {
+        Some(at_instant) => graph.insert_filters_at(specs, at_instant).await,
+        None => graph.insert_filters(specs).await,
+    };
+    let filters = match inserted {
         Ok(filters) => filters,
         Err(e) => {
             for p in prepared {

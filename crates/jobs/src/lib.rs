@@ -64,6 +64,7 @@ pub use backup::BitmapMode;
 pub use backup::SyncMode;
 pub use backup::start_backup;
 pub use backup::start_backups;
+pub use backup::start_backups_at;
 pub use job::Job;
 pub use job::JobEvent;
 pub use job::JobRegistry;

@@ -3,6 +3,13 @@
 //! Each command is parsed into a [`BitmapAction`] first, then applied; applying returns
 //! an [`Undo`] so a transaction can put everything back when a later action (a
 //! backup) fails to start. Messages are QEMU's.
+//!
+//! In a transaction with backups, bitmap changes must happen at the backups' instant,
+//! or a write landing between them would be in the backup but missing from the bitmap
+//! meant to track everything after it (or the other way round). So [`BitmapAction::Add`]
+//! is applied at once (the backups may name the new bitmap) and cleared again at the
+//! instant; every other action is only checked at once and applied at the instant,
+//! in order, while the sources are drained (see `jobs::start_backups_at`).
 
 use std::sync::Arc;
 
@@ -144,6 +151,62 @@ fn bitmap(graph: &NodeGraph, node_name: &str, name: &str) -> Result<Arc<DirtyBit
     node(graph, node_name)?
         .bitmap(name)
         .map_err(|e| QmpError::generic(e.message()))
+}
+
+impl BitmapAction {
+    /// Whether a transaction applies this action at the backups' instant (all but
+    /// `add`, which happens at once and is cleared at the instant).
+    pub fn waits_for_instant(&self) -> bool {
+        !matches!(self, BitmapAction::Add { .. })
+    }
+}
+
+/// Checks that `action` could be applied now, without changing anything.
+pub fn check(graph: &NodeGraph, action: &BitmapAction) -> Result<(), QmpError> {
+    let usable = |b: &DirtyBitmap| b.check_usable().map_err(|e| QmpError::generic(e.message()));
+    match action {
+        BitmapAction::Add { .. } => Ok(()),
+        BitmapAction::Remove { node: n, name } => {
+            let b = bitmap(graph, n, name)?;
+            if b.info().busy {
+                return Err(QmpError::generic(format!(
+                    "Bitmap '{name}' is currently in use by another operation and cannot be used"
+                )));
+            }
+            Ok(())
+        }
+        BitmapAction::Clear { node: n, name } | BitmapAction::Record { node: n, name, .. } => {
+            usable(bitmap(graph, n, name)?.as_ref())
+        }
+        BitmapAction::Merge {
+            node: n,
+            target,
+            sources,
+        } => {
+            let dest = bitmap(graph, n, target)?;
+            usable(&dest)?;
+            let size = dest.snapshot().size();
+            for (sn, sname) in sources {
+                if bitmap(graph, sn, sname)?.snapshot().size() != size {
+                    return Err(QmpError::generic(format!(
+                        "Bitmap '{sname}' has a different size than '{target}'"
+                    )));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// At the backups' instant: a bitmap added earlier by the same transaction starts
+/// empty here (what it recorded until now happened before the backups' point in time).
+pub fn start_at_instant(graph: &NodeGraph, action: &BitmapAction) -> Result<(), QmpError> {
+    if let BitmapAction::Add { node: n, name, .. } = action {
+        bitmap(graph, n, name)?
+            .clear()
+            .map_err(|e| QmpError::generic(e.message()))?;
+    }
+    Ok(())
 }
 
 /// Applies one action; the returned undo takes it back.

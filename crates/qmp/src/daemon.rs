@@ -538,34 +538,74 @@ impl Daemon {
                 requests.push(parse_backup(data)?);
             }
         }
-        // Bitmap actions first, in order, then the backups; if anything fails,
-        // everything applied is taken back. Writes landing between a new bitmap and the
-        // backups' instant are marked in the bitmap and also in the full backup: the
-        // next incremental copies them once more, never misses them.
-        let mut undos = Vec::new();
-        for action in &bitmap_actions {
-            match crate::bitmaps::apply(&self.graph, action) {
-                Ok(u) => undos.push(u),
-                Err(e) => {
-                    for u in undos.into_iter().rev() {
-                        crate::bitmaps::undo(&self.graph, u);
+        if requests.is_empty() {
+            // Bitmap actions alone: in order, all or nothing.
+            let mut undos = Vec::new();
+            for action in &bitmap_actions {
+                match crate::bitmaps::apply(&self.graph, action) {
+                    Ok(u) => undos.push(u),
+                    Err(e) => {
+                        for u in undos.into_iter().rev() {
+                            crate::bitmaps::undo(&self.graph, u);
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
                 }
             }
+            return Ok(json!({}));
         }
+        // With backups, bitmap changes happen at the backups' instant, under the same
+        // drain (see the bitmaps module): adds now (the backups may name them) and
+        // cleared at the instant; the rest checked now and applied then, in order.
+        let mut undos = Vec::new();
+        let rollback = |undos: Vec<crate::bitmaps::Undo>| {
+            for u in undos.into_iter().rev() {
+                crate::bitmaps::undo(&self.graph, u);
+            }
+        };
+        for action in &bitmap_actions {
+            let checked = if action.waits_for_instant() {
+                crate::bitmaps::check(&self.graph, action)
+            } else {
+                crate::bitmaps::apply(&self.graph, action).map(|u| undos.push(u))
+            };
+            if let Err(e) = checked {
+                rollback(undos);
+                return Err(e);
+            }
+        }
+        let at_instant_undos = Arc::new(Mutex::new(Vec::new()));
+        let at_instant: block::graph::AtInstant = {
+            let graph = self.graph.clone();
+            let undos = at_instant_undos.clone();
+            Box::new(move || {
+                for action in &bitmap_actions {
+                    let applied = if action.waits_for_instant() {
+                        crate::bitmaps::apply(&graph, action)
+                            .map(|u| undos.lock().unwrap_or_else(|e| e.into_inner()).push(u))
+                    } else {
+                        crate::bitmaps::start_at_instant(&graph, action)
+                    };
+                    applied.map_err(|e| block::Error::invalid(e.desc))?;
+                }
+                Ok(())
+            })
+        };
         // Listen before the jobs start: a member can fail before start_backups returns,
         // and grouped completion must not miss that event.
         let mut rx = self.jobs.subscribe();
-        let started = match jobs::start_backups(&self.graph, &self.jobs, requests).await {
-            Ok(started) => started,
-            Err(e) => {
-                for u in undos.into_iter().rev() {
-                    crate::bitmaps::undo(&self.graph, u);
+        let started =
+            match jobs::start_backups_at(&self.graph, &self.jobs, requests, Some(at_instant)).await
+            {
+                Ok(started) => started,
+                Err(e) => {
+                    let applied = std::mem::take(
+                        &mut *at_instant_undos.lock().unwrap_or_else(|e| e.into_inner()),
+                    );
+                    rollback(undos.into_iter().chain(applied).collect());
+                    return Err(e.into());
                 }
-                return Err(e.into());
-            }
-        };
+            };
         if grouped && started.len() > 1 {
             let ids: Vec<String> = started
                 .iter()

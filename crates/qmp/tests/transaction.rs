@@ -237,3 +237,98 @@ async fn grouped_incrementals_keep_every_bitmap_when_one_fails() {
         assert!(!info.busy, "{node}");
     }
 }
+
+/// "New bitmap + full backup" (and "close the old bitmap") in one transaction happen at
+/// one instant: with a writer writing each cluster once, every cluster is in exactly
+/// one of the two bitmaps, and the new one holds exactly the clusters whose content
+/// changed after the backup's point in time. Writes are slowed down (20 ms each) so
+/// one is nearly always in flight when the transaction drains the disk: applying the
+/// bitmap actions before the drain put such a write in the new bitmap although the
+/// backup already has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_bitmap_and_a_full_backup_share_one_instant() {
+    const CLUSTER: u64 = 65536;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = setup(dir.path()).await;
+    daemon
+        .execute(
+            "blockdev-add",
+            json!({"driver":"fault","node-name":"slow","image":"src",
+                "rules":[{"op":"write","delay-ms":20}]}),
+        )
+        .await
+        .unwrap();
+    daemon
+        .execute(
+            "block-dirty-bitmap-add",
+            json!({"node":"slow","name":"old","granularity":CLUSTER}),
+        )
+        .await
+        .unwrap();
+    let disk = daemon
+        .graph
+        .attach("slow", block::AttachUser::Other("guest".into()))
+        .unwrap();
+    let clusters = (4 << 20) / CLUSTER;
+    let writer = tokio::spawn(async move {
+        for c in 0..clusters {
+            let data = vec![(c as u8).wrapping_mul(37) | 1; CLUSTER as usize];
+            disk.write(
+                c * CLUSTER,
+                block::IoBuf::from_slice(&data),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = tokio::spawn({
+        let daemon = daemon.clone();
+        async move { outcomes(&daemon, 1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    daemon
+        .execute(
+            "transaction",
+            json!({"actions":[
+                {"type":"block-dirty-bitmap-disable","data":{"node":"slow","name":"old"}},
+                {"type":"block-dirty-bitmap-add","data":{"node":"slow","name":"new","granularity":CLUSTER}},
+                backup("full","slow","tgt",0)]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        events.await.unwrap(),
+        [("full".to_string(), "completed".to_string())]
+    );
+    writer.await.unwrap();
+    let source = std::fs::read(dir.path().join("src.img")).unwrap();
+    let target = std::fs::read(dir.path().join("tgt.img")).unwrap();
+    let node = daemon.graph.node("slow").unwrap();
+    let (old, new) = (
+        node.bitmap("old").unwrap().snapshot(),
+        node.bitmap("new").unwrap().snapshot(),
+    );
+    let mut after = 0;
+    for c in 0..clusters {
+        let range = (c * CLUSTER) as usize..((c + 1) * CLUSTER) as usize;
+        let changed_after = source[range.clone()] != target[range];
+        let at = c * CLUSTER;
+        assert_eq!(
+            new.get(at),
+            changed_after,
+            "cluster {c}: the new bitmap must hold exactly what changed after the backup"
+        );
+        assert_ne!(
+            old.get(at),
+            new.get(at),
+            "cluster {c}: every write is in exactly one of the bitmaps"
+        );
+        after += u64::from(changed_after);
+    }
+    assert!(
+        after > 0 && after < clusters,
+        "the transaction should land while the writer runs ({after} of {clusters} after)"
+    );
+}
