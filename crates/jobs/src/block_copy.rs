@@ -372,9 +372,19 @@ impl BlockCopy {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The clusters not copied yet.
+    /// The clusters whose point-in-time data is not on the target yet: still dirty,
+    /// being read, or in hand (staged by guest writes, or kept after a failed target
+    /// write). A failed `bitmap-mode=always` backup keeps exactly these.
     pub fn remaining(&self) -> Bitmap {
-        self.lock().dirty.clone()
+        let state = self.lock();
+        let mut remaining = state.dirty.clone();
+        for r in &state.reading {
+            remaining.set(r.start, r.end - r.start);
+        }
+        for chunk in state.staged.iter().chain(&state.retry) {
+            remaining.set(chunk.offset, chunk.len);
+        }
+        remaining
     }
 
     /// The source (the filter's child).

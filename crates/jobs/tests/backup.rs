@@ -458,3 +458,84 @@ async fn arguments_are_checked_in_qemus_words() {
     rig.graph.remove("tgt").await.unwrap();
     rig.graph.remove("src").await.unwrap();
 }
+
+/// iotest 257's failure outcomes: a `sync=bitmap` backup whose target fails part-way,
+/// with a guest write during the job. on-success and never keep every bit plus the new
+/// write; always keeps what was not copied (including the chunk whose target write
+/// failed) plus the new write.
+#[tokio::test]
+async fn a_failed_bitmap_backup_leaves_the_bitmap_qemu_leaves() {
+    const K64: u64 = 64 << 10;
+    for (mode, want) in [
+        (
+            jobs::BitmapMode::OnSuccess,
+            vec![K64, 2 * MIB, 2 * MIB + K64, 6 * MIB],
+        ),
+        (
+            jobs::BitmapMode::Never,
+            vec![K64, 2 * MIB, 2 * MIB + K64, 6 * MIB],
+        ),
+        (
+            jobs::BitmapMode::Always,
+            vec![2 * MIB, 2 * MIB + K64, 6 * MIB],
+        ),
+    ] {
+        let rig = Rig::new(8 * MIB, 11).await;
+        // The first chunk (64K) reaches the target slowly; the second (2M) fails.
+        fault(
+            &rig,
+            "badtgt",
+            "tgt",
+            json!([{"op":"write","offset":K64,"length":K64,"delay-ms":300,"once":true},
+                   {"op":"write","offset":2 * MIB,"length":2 * K64}]),
+        )
+        .await;
+        let src = rig.graph.node("src").unwrap();
+        let bitmap = src.add_bitmap("bm0", Some(K64), false, false).unwrap();
+        let guest = rig
+            .graph
+            .attach("src", AttachUser::Other("guest".into()))
+            .unwrap();
+        for (at, len) in [(K64, K64), (2 * MIB, 2 * K64)] {
+            guest
+                .write(
+                    at,
+                    IoBuf::from_slice(&vec![5; len as usize]),
+                    WriteFlags::default(),
+                )
+                .await
+                .unwrap();
+        }
+        let mut options = BackupOptions::new("j");
+        options.sync = SyncMode::Bitmap;
+        options.bitmap = Some("bm0".into());
+        options.bitmap_mode = Some(mode);
+        options.max_workers = 1;
+        let mut events = rig.registry.subscribe();
+        let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "badtgt", options)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        guest
+            .write(
+                6 * MIB,
+                IoBuf::from_slice(&[6; 4096]),
+                WriteFlags::default(),
+            )
+            .await
+            .unwrap();
+        let history = events_until(&mut events, job.id(), JobStatus::Null).await;
+        assert_eq!(
+            completed(&history).unwrap()["error"],
+            "Input/output error",
+            "{mode:?}"
+        );
+        let bits = bitmap.snapshot();
+        let got: Vec<u64> = (0..8 * MIB / K64)
+            .map(|c| c * K64)
+            .filter(|&at| bits.get(at))
+            .collect();
+        assert_eq!(got, want, "{mode:?}: clusters left in the bitmap");
+        assert!(!bitmap.info().busy, "{mode:?}");
+    }
+}
