@@ -10,7 +10,8 @@
 //!   Attachment --slot--> Node        generic layer: range checks, read-only,
 //!                         |          discard/detect-zeroes/no-flush policy
 //!                         v
-//!                    BlockDriver     file | raw | qcow2 | null-co | fault (nbd, filters elsewhere)
+//!                    BlockDriver     file | raw | qcow2 | null-co | snapshot-access | fault
+//!                         |          (nbd and copy-before-write live in other crates)
 //!                         |
 //!                    child Attachment (format drivers and filters have children)
 //! ```
@@ -26,6 +27,9 @@
 //! * [`dirty::DirtyBitmap`]s hang off nodes; the node layer marks them on every write,
 //!   write-zeroes and discard, and hands persistent ones to the driver (qcow2) to
 //!   store on close.
+//! * The snapshot API ([`driver::BlockDriver::read_snapshot`], `block_status_snapshot`,
+//!   `discard_snapshot`) is how a `snapshot-access` node reads the point-in-time view a
+//!   standalone copy-before-write filter keeps; other drivers answer ENOTSUP.
 //!
 //! # Invariants
 //!
@@ -33,10 +37,13 @@
 //!   request, and the file driver checks again because it can be used alone.
 //! * A node that a live attachment targets cannot be removed.
 //! * Retargeting an attachment waits for its in-flight requests and holds new ones until
-//!   the change is done, so a filter sees every request issued after its insertion.
+//!   the change is done, so a filter sees every request issued after its insertion. A
+//!   filter is built inside that drained section, so what it captures (a bitmap's bits)
+//!   belongs to the same instant, and attachments made meanwhile are held and moved too.
 //!
 //! Out of scope for now: image locking, io_uring, resize. (The NBD client driver lives in
-//! the `nbd` crate and plugs in through [`graph::ExternalDrivers`].)
+//! the `nbd` crate and the standalone copy-before-write filter in `jobs`; both plug in
+//! through [`graph::ExternalDrivers`].)
 
 pub mod buf;
 pub mod dirty;

@@ -49,6 +49,18 @@
 //! cluster rather than per 4 KiB, since a partial-cluster write would make the format
 //! allocate and copy the cluster anyway.
 //!
+//! # Fleecing: the standalone filter
+//!
+//! `blockdev-add copy-before-write` builds the same filter without a job
+//! ([`cbw::standalone`]). Nothing would drain a staging area, so its engine writes old
+//! data straight to the target before the guest write proceeds (the claim lasts until
+//! then), and it keeps an access bitmap for readers. Its snapshot API serves a
+//! `snapshot-access` node: a run still dirty is read from the source under a *frozen
+//! read* that overlapping guest writes wait for (after saving their old data); a run
+//! already saved is read from the target; a run with a copy in flight waits for it.
+//! Reads outside the access bitmap, or after a `break-snapshot` failure, fail with
+//! EACCES; a read that raced with the break is failed too rather than returned torn.
+//!
 //! Out of scope for now: copy offload
 //! (`copy_file_range`).
 
