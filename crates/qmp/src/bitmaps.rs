@@ -8,8 +8,9 @@
 //! or a write landing between them would be in the backup but missing from the bitmap
 //! meant to track everything after it (or the other way round). So [`BitmapAction::Add`]
 //! is applied at once (the backups may name the new bitmap) and cleared again at the
-//! instant; every other action is only checked at once and applied at the instant,
-//! in order, while the sources are drained (see `jobs::start_backups_at`).
+//! instant, remove is applied at once, and clear, enable, disable and merge are only
+//! checked at once and applied at the instant, in order, while the sources are drained
+//! (see `jobs::start_backups_at`).
 
 use std::sync::Arc;
 
@@ -154,10 +155,12 @@ fn bitmap(graph: &NodeGraph, node_name: &str, name: &str) -> Result<Arc<DirtyBit
 }
 
 impl BitmapAction {
-    /// Whether a transaction applies this action at the backups' instant (all but
-    /// `add`, which happens at once and is cleared at the instant).
+    /// Whether a transaction applies this action at the backups' instant: clear,
+    /// enable, disable and merge do; add happens at once (and is cleared at the
+    /// instant), remove at once (a backup in the same transaction cannot use it then,
+    /// as in QEMU).
     pub fn waits_for_instant(&self) -> bool {
-        !matches!(self, BitmapAction::Add { .. })
+        !matches!(self, BitmapAction::Add { .. } | BitmapAction::Remove { .. })
     }
 }
 

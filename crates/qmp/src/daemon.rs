@@ -555,8 +555,9 @@ impl Daemon {
             return Ok(json!({}));
         }
         // With backups, bitmap changes happen at the backups' instant, under the same
-        // drain (see the bitmaps module): adds now (the backups may name them) and
-        // cleared at the instant; the rest checked now and applied then, in order.
+        // drain (see the bitmaps module): adds and removes now (adds are cleared again
+        // at the instant); clear, enable, disable and merge checked now and applied
+        // then, in order.
         let mut undos = Vec::new();
         let rollback = |undos: Vec<crate::bitmaps::Undo>| {
             for u in undos.into_iter().rev() {
