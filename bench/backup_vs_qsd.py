@@ -131,7 +131,7 @@ class Qmp:
         except OSError:
             pass  # the daemon quit
 
-    def cmd(self, name, **args):
+    def cmd(self, name, /, **args):
         self.file.write(json.dumps({"execute": name, "arguments": args}) + "\n")
         self.file.flush()
         with self.cond:
