@@ -796,8 +796,11 @@ impl BlockCopy {
     async fn copy_through(&self, id: u64, start: u64, end: u64) -> Result<(), Error> {
         let len = end - start;
         let copied = async {
-            let buf = self.source.read(start, IoBuf::zeroed(len as usize)).await?;
+            // A pooled buffer: a fresh zeroed one per guest write cost a memset (and
+            // page faults) on the guest's path.
+            let buf = self.source.read(start, self.take_buffer(len)).await?;
             let payload = if buf.is_zero() {
+                self.return_buffer(buf);
                 Payload::Zero
             } else {
                 Payload::Memory(buf)
@@ -808,7 +811,11 @@ impl BlockCopy {
                 payload,
                 staged_memory: false,
             };
-            self.write_payload(&chunk).await
+            let written = self.write_payload(&chunk).await;
+            if let Payload::Memory(buf) = chunk.payload {
+                self.return_buffer(buf);
+            }
+            written
         }
         .await;
         let mut state = self.lock();
