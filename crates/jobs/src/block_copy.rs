@@ -349,18 +349,26 @@ impl BlockCopy {
         })
     }
 
-    /// A buffer of `len` bytes (at most a chunk), reused when one is free.
+    /// A buffer of `len` bytes, reused when a free one is big enough (a copy-before-write
+    /// run can span more than a chunk).
     fn take_buffer(&self, len: u64) -> IoBuf {
-        let pooled = self.buffers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let pooled = self
+            .buffers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .filter(|b| b.capacity() >= len as usize);
         let mut buf =
             pooled.unwrap_or_else(|| IoBuf::zeroed(self.options.chunk_size.max(len) as usize));
         buf.set_len(len as usize);
         buf
     }
 
-    /// Gives a chunk buffer back for reuse (a few per worker at most).
+    /// Gives a chunk buffer back for reuse (16 at most).
     fn return_buffer(&self, buf: IoBuf) {
-        if buf.capacity() >= self.options.chunk_size as usize {
+        // Chunk-sized ones only: a buffer for one large guest write is not kept.
+        let chunk = self.options.chunk_size as usize;
+        if (chunk..=2 * chunk).contains(&buf.capacity()) {
             let mut pool = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
             if pool.len() < 16 {
                 pool.push(buf);
