@@ -841,3 +841,84 @@ def test_snapshot_access_fleecing_pull_push_and_teardown(tmp_path):
     assert ours[9] == [1, 0], "a discarded range must be refused, the rest readable"
     assert ours[11] == [1, 1], "reads outside the bitmap must be refused"
     assert all(ours[12]), ours[12]
+
+
+def test_copy_before_write_errors_and_timeouts(tmp_path):
+    """iotest copy-before-write: a standalone filter whose target fails its first write,
+    or is slower than `cbw-timeout`, with each `on-cbw-error`. qemu-storage-daemon
+    injects with blkdebug and a throttle group, Stillpoint with its `fault` driver
+    (failing, or delaying by 1.5 s); the outcomes must agree: whether the guest write
+    fails, and whether the snapshot can still be read."""
+    def faulty_target(d, timeout):
+        tmp = os.path.join(d.tmp, "fleece.raw")
+        if d.kind == "qemu-storage-daemon":
+            if timeout:
+                return [("object-add", {"qom-type": "throttle-group", "id": "tg",
+                                        "limits": {"bps-write": 300 << 10}}),
+                        ("blockdev-add", {"driver": "throttle", "node-name": "fl-tmp", "throttle-group": "tg",
+                                          "file": {"driver": "file", "filename": tmp}})]
+            # As in the iotest: blkdebug's write_aio event comes from a format driver
+            # above it, so the temp image is a qcow2 over blkdebug.
+            return [("blockdev-add", {"driver": "qcow2", "node-name": "fl-tmp", "file": {
+                "driver": "blkdebug", "inject-error": [{"event": "write_aio", "errno": 5, "once": True}],
+                "image": {"driver": "file", "filename": os.path.join(d.tmp, "fleece.qcow2")}}})]
+        rule = {"op": "write", "delay-ms": 1500, "after": 1} if timeout else {"op": "write", "once": True}
+        return [("blockdev-add", {"driver": "fault", "node-name": "fl-tmp", "rules": [rule],
+                                  "image": {"driver": "file", "filename": tmp}})]
+
+    def extra(tmp):
+        with open(os.path.join(tmp, "fleece.raw"), "wb") as f:
+            f.truncate(SIZE)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", os.path.join(tmp, "fleece.qcow2"), str(SIZE)],
+                       check=True)
+        sock = os.path.join(tmp, "nbd.sock")
+        return ["--nbd-server", f"addr.type=unix,addr.path={sock}"]
+
+    async def scenario(d):
+        outcomes = []
+        for timeout in (False, True):
+            for mode in ("break-guest-write", "break-snapshot"):
+                r = []
+                for command, args in faulty_target(d, timeout):
+                    r.append(await d.run(command, args))
+                cbw = {"driver": "copy-before-write", "node-name": "fl-cbw", "file": "src", "target": "fl-tmp",
+                       "on-cbw-error": mode}
+                if timeout:
+                    cbw["cbw-timeout"] = 1
+                r.append(await d.run("blockdev-add", cbw))
+                r.append(await d.run("blockdev-add", {"driver": "snapshot-access", "node-name": "fl-access",
+                                                      "file": "fl-cbw"}))
+                r.append(await d.run("block-export-add", {"type": "nbd", "id": "guest", "node-name": "fl-cbw",
+                                                          "name": "disk", "writable": True}))
+                r.append(await d.run("block-export-add", {"type": "nbd", "id": "fleece",
+                                                          "node-name": "fl-access", "name": "fleece"}))
+                uri = f"nbd+unix:///disk?socket={os.path.join(d.tmp, 'nbd.sock')}"
+                # The timeout case: the first 512 KiB pass, the second one is slowed down.
+                writes = ["write 0 512k", "write 512k 512k"] if timeout else ["write 0 1M"]
+                write_rcs = []
+                for w in writes:
+                    io = await asyncio.to_thread(subprocess.run, ["qemu-io", "-f", "raw", "-c", w, uri],
+                                                 capture_output=True, text=True)
+                    write_rcs.append(io.returncode)
+                read_rc = (await qemu_io_ro(d, "fleece", "read 0 1M"))[0]
+                for export in ("fleece", "guest"):
+                    r.append(await d.run("block-export-del", {"id": export}))
+                    await d.until("BLOCK_EXPORT_DELETED")
+                for node in ("fl-access", "fl-cbw", "fl-tmp"):
+                    for _ in range(300):  # a timed-out copy may still hold the target
+                        deleted = await d.run("blockdev-del", {"node-name": node})
+                        if "in use" not in str(deleted):
+                            break
+                        await asyncio.sleep(0.01)
+                    r.append(deleted)
+                if timeout and d.kind == "qemu-storage-daemon":
+                    r.append(await d.run("object-del", {"id": "tg"}))
+                outcomes.append((timeout, mode, write_rcs, read_rc, [x[0] for x in r]))
+        return outcomes
+
+    r = run_both(tmp_path, scenario, extra)
+    ours, theirs = r["stillpoint"], r["qemu-storage-daemon"]
+    for a, b in zip(ours, theirs):
+        assert a[:4] == b[:4], f"stillpoint {a} vs qemu-storage-daemon {b}"
+        assert set(a[4]) == {"ok"} and set(b[4]) == {"ok"}, (a, b)
+    assert [o[2:4] for o in ours] == [([1], 0), ([0], 1), ([0, 1], 0), ([0, 0], 1)]
