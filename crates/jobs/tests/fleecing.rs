@@ -310,8 +310,8 @@ async fn rig_with_faulty(side: &str, rules: Value) -> Rig {
 
 #[tokio::test]
 async fn a_guest_write_waits_for_a_snapshot_read_of_the_source() {
-    // The first read of the source (the snapshot read) takes 300 ms.
-    let rig = rig_with_faulty("src", json!([{"op":"read","delay-ms":300,"once":true}])).await;
+    // The first read of the source (the snapshot read) takes 600 ms.
+    let rig = rig_with_faulty("src", json!([{"op":"read","delay-ms":600,"once":true}])).await;
     let old = rig.source_bytes();
     add(
         &rig,
@@ -328,7 +328,7 @@ async fn a_guest_write_waits_for_a_snapshot_read_of_the_source() {
     let access = user(&rig, "acc", "reader");
     let guest = user(&rig, "src", "guest");
     let reader = tokio::spawn(async move { read(&access, 0, 64 << 10).await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
     // Saving the old data is fast (the delay rule is spent), but the write must not
     // reach the disk while the snapshot read is still reading it.
     write(&guest, 0, &[0x5a; 4096]).await.unwrap();
