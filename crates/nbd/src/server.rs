@@ -758,6 +758,9 @@ async fn write_frame<W: AsyncWrite + Unpin>(
     mut head: &[u8],
     mut data: &[u8],
 ) -> std::io::Result<()> {
+    if data.is_empty() {
+        return writer.write_all(head).await;
+    }
     while !head.is_empty() {
         let slices = [std::io::IoSlice::new(head), std::io::IoSlice::new(data)];
         let n = writer.write_vectored(&slices).await?;
