@@ -922,3 +922,41 @@ def test_copy_before_write_errors_and_timeouts(tmp_path):
         assert a[:4] == b[:4], f"stillpoint {a} vs qemu-storage-daemon {b}"
         assert set(a[4]) == {"ok"} and set(b[4]) == {"ok"}, (a, b)
     assert [o[2:4] for o in ours] == [([1], 0), ([0], 1), ([0, 1], 0), ([0, 0], 1)]
+
+
+FLEECING_NODE_ERRORS = [
+    {"bitmap": "x"}, {"bitmap": {"node": "src"}}, {"bitmap": {"node": "nope", "name": "b"}},
+    {"bitmap": {"node": "src", "name": "nope"}}, {"on-cbw-error": "bogus"}, {"cbw-timeout": "x"},
+    {"cbw-timeout": 1.5}, {"cbw-timeout": -1}, {"cbw-timeout": 1 << 33}, {"bogus": 1},
+    {"min-cluster-size": "64k"}, {"min-cluster-size": "65536"}, {"cbw-timeout": "30"}, {"min-cluster-size": 3000},
+    {"file": 5}, {"file": "nope"},
+]
+
+
+def test_fleecing_node_option_errors(tmp_path):
+    """Bad copy-before-write and snapshot-access options get QEMU's replies; valid ones
+    are accepted alike."""
+    def extra(tmp):
+        with open(os.path.join(tmp, "fleece.raw"), "wb") as f:
+            f.truncate(SIZE)
+        return []
+
+    async def scenario(d):
+        r = [await d.run("blockdev-add", {"driver": "file", "node-name": "fl-tmp",
+                                          "filename": os.path.join(d.tmp, "fleece.raw")})]
+        for extra_args in FLEECING_NODE_ERRORS:
+            r.append(await d.run("blockdev-add", {"driver": "copy-before-write", "node-name": "c", "file": "src",
+                                                  "target": "fl-tmp", **extra_args}))
+        for ok in ({"cbw-timeout": 30, "min-cluster-size": 131072}, {"on-cbw-error": "break-snapshot"}):
+            r.append(await d.run("blockdev-add", {"driver": "copy-before-write", "node-name": "c", "file": "src",
+                                                  "target": "fl-tmp", **ok}))
+            r.append(await d.run("blockdev-del", {"node-name": "c"}))
+        r.append(await d.run("blockdev-add", {"driver": "snapshot-access", "node-name": "a"}))
+        r.append(await d.run("blockdev-add", {"driver": "snapshot-access", "node-name": "a", "file": "nope"}))
+        r.append(await d.run("blockdev-add", {"driver": "snapshot-access", "node-name": "a", "file": "src",
+                                              "bogus": 1}))
+        return r
+
+    r = run_both(tmp_path, scenario, extra)
+    for i, (ours, theirs) in enumerate(zip(r["stillpoint"], r["qemu-storage-daemon"])):
+        assert ours == theirs, f"case {i}: stillpoint {ours} vs qemu-storage-daemon {theirs}"

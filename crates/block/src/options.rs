@@ -532,6 +532,18 @@ fn parse_nbd(m: &mut Members) -> Result<NbdOptions> {
     Ok(NbdOptions { server, export })
 }
 
+/// An integer: a JSON number, or in the dotted key=value form a decimal string.
+fn integer(m: &Members, value: &Value) -> Option<i128> {
+    match value {
+        Value::Number(n) => n
+            .as_i64()
+            .map(i128::from)
+            .or_else(|| n.as_u64().map(i128::from)),
+        Value::String(text) if m.keyval => text.parse().ok(),
+        _ => None,
+    }
+}
+
 fn parse_cbw(m: &mut Members) -> Result<CbwOptions> {
     let file = m.required("file", blockdev_ref)?;
     let target = m.required("target", blockdev_ref)?;
@@ -553,17 +565,26 @@ fn parse_cbw(m: &mut Members) -> Result<CbwOptions> {
         Some("break-snapshot") => OnCbwError::BreakSnapshot,
         _ => OnCbwError::BreakGuestWrite,
     };
+    // QEMU parses this driver's options with another visitor than the other drivers':
+    // the messages for bad numbers differ.
     let cbw_timeout = m
-        .optional("cbw-timeout", |m, k, v| {
-            m.unsigned(k, v)
-                .ok()
-                .filter(|t| *t <= u64::from(u32::MAX))
-                .ok_or_else(|| {
-                    Error::invalid(format!("Parameter '{}{k}' expects uint32_t", m.prefix))
-                })
+        .optional("cbw-timeout", |m, k, v| match integer(m, &v) {
+            Some(t) if (0..=i128::from(u32::MAX)).contains(&t) => Ok(t as u64),
+            Some(_) => Err(Error::invalid(format!(
+                "Parameter '{}{k}' expects uint32_t",
+                m.prefix
+            ))),
+            None => Err(Error::invalid(format!(
+                "Parameter '{}{k}' expects uint64",
+                m.prefix
+            ))),
         })?
         .unwrap_or(0);
-    let min_cluster_size = m.optional("min-cluster-size", Members::unsigned)?;
+    let min_cluster_size = m.optional("min-cluster-size", |m, k, v| {
+        integer(m, &v)
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or_else(|| Error::invalid(format!("Parameter '{}{k}' expects uint64", m.prefix)))
+    })?;
     if let Some(size) = min_cluster_size
         && size != 0
         && !size.is_power_of_two()

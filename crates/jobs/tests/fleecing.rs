@@ -565,6 +565,19 @@ async fn bad_fleecing_graphs_are_refused_in_clear_words() {
         "file":"src","target":"tgt","cbw-timeout":-1}))
     .unwrap_err();
     assert_eq!(e.to_string(), "Parameter 'cbw-timeout' expects uint32_t");
+    // The dotted form (`--blockdev`) spells numbers as text.
+    let dotted = block::BlockdevOptions::from_keyval(
+        "driver=copy-before-write,node-name=c,file=src,target=tgt,cbw-timeout=30,\
+         min-cluster-size=131072,on-cbw-error=break-snapshot",
+    )
+    .unwrap();
+    let block::options::DriverOptions::CopyBeforeWrite(cbw) = dotted.driver else {
+        panic!("not a copy-before-write node: {dotted:?}");
+    };
+    assert_eq!(
+        (cbw.cbw_timeout, cbw.min_cluster_size, cbw.on_cbw_error),
+        (30, Some(131072), block::options::OnCbwError::BreakSnapshot)
+    );
     // Nothing was inserted: writers still write the disk directly.
     assert_eq!(user(&rig, "src", "guest").node().name(), "src");
 }
