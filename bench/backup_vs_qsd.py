@@ -173,6 +173,24 @@ def stop_qsd(proc, qmp):
     proc.wait(timeout=60)
 
 
+def alternate_daemons(tmp, size, runs, one_round):
+    """Runs `one_round(program, src, round_)` `runs` times for `stillpoint daemon` and
+    qemu-storage-daemon, alternating which goes first, each on a fresh copy of the same
+    mixed image (SIZE bytes) at `src`. Returns {name: [results]}."""
+    src = os.path.join(tmp, "src.raw")
+    make_image(src, size, 3)
+    original = os.path.join(tmp, "original.raw")
+    subprocess.run(["cp", "--sparse=always", src, original], check=True)
+    programs = {"stillpoint": (STILLPOINT, "daemon"), "qemu-storage-daemon": ("qemu-storage-daemon",)}
+    results = {name: [] for name in programs}
+    for round_ in range(runs):
+        order = list(programs) if round_ % 2 == 0 else list(reversed(programs))
+        for name in order:
+            subprocess.run(["cp", "--sparse=always", original, src], check=True)
+            results[name].append(one_round(programs[name], src, round_))
+    return results
+
+
 def add_raw(qmp, name, path):
     qmp.cmd("blockdev-add", driver="raw", **{"node-name": name},
             file={"driver": "file", "filename": path})

@@ -105,18 +105,9 @@ def main():
     if not os.path.exists(common.STILLPOINT):
         sys.exit("build first: cargo build --release -p stillpoint")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        src = os.path.join(tmp, "src.raw")
-        common.make_image(src, size, 3)
-        original = os.path.join(tmp, "original.raw")
-        subprocess.run(["cp", "--sparse=always", src, original], check=True)
-        results = {"stillpoint": [], "qemu-storage-daemon": []}
-        programs = {"stillpoint": (common.STILLPOINT, "daemon"),
-                    "qemu-storage-daemon": ("qemu-storage-daemon",)}
-        for round_ in range(args.runs):
-            order = list(programs) if round_ % 2 == 0 else list(reversed(programs))
-            for name in order:
-                subprocess.run(["cp", "--sparse=always", original, src], check=True)
-                results[name].append(one_round(programs[name], tmp, src, args.ops, 100 + round_))
+        results = common.alternate_daemons(
+            tmp, size, args.runs,
+            lambda program, src, round_: one_round(program, tmp, src, args.ops, 100 + round_))
     print(f"size {size >> 20} MiB, {args.ops} guest QD1 4 KiB writes per phase, {args.runs} runs; "
           "latency percentiles over all runs, pull time median (all runs)")
     summary = {}

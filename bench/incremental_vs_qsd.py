@@ -119,18 +119,8 @@ def main():
     count = size // 100 // CHUNK
     writes = sorted(rng.randrange(0, size // CHUNK) * CHUNK for _ in range(count))
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        src = os.path.join(tmp, "src.raw")
-        common.make_image(src, size, 3)
-        original = os.path.join(tmp, "original.raw")
-        subprocess.run(["cp", "--sparse=always", src, original], check=True)
-        results = {"stillpoint": [], "qemu-storage-daemon": []}
-        programs = {"stillpoint": (common.STILLPOINT, "daemon"),
-                    "qemu-storage-daemon": ("qemu-storage-daemon",)}
-        for round_ in range(args.runs):
-            order = list(programs) if round_ % 2 == 0 else list(reversed(programs))
-            for name in order:
-                subprocess.run(["cp", "--sparse=always", original, src], check=True)
-                results[name].append(one_round(programs[name], tmp, src, size, writes))
+        results = common.alternate_daemons(
+            tmp, size, args.runs, lambda program, src, _round: one_round(program, tmp, src, size, writes))
     print(f"size {size >> 20} MiB, {count} writes of 64 KiB ({count * CHUNK / size:.1%} of the disk), "
           f"{args.runs} runs, median seconds (all runs)")
     for name, runs in results.items():

@@ -174,6 +174,11 @@ impl DirtyBitmap {
         self.lock().bits.clone()
     }
 
+    /// Size of the device the bitmap covers, in bytes.
+    pub fn size(&self) -> u64 {
+        self.lock().bits.size()
+    }
+
     /// Refuses operations on a busy or inconsistent bitmap, in QEMU's words.
     pub fn check_usable(&self) -> Result<()> {
         let s = self.lock();

@@ -553,6 +553,15 @@ impl Attachment {
     }
 }
 
+/// How a parent names an existing child node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChildLink {
+    /// The top of the filters above it (an ordinary child).
+    FollowsFilters,
+    /// That very node (snapshot-access reading one copy-before-write node).
+    Fixed,
+}
+
 /// Options a child inherits from its parent when it does not set them.
 #[derive(Debug, Clone, Copy, Default)]
 struct Inherited {
@@ -597,6 +606,14 @@ impl GraphState {
             current = above;
         }
         self.nodes.get(current).cloned()
+    }
+
+    /// Takes filter `name` out of the filter chain above `below`.
+    fn splice_out(&mut self, name: &str, below: &Node) {
+        match self.filter_above.remove(name) {
+            Some(upper) => self.filter_above.insert(below.name.clone(), upper),
+            None => self.filter_above.remove(&below.name),
+        };
     }
 
     fn implicit_name(&mut self) -> String {
@@ -827,24 +844,16 @@ impl NodeGraph {
                     };
                     // A fixed link to that very node: a filter inserted above it later
                     // must not come between the reader and the snapshot.
-                    let child = match access.file {
-                        BlockdevRef::Node(child_name) => {
-                            let mut state = self.state();
-                            let node = state
-                                .nodes
-                                .get(&child_name)
-                                .cloned()
-                                .ok_or_else(|| not_found(&child_name))?;
-                            state.attach(node, user, false)
-                        }
-                        BlockdevRef::Inline(child_options) => {
-                            let child = self.open_node(*child_options, inherit, created).await?;
-                            if child.implicit {
-                                implicit_children.push(child.name.clone());
-                            }
-                            self.state().attach(child, user, false)
-                        }
-                    };
+                    let node = self
+                        .resolve_child(
+                            access.file,
+                            ChildLink::Fixed,
+                            inherit,
+                            created,
+                            &mut implicit_children,
+                        )
+                        .await?;
+                    let child = self.state().attach(node, user, false);
                     if child.node().driver_name() != "copy-before-write" {
                         return Err(Error::invalid(format!(
                             "Node '{}' is not a copy-before-write node: snapshot-access \
@@ -1000,21 +1009,17 @@ impl NodeGraph {
             Error::unsupported("the copy-before-write driver is not available here")
         })?;
         let mut implicit_children = Vec::new();
-        let below = match options.file.clone() {
-            BlockdevRef::Node(file) => {
-                if self.node(&file).is_none() {
-                    return Err(not_found(&file));
-                }
-                file
-            }
-            BlockdevRef::Inline(file) => {
-                let child = self.open_node(*file, inherit, created).await?;
-                if child.implicit {
-                    implicit_children.push(child.name.clone());
-                }
-                child.name.clone()
-            }
-        };
+        let below = self
+            .resolve_child(
+                options.file.clone(),
+                ChildLink::FollowsFilters,
+                inherit,
+                created,
+                &mut implicit_children,
+            )
+            .await?
+            .name
+            .clone();
         let target = self
             .open_child(
                 options.target.clone(),
@@ -1087,20 +1092,44 @@ impl NodeGraph {
             parent: parent.to_string(),
             role,
         };
+        let child = self
+            .resolve_child(
+                reference,
+                ChildLink::FollowsFilters,
+                inherit,
+                created,
+                implicit_children,
+            )
+            .await?;
+        Ok(self.state().attach(child, user, true))
+    }
+
+    /// The node a child reference means: an existing node by name (the top of the
+    /// filters above it, unless the link is fixed), or a new one opened inline and
+    /// recorded as the parent's implicit child.
+    async fn resolve_child(
+        &self,
+        reference: BlockdevRef,
+        link: ChildLink,
+        inherit: Inherited,
+        created: &mut Vec<String>,
+        implicit_children: &mut Vec<String>,
+    ) -> Result<Arc<Node>> {
         match reference {
             BlockdevRef::Node(child_name) => {
-                let mut state = self.state();
-                let target = state
-                    .top_of(&child_name)
-                    .ok_or_else(|| not_found(&child_name))?;
-                Ok(state.attach(target, user, true))
+                let state = self.state();
+                let node = match link {
+                    ChildLink::FollowsFilters => state.top_of(&child_name),
+                    ChildLink::Fixed => state.nodes.get(&child_name).cloned(),
+                };
+                node.ok_or_else(|| not_found(&child_name))
             }
             BlockdevRef::Inline(child_options) => {
                 let child = self.open_node(*child_options, inherit, created).await?;
                 if child.implicit {
                     implicit_children.push(child.name.clone());
                 }
-                Ok(self.state().attach(child, user, true))
+                Ok(child)
             }
         }
     }
@@ -1229,10 +1258,7 @@ impl NodeGraph {
                     .filtered_child()
                     .expect("a filter has a filtered child")
                     .node();
-                match state.filter_above.remove(name) {
-                    Some(upper) => state.filter_above.insert(below.name.clone(), upper),
-                    None => state.filter_above.remove(&below.name),
-                };
+                state.splice_out(name, &below);
                 moves = users.into_iter().map(|s| (s, below.clone())).collect();
             } else if let Some(user) = state.first_user(&node) {
                 return Err(user.busy_error(name));
@@ -1460,11 +1486,7 @@ impl NodeGraph {
                 .filtered_child()
                 .ok_or_else(|| Error::invalid(format!("Node '{name}' is not a filter")))?
                 .node();
-            let above = state.filter_above.remove(name);
-            match above {
-                Some(upper) => state.filter_above.insert(below.name.clone(), upper),
-                None => state.filter_above.remove(&below.name),
-            };
+            state.splice_out(name, &below);
             let slots = slots_targeting(&mut state, &filter, false);
             (filter, below, slots)
         };

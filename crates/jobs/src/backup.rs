@@ -42,6 +42,14 @@ use crate::job::JobType;
 /// The smallest job cluster (QEMU's default backup granularity).
 pub const MIN_CLUSTER_SIZE: u64 = 64 << 10;
 
+/// The copy granularity for a target: QEMU's default, the target's own cluster if
+/// larger (a partial-cluster write would make it copy on write), or the caller's
+/// minimum. Shared by backups and standalone copy-before-write nodes.
+pub fn copy_cluster_size(target: block::Limits, min_cluster: u64) -> u64 {
+    let target_cluster = u64::from(target.cluster_size.unwrap_or(0));
+    MIN_CLUSTER_SIZE.max(target_cluster).max(min_cluster)
+}
+
 /// What to copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -420,7 +428,7 @@ async fn prepare_backup(
         ));
     }
     let target_cluster = u64::from(target_node.limits().cluster_size.unwrap_or(0));
-    let cluster = MIN_CLUSTER_SIZE.max(target_cluster).max(min_cluster);
+    let cluster = copy_cluster_size(target_node.limits(), min_cluster);
     if options.max_chunk != 0 && options.max_chunk < cluster {
         return Err(JobError::generic(format!(
             "Required max-chunk ({}) is less than backup cluster size ({cluster})",

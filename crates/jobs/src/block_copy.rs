@@ -479,7 +479,11 @@ impl BlockCopy {
         if let Err(error) = saved {
             self.cbw_failed(error)?;
         }
-        self.wait_for_snapshot_reads(start, end).await;
+        // Only a standalone filter has snapshot readers; a backup's guest writes skip
+        // the extra lock.
+        if self.options.standalone {
+            self.wait_for_snapshot_reads(start, end).await;
+        }
         Ok(())
     }
 
@@ -505,7 +509,7 @@ impl BlockCopy {
                     .reading
                     .iter()
                     .find(|r| r.start < end && start < r.end && !claims.iter().any(|c| c.0 == r.id))
-                    .map(|r| (r.id, r.done.clone()));
+                    .map(|r| r.done.clone());
                 (claims, other)
             };
             for (i, &(id, o, e)) in claims.iter().enumerate() {
@@ -522,15 +526,10 @@ impl BlockCopy {
                     return Err(error);
                 }
             }
-            let Some((id, done)) = other else {
+            let Some(done) = other else {
                 return Ok(());
             };
-            let notified = done.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.lock().reading.iter().any(|r| r.id == id) {
-                notified.await;
-            }
+            self.wait_ended(&done, |s| &s.reading).await;
             // Re-check: the other read may have failed and left its clusters dirty.
         }
     }
@@ -545,17 +544,21 @@ impl BlockCopy {
                     None => return,
                 }
             };
-            let notified = done.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let still = self
-                .lock()
-                .frozen
-                .iter()
-                .any(|r| Arc::ptr_eq(&r.done, &done));
-            if still {
-                notified.await;
-            }
+            self.wait_ended(&done, |s| &s.frozen).await;
+        }
+    }
+
+    /// Waits until the reading (in the list `which` picks) that owns `done` has ended.
+    /// The wait is enabled before the check under the lock, so no wake-up is lost.
+    async fn wait_ended(&self, done: &Arc<Notify>, which: fn(&CopyState) -> &Vec<Reading>) {
+        let notified = done.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let still = which(&self.lock())
+            .iter()
+            .any(|r| Arc::ptr_eq(&r.done, done));
+        if still {
+            notified.await;
         }
     }
 
@@ -614,17 +617,7 @@ impl BlockCopy {
             };
             // A copy of the run is in flight: once it ends the data is on the target
             // (or, if it failed, still on the source).
-            let notified = in_flight.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let still = self
-                .lock()
-                .reading
-                .iter()
-                .any(|r| Arc::ptr_eq(&r.done, &in_flight));
-            if still {
-                notified.await;
-            }
+            self.wait_ended(&in_flight, |s| &s.reading).await;
         }
     }
 

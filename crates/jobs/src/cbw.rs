@@ -28,7 +28,7 @@ use block::WriteFlags;
 use block::ZeroFlags;
 use block::options::CbwOptions;
 
-use crate::backup::MIN_CLUSTER_SIZE;
+use crate::backup::copy_cluster_size;
 use crate::block_copy::BlockCopy;
 use crate::block_copy::BlockCopyOptions;
 use crate::job::Progress;
@@ -83,9 +83,7 @@ pub fn standalone(
         )));
     }
     let target_cluster = u64::from(target.limits().cluster_size.unwrap_or(0));
-    let cluster = MIN_CLUSTER_SIZE
-        .max(target_cluster)
-        .max(options.min_cluster_size.unwrap_or(0));
+    let cluster = copy_cluster_size(target.limits(), options.min_cluster_size.unwrap_or(0));
     let copy_options = BlockCopyOptions {
         cluster_size: cluster,
         chunk_size: cluster,

@@ -8,6 +8,8 @@
 //!
 //! The snapshot must read as the source did when `cbw` went in, whatever the writers
 //! do, and refuse (EACCES) what is outside it; guest writes must never be lost.
+//! The stress test takes `STILLPOINT_SEEDS`, `STILLPOINT_SEED_BASE` and `STILLPOINT_SEED`
+//! like the invariant test (24 seeds by default).
 
 mod common;
 
@@ -274,19 +276,30 @@ async fn run_seed(seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_snapshot_reads_the_point_in_time_while_writers_hammer_the_disk() {
-    let seeds: Vec<u64> = match std::env::var("STILLPOINT_SEED") {
-        Ok(seed) => vec![seed.parse().expect("STILLPOINT_SEED is a number")],
-        Err(_) => {
-            let n = std::env::var("STILLPOINT_SEEDS")
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(24);
-            (0..n).collect()
-        }
-    };
+    let seeds = common::seeds(24);
     for seed in seeds {
         tokio::spawn(run_seed(seed)).await.unwrap();
     }
+}
+
+/// Adds the fleecing graph over "src": copy-before-write "cbw" (target "tgt") and
+/// snapshot-access "acc", each with extra members; returns a guest writer (behind the
+/// filter) and a snapshot reader.
+async fn fleece(rig: &Rig, cbw: Value, access: Value) -> (Attachment, Attachment) {
+    let mut options = json!({"driver":"copy-before-write","node-name":"cbw","file":"src",
+        "target":"tgt"});
+    options
+        .as_object_mut()
+        .unwrap()
+        .extend(cbw.as_object().unwrap().clone());
+    add(rig, options).await.unwrap();
+    let mut options = json!({"driver":"snapshot-access","node-name":"acc","file":"cbw"});
+    options
+        .as_object_mut()
+        .unwrap()
+        .extend(access.as_object().unwrap().clone());
+    add(rig, options).await.unwrap();
+    (user(rig, "src", "guest"), user(rig, "acc", "reader"))
 }
 
 /// Source "src" as a fault filter over the raw disk, so tests can slow requests down.
@@ -313,20 +326,7 @@ async fn a_guest_write_waits_for_a_snapshot_read_of_the_source() {
     // The first read of the source (the snapshot read) takes 600 ms.
     let rig = rig_with_faulty("src", json!([{"op":"read","delay-ms":600,"once":true}])).await;
     let old = rig.source_bytes();
-    add(
-        &rig,
-        json!({"driver":"copy-before-write","node-name":"cbw","file":"src","target":"tgt"}),
-    )
-    .await
-    .unwrap();
-    add(
-        &rig,
-        json!({"driver":"snapshot-access","node-name":"acc","file":"cbw"}),
-    )
-    .await
-    .unwrap();
-    let access = user(&rig, "acc", "reader");
-    let guest = user(&rig, "src", "guest");
+    let (guest, access) = fleece(&rig, json!({}), json!({})).await;
     let reader = tokio::spawn(async move { read(&access, 0, 64 << 10).await });
     tokio::time::sleep(Duration::from_millis(150)).await;
     // Saving the old data is fast (the delay rule is spent), but the write must not
@@ -348,21 +348,8 @@ async fn a_guest_write_waits_for_a_snapshot_read_of_the_source() {
 async fn break_guest_write_fails_the_write_and_keeps_the_snapshot() {
     let rig = rig_with_faulty("tgt", json!([{"op":"write","once":true}])).await;
     let old = rig.source_bytes();
-    add(
-        &rig,
-        json!({"driver":"copy-before-write","node-name":"cbw","file":"src","target":"tgt",
-            "on-cbw-error":"break-guest-write"}),
-    )
-    .await
-    .unwrap();
-    add(
-        &rig,
-        json!({"driver":"snapshot-access","node-name":"acc","file":"cbw"}),
-    )
-    .await
-    .unwrap();
-    let guest = user(&rig, "src", "guest");
-    let access = user(&rig, "acc", "reader");
+    let (guest, access) =
+        fleece(&rig, json!({"on-cbw-error":"break-guest-write"}), json!({})).await;
     assert_eq!(write(&guest, 0, &[1; 65536]).await, Err(libc::EIO));
     assert!(
         rig.source_bytes() == old,
@@ -378,21 +365,7 @@ async fn break_guest_write_fails_the_write_and_keeps_the_snapshot() {
 #[tokio::test]
 async fn break_snapshot_lets_the_write_through_and_refuses_snapshot_reads() {
     let rig = rig_with_faulty("tgt", json!([{"op":"write","once":true}])).await;
-    add(
-        &rig,
-        json!({"driver":"copy-before-write","node-name":"cbw","file":"src","target":"tgt",
-            "on-cbw-error":"break-snapshot"}),
-    )
-    .await
-    .unwrap();
-    add(
-        &rig,
-        json!({"driver":"snapshot-access","node-name":"acc","file":"cbw"}),
-    )
-    .await
-    .unwrap();
-    let guest = user(&rig, "src", "guest");
-    let access = user(&rig, "acc", "reader");
+    let (guest, access) = fleece(&rig, json!({"on-cbw-error":"break-snapshot"}), json!({})).await;
     write(&guest, 0, &[1; 65536]).await.unwrap();
     assert_eq!(rig.source_bytes()[..65536], [1; 65536]);
     assert_eq!(read(&access, 0, MIB).await, Err(libc::EACCES));
@@ -406,21 +379,12 @@ async fn cbw_timeout_fails_or_breaks_at_the_limit() {
         // a loaded machine from blurring the two).
         let rig = rig_with_faulty("tgt", json!([{"op":"write","delay-ms":2500,"once":true}])).await;
         let old = rig.source_bytes();
-        add(
+        let (guest, access) = fleece(
             &rig,
-            json!({"driver":"copy-before-write","node-name":"cbw","file":"src","target":"tgt",
-                "on-cbw-error":mode,"cbw-timeout":1}),
+            json!({"on-cbw-error":mode,"cbw-timeout":1}),
+            json!({}),
         )
-        .await
-        .unwrap();
-        add(
-            &rig,
-            json!({"driver":"snapshot-access","node-name":"acc","file":"cbw"}),
-        )
-        .await
-        .unwrap();
-        let guest = user(&rig, "src", "guest");
-        let access = user(&rig, "acc", "reader");
+        .await;
         let started = Instant::now();
         let result = write(&guest, 0, &[1; 65536]).await;
         let took = started.elapsed();
@@ -447,20 +411,7 @@ async fn cbw_timeout_fails_or_breaks_at_the_limit() {
 #[tokio::test]
 async fn a_discarded_range_is_unreadable_unprotected_and_freed_on_the_target() {
     let rig = Rig::new(MIB, 3).await;
-    add(
-        &rig,
-        json!({"driver":"copy-before-write","node-name":"cbw","file":"src","target":"tgt"}),
-    )
-    .await
-    .unwrap();
-    add(
-        &rig,
-        json!({"driver":"snapshot-access","node-name":"acc","file":"cbw","discard":"unmap"}),
-    )
-    .await
-    .unwrap();
-    let guest = user(&rig, "src", "guest");
-    let access = user(&rig, "acc", "reader");
+    let (guest, access) = fleece(&rig, json!({}), json!({"discard":"unmap"})).await;
     let target = rig.graph.node("tgt").unwrap();
     write(&guest, 0, &[1; 4096]).await.unwrap();
     assert!(target.block_status(0, 65536).await.unwrap().status.data);

@@ -179,16 +179,7 @@ async fn run_seed(seed: u64) -> Outcome {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_equals_the_snapshot_while_writers_hammer_the_source() {
-    let seeds: Vec<u64> = match std::env::var("STILLPOINT_SEED") {
-        Ok(seed) => vec![seed.parse().expect("STILLPOINT_SEED is a number")],
-        Err(_) => {
-            let n = std::env::var("STILLPOINT_SEEDS")
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(200);
-            (0..n).collect()
-        }
-    };
+    let seeds = common::seeds(200);
     let (mut cbw, mut spilled) = (0, 0);
     for &seed in &seeds {
         let outcome = tokio::spawn(run_seed(seed)).await;

@@ -164,20 +164,13 @@ impl BitmapAction {
     }
 }
 
-/// Checks that `action` could be applied now, without changing anything.
+/// Checks that an action a transaction defers ([`BitmapAction::waits_for_instant`])
+/// could be applied now, without changing anything. `apply` runs the same checks.
 pub fn check(graph: &NodeGraph, action: &BitmapAction) -> Result<(), QmpError> {
     let usable = |b: &DirtyBitmap| b.check_usable().map_err(|e| QmpError::generic(e.message()));
     match action {
-        BitmapAction::Add { .. } => Ok(()),
-        BitmapAction::Remove { node: n, name } => {
-            let b = bitmap(graph, n, name)?;
-            if b.info().busy {
-                return Err(QmpError::generic(format!(
-                    "Bitmap '{name}' is currently in use by another operation and cannot be used"
-                )));
-            }
-            Ok(())
-        }
+        // Never deferred: applying them checks them.
+        BitmapAction::Add { .. } | BitmapAction::Remove { .. } => Ok(()),
         BitmapAction::Clear { node: n, name } | BitmapAction::Record { node: n, name, .. } => {
             usable(bitmap(graph, n, name)?.as_ref())
         }
@@ -188,9 +181,8 @@ pub fn check(graph: &NodeGraph, action: &BitmapAction) -> Result<(), QmpError> {
         } => {
             let dest = bitmap(graph, n, target)?;
             usable(&dest)?;
-            let size = dest.snapshot().size();
             for (sn, sname) in sources {
-                if bitmap(graph, sn, sname)?.snapshot().size() != size {
+                if bitmap(graph, sn, sname)?.size() != dest.size() {
                     return Err(QmpError::generic(format!(
                         "Bitmap '{sname}' has a different size than '{target}'"
                     )));
@@ -260,20 +252,12 @@ pub fn apply(graph: &NodeGraph, action: &BitmapAction) -> Result<Undo, QmpError>
             target,
             sources,
         } => {
+            // Check everything first: an error leaves the target unchanged.
+            check(graph, action)?;
             let dest = bitmap(graph, n, target)?;
-            dest.check_usable()
-                .map_err(|e| QmpError::generic(e.message()))?;
-            // Gather every source first: an error leaves the target unchanged.
             let mut bits = Vec::new();
             for (sn, sname) in sources {
-                let source = bitmap(graph, sn, sname)?;
-                let snapshot = source.snapshot();
-                if snapshot.size() != dest.snapshot().size() {
-                    return Err(QmpError::generic(format!(
-                        "Bitmap '{sname}' has a different size than '{target}'"
-                    )));
-                }
-                bits.push(snapshot);
+                bits.push(bitmap(graph, sn, sname)?.snapshot());
             }
             let before = (dest.snapshot(), dest.info().recording);
             for b in &bits {

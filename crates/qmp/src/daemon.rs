@@ -538,26 +538,13 @@ impl Daemon {
                 requests.push(parse_backup(data)?);
             }
         }
-        if requests.is_empty() {
-            // Bitmap actions alone: in order, all or nothing.
-            let mut undos = Vec::new();
-            for action in &bitmap_actions {
-                match crate::bitmaps::apply(&self.graph, action) {
-                    Ok(u) => undos.push(u),
-                    Err(e) => {
-                        for u in undos.into_iter().rev() {
-                            crate::bitmaps::undo(&self.graph, u);
-                        }
-                        return Err(e);
-                    }
-                }
-            }
-            return Ok(json!({}));
-        }
-        // With backups, bitmap changes happen at the backups' instant, under the same
-        // drain (see the bitmaps module): adds and removes now (adds are cleared again
-        // at the instant); clear, enable, disable and merge checked now and applied
-        // then, in order.
+        // Bitmap actions alone are applied in order, all or nothing. With backups,
+        // bitmap changes happen at the backups' instant, under the same drain (see the
+        // bitmaps module): adds and removes now (adds are cleared again at the
+        // instant); clear, enable, disable and merge checked now and applied then.
+        let deferred = |action: &crate::bitmaps::BitmapAction| {
+            !requests.is_empty() && action.waits_for_instant()
+        };
         let mut undos = Vec::new();
         let rollback = |undos: Vec<crate::bitmaps::Undo>| {
             for u in undos.into_iter().rev() {
@@ -565,7 +552,7 @@ impl Daemon {
             }
         };
         for action in &bitmap_actions {
-            let checked = if action.waits_for_instant() {
+            let checked = if deferred(action) {
                 crate::bitmaps::check(&self.graph, action)
             } else {
                 crate::bitmaps::apply(&self.graph, action).map(|u| undos.push(u))
@@ -574,6 +561,9 @@ impl Daemon {
                 rollback(undos);
                 return Err(e);
             }
+        }
+        if requests.is_empty() {
+            return Ok(json!({}));
         }
         let at_instant_undos = Arc::new(Mutex::new(Vec::new()));
         let at_instant: block::graph::AtInstant = {

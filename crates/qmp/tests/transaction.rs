@@ -39,8 +39,15 @@ fn backup(job: &str, device: &str, target: &str, speed: u64) -> Value {
     json!({"type":"blockdev-backup","data":{"job-id":job,"device":device,"target":target,"sync":"full","speed":speed}})
 }
 
-async fn outcomes(daemon: &Daemon, jobs: usize) -> Vec<(String, String)> {
+/// Runs a `transaction` and returns how each of its `jobs` jobs ended, sorted. Events
+/// are followed from before the command, so none is missed.
+async fn transaction(
+    daemon: &std::sync::Arc<Daemon>,
+    args: Value,
+    jobs: usize,
+) -> Vec<(String, String)> {
     let mut events = daemon.subscribe();
+    daemon.execute("transaction", args).await.unwrap();
     let mut out = Vec::new();
     while out.len() < jobs {
         let e = tokio::time::timeout(Duration::from_secs(30), events.recv())
@@ -73,23 +80,16 @@ async fn outcomes(daemon: &Daemon, jobs: usize) -> Vec<(String, String)> {
 async fn grouped_completion_cancels_the_others_when_one_fails() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = setup(dir.path()).await;
-    let waiting = tokio::spawn({
-        let daemon = daemon.clone();
-        async move { outcomes(&daemon, 2).await }
-    });
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    daemon
-        .execute(
-            "transaction",
-            // "a" is throttled hard, so it cannot finish before "b" fails. (Two CI runs
-            // caught a real race here: "b" failed before the grouped-completion
-            // listener subscribed, so "a" was never cancelled.)
-            json!({"actions":[backup("a","src","tgt", 1 << 16), backup("b","src2","bad", 0)],
+    let got = transaction(
+        &daemon,
+        // "a" is throttled hard, so it cannot finish before "b" fails. (Two CI runs
+        // caught a real race here: "b" failed before the grouped-completion
+        // listener subscribed, so "a" was never cancelled.)
+        json!({"actions":[backup("a","src","tgt", 1 << 16), backup("b","src2","bad", 0)],
             "properties":{"completion-mode":"grouped"}}),
-        )
-        .await
-        .unwrap();
-    let got = waiting.await.unwrap();
+        2,
+    )
+    .await;
     assert_eq!(
         got,
         [
@@ -103,19 +103,12 @@ async fn grouped_completion_cancels_the_others_when_one_fails() {
 async fn individual_completion_lets_the_others_finish() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = setup(dir.path()).await;
-    let waiting = tokio::spawn({
-        let daemon = daemon.clone();
-        async move { outcomes(&daemon, 2).await }
-    });
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    daemon
-        .execute(
-            "transaction",
-            json!({"actions":[backup("a","src","tgt", 8 << 20), backup("b","src2","bad", 0)]}),
-        )
-        .await
-        .unwrap();
-    let got = waiting.await.unwrap();
+    let got = transaction(
+        &daemon,
+        json!({"actions":[backup("a","src","tgt", 8 << 20), backup("b","src2","bad", 0)]}),
+        2,
+    )
+    .await;
     assert_eq!(
         got,
         [
@@ -202,20 +195,13 @@ async fn grouped_incrementals_keep_every_bitmap_when_one_fails() {
         json!({"type":"blockdev-backup","data":{"job-id":job,"device":device,"target":target,
             "sync":"incremental","bitmap":"bm","speed":speed}})
     };
-    let waiting = tokio::spawn({
-        let daemon = daemon.clone();
-        async move { outcomes(&daemon, 2).await }
-    });
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    daemon
-        .execute(
-            "transaction",
-            json!({"actions":[incremental("a","src","tgt", 1 << 10), incremental("b","src2","bad", 0)],
+    let got = transaction(
+        &daemon,
+        json!({"actions":[incremental("a","src","tgt", 1 << 10), incremental("b","src2","bad", 0)],
                 "properties":{"completion-mode":"grouped"}}),
-        )
-        .await
-        .unwrap();
-    let got = waiting.await.unwrap();
+        2,
+    )
+    .await;
     assert_eq!(
         got,
         [
@@ -283,25 +269,16 @@ async fn a_new_bitmap_and_a_full_backup_share_one_instant() {
         }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let events = tokio::spawn({
-        let daemon = daemon.clone();
-        async move { outcomes(&daemon, 1).await }
-    });
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    daemon
-        .execute(
-            "transaction",
+    let got = transaction(
+        &daemon,
             json!({"actions":[
                 {"type":"block-dirty-bitmap-disable","data":{"node":"slow","name":"old"}},
                 {"type":"block-dirty-bitmap-add","data":{"node":"slow","name":"new","granularity":CLUSTER}},
                 backup("full","slow","tgt",0)]}),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        events.await.unwrap(),
-        [("full".to_string(), "completed".to_string())]
-    );
+        1,
+    )
+    .await;
+    assert_eq!(got, [("full".to_string(), "completed".to_string())]);
     writer.await.unwrap();
     let source = std::fs::read(dir.path().join("src.img")).unwrap();
     let target = std::fs::read(dir.path().join("tgt.img")).unwrap();

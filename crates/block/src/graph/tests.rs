@@ -373,8 +373,14 @@ async fn stacked_filters_splice_out_in_any_order() {
     assert_eq!(graph.node_names(), vec!["disk0"]);
 }
 
-#[tokio::test(start_paused = true)]
-async fn inserting_a_filter_waits_for_requests_in_flight() {
+/// A graph with a slow node "slow" (50 ms per request) and an export whose write to it
+/// is in flight: (graph, export, set when the write finished, the writing task).
+async fn write_in_flight() -> (
+    Arc<NodeGraph>,
+    Arc<Attachment>,
+    Arc<AtomicBool>,
+    tokio::task::JoinHandle<()>,
+) {
     let graph = Arc::new(NodeGraph::new());
     graph
         .add(opts(
@@ -399,6 +405,12 @@ async fn inserting_a_filter_waits_for_requests_in_flight() {
         })
     };
     tokio::task::yield_now().await; // let the write enter the driver
+    (graph, export, finished, in_flight)
+}
+
+#[tokio::test(start_paused = true)]
+async fn inserting_a_filter_waits_for_requests_in_flight() {
+    let (graph, export, finished, in_flight) = write_in_flight().await;
     let writes = insert_counter(&graph, "slow", "filter").await;
     assert!(
         finished.load(Ordering::SeqCst),
@@ -419,30 +431,7 @@ async fn inserting_a_filter_waits_for_requests_in_flight() {
 
 #[tokio::test(start_paused = true)]
 async fn a_filter_is_built_while_requests_are_drained_and_late_users_cannot_slip_past() {
-    let graph = Arc::new(NodeGraph::new());
-    graph
-        .add(opts(
-            json!({"driver":"null-co","node-name":"slow","size":4096,"latency-ns":50_000_000u64}),
-        ))
-        .await
-        .unwrap();
-    let export = Arc::new(
-        graph
-            .attach("slow", AttachUser::Other("export".into()))
-            .unwrap(),
-    );
-    let finished = Arc::new(AtomicBool::new(false));
-    let in_flight = {
-        let (export, finished) = (export.clone(), finished.clone());
-        tokio::spawn(async move {
-            export
-                .write(0, IoBuf::zeroed(512), WriteFlags::default())
-                .await
-                .unwrap();
-            finished.store(true, Ordering::SeqCst);
-        })
-    };
-    tokio::task::yield_now().await; // let the write enter the driver
+    let (graph, _export, finished, in_flight) = write_in_flight().await;
     let writes = Arc::new(AtomicU64::new(0));
     let (counter, seen_finished, builder_graph) = (writes.clone(), finished.clone(), graph.clone());
     let late = Arc::new(Mutex::new(None));

@@ -133,6 +133,23 @@ pub async fn events_until(
     }
 }
 
+/// The seeds a randomized test runs: `STILLPOINT_SEED=S` runs just S; otherwise
+/// `STILLPOINT_SEEDS=N` of them (default `default`) starting at `STILLPOINT_SEED_BASE`
+/// (default 0).
+pub fn seeds(default: u64) -> Vec<u64> {
+    let number = |name: &str| {
+        std::env::var(name).ok().map(|v| {
+            v.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name} is a number"))
+        })
+    };
+    if let Some(seed) = number("STILLPOINT_SEED") {
+        return vec![seed];
+    }
+    let base = number("STILLPOINT_SEED_BASE").unwrap_or(0);
+    (base..base + number("STILLPOINT_SEEDS").unwrap_or(default)).collect()
+}
+
 /// First offset where two images differ, for readable failures.
 pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     if a.len() != b.len() {
