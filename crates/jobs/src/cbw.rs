@@ -28,6 +28,7 @@ use block::WriteFlags;
 use block::ZeroFlags;
 use block::options::CbwOptions;
 
+use crate::backup::check_min_cluster_size;
 use crate::backup::copy_cluster_size;
 use crate::block_copy::BlockCopy;
 use crate::block_copy::BlockCopyOptions;
@@ -82,6 +83,7 @@ pub fn standalone(
             file.length()
         )));
     }
+    check_min_cluster_size(options.min_cluster_size.unwrap_or(0)).map_err(block::Error::invalid)?;
     let target_cluster = u64::from(target.limits().cluster_size.unwrap_or(0));
     let cluster = copy_cluster_size(target.limits(), options.min_cluster_size.unwrap_or(0));
     let copy_options = BlockCopyOptions {

@@ -417,6 +417,13 @@ async fn arguments_are_checked_in_qemus_words() {
         desc(start("nosuch", "tgt", "j").await),
         "Cannot find device='nosuch' nor node-name='nosuch'"
     );
+    let mut huge = BackupOptions::new("j");
+    huge.min_cluster_size = Some(1 << 31);
+    assert_eq!(
+        desc(start_backup(&rig.graph, &rig.registry, "src", "tgt", huge).await),
+        "min-cluster-size must be at most 1073741824 (1 GiB): every copy-before-write holds \
+         a whole cluster in memory"
+    );
     assert_eq!(
         desc(start("src", "nosuch", "j").await),
         "Cannot find device='nosuch' nor node-name='nosuch'"

@@ -487,6 +487,12 @@ async fn bad_fleecing_graphs_are_refused_in_clear_words() {
             "Node 'nowhere' not found",
         ),
         (
+            json!({"driver":"copy-before-write","node-name":"c","file":"src","target":"tgt",
+                "min-cluster-size":1u64 << 31}),
+            "min-cluster-size must be at most 1073741824 (1 GiB): every copy-before-write \
+             holds a whole cluster in memory",
+        ),
+        (
             json!({"driver":"snapshot-access","node-name":"a","file":"src"}),
             "Node 'src' is not a copy-before-write node: snapshot-access reads the snapshot one keeps",
         ),
