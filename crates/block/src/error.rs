@@ -115,14 +115,17 @@ impl Error {
         "GenericError"
     }
 
-    /// The POSIX errno this error stands for: the OS's own when there is one.
-    pub fn errno(&self) -> i32 {
-        let os = self
-            .source
+    /// The OS's errno, when an OS error caused this one.
+    pub fn os_errno(&self) -> Option<i32> {
+        self.source
             .as_ref()
             .and_then(|s| s.downcast_ref::<io::Error>())
-            .and_then(io::Error::raw_os_error);
-        if let Some(errno) = os {
+            .and_then(io::Error::raw_os_error)
+    }
+
+    /// The POSIX errno this error stands for: the OS's own when there is one.
+    pub fn errno(&self) -> i32 {
+        if let Some(errno) = self.os_errno() {
             return errno;
         }
         match self.kind {

@@ -52,6 +52,7 @@ pub mod drivers;
 pub mod error;
 pub mod graph;
 pub mod options;
+pub mod sync_tracker;
 
 pub use buf::IoBuf;
 pub use driver::BlockDriver;

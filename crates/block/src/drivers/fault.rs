@@ -159,6 +159,12 @@ impl BlockDriver for FaultDriver {
         self.child.limits()
     }
 
+    fn make_growable(&self) -> bool {
+        // A filter over the file of a format that allocates (qcow2 over fault over
+        // file) must let it grow like the file itself would.
+        self.child.node().make_growable()
+    }
+
     fn filename(&self) -> Option<std::path::PathBuf> {
         self.child.node().filename()
     }

@@ -17,7 +17,11 @@
 //!   (unless the caller asked for no fallback).
 //! * Discard punches a hole; where that is unsupported it does nothing (discard is
 //!   advisory).
-//! * Flush is `fdatasync`; FUA writes are followed by one.
+//! * Flush is `fdatasync`; FUA writes are followed by one. A flush returns only after
+//!   an fdatasync that started after the writes it covers, and once an fdatasync has
+//!   failed every later flush fails too (the kernel may have dropped the pages it was
+//!   writing; see `sync_tracker`). This holds with `cache.direct` as well, because
+//!   unaligned requests still go through the page cache.
 //!
 //! Out of scope: image locking (refused in the options), io_uring (planned as a second
 //! engine behind the same trait), resizing.
@@ -50,6 +54,7 @@ use crate::driver::write_zeroes_by_writing;
 use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::error::Result;
+use crate::sync_tracker::SyncTracker;
 
 /// Alignment O_DIRECT requests need on the filesystems we support.
 pub const DIRECT_ALIGN: u64 = 4096;
@@ -69,6 +74,8 @@ pub struct FileDriver {
     growable: AtomicBool,
     read_only: bool,
     block_device: bool,
+    /// Writes, and the fdatasyncs that made them durable.
+    sync: SyncTracker,
 }
 
 fn open_error(path: &Path, err: io::Error) -> Error {
@@ -147,6 +154,7 @@ impl FileDriver {
             growable: AtomicBool::new(false),
             read_only,
             block_device,
+            sync: SyncTracker::new(),
         })
     }
 
@@ -193,6 +201,10 @@ impl FileDriver {
         Ok(())
     }
 
+    fn flush_error(&self, err: io::Error) -> Error {
+        Error::from_io(format!("failed to flush '{}'", self.path.display()), err)
+    }
+
     fn io_error(&self, op: &str, offset: u64, err: io::Error) -> Error {
         Error::from_io(
             format!(
@@ -202,6 +214,15 @@ impl FileDriver {
             err,
         )
     }
+}
+
+/// How a write-zeroes by `fallocate` went.
+enum Zeroed {
+    /// The range reads as zeros; with FUA, the result of the sync that followed.
+    Done(Option<io::Result<()>>),
+    /// Neither mode is supported here: write zeros instead.
+    Unsupported,
+    Failed(io::Error),
 }
 
 /// Size of a block device: seek to its end.
@@ -359,16 +380,21 @@ impl BlockDriver for FileDriver {
         self.check_writable()?;
         let end = self.check_write("write", offset, buf.len() as u64)?;
         let file = self.fd_for(offset, buf.len() as u64);
-        let (buf, result) = blocking(move || {
-            let mut r = file.write_all_at(&buf, offset);
-            if r.is_ok() && flags.fua {
-                r = file.sync_data();
-            }
-            Ok((buf, r))
+        let (buf, written, synced) = blocking(move || {
+            let written = file.write_all_at(&buf, offset);
+            let synced = (written.is_ok() && flags.fua).then(|| file.sync_data());
+            Ok((buf, written, synced))
         })
         .await?;
-        result.map_err(|e| self.io_error("write", offset, e))?;
+        // Even a failed write may have changed part of its range.
+        self.sync.wrote();
+        written.map_err(|e| self.io_error("write", offset, e))?;
         self.length.fetch_max(end, Ordering::AcqRel);
+        if let Some(Err(e)) = synced {
+            let err = self.flush_error(e);
+            self.sync.poison(&err).await;
+            return Err(err);
+        }
         Ok(buf)
     }
 
@@ -379,7 +405,7 @@ impl BlockDriver for FileDriver {
         let block_device = self.block_device;
         let done = blocking(move || {
             if block_device {
-                return Ok(Ok(false));
+                return Ok(Zeroed::Unsupported);
             }
             let mut modes = Vec::with_capacity(2);
             if flags.may_unmap {
@@ -388,20 +414,31 @@ impl BlockDriver for FileDriver {
             modes.push(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE);
             for mode in modes {
                 match fallocate(&file, mode, offset, len) {
-                    Ok(()) if flags.fua => return Ok(file.sync_data().map(|()| true)),
-                    Ok(()) => return Ok(Ok(true)),
+                    Ok(()) if flags.fua => return Ok(Zeroed::Done(Some(file.sync_data()))),
+                    Ok(()) => return Ok(Zeroed::Done(None)),
                     Err(e) if unsupported(&e) => continue,
-                    Err(e) => return Ok(Err(e)),
+                    Err(e) => return Ok(Zeroed::Failed(e)),
                 }
             }
-            Ok(Ok(false))
+            Ok(Zeroed::Unsupported)
         })
         .await;
-        match done {
-            Ok(Ok(true)) => Ok(()),
-            Ok(Ok(false)) => write_zeroes_by_writing(self, offset, len, flags).await,
-            Ok(Err(e)) => Err(self.io_error("write zeroes to", offset, e)),
-            Err(e) => Err(e),
+        match done? {
+            Zeroed::Done(synced) => {
+                self.sync.wrote();
+                if let Some(Err(e)) = synced {
+                    let err = self.flush_error(e);
+                    self.sync.poison(&err).await;
+                    return Err(err);
+                }
+                Ok(())
+            }
+            // Writes of zeros count themselves (they go through `write`).
+            Zeroed::Unsupported => write_zeroes_by_writing(self, offset, len, flags).await,
+            Zeroed::Failed(e) => {
+                self.sync.wrote();
+                Err(self.io_error("write zeroes to", offset, e))
+            }
         }
     }
 
@@ -421,6 +458,7 @@ impl BlockDriver for FileDriver {
             ))
         })
         .await?;
+        self.sync.wrote();
         match result {
             Ok(()) => Ok(()),
             Err(e) if unsupported(&e) => Ok(()),
@@ -432,9 +470,13 @@ impl BlockDriver for FileDriver {
         if self.read_only {
             return Ok(());
         }
-        let file = self.file.clone();
-        let result = blocking(move || Ok(file.sync_data())).await?;
-        result.map_err(|e| Error::from_io(format!("failed to flush '{}'", self.path.display()), e))
+        self.sync
+            .sync(|| async {
+                let file = self.file.clone();
+                let result = blocking(move || Ok(file.sync_data())).await?;
+                result.map_err(|e| self.flush_error(e))
+            })
+            .await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {

@@ -34,6 +34,14 @@
 //! handed out again. The header's dirty bit is set while the image is open for writing
 //! and cleared after the final flush of a clean close.
 //!
+//! A FLUSH is acknowledged only when all of it is durable. A table stays dirty until
+//! its write succeeded, and after a failed metadata flush the next one rewrites every
+//! cached table before it may succeed. Each barrier above is a sync that started
+//! after the writes it orders (`SyncTracker`: concurrent flushes share a sync rather
+//! than skip one), and a failed sync of the file fails every later flush of the image:
+//! the pages it was writing may be lost, guest data among them, and only the guest
+//! could write them again. The image then keeps its dirty bit.
+//!
 //! # Concurrency
 //!
 //! Clusters being allocated are listed in `Meta::allocating`; any request touching one
@@ -86,6 +94,7 @@ use crate::options::DriverOptions;
 use crate::options::FileOptions;
 use crate::options::Qcow2Options;
 use crate::options::RawOptions;
+use crate::sync_tracker::SyncTracker;
 
 /// Bits 9..55 of an L1/L2/refcount-table entry: a host offset.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -256,6 +265,9 @@ struct Meta {
     extensions: Vec<(u32, Vec<u8>)>,
     /// The dirty bit is set on disk by us.
     dirty_bit: bool,
+    /// The last metadata flush failed part-way: the next one rewrites every cached
+    /// table, not only those still marked dirty (a failed write may have torn one).
+    flush_failed: bool,
     closed: bool,
 }
 
@@ -276,9 +288,10 @@ pub struct Qcow2Driver {
     fixed_metadata: Vec<(u64, u64)>,
     /// Bitmaps found at open, until the node takes them.
     loaded_bitmaps: std::sync::Mutex<Vec<crate::driver::PersistentBitmap>>,
-    /// Something was written to the file since the last sync (syncs with nothing to
-    /// make durable are skipped: closing used to cost four fdatasyncs).
-    unsynced: std::sync::atomic::AtomicBool,
+    /// Writes to the file and the syncs that made them durable (syncs with nothing to
+    /// make durable are skipped: closing used to cost four fdatasyncs; a failed sync
+    /// fails every later one).
+    sync: SyncTracker,
 }
 
 impl std::fmt::Debug for Qcow2Driver {
@@ -462,6 +475,7 @@ impl Qcow2Driver {
             bitmap_dir: None,
             extensions: header.extensions.clone(),
             dirty_bit: false,
+            flush_failed: false,
             closed: false,
         };
         let driver = Self {
@@ -475,7 +489,7 @@ impl Qcow2Driver {
             allocated: Notify::new(),
             fixed_metadata,
             loaded_bitmaps: std::sync::Mutex::new(Vec::new()),
-            unsynced: std::sync::atomic::AtomicBool::new(false),
+            sync: SyncTracker::new(),
         };
         driver.load_bitmaps().await?;
         if !read_only {
@@ -491,26 +505,14 @@ impl Qcow2Driver {
     async fn write_file(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
         let result = self.file.write(offset, buf, flags).await;
         // Even a failed write may have changed part of the range.
-        self.unsynced
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.sync.wrote();
         result
     }
 
-    /// Makes everything written so far durable, unless nothing was written since the
-    /// last sync.
+    /// Makes everything written to the file before this call durable: returns after a
+    /// sync of the file that started after those writes (see `SyncTracker`).
     async fn sync_file(&self) -> Result<()> {
-        if !self
-            .unsynced
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
-        {
-            return Ok(());
-        }
-        let result = self.file.flush().await;
-        if result.is_err() {
-            self.unsynced
-                .store(true, std::sync::atomic::Ordering::Release);
-        }
-        result
+        self.sync.sync(|| self.file.flush()).await
     }
 
     /// The header as opened.
@@ -1211,14 +1213,41 @@ impl Qcow2Driver {
     }
 
     /// Writes all dirty metadata in the crash-safe order, then applies queued frees.
+    ///
+    /// A table stays dirty until its write succeeded, so a failed flush leaves the
+    /// rest for the next one; after a failure the next flush rewrites every cached
+    /// table (a failed write may have changed part of its range). A failed sync of the
+    /// file fails this and every later flush (`SyncTracker`).
     async fn flush_meta(&self, m: &mut Meta) -> Result<()> {
+        if m.flush_failed {
+            self.mark_all_meta_dirty(m);
+        }
+        let result = self.write_meta_in_order(m).await;
+        m.flush_failed = result.is_err();
+        result
+    }
+
+    /// After a failed flush: every table held in memory is written again.
+    fn mark_all_meta_dirty(&self, m: &mut Meta) {
+        let cs = self.geo.cluster_size;
+        for block in m.refblocks.values_mut() {
+            block.dirty = true;
+        }
+        m.reftable_dirty.extend(0..m.reftable_clusters);
+        for table in m.l2.values_mut() {
+            table.dirty = true;
+        }
+        m.l1_dirty.extend(0..(m.l1.len() as u64 * 8).div_ceil(cs));
+    }
+
+    async fn write_meta_in_order(&self, m: &mut Meta) -> Result<()> {
         let cs = self.geo.cluster_size;
         // 1. Refcount blocks.
         self.write_dirty_refblocks(m).await?;
         // 2. Refcount table.
         if !m.reftable_dirty.is_empty() {
             let per = (cs / 8) as usize;
-            for i in std::mem::take(&mut m.reftable_dirty) {
+            while let Some(&i) = m.reftable_dirty.first() {
                 let from = i as usize * per;
                 let to = (from + per).min(m.reftable.len());
                 let bytes = u64s_be(&m.reftable[from..to]);
@@ -1228,6 +1257,7 @@ impl Qcow2Driver {
                     WriteFlags::default(),
                 )
                 .await?;
+                m.reftable_dirty.remove(&i);
             }
             self.sync_file().await?;
         }
@@ -1250,7 +1280,7 @@ impl Qcow2Driver {
         // 4. L1 table.
         if !m.l1_dirty.is_empty() {
             let per = (cs / 8) as usize;
-            for i in std::mem::take(&mut m.l1_dirty) {
+            while let Some(&i) = m.l1_dirty.first() {
                 let from = i as usize * per;
                 let to = (from + per).min(m.l1.len());
                 let bytes = u64s_be(&m.l1[from..to]);
@@ -1260,6 +1290,7 @@ impl Qcow2Driver {
                     WriteFlags::default(),
                 )
                 .await?;
+                m.l1_dirty.remove(&i);
             }
             self.sync_file().await?;
         }
