@@ -568,18 +568,8 @@ fn parse_cbw(m: &mut Members) -> Result<CbwOptions> {
     // QEMU parses this driver's options with another visitor than the other drivers':
     // the messages for bad numbers differ.
     let cbw_timeout = m
-        .optional("cbw-timeout", |m, k, v| match integer(m, &v) {
-            Some(t) if (0..=i128::from(u32::MAX)).contains(&t) => Ok(t as u64),
-            Some(_) => Err(Error::invalid(format!(
-                "Parameter '{}{k}' expects uint32_t",
-                m.prefix
-            ))),
-            None => Err(Error::invalid(format!(
-                "Parameter '{}{k}' expects uint64",
-                m.prefix
-            ))),
-        })?
-        .unwrap_or(0);
+        .optional("cbw-timeout", Members::uint32)?
+        .map_or(0, u64::from);
     let min_cluster_size = m.optional("min-cluster-size", |m, k, v| {
         integer(m, &v)
             .and_then(|n| u64::try_from(n).ok())
@@ -821,6 +811,21 @@ impl Members {
                 self.prefix
             ))),
             _ => Err(self.type_error(key, "integer")),
+        }
+    }
+
+    /// A `uint32` member, with the messages of QEMU's QObject input visitor (QMP
+    /// command arguments, and the copy-before-write driver's options): "expects
+    /// uint32_t" for a number out of range, "expects uint64" for anything else.
+    pub fn uint32(&self, key: &str, value: Value) -> Result<u32> {
+        match integer(self, &value) {
+            Some(n) => u32::try_from(n).map_err(|_| {
+                Error::invalid(format!("Parameter '{}{key}' expects uint32_t", self.prefix))
+            }),
+            None => Err(Error::invalid(format!(
+                "Parameter '{}{key}' expects uint64",
+                self.prefix
+            ))),
         }
     }
 

@@ -6,6 +6,17 @@
 //! hole chunks in any order) and block-status extents. Requests larger than the
 //! server's maximum payload are split. If the connection breaks, every pending and
 //! later request fails with EIO (no reconnect yet).
+//!
+//! # A server is not trusted
+//!
+//! Every reply is checked before it touches memory: offsets and lengths with checked
+//! arithmetic (a chunk must lie inside its request), chunk sizes against the maximum
+//! payload, and a successful read must have been covered by data or hole chunks
+//! exactly once, byte for byte (otherwise the caller would get bytes nobody sent).
+//! Block-status extents kept for one request are capped at [`MAX_KEPT_EXTENTS`]
+//! whatever the server sends. A violation fails the request with EIO and closes the
+//! connection, failing every other pending request too; even a panic in the reply task
+//! fails them (a guard does it on unwind), so no request ever waits forever.
 
 use std::collections::HashMap;
 use std::io;
@@ -50,14 +61,62 @@ pub enum ServerAddress {
 type Boxed<T> = Box<T>;
 type Writer = Boxed<dyn AsyncWrite + Send + Unpin>;
 
+/// Block-status extents kept per request; the driver asks with REQ_ONE and uses the
+/// first, so more only cost memory.
+pub const MAX_KEPT_EXTENTS: usize = 1024;
+
 /// What a pending request collects until its reply is complete.
 struct Pending {
     /// For reads: the buffer, filled at `chunk offset - request offset`.
     buf: Option<IoBuf>,
     offset: u64,
+    /// For reads: the byte ranges (relative to `offset`) chunks have covered so far.
+    covered: Vec<(usize, usize)>,
     extents: Vec<(u32, u32)>,
     error: Option<u32>,
     done: oneshot::Sender<Result<Completed, Error>>,
+}
+
+impl Pending {
+    /// Records that `[start, start + len)` of the read buffer was filled; false if it
+    /// overlaps a range filled before (a server may not send a byte twice).
+    fn cover(&mut self, start: usize, len: usize) -> bool {
+        let end = start + len;
+        let at = self.covered.partition_point(|&(s, _)| s < start);
+        let before_ok = at == 0 || self.covered[at - 1].1 <= start;
+        let after_ok = at == self.covered.len() || end <= self.covered[at].0;
+        if !(before_ok && after_ok) {
+            return false;
+        }
+        self.covered.insert(at, (start, end));
+        true
+    }
+
+    /// Whether every byte of the read buffer was covered.
+    fn fully_covered(&self) -> bool {
+        let len = self.buf.as_ref().map_or(0, |b| b.len());
+        self.covered.iter().map(|&(s, e)| e - s).sum::<usize>() == len
+    }
+}
+
+/// The map of requests waiting for replies; None once the connection is gone.
+type PendingMap = Arc<Mutex<Option<HashMap<u64, Pending>>>>;
+
+/// Fails every pending request and refuses new ones when dropped: the reply task holds
+/// it, so however that task ends (an error, the server closing, a panic), nobody waits
+/// forever.
+struct FailPendingOnDrop(PendingMap);
+
+impl Drop for FailPendingOnDrop {
+    fn drop(&mut self) {
+        if let Some(waiting) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            for (_, p) in waiting {
+                let _ = p
+                    .done
+                    .send(Err(protocol("the connection to the server was lost")));
+            }
+        }
+    }
 }
 
 struct Completed {
@@ -68,7 +127,9 @@ struct Completed {
 /// A connected client.
 pub struct NbdClient {
     writer: tokio::sync::Mutex<Writer>,
-    pending: Arc<Mutex<Option<HashMap<u64, Pending>>>>,
+    pending: PendingMap,
+    /// The reply task, awaited by `disconnect`.
+    replies: Mutex<Option<tokio::task::JoinHandle<()>>>,
     next_cookie: AtomicU64,
     size: u64,
     flags: u16,
@@ -157,6 +218,46 @@ impl NbdClient {
         Self::handshake(reader, writer, export)
             .await
             .map_err(|e| e.context(describe()))
+    }
+
+    /// Negotiates `export` over an already connected stream (tests and fuzzing drive
+    /// the client with a scripted server this way).
+    pub async fn over<S>(stream: S, export: &str) -> Result<Arc<Self>, Error>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (reader, writer) = tokio::io::split(stream);
+        Self::handshake(Box::new(reader), Box::new(writer), export).await
+    }
+
+    /// Ends the session: NBD_CMD_DISC, then waits (at most 5 s) for the server to
+    /// close the connection. Requests still pending fail; later ones are refused.
+    pub async fn disconnect(&self) {
+        {
+            let mut w = self.writer.lock().await;
+            let disc = Request {
+                flags: 0,
+                command: CMD_DISC,
+                cookie: 0,
+                offset: 0,
+                length: 0,
+            }
+            .encode();
+            let _ = w.write_all(&disc).await;
+            let _ = w.shutdown().await;
+        }
+        let replies = self
+            .replies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = replies {
+            let waited = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+            if waited.is_err() {
+                tracing::warn!("NBD server did not close the connection after NBD_CMD_DISC");
+            }
+        }
+        FailPendingOnDrop(self.pending.clone());
     }
 
     async fn handshake(
@@ -249,6 +350,7 @@ impl NbdClient {
         let client = Arc::new(Self {
             writer: tokio::sync::Mutex::new(w),
             pending: Arc::new(Mutex::new(Some(HashMap::new()))),
+            replies: Mutex::new(None),
             next_cookie: AtomicU64::new(1),
             size,
             flags: tflags,
@@ -257,19 +359,15 @@ impl NbdClient {
             name: export.to_string(),
         });
         let pending = client.pending.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
+            // Fails whatever is still waiting, and refuses new requests, however this
+            // task ends.
+            let _fail = FailPendingOnDrop(pending.clone());
             if let Err(e) = read_replies(r, &pending, structured).await {
                 tracing::warn!("NBD connection lost: {e}");
             }
-            // Fail whatever is still waiting, and refuse new requests.
-            if let Some(waiting) = pending.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                for (_, p) in waiting {
-                    let _ = p
-                        .done
-                        .send(Err(protocol("the connection to the server was lost")));
-                }
-            }
         });
+        *client.replies.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         Ok(client)
     }
 
@@ -303,6 +401,7 @@ impl NbdClient {
                 Pending {
                     buf: read_into,
                     offset,
+                    covered: Vec::new(),
                     extents: Vec::new(),
                     error: None,
                     done,
@@ -351,6 +450,15 @@ fn nbd_error(errno: u32) -> Error {
     )
 }
 
+/// Where a chunk for `[at, at + n)` lands in the read buffer of `p`, if it lies
+/// inside the request (checked arithmetic: a server controls both numbers).
+fn chunk_range(p: &Pending, at: u64, n: u64) -> Option<(usize, usize)> {
+    let len = p.buf.as_ref()?.len() as u64;
+    let start = at.checked_sub(p.offset)?;
+    let end = start.checked_add(n)?;
+    (end <= len).then_some((start as usize, n as usize))
+}
+
 async fn read_replies<R: AsyncRead + Unpin>(
     mut r: R,
     pending: &Mutex<Option<HashMap<u64, Pending>>>,
@@ -369,13 +477,26 @@ async fn read_replies<R: AsyncRead + Unpin>(
         }
     };
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    // A request whose reply broke the protocol fails with EIO (its waiter learns why
+    // from the log), then the connection closes.
+    let violation = |p: Pending, what: &str| {
+        let _ = p
+            .done
+            .send(Err(protocol(format!("bad reply from the server: {what}"))));
+        Err(bad(what))
+    };
     loop {
         let magic = r.read_u32().await?;
         if magic == SIMPLE_REPLY_MAGIC {
             let error = r.read_u32().await?;
             let cookie = r.read_u64().await?;
             let mut p = take(cookie).ok_or_else(|| bad("reply to an unknown cookie"))?;
-            if let (0, false, Some(buf)) = (error, structured, p.buf.as_mut()) {
+            if error == 0 && p.buf.is_some() && structured {
+                // proto.md: with structured replies, a successful read answers in
+                // chunks; a simple reply would leave the buffer unfilled.
+                return violation(p, "a simple reply to a read after structured replies");
+            }
+            if let (0, Some(buf)) = (error, p.buf.as_mut()) {
                 r.read_exact(buf).await?;
             }
             let result = if error != 0 {
@@ -399,42 +520,63 @@ async fn read_replies<R: AsyncRead + Unpin>(
             match kind {
                 REPLY_TYPE_OFFSET_DATA if length >= 8 => {
                     let at = r.read_u64().await?;
-                    let n = (length - 8) as usize;
-                    let buf = p.buf.as_mut().ok_or_else(|| bad("data for a request that reads nothing"))?;
-                    let start = at.checked_sub(p.offset).ok_or_else(|| bad("data before the request"))? as usize;
-                    if start + n > buf.len() {
-                        return Err(bad("data past the request"));
+                    let Some((start, n)) = chunk_range(&p, at, u64::from(length - 8)) else {
+                        return violation(p, "a data chunk outside its read request");
+                    };
+                    if !p.cover(start, n) {
+                        return violation(p, "data chunks that overlap");
                     }
+                    let buf = p.buf.as_mut().expect("chunk_range checked the buffer");
                     r.read_exact(&mut buf[start..start + n]).await?;
                 }
-                2 /* OFFSET_HOLE */ if length == 12 => {
+                REPLY_TYPE_OFFSET_HOLE if length == 12 => {
                     let at = r.read_u64().await?;
-                    let n = r.read_u32().await? as usize;
-                    let buf = p.buf.as_mut().ok_or_else(|| bad("hole for a request that reads nothing"))?;
-                    let start = at.checked_sub(p.offset).ok_or_else(|| bad("hole before the request"))? as usize;
-                    if start + n > buf.len() {
-                        return Err(bad("hole past the request"));
+                    let n = r.read_u32().await?;
+                    let Some((start, n)) = chunk_range(&p, at, u64::from(n)) else {
+                        return violation(p, "a hole chunk outside its read request");
+                    };
+                    if !p.cover(start, n) {
+                        return violation(p, "hole chunks that overlap");
                     }
+                    let buf = p.buf.as_mut().expect("chunk_range checked the buffer");
                     buf[start..start + n].fill(0);
                 }
                 REPLY_TYPE_BLOCK_STATUS if length >= 4 && (length - 4) % 8 == 0 => {
                     let _context = r.read_u32().await?;
-                    for _ in 0..(length - 4) / 8 {
-                        let len = r.read_u32().await?;
-                        let flags = r.read_u32().await?;
-                        p.extents.push((len, flags));
+                    // Read in blocks of 64 KiB: bounded memory, few reads.
+                    let mut left = (length as usize - 4) / 8;
+                    let mut block = vec![0u8; 8 * left.min(8192)];
+                    while left > 0 {
+                        let n = left.min(8192);
+                        r.read_exact(&mut block[..8 * n]).await?;
+                        for extent in block[..8 * n].chunks_exact(8) {
+                            if p.extents.len() == MAX_KEPT_EXTENTS {
+                                break;
+                            }
+                            let len = u32::from_be_bytes(extent[..4].try_into().unwrap());
+                            let flags = u32::from_be_bytes(extent[4..].try_into().unwrap());
+                            p.extents.push((len, flags));
+                        }
+                        left -= n;
                     }
                 }
                 REPLY_TYPE_NONE if length == 0 => {}
                 k if k & (1 << 15) != 0 => {
                     let mut data = vec![0; length as usize];
                     r.read_exact(&mut data).await?;
-                    let errno = if data.len() >= 4 { u32::from_be_bytes(data[..4].try_into().unwrap()) } else { errno::EIO };
+                    let errno = if data.len() >= 4 {
+                        u32::from_be_bytes(data[..4].try_into().unwrap())
+                    } else {
+                        errno::EIO
+                    };
                     p.error.get_or_insert(errno.max(1));
                 }
-                _ => return Err(bad("unexpected reply chunk")),
+                _ => return violation(p, "an unexpected reply chunk"),
             }
             if flags & REPLY_FLAG_DONE != 0 {
+                if p.error.is_none() && p.buf.is_some() && !p.fully_covered() {
+                    return violation(p, "a read reply that did not cover the whole request");
+                }
                 let result = match p.error {
                     Some(errno) => Err(nbd_error(errno)),
                     None => Ok(Completed {
@@ -578,6 +720,11 @@ impl BlockDriver for NbdDriver {
                 .request(CMD_TRIM, 0, at, n as u32, None, None)
                 .await?;
         }
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<(), Error> {
+        self.client.disconnect().await;
         Ok(())
     }
 

@@ -21,9 +21,12 @@
 //! `qemu:dirty-bitmap:` contexts (no dirty bitmaps exist yet), OFFSET_HOLE chunks.
 
 pub mod client;
+pub mod listener;
 pub mod proto;
 pub mod server;
 
 pub use client::NbdDrivers;
 pub use server::Export;
 pub use server::NbdServer;
+pub use server::RemoveMode;
+pub use server::ServerLimits;

@@ -133,6 +133,8 @@ pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 /// Chunk type: `u32 context id` + extents of `{u32 length, u32 flags}`.
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Chunk type: `u64 offset` + `u32 length` of a read range that reads as zeros.
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 /// Chunk type: `u32 error, u16 message length, message`.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 

@@ -13,6 +13,26 @@
 //! the requests already running have answered; the other connections never notice.
 //! Writes go through the export's attachment, so when a backup inserts its filter
 //! under the export every write after the insertion passes the filter.
+//!
+//! # What one client can hold
+//!
+//! * At most [`MAX_IN_FLIGHT`] requests, and request plus reply data of at most
+//!   [`DATA_BUDGET_BYTES`] (128 MiB), taken before a buffer is allocated and given
+//!   back only when the reply has been written to the socket: a client that pipelines
+//!   reads and never reads the replies stops being read from, and holds no more.
+//!   Idle read buffers kept for reuse add at most 8 MiB.
+//! * The handshake must end within [`ServerLimits::handshake`] (QEMU's
+//!   `handshake-max-seconds`, 10 s by default), or the connection is dropped.
+//! * With [`ServerLimits::max_connections`], further clients wait in the listen
+//!   backlog, not greeted, until one leaves (as QEMU does).
+//!
+//! # Removing an export
+//!
+//! [`RemoveMode::Safe`] (QMP's default) refuses while clients are connected;
+//! [`RemoveMode::Hard`] closes their connections at once, without waiting for a client
+//! to read anything. Either way new clients can no longer select the export, and the
+//! returned [`ExportRemoval`] resolves when the requests that were running have
+//! finished and the export's node is released.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -21,6 +41,7 @@ use std::sync::RwLock;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use block::Attachment;
 use block::ErrorKind;
@@ -31,21 +52,80 @@ use tokio::io::AsyncRead;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWrite;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Notify;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::Semaphore;
 use tokio::sync::mpsc;
+use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::listener::AcceptBackoff;
+use crate::listener::accept_tcp;
+use crate::listener::accept_unix;
 use crate::proto::*;
 
 /// Requests one connection may have in flight.
-const MAX_IN_FLIGHT: usize = 64;
+pub const MAX_IN_FLIGHT: usize = 64;
 /// Granularity of the per-connection data budget.
 const BUDGET_UNIT: u32 = 64 << 10;
-/// Request and reply data one connection may hold at once: 128 MiB (four maximal
-/// requests), in [`BUDGET_UNIT`]s. Without it, 64 pipelined 32 MiB writes would pin
-/// 2 GiB per client.
-const DATA_BUDGET_UNITS: usize = (128 << 20) / BUDGET_UNIT as usize;
+/// Request and reply data one connection may hold at once (four maximal requests).
+/// Without it, 64 pipelined 32 MiB writes would pin 2 GiB per client.
+pub const DATA_BUDGET_BYTES: usize = 128 << 20;
+const DATA_BUDGET_UNITS: usize = DATA_BUDGET_BYTES / BUDGET_UNIT as usize;
+
+/// Limits of one server: the members of QEMU's `nbd-server-start` that bound it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// `max-connections`: clients served at once, 0 for no limit (QEMU's default).
+    pub max_connections: u32,
+    /// `handshake-max-seconds`: how long negotiation may take; zero waits forever.
+    pub handshake: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 0,
+            handshake: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How [`NbdServer::remove_export`] treats connected clients (QMP's
+/// `BlockExportRemoveMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoveMode {
+    /// Refuse while any client is connected.
+    Safe,
+    /// Close the connections at once.
+    Hard,
+}
+
+/// Why an export could not be removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoveError {
+    /// No export has that name.
+    NotFound,
+    /// [`RemoveMode::Safe`] and clients are connected.
+    InUse,
+}
+
+/// Resolves when a removed export's running requests have finished and its node is
+/// released.
+#[derive(Debug)]
+pub struct ExportRemoval(oneshot::Receiver<()>);
+
+impl std::future::Future for ExportRemoval {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        // Nothing is ever sent: the sender lives in the export and drops with it.
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|_| ())
+    }
+}
 
 /// One exported node.
 #[derive(Debug)]
@@ -78,15 +158,23 @@ impl Export {
     }
 }
 
-/// An export while it is served: the configuration plus what removal needs.
+/// An export while it is served: the configuration plus what removal needs. Every
+/// connection and running request holds it; it drops (releasing the node) when the
+/// last one ends.
 #[derive(Debug)]
 struct Live {
     export: Export,
-    /// Set by `remove_export`: requests get ESHUTDOWN and connections close.
+    /// Set by `remove_export`: a request that still arrives gets ESHUTDOWN.
     removed: AtomicBool,
-    /// Requests running now, so removal can wait for them.
-    in_flight: AtomicUsize,
-    idle: Notify,
+    /// Connections in the transmission phase with this export.
+    connections: AtomicUsize,
+    /// Set to true to close every connection at once (hard removal).
+    closing: watch::Sender<bool>,
+    /// Taken by `remove_export` to wait for the drop of `released` below.
+    removal: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
+    /// Dropped with the export, after `export` (fields drop in order), which tells
+    /// the removal that the node is released.
+    _released: oneshot::Sender<()>,
 }
 
 impl std::ops::Deref for Live {
@@ -97,12 +185,25 @@ impl std::ops::Deref for Live {
     }
 }
 
-impl Live {
-    fn finish_request(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.idle.notify_waiters();
-        }
+/// Counts one connection of an export for as long as it lives.
+struct ConnectionGuard(Arc<Live>);
+
+impl ConnectionGuard {
+    fn new(live: &Arc<Live>) -> Self {
+        live.connections.fetch_add(1, Ordering::SeqCst);
+        Self(live.clone())
     }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Resolves when `closing` is set (or can no longer be).
+async fn closed(closing: &mut watch::Receiver<bool>) {
+    let _ = closing.wait_for(|&closing| closing).await;
 }
 
 /// Metadata contexts this server knows, with the ids it gives them.
@@ -165,6 +266,9 @@ impl Context {
 #[derive(Debug, Default)]
 pub struct NbdServer {
     exports: RwLock<BTreeMap<String, Arc<Live>>>,
+    limits: ServerLimits,
+    /// One permit per connection when `max_connections` is set.
+    connection_slots: Option<Arc<Semaphore>>,
 }
 
 /// Negotiation state of one connection.
@@ -183,9 +287,25 @@ enum OptionOutcome {
 }
 
 impl NbdServer {
-    /// A server with no exports.
+    /// A server with no exports and the default limits.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        Self::with_limits(ServerLimits::default())
+    }
+
+    /// A server with no exports and `limits`.
+    pub fn with_limits(limits: ServerLimits) -> Arc<Self> {
+        let connection_slots = (limits.max_connections > 0)
+            .then(|| Arc::new(Semaphore::new(limits.max_connections as usize)));
+        Arc::new(Self {
+            exports: RwLock::default(),
+            limits,
+            connection_slots,
+        })
+    }
+
+    /// The limits this server was made with.
+    pub fn limits(&self) -> ServerLimits {
+        self.limits
     }
 
     /// Adds an export; names are unique.
@@ -194,36 +314,51 @@ impl NbdServer {
         if exports.contains_key(&export.name) {
             return Err(format!("NBD export '{}' already exists", export.name));
         }
+        let (released, removal) = oneshot::channel();
         let live = Live {
             export,
             removed: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
-            idle: Notify::new(),
+            connections: AtomicUsize::new(0),
+            closing: watch::Sender::new(false),
+            removal: std::sync::Mutex::new(Some(removal)),
+            _released: released,
         };
         exports.insert(live.export.name.clone(), Arc::new(live));
         Ok(())
     }
 
-    /// Removes an export: new clients can no longer select it, requests that arrive
-    /// from now on fail with ESHUTDOWN and close their connection, and this waits until
-    /// the requests already running have answered. Returns whether it existed.
-    pub async fn remove_export(&self, name: &str) -> bool {
-        let removed = self
-            .exports
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
-        let Some(live) = removed else { return false };
-        live.removed.store(true, Ordering::SeqCst);
-        loop {
-            let idle = live.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if live.in_flight.load(Ordering::SeqCst) == 0 {
-                return true;
+    /// Clients connected to export `name` now (0 when there is no such export).
+    pub fn connections(&self, name: &str) -> usize {
+        self.export(name)
+            .map_or(0, |live| live.connections.load(Ordering::SeqCst))
+    }
+
+    /// Removes an export; see the module note for the modes. New clients can no longer
+    /// select it at once; await the returned removal for the node to be released.
+    pub fn remove_export(
+        &self,
+        name: &str,
+        mode: RemoveMode,
+    ) -> Result<ExportRemoval, RemoveError> {
+        let live = {
+            let mut exports = self.exports.write().unwrap_or_else(|e| e.into_inner());
+            let live = exports.get(name).ok_or(RemoveError::NotFound)?;
+            if mode == RemoveMode::Safe && live.connections.load(Ordering::SeqCst) > 0 {
+                return Err(RemoveError::InUse);
             }
-            idle.await;
-        }
+            exports.remove(name).expect("looked up under the same lock")
+        };
+        live.removed.store(true, Ordering::SeqCst);
+        // Even in safe mode: a client that selected the export while it was being
+        // removed must not start using it.
+        live.closing.send_replace(true);
+        let removal = live
+            .removal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("an export is removed once");
+        Ok(ExportRemoval(removal))
     }
 
     fn export(&self, name: &str) -> Option<Arc<Live>> {
@@ -243,30 +378,34 @@ impl NbdServer {
             .collect()
     }
 
+    /// A connection slot, waited for when `max_connections` are all taken (the next
+    /// client stays in the listen backlog meanwhile).
+    async fn connection_slot(&self) -> Option<OwnedSemaphorePermit> {
+        match &self.connection_slots {
+            Some(slots) => slots.clone().acquire_owned().await.ok(),
+            None => None,
+        }
+    }
+
     /// Serves clients from a UNIX listener until the task is dropped.
     pub async fn serve_unix(self: Arc<Self>, listener: tokio::net::UnixListener) {
+        let mut backoff = AcceptBackoff::default();
         loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let server = self.clone();
-                    tokio::spawn(async move { server.serve_connection(stream).await });
-                }
-                Err(e) => tracing::warn!("NBD accept failed: {e}"),
-            }
+            let slot = self.connection_slot().await;
+            let stream = accept_unix(&listener, "NBD", &mut backoff).await;
+            let server = self.clone();
+            tokio::spawn(async move { server.serve_connection_in(stream, slot).await });
         }
     }
 
     /// Serves clients from a TCP listener until the task is dropped.
     pub async fn serve_tcp(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        let mut backoff = AcceptBackoff::default();
         loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    let server = self.clone();
-                    tokio::spawn(async move { server.serve_connection(stream).await });
-                }
-                Err(e) => tracing::warn!("NBD accept failed: {e}"),
-            }
+            let slot = self.connection_slot().await;
+            let stream = accept_tcp(&listener, "NBD", &mut backoff).await;
+            let server = self.clone();
+            tokio::spawn(async move { server.serve_connection_in(stream, slot).await });
         }
     }
 
@@ -275,8 +414,31 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        self.serve_connection_in(stream, None).await;
+    }
+
+    /// Serves one client holding `_slot`, its place under `max_connections`.
+    async fn serve_connection_in<S>(self: Arc<Self>, stream: S, _slot: Option<OwnedSemaphorePermit>)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let (mut reader, mut writer) = tokio::io::split(stream);
-        match self.negotiate(&mut reader, &mut writer).await {
+        let negotiation = self.negotiate(&mut reader, &mut writer);
+        let negotiated = if self.limits.handshake.is_zero() {
+            negotiation.await
+        } else {
+            match tokio::time::timeout(self.limits.handshake, negotiation).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    tracing::debug!(
+                        "NBD client did not finish its handshake within {:?}: closing",
+                        self.limits.handshake
+                    );
+                    return;
+                }
+            }
+        };
+        match negotiated {
             Ok(Some((export, structured, contexts))) => {
                 transmit(export, structured, contexts, reader, writer).await;
             }
@@ -608,100 +770,145 @@ async fn transmit<R, W>(
     structured: bool,
     contexts: Vec<Context>,
     mut reader: R,
-    mut writer: W,
+    writer: W,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Send + Unpin + 'static,
 {
-    let (replies, mut outbox) = mpsc::channel::<Frame>(MAX_IN_FLIGHT);
+    let connection = ConnectionGuard::new(&export);
+    let mut closing = export.closing.subscribe();
+    let (replies, outbox) = mpsc::channel::<Frame>(MAX_IN_FLIGHT);
     let buffers = Arc::new(ReadBuffers::default());
-    let pool = buffers.clone();
-    let write_task = tokio::spawn(async move {
-        while let Some(frame) = outbox.recv().await {
-            let data: &[u8] = frame.data.as_deref().unwrap_or(&[]);
-            let sent = write_frame(&mut writer, &frame.head, data).await;
-            if let Some(data) = frame.data {
-                pool.give_back(data);
-            }
-            if sent.is_err() {
-                // The client is gone; keep draining so senders never block.
-                while outbox.recv().await.is_some() {}
-                return;
-            }
-        }
-        let _ = writer.flush().await;
-        let _ = writer.shutdown().await;
-    });
+    let write_task = tokio::spawn(write_replies(
+        writer,
+        outbox,
+        buffers.clone(),
+        export.closing.subscribe(),
+    ));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let data_budget = Arc::new(Semaphore::new(DATA_BUDGET_UNITS));
     let contexts = Arc::new(contexts);
     let mut running = JoinSet::new();
     loop {
-        let mut header = [0u8; REQUEST_LEN];
-        if reader.read_exact(&mut header).await.is_err() {
-            break; // disconnected
-        }
-        let Ok(request) = Request::parse(&header) else {
-            tracing::debug!("NBD request with a bad magic: closing the connection");
+        let next = tokio::select! {
+            biased;
+            () = closed(&mut closing) => break,
+            next = next_request(&mut reader, &slots, &data_budget) => next,
+        };
+        let Some((request, payload, held)) = next else {
             break;
         };
-        if request.command == CMD_DISC {
-            break;
-        }
-        if request.command == CMD_WRITE && request.length > MAX_PAYLOAD {
-            // The stream cannot be trusted to resynchronise after this.
-            tracing::debug!(
-                "NBD write of {} bytes: closing the connection",
-                request.length
-            );
-            break;
-        }
-        // Bound the memory one connection can hold in request and reply data: a slot
-        // per request, and budget units for the bytes of reads and writes, taken before
-        // any buffer is allocated.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
-        };
-        let data_len = match request.command {
-            CMD_READ | CMD_WRITE => request.length.min(MAX_PAYLOAD),
-            _ => 0,
-        };
-        let units = data_len.div_ceil(BUDGET_UNIT).max(1);
-        let Ok(budget) = data_budget.clone().acquire_many_owned(units).await else {
-            break;
-        };
-        let payload = if request.command == CMD_WRITE {
-            let mut buf = IoBuf::zeroed(request.length as usize);
-            if reader.read_exact(&mut buf).await.is_err() {
-                break; // disconnected mid-request
-            }
-            Some(buf)
-        } else {
-            None
-        };
-        export.in_flight.fetch_add(1, Ordering::SeqCst);
         if export.removed.load(Ordering::SeqCst) {
             // The export is going away: answer this request, then close.
             let _ = replies
                 .send(Frame::from(simple_reply(errno::ESHUTDOWN, request.cookie)))
                 .await;
-            export.finish_request();
             break;
         }
         let (export, contexts, replies) = (export.clone(), contexts.clone(), replies.clone());
         let buffers = buffers.clone();
         running.spawn(async move {
-            let frame = execute(&export, structured, &contexts, &buffers, request, payload).await;
+            let mut frame =
+                execute(&export, structured, &contexts, &buffers, request, payload).await;
+            frame.held = Some(held);
             let _ = replies.send(frame).await;
-            export.finish_request();
-            drop((slot, budget));
         });
         while running.try_join_next().is_some() {}
     }
-    // Requests already running still answer before the connection closes.
+    // Nothing more is read; the socket closes when the writer is done too.
+    drop(reader);
+    // Requests already running still answer (unless the connection is being closed).
     while running.join_next().await.is_some() {}
+    // Uncounted before the socket closes: a client that saw its connection end can
+    // remove the export (safe mode) at once.
+    drop(connection);
     drop(replies);
     let _ = write_task.await;
+}
+
+/// What a request holds from its arrival until its reply is on the socket: a request
+/// slot and the budget for its data.
+type Held = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// Reads the next request (and a write's payload) once a request slot and budget for
+/// its data are free. None when the connection should close.
+async fn next_request<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    slots: &Arc<Semaphore>,
+    data_budget: &Arc<Semaphore>,
+) -> Option<(Request, Option<IoBuf>, Held)> {
+    let mut header = [0u8; REQUEST_LEN];
+    // An error is a disconnection.
+    reader.read_exact(&mut header).await.ok()?;
+    let Ok(request) = Request::parse(&header) else {
+        tracing::debug!("NBD request with a bad magic: closing the connection");
+        return None;
+    };
+    if request.command == CMD_DISC {
+        return None;
+    }
+    if request.command == CMD_WRITE && request.length > MAX_PAYLOAD {
+        // The stream cannot be trusted to resynchronise after this.
+        tracing::debug!(
+            "NBD write of {} bytes: closing the connection",
+            request.length
+        );
+        return None;
+    }
+    // Bound the memory one connection can hold in request and reply data: a slot per
+    // request, and budget units for the bytes of reads and writes, taken before any
+    // buffer is allocated and kept until the reply has been written.
+    let slot = slots.clone().acquire_owned().await.ok()?;
+    let data_len = match request.command {
+        CMD_READ | CMD_WRITE => request.length.min(MAX_PAYLOAD),
+        _ => 0,
+    };
+    let units = data_len.div_ceil(BUDGET_UNIT).max(1);
+    let budget = data_budget.clone().acquire_many_owned(units).await.ok()?;
+    let payload = if request.command == CMD_WRITE {
+        let mut buf = IoBuf::zeroed(request.length as usize);
+        // An error is a disconnection mid-request.
+        reader.read_exact(&mut buf).await.ok()?;
+        Some(buf)
+    } else {
+        None
+    };
+    Some((request, payload, (slot, budget)))
+}
+
+/// The writer task of one connection: writes whole frames in the order they are
+/// ready, gives read buffers back, and releases each request's slot and budget once
+/// its reply is on the socket. Stops at once when the connection is being closed.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut outbox: mpsc::Receiver<Frame>,
+    pool: Arc<ReadBuffers>,
+    mut closing: watch::Receiver<bool>,
+) {
+    loop {
+        let frame = tokio::select! {
+            biased;
+            () = closed(&mut closing) => return,
+            frame = outbox.recv() => frame,
+        };
+        let Some(frame) = frame else { break };
+        let data: &[u8] = frame.data.as_deref().unwrap_or(&[]);
+        let sent = tokio::select! {
+            biased;
+            () = closed(&mut closing) => return,
+            sent = write_frame(&mut writer, &frame.head, data) => sent,
+        };
+        if let Some(data) = frame.data {
+            pool.give_back(data);
+        }
+        if sent.is_err() {
+            // The client is gone; keep draining so senders never block.
+            while outbox.recv().await.is_some() {}
+            return;
+        }
+    }
+    let _ = writer.flush().await;
+    let _ = writer.shutdown().await;
 }
 
 /// Read buffers of one connection, reused once their reply is on the socket: a fresh
@@ -739,15 +946,21 @@ impl ReadBuffers {
     }
 }
 
-/// One encoded reply: its header, and read data sent straight from the read buffer.
+/// One encoded reply: its header, read data sent straight from the read buffer, and
+/// what its request holds until the frame is written.
 struct Frame {
     head: Vec<u8>,
     data: Option<IoBuf>,
+    held: Option<Held>,
 }
 
 impl From<Vec<u8>> for Frame {
     fn from(head: Vec<u8>) -> Self {
-        Self { head, data: None }
+        Self {
+            head,
+            data: None,
+            held: None,
+        }
     }
 }
 
@@ -799,11 +1012,13 @@ async fn execute(
             Frame {
                 head,
                 data: Some(data),
+                held: None,
             }
         }
         Ok(Reply::Data(data)) => Frame {
             head: simple_reply(0, request.cookie),
             data: Some(data),
+            held: None,
         },
         Ok(Reply::Chunks(chunks)) => chunks.into(),
         Err((errno, message)) if structured && request.command == CMD_READ => {

@@ -27,6 +27,9 @@ use jobs::job::JobError;
 use nbd::Export;
 use nbd::NbdDrivers;
 use nbd::NbdServer;
+use nbd::RemoveMode;
+use nbd::ServerLimits;
+use nbd::server::RemoveError;
 use serde_json::Map;
 use serde_json::Value;
 use serde_json::json;
@@ -124,6 +127,9 @@ struct ExportRecord {
     name: String,
     /// Bitmaps the export offers; busy until it is deleted.
     bitmaps: Vec<Arc<block::dirty::DirtyBitmap>>,
+    /// Removal has begun; the record goes (with BLOCK_EXPORT_DELETED) once the
+    /// export's running requests have finished.
+    shutting_down: bool,
 }
 
 /// Everything one daemon serves.
@@ -269,11 +275,9 @@ impl Daemon {
                 break;
             }
         }
-        if let Some(running) = self.nbd.lock().await.take() {
-            running.task.abort();
-            if let Some(path) = running.socket {
-                let _ = std::fs::remove_file(path);
-            }
+        let running = self.nbd.lock().await.take();
+        if let Some(running) = running {
+            self.stop_nbd(running).await;
         }
         // Close parents before children: qcow2 writes its metadata and clears its
         // dirty bit while its file is still open.
@@ -386,36 +390,60 @@ impl Daemon {
                     .await
                     .take()
                     .ok_or_else(|| QmpError::generic("NBD server not running"))?;
-                let ids: Vec<String> = self.exports.lock().unwrap().keys().cloned().collect();
-                for id in ids {
-                    self.delete_export(&running.server, &id).await;
-                }
-                running.task.abort();
-                if let Some(path) = running.socket {
-                    let _ = std::fs::remove_file(path);
-                }
+                self.stop_nbd(running).await;
                 Ok(json!({}))
             }
             "block-export-add" => self.block_export_add(m).await,
             "block-export-del" => {
                 let mut m = m;
                 let id = m.required("id", Members::string)?;
-                m.optional("mode", |m, k, v| m.enumeration(k, v, &["safe", "hard"]))?;
+                let mode = m.optional("mode", |m, k, v| m.enumeration(k, v, &["safe", "hard"]))?;
                 m.finish()?;
-                if !self.exports.lock().unwrap().contains_key(&id) {
-                    return Err(QmpError::generic(format!("Export '{id}' is not found")));
-                }
+                let mode = match mode.as_deref() {
+                    Some("hard") => RemoveMode::Hard,
+                    _ => RemoveMode::Safe,
+                };
                 let server = self.nbd.lock().await.as_ref().map(|r| r.server.clone());
-                if let Some(server) = server {
-                    self.delete_export(&server, &id).await;
-                }
+                let removal = {
+                    let mut exports = self.exports.lock().unwrap();
+                    let record = exports
+                        .get_mut(&id)
+                        .ok_or_else(|| QmpError::generic(format!("Export '{id}' is not found")))?;
+                    if record.shutting_down {
+                        return Err(QmpError::generic(format!(
+                            "Export '{id}' is already shutting down"
+                        )));
+                    }
+                    let server = server.expect("exports exist only while the server runs");
+                    let removal =
+                        server
+                            .remove_export(&record.name, mode)
+                            .map_err(|e| match e {
+                                RemoveError::InUse => {
+                                    QmpError::generic(format!("export '{id}' still in use"))
+                                }
+                                RemoveError::NotFound => {
+                                    QmpError::generic(format!("Export '{id}' is not found"))
+                                }
+                            })?;
+                    record.shutting_down = true;
+                    removal
+                };
+                // The export is gone for new clients; its record goes, with the event,
+                // once its running requests have finished (QEMU's order).
+                let daemon = self.clone();
+                tokio::spawn(async move {
+                    removal.await;
+                    daemon.forget_export(&id);
+                });
                 Ok(json!({}))
             }
             "query-block-exports" => {
                 m.finish()?;
                 let exports = self.exports.lock().unwrap();
                 let list = exports.iter().map(|(id, e)| {
-                    json!({"id": id, "type": "nbd", "node-name": e.node_name, "shutting-down": false})
+                    json!({"id": id, "type": "nbd", "node-name": e.node_name,
+                           "shutting-down": e.shutting_down})
                 });
                 Ok(Value::Array(list.collect()))
             }
@@ -426,16 +454,43 @@ impl Daemon {
         }
     }
 
-    async fn delete_export(&self, server: &NbdServer, id: &str) {
+    /// The last step of removing an export, once its node is released: the record,
+    /// the bitmaps' busy mark, and the event.
+    fn forget_export(&self, id: &str) {
         let record = self.exports.lock().unwrap().remove(id);
         if let Some(record) = record {
-            server.remove_export(&record.name).await;
             for bitmap in &record.bitmaps {
                 bitmap.set_busy(false);
             }
             let _ = self
                 .events
                 .send(wire::event("BLOCK_EXPORT_DELETED", Some(json!({"id": id}))));
+        }
+    }
+
+    /// Stops a running NBD server: removes every export the hard way (clients are
+    /// disconnected, nobody waits for a client to read), waits for their running
+    /// requests, then stops listening and removes the socket.
+    async fn stop_nbd(&self, running: NbdRunning) {
+        running.task.abort();
+        let removals: Vec<_> = {
+            let mut exports = self.exports.lock().unwrap();
+            exports
+                .iter_mut()
+                .filter(|(_, record)| !record.shutting_down)
+                .filter_map(|(id, record)| {
+                    record.shutting_down = true;
+                    let removal = running.server.remove_export(&record.name, RemoveMode::Hard);
+                    Some((id.clone(), removal.ok()?))
+                })
+                .collect()
+        };
+        for (id, removal) in removals {
+            removal.await;
+            self.forget_export(&id);
+        }
+        if let Some(path) = running.socket {
+            let _ = std::fs::remove_file(path);
         }
     }
 
@@ -639,34 +694,33 @@ impl Daemon {
 
     async fn nbd_server_start(&self, mut m: Members) -> Reply {
         let addr = m.required("addr", Members::object)?;
-        let max_connections = m.optional("max-connections", Members::unsigned)?;
+        let limits = nbd_server_limits(&mut m)?;
         if m.optional("tls-creds", Members::string)?.is_some()
             || m.optional("tls-authz", Members::string)?.is_some()
         {
             return Err(QmpError::generic("TLS is not supported by stillpoint yet"));
         }
         m.finish()?;
-        if max_connections.unwrap_or(0) != 0 {
-            return Err(QmpError::generic(
-                "max-connections is not supported by stillpoint yet",
-            ));
-        }
         let listen = parse_legacy_address(addr)?;
-        self.start_nbd(listen).await
+        self.start_nbd(listen, limits).await
     }
 
     /// Starts the NBD server on `listen` (shared by QMP and `--nbd-server`).
-    pub async fn start_nbd(&self, listen: Listen) -> Reply {
+    pub async fn start_nbd(&self, listen: Listen, limits: ServerLimits) -> Reply {
         let mut running = self.nbd.lock().await;
         if running.is_some() {
             return Err(QmpError::generic("NBD server already running"));
         }
-        let server = NbdServer::new();
+        let server = NbdServer::with_limits(limits);
         let (task, socket) = match listen {
             Listen::Unix(path) => {
-                let listener = tokio::net::UnixListener::bind(&path).map_err(|e| {
-                    QmpError::generic(format!("Failed to bind socket to {}: {e}", path.display()))
-                })?;
+                let listener = nbd::listener::bind_unix(&path, nbd::listener::NBD_SOCKET_MODE)
+                    .map_err(|e| {
+                        QmpError::generic(format!(
+                            "Failed to bind socket to {}: {e}",
+                            path.display()
+                        ))
+                    })?;
                 (
                     tokio::spawn(server.clone().serve_unix(listener)),
                     Some(path),
@@ -805,6 +859,7 @@ impl Daemon {
                 node_name,
                 name,
                 bitmaps,
+                shutting_down: false,
             },
         );
         Ok(json!({}))
@@ -823,6 +878,19 @@ pub enum Listen {
     Unix(PathBuf),
     /// `host:port`.
     Inet(String),
+}
+
+/// `max-connections` and `handshake-max-seconds` of `nbd-server-start` (and of
+/// `--nbd-server`), with QEMU's defaults: no connection limit, 10 s.
+pub fn nbd_server_limits(m: &mut Members) -> Result<ServerLimits, QmpError> {
+    let mut limits = ServerLimits::default();
+    if let Some(n) = m.optional("max-connections", Members::uint32)? {
+        limits.max_connections = n;
+    }
+    if let Some(seconds) = m.optional("handshake-max-seconds", Members::uint32)? {
+        limits.handshake = std::time::Duration::from_secs(seconds.into());
+    }
+    Ok(limits)
 }
 
 /// QMP's nbd-server-start takes the legacy `{"type":..,"data":{..}}` address.

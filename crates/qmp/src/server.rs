@@ -25,13 +25,10 @@ use crate::wire::encode;
 
 /// Serves QMP clients from a UNIX listener until the task is dropped.
 pub async fn serve_unix(daemon: Arc<Daemon>, listener: tokio::net::UnixListener) {
+    let mut backoff = nbd::listener::AcceptBackoff::default();
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(serve_connection(daemon.clone(), stream));
-            }
-            Err(e) => tracing::warn!("QMP accept failed: {e}"),
-        }
+        let stream = nbd::listener::accept_unix(&listener, "QMP", &mut backoff).await;
+        tokio::spawn(serve_connection(daemon.clone(), stream));
     }
 }
 

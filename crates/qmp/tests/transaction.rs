@@ -178,18 +178,22 @@ async fn grouped_incrementals_keep_every_bitmap_when_one_fails() {
             )
             .await
             .unwrap();
-        // Changes since the (imaginary) last backup: 3 clusters.
+        // Changes since the (imaginary) last backup: 3 clusters, each in a chunk of
+        // its own, so the throttled job cannot copy them all in its first (free)
+        // chunk and complete before the other one fails (seen on a loaded machine).
         let disk = daemon
             .graph
             .attach(node, block::AttachUser::Other("test".into()))
             .unwrap();
-        disk.write(
-            0,
-            block::IoBuf::from_slice(&[7; 3 * 65536]),
-            block::WriteFlags::default(),
-        )
-        .await
-        .unwrap();
+        for offset in [0, 3 << 19, 3 << 20] {
+            disk.write(
+                offset,
+                block::IoBuf::from_slice(&[7; 65536]),
+                block::WriteFlags::default(),
+            )
+            .await
+            .unwrap();
+        }
     }
     let incremental = |job: &str, device: &str, target: &str, speed: u64| {
         json!({"type":"blockdev-backup","data":{"job-id":job,"device":device,"target":target,

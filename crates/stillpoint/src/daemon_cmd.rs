@@ -9,7 +9,6 @@
 //! the pidfile, and exit 0.
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -96,9 +95,11 @@ async fn serve(daemon: &Arc<Daemon>, args: &DaemonArgs) -> anyhow::Result<()> {
         let listen = qmp::daemon::parse_flat_address(&kind, &mut addr)
             .map_err(|e| anyhow!("--nbd-server: {}", e.desc))?;
         addr.finish().map_err(|e| anyhow!("--nbd-server: {e}"))?;
+        let limits = qmp::daemon::nbd_server_limits(&mut m)
+            .map_err(|e| anyhow!("--nbd-server: {}", e.desc))?;
         m.finish().map_err(|e| anyhow!("--nbd-server: {e}"))?;
         daemon
-            .start_nbd(listen)
+            .start_nbd(listen, limits)
             .await
             .map_err(|e| anyhow!("--nbd-server: {}", e.desc))?;
     }
@@ -145,13 +146,10 @@ async fn serve(daemon: &Arc<Daemon>, args: &DaemonArgs) -> anyhow::Result<()> {
     }
     let mut serving = Vec::new();
     for path in &sockets {
-        if path.exists() {
-            std::fs::remove_file(path)
-                .with_context(|| format!("cannot replace '{}'", path.display()))?;
-        }
-        let listener = tokio::net::UnixListener::bind(path)
+        // Mode 0600 from the moment the socket exists; a stale socket is replaced,
+        // any other file is left alone.
+        let listener = nbd::listener::bind_unix(path, nbd::listener::QMP_SOCKET_MODE)
             .with_context(|| format!("cannot listen on '{}'", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         serving.push(tokio::spawn(qmp::server::serve_unix(
             daemon.clone(),
             listener,

@@ -147,6 +147,8 @@ pub async fn run(dir: Option<PathBuf>, size_mib: u64, seed: u64) -> anyhow::Resu
     }
     let seconds = started.elapsed().as_secs_f64();
     writer.flush().await?;
+    // The guest leaves first: an export with a client connected is not removed.
+    writer.close().await?;
     run("block-export-del", json!({"id":"exp0"})).await?;
     run("nbd-server-stop", json!({})).await?;
     daemon.shutdown().await;

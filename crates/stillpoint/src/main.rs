@@ -196,6 +196,13 @@ enum Command {
         /// Let clients write (read-only otherwise).
         #[arg(long)]
         writable: bool,
+        /// Clients served at once, 0 for no limit; more wait, not greeted, until one
+        /// leaves (qemu-nbd's --shared; its default is 1).
+        #[arg(short = 'e', long, default_value_t = 0)]
+        shared: u32,
+        /// Seconds a client may take to finish its handshake, 0 for no limit.
+        #[arg(long = "handshake-limit", default_value_t = 10)]
+        handshake_limit: u32,
     },
     /// Show an image's format, virtual size and disk usage.
     Info {
@@ -328,13 +335,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
             format,
             name,
             writable,
+            shared,
+            handshake_limit,
         } => {
             let listen = match (socket, bind) {
                 (Some(path), _) => nbd_cmd::Listen::Unix(path),
                 (None, Some(addr)) => nbd_cmd::Listen::Tcp(addr),
                 (None, None) => bail!("give --socket PATH or --bind HOST:PORT"),
             };
-            nbd_cmd::run(&image, listen, format, name, writable).await
+            let limits = nbd::ServerLimits {
+                max_connections: shared,
+                handshake: std::time::Duration::from_secs(handshake_limit.into()),
+            };
+            let options = nbd_cmd::ServeOptions {
+                listen,
+                format,
+                name,
+                writable,
+                limits,
+            };
+            nbd_cmd::run(&image, options).await
         }
         Command::Restore {
             chain_top,

@@ -8,7 +8,6 @@ use std::path::Path;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use anyhow::bail;
 use block::AttachUser;
 use block::NodeGraph;
 use nbd::Export;
@@ -28,14 +27,30 @@ pub enum Listen {
     Tcp(String),
 }
 
+/// How to serve an image.
+#[derive(Debug)]
+pub struct ServeOptions {
+    /// Where to listen.
+    pub listen: Listen,
+    /// The image format; probed when None.
+    pub format: Option<Format>,
+    /// The export name.
+    pub name: String,
+    /// Whether clients may write.
+    pub writable: bool,
+    /// Connection and handshake limits.
+    pub limits: nbd::ServerLimits,
+}
+
 /// Serves `image` until a signal arrives.
-pub async fn run(
-    image: &Path,
-    listen: Listen,
-    format: Option<Format>,
-    name: String,
-    writable: bool,
-) -> anyhow::Result<()> {
+pub async fn run(image: &Path, options: ServeOptions) -> anyhow::Result<()> {
+    let ServeOptions {
+        listen,
+        format,
+        name,
+        writable,
+        limits,
+    } = options;
     let format = match format {
         Some(f) => f,
         None => probe(image)?,
@@ -49,7 +64,7 @@ pub async fn run(
             Some("disk"),
         ))
         .await?;
-    let result = serve(&graph, image, listen, name, writable).await;
+    let result = serve(&graph, image, listen, name, writable, limits).await;
     // Close on every exit (a failed bind included), so a qcow2 image is left clean.
     let closed = graph.close_all().await;
     result?;
@@ -62,10 +77,11 @@ async fn serve(
     listen: Listen,
     name: String,
     writable: bool,
+    limits: nbd::ServerLimits,
 ) -> anyhow::Result<()> {
     let disk = graph.attach("disk", AttachUser::Other(format!("NBD export '{name}'")))?;
     let flusher = graph.attach("disk", AttachUser::Other("nbd command".into()))?;
-    let server = NbdServer::new();
+    let server = NbdServer::with_limits(limits);
     server
         .add_export(Export {
             name: name.clone(),
@@ -79,14 +95,7 @@ async fn serve(
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let (serving, where_) = match &listen {
         Listen::Unix(path) => {
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                use std::os::unix::fs::FileTypeExt;
-                if !meta.file_type().is_socket() {
-                    bail!("'{}' exists and is not a socket", path.display());
-                }
-                std::fs::remove_file(path).ok();
-            }
-            let listener = tokio::net::UnixListener::bind(path)
+            let listener = nbd::listener::bind_unix(path, nbd::listener::NBD_SOCKET_MODE)
                 .with_context(|| format!("cannot listen on '{}'", path.display()))?;
             let task = tokio::spawn(server.clone().serve_unix(listener));
             (task, format!("unix:{}", path.display()))

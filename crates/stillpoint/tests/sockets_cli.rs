@@ -1,0 +1,173 @@
+//! The sockets the binary listens on: their modes whatever the umask, what an existing
+//! file at the path means, and an accept loop that stays calm at the descriptor limit.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Child;
+use std::process::Command;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::s;
+
+/// Starts `stillpoint ARGS` with umask 000 (and at most `max_files` descriptors),
+/// waits for `wait_for` to exist.
+fn spawn(args: &[&str], max_files: Option<u64>, wait_for: &Path) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_stillpoint"));
+    command
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: umask and setrlimit are async-signal-safe and touch no memory of the
+    // parent; they run in the child between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            libc::umask(0);
+            if let Some(n) = max_files {
+                let limit = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    for _ in 0..1000 {
+        if wait_for.exists() {
+            return child;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("stillpoint {args:?} exited early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    panic!("{} never appeared", wait_for.display());
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn stop(mut child: Child) {
+    // SAFETY: kill(2) with SIGTERM on our child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf with a constant name.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks as f64 / per_second
+}
+
+#[test]
+fn nbd_sockets_are_0660_and_qmp_sockets_0600_under_umask_000() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+
+    let socket = dir.path().join("nbd.sock");
+    let server = spawn(&["nbd", s(&image), "--socket", s(&socket)], None, &socket);
+    assert_eq!(mode(&socket), 0o660, "stillpoint nbd socket");
+    stop(server);
+
+    let qmp = dir.path().join("qmp.sock");
+    let nbd = dir.path().join("daemon-nbd.sock");
+    let nbd_server = format!("addr.type=unix,addr.path={}", s(&nbd));
+    let daemon = spawn(
+        &["daemon", "--qmp", s(&qmp), "--nbd-server", &nbd_server],
+        None,
+        &qmp,
+    );
+    assert_eq!(mode(&qmp), 0o600, "QMP socket");
+    assert_eq!(mode(&nbd), 0o660, "daemon NBD socket");
+    stop(daemon);
+}
+
+#[test]
+fn an_existing_file_that_is_not_a_socket_is_never_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("notes.txt");
+    std::fs::write(&precious, b"do not delete").unwrap();
+    let out = common::stillpoint(&["daemon", "--qmp", s(&precious)]);
+    assert!(!out.status.success());
+    assert!(
+        common::stderr(&out).contains("is not a socket"),
+        "{}",
+        common::stderr(&out)
+    );
+    assert_eq!(std::fs::read(&precious).unwrap(), b"do not delete");
+
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let out = common::stillpoint(&["nbd", s(&image), "--socket", s(&precious)]);
+    assert!(!out.status.success());
+    assert_eq!(std::fs::read(&precious).unwrap(), b"do not delete");
+}
+
+#[test]
+fn at_the_descriptor_limit_the_accept_loop_waits_instead_of_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let socket = dir.path().join("nbd.sock");
+    // No handshake limit, so the silent clients below keep their descriptors.
+    let server = spawn(
+        &[
+            "nbd",
+            s(&image),
+            "--socket",
+            s(&socket),
+            "--handshake-limit",
+            "0",
+        ],
+        Some(40),
+        &socket,
+    );
+    let clients: Vec<_> = (0..80)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_seconds(server.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(server.id()) - before;
+    assert!(
+        used < 0.5,
+        "the server used {used:.2} CPU seconds in 2 s while out of descriptors"
+    );
+    // Once descriptors are free again it serves new clients.
+    drop(clients);
+    let out = common::run(
+        "nbdinfo",
+        &["--size", &format!("nbd+unix:///?socket={}", s(&socket))],
+    );
+    assert_eq!(
+        common::stdout(&out).trim(),
+        "1048576",
+        "{}",
+        common::stderr(&out)
+    );
+    stop(server);
+}
