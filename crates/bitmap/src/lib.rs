@@ -126,6 +126,24 @@ fn word_mask(lo: u64, hi: u64) -> u64 {
     }
 }
 
+/// `n` zero words, or None when the allocator refuses. Zeroed pages come lazily from
+/// the kernel, so a large, mostly empty bitmap costs memory only where bits are set.
+fn zeroed_words(n: usize) -> Option<Vec<u64>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u64>(n).ok()?;
+    // SAFETY: the layout has a non-zero size (n > 0).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<u64>();
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout of
+    // `[u64; n]`, which is what a Vec<u64> of capacity n uses, and its n elements are
+    // initialised (all-zero bytes are a valid u64).
+    Some(unsafe { Vec::from_raw_parts(ptr, n, n) })
+}
+
 fn words_for(bits: u64) -> u64 {
     bits.div_ceil(WORD_BITS).max(1)
 }
@@ -149,7 +167,9 @@ impl Bitmap {
         loop {
             let words = words_for(bits);
             let words_usize = usize::try_from(words).map_err(|_| too_large())?;
-            levels.push(vec![0u64; words_usize]);
+            // An allocation the system refuses is an error, not an abort: a bitmap's
+            // size comes from a QMP client or an image header.
+            levels.push(zeroed_words(words_usize).ok_or_else(too_large)?);
             if words == 1 {
                 break;
             }

@@ -20,6 +20,34 @@ use bitmap::Bitmap;
 use crate::error::Error;
 use crate::error::Result;
 
+/// Most bytes of bits a dirty bitmap may take, in memory and in an image: 512 MiB,
+/// QEMU's limit for persistent bitmaps (`BME_MAX_PHYS_SIZE` in its qcow2 code), which
+/// is 2^32 granules (a 512 TiB disk at 128 KiB granularity, 2 TiB at 512 bytes).
+/// QEMU has no limit for the others and aborts when one cannot be allocated; here a
+/// bitmap over the limit is refused.
+pub const MAX_BITMAP_BYTES: u64 = 512 << 20;
+
+/// Bytes of bits a bitmap of `size` bytes at `granularity` takes.
+pub fn bitmap_bytes(size: u64, granularity: u64) -> u64 {
+    size.div_ceil(granularity.max(1)).div_ceil(8)
+}
+
+/// "512 MiB", "128 GiB", "1.5 KiB": sizes in messages.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut scaled = bytes as f64;
+    let mut unit = 0;
+    while scaled >= 1024.0 && unit + 1 < UNITS.len() {
+        scaled /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{bytes} bytes"),
+        _ if scaled.fract() == 0.0 => format!("{scaled:.0} {}", UNITS[unit]),
+        _ => format!("{scaled:.1} {}", UNITS[unit]),
+    }
+}
+
 /// The granularity QEMU picks when the user gives none: the node's cluster size
 /// clamped to [4 KiB, 64 KiB], 64 KiB when it has no cluster size.
 pub fn default_granularity(cluster_size: Option<u32>) -> u64 {
@@ -75,6 +103,15 @@ impl DirtyBitmap {
         recording: bool,
         persistent: bool,
     ) -> Result<Arc<Self>> {
+        let bytes = bitmap_bytes(size, granularity);
+        if bytes > MAX_BITMAP_BYTES {
+            return Err(Error::invalid(format!(
+                "Bitmap '{name}' would take {} of memory, more than the {} a dirty bitmap \
+                 may take: use a larger granularity",
+                human_size(bytes),
+                human_size(MAX_BITMAP_BYTES)
+            )));
+        }
         let bits = Bitmap::new(size, granularity).map_err(|e| Error::invalid(e.to_string()))?;
         Ok(Arc::new(Self {
             name: name.to_string(),
@@ -296,6 +333,26 @@ impl DirtyBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(human_size(512), "512 bytes");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(MAX_BITMAP_BYTES), "512 MiB");
+        assert_eq!(human_size(1 << 49), "512 TiB");
+    }
+
+    #[test]
+    fn a_bitmap_over_the_limit_is_refused_before_it_is_allocated() {
+        let err = DirtyBitmap::new("t", 1 << 49, 512, true, false).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Bitmap 't' would take 128 GiB of memory, more than the 512 MiB a dirty \
+             bitmap may take: use a larger granularity"
+        );
+        // The largest allowed one exists (its pages stay untouched until bits are set).
+        DirtyBitmap::new("t", 1 << 41, 512, true, false).unwrap();
+    }
 
     #[test]
     fn a_frozen_bitmap_sends_writes_to_its_successor_and_ends_by_either_rule() {

@@ -190,6 +190,19 @@ impl Node {
                 self.name
             )));
         }
+        if persistent {
+            // QEMU's rule: the bitmap's data, in whole clusters, fits the limit.
+            let cluster = u64::from(self.limits().cluster_size.unwrap_or(65536));
+            let stored =
+                crate::dirty::bitmap_bytes(self.length(), granularity).div_ceil(cluster) * cluster;
+            if stored > crate::dirty::MAX_BITMAP_BYTES {
+                return Err(Error::invalid(format!(
+                    "Can't make bitmap '{name}' persistent in '{}': Too much space will be \
+                     occupied by the bitmap. Use larger granularity",
+                    self.name
+                )));
+            }
+        }
         let mut bitmaps = self.bitmaps.lock().unwrap_or_else(|e| e.into_inner());
         if bitmaps.iter().any(|b| b.name() == name) {
             return Err(Error::invalid(format!("Bitmap already exists: {name}")));

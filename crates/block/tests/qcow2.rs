@@ -803,3 +803,90 @@ async fn persistent_bitmaps_are_loaded_kept_up_to_date_and_stored() {
     assert!(!b0.inconsistent);
     image.close().await;
 }
+
+/// Rewrites the directory entry of the image's only bitmap to `granularity_bits` and
+/// the table size that granularity needs, growing the file (sparsely) so the table
+/// "fits": a crafted image whose bitmap asks for any amount of memory.
+fn retarget_bitmap(img: &Path, granularity_bits: u8) {
+    use block::drivers::qcow2::bitmaps;
+    use std::os::unix::fs::FileExt;
+    let header = qcow2::read_file_header(img).unwrap().unwrap();
+    let (nb, dir_size, dir_offset) = header.bitmaps.unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let mut dir = vec![0u8; dir_size as usize];
+    file.read_exact_at(&mut dir, dir_offset).unwrap();
+    let mut entries = bitmaps::parse_directory(&dir, nb).unwrap();
+    let cs = header.cluster_size();
+    let data = bitmaps::data_len(header.size, 1 << granularity_bits);
+    entries[0].granularity_bits = granularity_bits;
+    entries[0].table_size = data.div_ceil(cs) as u32;
+    file.write_all_at(&bitmaps::encode_directory(&entries), dir_offset)
+        .unwrap();
+    let table_end = entries[0].table_offset + u64::from(entries[0].table_size) * 8;
+    if file.metadata().unwrap().len() < table_end {
+        file.set_len(table_end).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bitmap_too_big_for_memory_is_refused_before_it_is_allocated() {
+    let dir = tempdir();
+    let img = dir.path().join("bomb.qcow2");
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&img), "512T"],
+    );
+    ok(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "2147483648", s(&img), "b0"],
+    );
+    // 512 TiB at 512-byte granularity: 128 GiB of bits.
+    retarget_bitmap(&img, 9);
+    let qemu = run("qemu-img", &["info", s(&img)]);
+    assert!(!qemu.status.success(), "qemu-img refuses it too");
+    for read_only in [true, false] {
+        let err = open(&img, read_only).await.err().expect("the image opened");
+        assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+        assert!(
+            err.to_string()
+                .contains("Bitmap 'b0' doesn't satisfy the constraints: its bits take 128 GiB"),
+            "{err}"
+        );
+    }
+    // One step inside the limit (granularity 128 KiB: 512 MiB) opens.
+    retarget_bitmap(&img, 17);
+    open(&img, true).await.unwrap().close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_ones_bitmap_table_entries_load_as_full_ranges() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempdir();
+    let img = dir.path().join("ones.qcow2");
+    // 16 GiB at 512-byte granularity: 4 MiB of bits, a table of 64 clusters.
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16G"]);
+    ok("qemu-img", &["bitmap", "--add", "-g", "512", s(&img), "b0"]);
+    let header = qcow2::read_file_header(&img).unwrap().unwrap();
+    let (nb, dir_size, dir_offset) = header.bitmaps.unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut dir = vec![0u8; dir_size as usize];
+    file.read_exact_at(&mut dir, dir_offset).unwrap();
+    let entries = qcow2::bitmaps::parse_directory(&dir, nb).unwrap();
+    assert_eq!(entries[0].table_size, 64);
+    // Every table entry "all ones" (offset 0, bit 0 set).
+    let table: Vec<u8> = (0..64).flat_map(|_| 1u64.to_be_bytes()).collect();
+    file.write_all_at(&table, entries[0].table_offset).unwrap();
+    drop(file);
+    let image = open(&img, true).await.unwrap();
+    let b0 = image.node.node().bitmap("b0").unwrap().info();
+    assert_eq!(b0.count, 16 << 30, "every granule is dirty");
+    image.close().await;
+}

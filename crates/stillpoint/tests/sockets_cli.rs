@@ -11,6 +11,7 @@ use std::process::Command;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::cpu_seconds;
 use common::s;
 
 /// Starts `stillpoint ARGS` with umask 000 (and at most `max_files` descriptors),
@@ -60,17 +61,6 @@ fn stop(mut child: Child) {
     // SAFETY: kill(2) with SIGTERM on our child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
-}
-
-/// CPU seconds (user + system) a process has used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf with a constant name.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks as f64 / per_second
 }
 
 #[test]

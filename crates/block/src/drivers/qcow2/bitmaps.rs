@@ -67,6 +67,40 @@ pub fn check_directory(nb: u32, size: u64, offset: u64, cs: u64, file_len: u64) 
     Ok(())
 }
 
+/// Refuses a bitmap bigger than [`crate::dirty::MAX_BITMAP_BYTES`] before any memory
+/// is allocated for it (QEMU refuses it too, "doesn't satisfy the constraints"; a
+/// crafted 68 KiB image naming a 512 TiB disk at 512-byte granularity asked for
+/// 128 GiB).
+pub fn check_size(entry: &Entry, disk_size: u64, cluster_size: u64) -> Result<()> {
+    let granularity = 1u64 << entry.granularity_bits;
+    let bytes = data_len(disk_size, granularity);
+    let stored = u64::from(entry.table_size) * cluster_size;
+    if bytes.max(stored) > crate::dirty::MAX_BITMAP_BYTES {
+        return Err(crate::error::Error::unsupported(format!(
+            "Bitmap '{}' doesn't satisfy the constraints: its bits take {} (a {} disk at \
+             {}-byte granularity), more than the {} a bitmap may take",
+            entry.name,
+            crate::dirty::human_size(bytes.max(stored)),
+            crate::dirty::human_size(disk_size),
+            granularity,
+            crate::dirty::human_size(crate::dirty::MAX_BITMAP_BYTES)
+        )));
+    }
+    Ok(())
+}
+
+/// Sets `count` granules of `bits` from granule `first` on (clipped to the bitmap).
+pub fn set_granules(bits: &mut Bitmap, first: u64, count: u64) {
+    let g = bits.granularity();
+    let granules = bits.size().div_ceil(g);
+    let last = first.saturating_add(count).min(granules);
+    if first < last {
+        let start = first * g;
+        let end = (last * g).min(bits.size());
+        bits.set(start, end - start);
+    }
+}
+
 /// Parses `nb` directory entries.
 pub fn parse_directory(bytes: &[u8], nb: u32) -> Result<Vec<Entry>> {
     let mut entries = Vec::new();

@@ -577,6 +577,8 @@ impl Qcow2Driver {
         for e in &entries {
             let granularity = 1u64 << e.granularity_bits;
             let data_len = bitmaps::data_len(self.geo.size, granularity);
+            // Before anything is allocated: the image says how big the bitmap is.
+            bitmaps::check_size(e, self.geo.size, cs)?;
             if u64::from(e.table_size) != data_len.div_ceil(cs) {
                 return Err(corrupt(format!(
                     "bitmap '{}' has a table of {} entries, expected {}",
@@ -623,7 +625,9 @@ impl Qcow2Driver {
                 let len = (data_len - i as u64 * cs).min(cs) as usize;
                 if at == 0 {
                     if entry & 1 != 0 {
-                        bitmaps::decode_into(&mut bits, &vec![0xff; len], first_granule);
+                        // An all-ones cluster: one range, not a cluster of 0xff bytes
+                        // decoded bit by bit.
+                        bitmaps::set_granules(&mut bits, first_granule, len as u64 * 8);
                     }
                     continue;
                 }
