@@ -899,7 +899,7 @@ impl NodeGraph {
                         )
                         .await?;
                     check_child_writable(&child, &mut policy, auto_read_only)?;
-                    Box::new(RawDriver::new(child, raw.offset, raw.size)?)
+                    Box::new(RawDriver::new(child, raw.offset, raw.size)?.probed(raw.probed))
                 }
                 DriverOptions::Qcow2(q) => {
                     let child = self

@@ -194,6 +194,10 @@ pub struct RawOptions {
     pub offset: Option<u64>,
     /// `size`: length of the window; the rest of the child by default.
     pub size: Option<u64>,
+    /// The format was guessed, not given (command line only, never a QMP member):
+    /// writes that would make the first sector probe as another format are refused,
+    /// as QEMU does for probed raw images.
+    pub probed: bool,
 }
 
 /// Members of the `qcow2` driver.
@@ -355,6 +359,7 @@ impl BlockdevOptions {
             file: BlockdevRef::Inline(Box::new(file)),
             offset: None,
             size: None,
+            probed: false,
         }));
         raw.read_only = Some(read_only);
         raw
@@ -597,7 +602,12 @@ fn parse_raw(m: &mut Members) -> Result<RawOptions> {
     let file = m.required("file", blockdev_ref)?;
     let offset = m.optional("offset", Members::unsigned)?;
     let size = m.optional("size", Members::unsigned)?;
-    Ok(RawOptions { file, offset, size })
+    Ok(RawOptions {
+        file,
+        offset,
+        size,
+        probed: false,
+    })
 }
 
 fn parse_qcow2(m: &mut Members) -> Result<Qcow2Options> {

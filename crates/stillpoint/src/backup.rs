@@ -28,9 +28,11 @@ use jobs::start_backup;
 use serde_json::json;
 
 use crate::image::Format;
+use crate::image::ImageFormat;
 use crate::image::node_options;
 use crate::image::os_text;
 use crate::image::probe;
+use crate::image::resolve_format;
 
 /// The arguments of `stillpoint backup`.
 #[derive(Debug)]
@@ -97,12 +99,13 @@ impl BackupArgs {
 /// requests measured faster (bench/RESULTS.md, "qcow2").
 pub const CLI_CHUNK: u64 = 2 << 20;
 
-fn format_of(path: &Path, format: Option<Format>) -> anyhow::Result<Format> {
-    Ok(match format {
-        Some(f) => f,
-        None if path.exists() => probe(path)?,
-        None => Format::Raw,
-    })
+/// The format of a source or target: given, probed (under the probing rules), or raw
+/// for a target this backup creates.
+fn format_of(path: &Path, format: Option<Format>, flag: &str) -> anyhow::Result<ImageFormat> {
+    match format {
+        None if !path.exists() => Ok(ImageFormat::given(Format::Raw)),
+        format => resolve_format(path, format, flag),
+    }
 }
 
 /// Creates an empty target of `len` bytes: a sparse raw file or a fresh qcow2 image,
@@ -149,8 +152,9 @@ fn create_target(
 
 /// Runs the backup; returns an error (and leaves an incomplete target) on failure.
 pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
-    let source_format = format_of(&args.source, args.source_format)?;
-    let target_format = format_of(&args.target, args.target_format)?;
+    let source = format_of(&args.source, args.source_format, "--source-format")?;
+    let target = format_of(&args.target, args.target_format, "--target-format")?;
+    let (source_format, target_format) = (source.format, target.format);
     std::fs::metadata(&args.source).map_err(|e| {
         anyhow::anyhow!(
             "Could not open '{}': {}",
@@ -197,7 +201,7 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
         }
     }
     let graph = Arc::new(NodeGraph::new());
-    let result = run_on(&graph, &args, source_format, target_format).await;
+    let result = run_on(&graph, &args, source, target).await;
     // Every exit closes what was opened: a qcow2 opened for writing must have its
     // bitmaps stored and its dirty bit cleared, even when the backup never started.
     // (A second close after the one run_on does is a no-op.)
@@ -209,8 +213,8 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
 async fn run_on(
     graph: &Arc<NodeGraph>,
     args: &BackupArgs,
-    source_format: Format,
-    target_format: Format,
+    source_format: ImageFormat,
+    target_format: ImageFormat,
 ) -> anyhow::Result<()> {
     // With a bitmap the source is opened for writing, so the bitmap can be stored
     // back; nothing else writes it.
@@ -238,11 +242,23 @@ async fn run_on(
         // A full backup starts the chain: the bitmap records from this instant.
         source_node.add_bitmap(name, args.granularity, true, false)?;
     }
+    if target_format.probed && target_format.format == Format::Raw && source_len >= 4 {
+        // The raw driver would refuse the first chunk anyway (EPERM); say why first.
+        let first = source_node.read(0, block::IoBuf::zeroed(4)).await?;
+        if first[..] == *b"QFI\xfb" {
+            bail!(
+                "the source begins with a qcow2 header, and writing it into '{}', whose \
+                 format was only probed as raw, would make that image probe as qcow2: \
+                 give --target-format raw to write it anyway",
+                args.target.display()
+            );
+        }
+    }
     let created = !args.target.exists();
     if created {
         create_target(
             &args.target,
-            target_format,
+            target_format.format,
             source_len,
             args.backing.as_deref(),
         )?;

@@ -111,7 +111,7 @@ enum Command {
     /// Rebuild a full image from a backup chain: copy what CHAIN_TOP reads (through
     /// its backing files) to OUTPUT.
     Restore {
-        /// The newest backup of the chain (qcow2).
+        /// The newest backup of the chain (read as qcow2, its backing files followed).
         chain_top: PathBuf,
         /// The image to write (created raw when missing, or --target-format qcow2).
         output: PathBuf,
@@ -361,7 +361,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             output,
             target_format,
         } => {
+            // The input is a qcow2 backup chain by definition of the command, so its
+            // format is given, not probed, and its backing files are followed.
             let args = backup::BackupArgs {
+                source_format: Some(Format::Qcow2),
                 target_format,
                 ..backup::BackupArgs::new(chain_top, output)
             };

@@ -16,7 +16,7 @@ use tokio::signal::unix::SignalKind;
 use tokio::signal::unix::signal;
 
 use crate::image::Format;
-use crate::image::probe;
+use crate::image::resolve_format;
 
 /// Where to listen.
 #[derive(Debug)]
@@ -51,10 +51,7 @@ pub async fn run(image: &Path, options: ServeOptions) -> anyhow::Result<()> {
         writable,
         limits,
     } = options;
-    let format = match format {
-        Some(f) => f,
-        None => probe(image)?,
-    };
+    let format = resolve_format(image, format, "--format")?;
     let graph = NodeGraph::new();
     graph
         .add(crate::image::node_options(

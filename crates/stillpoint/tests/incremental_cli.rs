@@ -91,10 +91,14 @@ fn chain(granularity: &str, target_cluster: &str) {
                 s(&target),
             ],
         );
+        // The target names a backing file, so its format must be given: a probed
+        // image never follows one.
         let summary = ours(&[
             "backup",
             s(&disk),
             s(&target),
+            "--target-format",
+            "qcow2",
             "--incremental",
             "--bitmap",
             "daily",

@@ -4,6 +4,12 @@
 //!
 //! Requests are shifted by `offset` and forwarded through the child attachment;
 //! block status reports the child's status with host offsets shifted the same way.
+//!
+//! A raw image whose format was *probed* (the user named no format) belongs to its
+//! guest down to sector 0, and a guest that writes a qcow2 header there would make the
+//! next probe open the disk as qcow2 and follow whatever backing file the guest named,
+//! a host file included. So, QEMU's rule: on a probed raw node, a write to the first
+//! 512 bytes that would make them probe as qcow2 fails with EPERM.
 
 use std::path::PathBuf;
 
@@ -25,6 +31,17 @@ pub struct RawDriver {
     child: Attachment,
     offset: u64,
     size: u64,
+    /// The format was probed: guard the first sector (see the module note).
+    probed: bool,
+    /// Held from the check to the end of a write that touches the magic, so two
+    /// writes of half a magic each cannot both pass.
+    first_bytes: tokio::sync::Mutex<()>,
+}
+
+/// What a format probe would say of a first sector: qcow2 by its magic (the only
+/// other format we open).
+fn probes_as_other_format(first_bytes: &[u8]) -> bool {
+    first_bytes.len() >= 4 && first_bytes[..4] == *b"QFI\xfb"
 }
 
 impl RawDriver {
@@ -51,7 +68,41 @@ impl RawDriver {
             child,
             offset,
             size,
+            probed: false,
+            first_bytes: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Marks the node as opened with a probed format (see the module note).
+    pub fn probed(mut self, probed: bool) -> Self {
+        self.probed = probed;
+        self
+    }
+
+    /// Refuses a write of `buf` at `offset` that would make the first sector of a
+    /// probed image look like a qcow2 header.
+    async fn check_first_sector(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        if !self.probed || offset >= 4 || buf.is_empty() {
+            return Ok(());
+        }
+        // The four magic bytes as they would be after this write.
+        let mut magic = [0u8; 4];
+        let kept = self.size.min(4) as usize;
+        if offset > 0 || buf.len() < 4 {
+            let current = self.child.read(self.offset, IoBuf::zeroed(kept)).await?;
+            magic[..kept].copy_from_slice(&current);
+        }
+        let from = offset as usize;
+        let n = buf.len().min(4 - from);
+        magic[from..from + n].copy_from_slice(&buf[..n]);
+        if probes_as_other_format(&magic) {
+            return Err(Error::new(
+                crate::error::ErrorKind::PermissionDenied,
+                "writing a qcow2 header to the first sector of an image probed as raw is \
+                 refused (give the format explicitly to allow it)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -78,6 +129,11 @@ impl BlockDriver for RawDriver {
     }
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+        if self.probed && offset < 4 {
+            let _one_at_a_time = self.first_bytes.lock().await;
+            self.check_first_sector(offset, &buf).await?;
+            return self.child.write(self.offset + offset, buf, flags).await;
+        }
         self.child.write(self.offset + offset, buf, flags).await
     }
 

@@ -2092,10 +2092,24 @@ pub fn read_file_header(path: &Path) -> Result<Option<Header>> {
     };
     let mut file = std::fs::File::open(path).map_err(open_error)?;
     let file_len = file.metadata().map_err(open_error)?.len();
-    let mut first = vec![0u8; (1usize << header::MAX_CLUSTER_BITS).min(file_len as usize)];
+    // The header, then the rest of the first cluster (extensions live there) and no
+    // more: reading data clusters changes what SEEK_DATA reports for unwritten extents
+    // (ext4 counts cached pages as data), so a probe must not touch them.
+    let mut first = vec![0u8; (Header::PROBE_LEN as u64).min(file_len) as usize];
     file.read_exact(&mut first).map_err(open_error)?;
     if first.len() < 4 || first[..4] != header::MAGIC.to_be_bytes() {
         return Ok(None);
+    }
+    if first.len() >= 24 {
+        let bits = u32::from_be_bytes(first[20..24].try_into().unwrap());
+        if (header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&bits) {
+            let cluster = (1u64 << bits).min(file_len) as usize;
+            let have = first.len();
+            if cluster > have {
+                first.resize(cluster, 0);
+                file.read_exact(&mut first[have..]).map_err(open_error)?;
+            }
+        }
     }
     Header::parse(&first, file_len).map(Some)
 }
@@ -2176,6 +2190,7 @@ pub fn backing_options(
             file,
             offset: None,
             size: None,
+            probed: false,
         }),
     };
     let mut options = BlockdevOptions::plain(driver);
