@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need, then runs every test of the workspace.
+# The test command: installs what the tests need, then runs every test of the workspace,
+# the QMP compatibility suite, and every fuzzer for a bounded time
+# (STILLPOINT_FUZZ_SECONDS per target, 30 by default; 0 skips fuzzing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,3 +17,9 @@ fi
 # daemon through QEMU's own client library (uses the debug binary built above).
 cargo build -q -p stillpoint
 .venv/bin/python -m pytest -q tests/compat
+
+# Every parser of untrusted bytes, fuzzed for a bounded time (libFuzzer + ASan).
+fuzz_seconds=${STILLPOINT_FUZZ_SECONDS:-30}
+if [ "$fuzz_seconds" != 0 ]; then
+  bash scripts/fuzz.sh "$fuzz_seconds"
+fi

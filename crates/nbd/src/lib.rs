@@ -17,8 +17,11 @@
 //! `base:allocation` block status, many requests in flight; opened from QEMU's
 //! `blockdev-add` options through [`NbdDrivers`].
 //!
-//! Out of scope for now: extended headers, TLS, reconnect,
-//! `qemu:dirty-bitmap:` contexts (no dirty bitmaps exist yet), OFFSET_HOLE chunks.
+//! The client accepts OFFSET_DATA and OFFSET_HOLE chunks and checks every reply
+//! against its request; the server never sends OFFSET_HOLE. [`listener`] creates the
+//! listening sockets (modes, stale sockets, accept back-off) for NBD and QMP.
+//!
+//! Out of scope for now: extended headers, TLS, reconnect.
 
 pub mod client;
 pub mod listener;

@@ -69,6 +69,51 @@ fn parse_command(message: Value) -> Result<Command, (QmpError, Option<Value>)> {
     Ok((name, arguments, id))
 }
 
+/// What one connection has negotiated.
+#[derive(Debug, Default)]
+pub struct Session {
+    /// `qmp_capabilities` succeeded: commands run and events flow.
+    pub negotiated: bool,
+}
+
+/// The reply to one decoded message of a client (an error for malformed input, for a
+/// command before negotiation, or from the command itself).
+pub async fn respond(daemon: &Arc<Daemon>, session: &mut Session, incoming: Incoming) -> Value {
+    let message = match incoming {
+        Incoming::Malformed(desc) => return error_reply(&QmpError::generic(desc), None),
+        Incoming::Value(message) => message,
+    };
+    let (name, arguments, id) = match parse_command(message) {
+        Err((error, id)) => return error_reply(&error, id.as_ref()),
+        Ok(command) => command,
+    };
+    let result = if !session.negotiated {
+        if name == "qmp_capabilities" {
+            capabilities(arguments).map(|()| {
+                session.negotiated = true;
+                json!({})
+            })
+        } else {
+            Err(QmpError {
+                class: "CommandNotFound",
+                desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
+            })
+        }
+    } else {
+        daemon.execute(&name, arguments).await
+    };
+    match result {
+        Ok(value) => {
+            let mut reply = json!({"return": value});
+            if let Some(id) = id {
+                reply["id"] = id;
+            }
+            reply
+        }
+        Err(error) => error_reply(&error, id.as_ref()),
+    }
+}
+
 /// Serves one client until it disconnects.
 pub async fn serve_connection<S>(daemon: Arc<Daemon>, stream: S)
 where
@@ -80,48 +125,15 @@ where
         return;
     }
     let mut events: Option<broadcast::Receiver<Value>> = None;
+    let mut session = Session::default();
     let mut decoder = Decoder::default();
     let mut buf = vec![0u8; 64 << 10];
     loop {
         while let Some(incoming) = decoder.next_message() {
-            let reply = match incoming {
-                Incoming::Malformed(desc) => error_reply(&QmpError::generic(desc), None),
-                Incoming::Value(message) => {
-                    match parse_command(message) {
-                        Err((error, id)) => error_reply(&error, id.as_ref()),
-                        Ok((name, arguments, id)) => {
-                            let result = if events.is_none() {
-                                if name == "qmp_capabilities" {
-                                    match capabilities(arguments) {
-                                        Ok(()) => {
-                                            events = Some(daemon.subscribe());
-                                            Ok(json!({}))
-                                        }
-                                        Err(e) => Err(e),
-                                    }
-                                } else {
-                                    Err(QmpError {
-                                    class: "CommandNotFound",
-                                    desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
-                                })
-                                }
-                            } else {
-                                daemon.execute(&name, arguments).await
-                            };
-                            match result {
-                                Ok(value) => {
-                                    let mut reply = json!({"return": value});
-                                    if let Some(id) = id {
-                                        reply["id"] = id;
-                                    }
-                                    reply
-                                }
-                                Err(error) => error_reply(&error, id.as_ref()),
-                            }
-                        }
-                    }
-                }
-            };
+            let reply = respond(&daemon, &mut session, incoming).await;
+            if session.negotiated && events.is_none() {
+                events = Some(daemon.subscribe());
+            }
             if writer.write_all(&encode(&reply)).await.is_err() {
                 return;
             }

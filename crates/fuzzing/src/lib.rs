@@ -1,0 +1,372 @@
+//! Fuzz harnesses: one function per parser of untrusted bytes, each taking the bytes
+//! and returning normally whatever they are. A panic, a hang or unbounded memory is a
+//! bug in the code under test (or an invariant the harness checks failing).
+//!
+//! | target | the untrusted bytes |
+//! |---|---|
+//! | `nbd_server` | an NBD client's stream: negotiation, then requests |
+//! | `nbd_client_replies` | an NBD server's replies to the client driver's requests (after a valid negotiation) |
+//! | `qcow2_open` | a qcow2 image, opened read-only and read-write, read, written, flushed |
+//! | `qcow2_bitmap_directory` | a qcow2 bitmap directory: parsed, size-checked, re-encoded |
+//! | `qmp` | a QMP client's stream: the decoder, then command dispatch |
+//! | `blockdev_options` | `blockdev-add` options, as QEMU's dotted key=value text and as JSON |
+//!
+//! Two users: the `cargo fuzz` targets under `fuzz/` (one line each, run by
+//! `scripts/fuzz.sh` with libFuzzer and AddressSanitizer), and the replay test of this
+//! crate, which runs every committed seed (`fuzz/corpus/TARGET/`) and every saved
+//! crash (`fuzz/regressions/TARGET/`) through the same functions in an ordinary test
+//! build, so a crash found once stays fixed.
+//!
+//! The QMP harness runs commands against a fresh in-memory daemon, and never the ones
+//! that reach the host: a message naming a file, socket or address anywhere in its
+//! arguments, `blockdev-create`, `nbd-server-start` and `quit` are skipped (the
+//! decoder and the argument checks still see them).
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use block::AttachUser;
+use block::BlockDriver;
+use block::BlockdevOptions;
+use block::IoBuf;
+use block::NodeGraph;
+use block::WriteFlags;
+use block::ZeroFlags;
+use nbd::proto::*;
+use serde_json::Value;
+use tokio::io::AsyncReadExt;
+use tokio::io::AsyncWriteExt;
+
+/// A harness: takes one input, returns normally whatever it is.
+pub type Harness = fn(&[u8]);
+
+/// Every harness, by target name.
+pub const TARGETS: &[(&str, Harness)] = &[
+    ("nbd_server", nbd_server),
+    ("nbd_client_replies", nbd_client_replies),
+    ("qcow2_open", qcow2_open),
+    ("qcow2_bitmap_directory", qcow2_bitmap_directory),
+    ("qmp", qmp),
+    ("blockdev_options", blockdev_options),
+];
+
+/// A fresh single-threaded runtime per input: whatever an input leaves running (a
+/// job, a connection task) ends with it.
+fn run<F: Future<Output = ()>>(work: F) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(work);
+}
+
+/// Upper bound on one input's work; a slow input ends early, a hang is caught by the
+/// fuzzer's own timeout.
+const INPUT_TIME: Duration = Duration::from_secs(3);
+
+/// The NBD server with `data` as everything a client sends.
+pub fn nbd_server(data: &[u8]) {
+    run(async {
+        let graph = NodeGraph::new();
+        let options = BlockdevOptions::from_json(serde_json::json!(
+            {"driver": "null-co", "node-name": "n", "size": 1048576, "read-zeroes": true}))
+        .expect("valid options");
+        graph.add(options).await.expect("a null node");
+        let disk = graph
+            .attach("n", AttachUser::Other("fuzz".into()))
+            .expect("an attachment");
+        let server = nbd::NbdServer::new();
+        server
+            .add_export(nbd::Export {
+                name: String::new(),
+                description: String::new(),
+                disk,
+                writable: true,
+                bitmaps: Vec::new(),
+            })
+            .expect("a fresh export");
+        let (client, server_side) = tokio::io::duplex(1 << 20);
+        let serving = tokio::spawn(server.serve_connection(server_side));
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let _ = wr.write_all(data).await;
+        let _ = wr.shutdown().await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(INPUT_TIME, rd.read_to_end(&mut sink)).await;
+        let _ = tokio::time::timeout(INPUT_TIME, serving).await;
+    });
+}
+
+/// Export size the scripted server of [`nbd_client_replies`] announces.
+pub const CLIENT_EXPORT_SIZE: u64 = 1 << 20;
+
+/// The server side of a valid fixed-newstyle negotiation: structured replies,
+/// `base:allocation` (context id 1), GO of a writable export.
+async fn negotiate_as_server(s: &mut tokio::io::DuplexStream) -> std::io::Result<()> {
+    s.write_u64(NBDMAGIC).await?;
+    s.write_u64(IHAVEOPT).await?;
+    s.write_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).await?;
+    s.read_u32().await?;
+    loop {
+        if s.read_u64().await? != IHAVEOPT {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+        let option = s.read_u32().await?;
+        let len = s.read_u32().await?;
+        let mut data = vec![0; len.min(1 << 16) as usize];
+        s.read_exact(&mut data).await?;
+        if option == OPT_SET_META_CONTEXT {
+            let mut payload = 1u32.to_be_bytes().to_vec();
+            payload.extend_from_slice(b"base:allocation");
+            s.write_all(&option_reply(
+                option,
+                REP_META_CONTEXT,
+                payload.len() as u32,
+            ))
+            .await?;
+            s.write_all(&payload).await?;
+        }
+        if option == OPT_GO {
+            let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+            info.extend_from_slice(&CLIENT_EXPORT_SIZE.to_be_bytes());
+            let flags =
+                TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
+            info.extend_from_slice(&flags.to_be_bytes());
+            s.write_all(&option_reply(option, REP_INFO, info.len() as u32))
+                .await?;
+            s.write_all(&info).await?;
+        }
+        s.write_all(&option_reply(option, REP_ACK, 0)).await?;
+        if option == OPT_GO {
+            return Ok(());
+        }
+    }
+}
+
+/// The NBD client driver, with `data` as everything the server sends after a valid
+/// negotiation. The client's requests get cookies 1, 2, 3... in this order: a read of
+/// 4 KiB at 0, a read of 64 KiB at 64 KiB, block status at 0, a write of 4 KiB at 8 KiB,
+/// a flush; all in flight at once.
+pub fn nbd_client_replies(data: &[u8]) {
+    run(async {
+        let (client_end, mut server_end) = tokio::io::duplex(1 << 20);
+        let replies = data.to_vec();
+        let server = tokio::spawn(async move {
+            if negotiate_as_server(&mut server_end).await.is_err() {
+                return;
+            }
+            let _ = server_end.write_all(&replies).await;
+            // Then the server hangs up: whatever was not answered fails.
+            let _ = server_end.shutdown().await;
+            let mut sink = [0u8; 1 << 16];
+            while matches!(server_end.read(&mut sink).await, Ok(n) if n > 0) {}
+        });
+        let Ok(Ok(client)) =
+            tokio::time::timeout(INPUT_TIME, nbd::client::NbdClient::over(client_end, "")).await
+        else {
+            return;
+        };
+        let driver = nbd::client::NbdDriver::new(client);
+        let requests = async {
+            let read = driver.read(0, IoBuf::zeroed(4096));
+            let read_big = driver.read(65536, IoBuf::zeroed(65536));
+            let status = driver.block_status(0, CLIENT_EXPORT_SIZE);
+            let write = driver.write(8192, IoBuf::from_slice(&[9; 4096]), WriteFlags::default());
+            let flush = driver.flush();
+            let (read, read_big, status, _, _) = tokio::join!(read, read_big, status, write, flush);
+            // A successful read has exactly the length asked for.
+            if let Ok(buf) = read {
+                assert_eq!(buf.len(), 4096);
+            }
+            if let Ok(buf) = read_big {
+                assert_eq!(buf.len(), 65536);
+            }
+            if let Ok(extent) = status {
+                assert!(extent.length >= 1 && extent.length <= CLIENT_EXPORT_SIZE);
+            }
+        };
+        let _ = tokio::time::timeout(INPUT_TIME, requests).await;
+        drop(driver);
+        let _ = tokio::time::timeout(INPUT_TIME, server).await;
+    });
+}
+
+/// A path for one qcow2 input, unique in the process (the replay test and the fuzzer
+/// write one image at a time, but tests run in parallel threads under `cargo test`).
+fn scratch_image() -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = if std::path::Path::new("/dev/shm").is_dir() {
+        "/dev/shm"
+    } else {
+        "/tmp"
+    };
+    PathBuf::from(format!(
+        "{dir}/stillpoint-fuzz-{}-{}.qcow2",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+async fn exercise_qcow2(path: &std::path::Path, writable: bool) {
+    let graph = NodeGraph::new();
+    let options = BlockdevOptions::from_json(serde_json::json!({
+        "driver": "qcow2", "node-name": "q", "read-only": !writable,
+        // No backing file: the header may name anything on this machine.
+        "backing": null,
+        "file": {"driver": "file", "filename": path.to_str().expect("a UTF-8 path")},
+    }))
+    .expect("valid options");
+    if graph.add(options).await.is_err() {
+        return;
+    }
+    let node = graph
+        .attach("q", AttachUser::Other("fuzz".into()))
+        .expect("an attachment");
+    let len = node.length();
+    let mut at = 0;
+    for _ in 0..64 {
+        if at >= len {
+            break;
+        }
+        match node.block_status(at, (len - at).min(1 << 30)).await {
+            Ok(extent) => {
+                assert!(extent.length > 0, "block status made no progress at {at}");
+                at += extent.length;
+            }
+            Err(_) => break,
+        }
+    }
+    for offset in [0, len / 3, len.saturating_sub(70_000)] {
+        let n = (len - offset.min(len)).min(65536 + 4096) as usize;
+        if n > 0
+            && let Ok(buf) = node.read(offset, IoBuf::zeroed(n)).await
+        {
+            assert_eq!(buf.len(), n);
+        }
+    }
+    if writable && len > 8192 {
+        let _ = node
+            .write(1000, IoBuf::from_slice(&[7; 5000]), WriteFlags::default())
+            .await;
+        let _ = node
+            .write_zeroes((len / 2) & !4095, 4096, ZeroFlags::default())
+            .await;
+        let _ = node.flush().await;
+    }
+    drop(node);
+    let _ = graph.remove("q").await;
+}
+
+/// A qcow2 image of `data`: opened read-only and read-write, read, written, flushed.
+pub fn qcow2_open(data: &[u8]) {
+    let path = scratch_image();
+    std::fs::write(&path, data).expect("a scratch file");
+    run(async {
+        let work = async {
+            exercise_qcow2(&path, false).await;
+            exercise_qcow2(&path, true).await;
+        };
+        let _ = tokio::time::timeout(INPUT_TIME * 2, work).await;
+    });
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A qcow2 bitmap directory: the first two bytes (LE) are the number of entries the
+/// header would claim, the rest the directory. What parses must pass or fail the size
+/// check without allocating, and re-encode to a directory that parses the same.
+pub fn qcow2_bitmap_directory(data: &[u8]) {
+    use block::drivers::qcow2::bitmaps;
+    let Some((count, dir)) = data.split_first_chunk::<2>() else {
+        return;
+    };
+    let nb = u32::from(u16::from_le_bytes(*count));
+    let Ok(entries) = bitmaps::parse_directory(dir, nb) else {
+        return;
+    };
+    let again = bitmaps::parse_directory(&bitmaps::encode_directory(&entries), nb)
+        .expect("our own encoding of a parsed directory parses");
+    let fields = |e: &bitmaps::Entry| {
+        (
+            e.table_offset,
+            e.table_size,
+            e.flags,
+            e.granularity_bits,
+            e.name.clone(),
+        )
+    };
+    assert_eq!(
+        entries.iter().map(fields).collect::<Vec<_>>(),
+        again.iter().map(fields).collect::<Vec<_>>()
+    );
+    for e in &entries {
+        // A 1 TiB disk with 64 KiB clusters: some entries fit, some are refused.
+        if bitmaps::check_size(e, 1 << 40, 65536).is_ok() {
+            let granularity = 1u64 << e.granularity_bits;
+            let mut bits = bitmap::Bitmap::new(1 << 20, granularity).expect("a small bitmap");
+            bitmaps::decode_into(&mut bits, dir, u64::from(e.table_size) % 64);
+            bitmaps::set_granules(&mut bits, e.table_offset % 4096, u64::from(e.flags));
+        }
+    }
+}
+
+/// QMP commands the harness never runs (they reach the host).
+const HOST_COMMANDS: &[&str] = &["blockdev-create", "nbd-server-start", "quit"];
+/// Argument names that point at the host: files, sockets, addresses.
+const HOST_KEYS: &[&str] = &["filename", "server", "path", "addr", "host", "dir"];
+
+/// Whether a message names something on the host anywhere (see the module note).
+fn reaches_host(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => map.iter().any(|(key, v)| {
+            HOST_KEYS.iter().any(|k| key.contains(k))
+                || (key == "execute" && v.as_str().is_some_and(|c| HOST_COMMANDS.contains(&c)))
+                || reaches_host(v)
+        }),
+        Value::Array(items) => items.iter().any(reaches_host),
+        // Keyval forms inside strings ("file.filename=...") count too.
+        Value::String(text) => HOST_KEYS.iter().any(|k| text.contains(k)),
+        _ => false,
+    }
+}
+
+/// A QMP client's stream (in two reads, split where the first byte says), decoded and
+/// dispatched to a fresh daemon. Every reply is a `return` or an `error` object.
+pub fn qmp(data: &[u8]) {
+    run(async {
+        let daemon = qmp::Daemon::new();
+        let work = async {
+            let mut decoder = qmp::wire::Decoder::default();
+            let mut session = qmp::server::Session::default();
+            let split = data.first().map_or(0, |&b| usize::from(b) % data.len());
+            for piece in [&data[..split], &data[split..]] {
+                decoder.feed(piece);
+                while let Some(incoming) = decoder.next_message() {
+                    if let qmp::wire::Incoming::Value(message) = &incoming
+                        && reaches_host(message)
+                    {
+                        continue;
+                    }
+                    let reply = qmp::server::respond(&daemon, &mut session, incoming).await;
+                    assert!(
+                        reply.get("return").is_some() ^ reply.get("error").is_some(),
+                        "a reply is a return or an error: {reply}"
+                    );
+                }
+            }
+        };
+        let _ = tokio::time::timeout(INPUT_TIME, work).await;
+        let _ = tokio::time::timeout(INPUT_TIME, daemon.shutdown()).await;
+    });
+}
+
+/// `blockdev-add` options: QEMU's dotted key=value text, and JSON.
+pub fn blockdev_options(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = BlockdevOptions::from_keyval(text);
+        let _ = block::options::parse_keyval(text, Some("driver"));
+    }
+    if let Ok(value) = serde_json::from_slice::<Value>(data) {
+        let _ = BlockdevOptions::from_json(value);
+    }
+}

@@ -1,0 +1,5 @@
+//! `blockdev_options`: see the harness of the same name in `crates/fuzzing`.
+
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzzing::blockdev_options(data));

@@ -1,0 +1,5 @@
+//! `qcow2_bitmap_directory`: see the harness of the same name in `crates/fuzzing`.
+
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzzing::qcow2_bitmap_directory(data));

@@ -1,0 +1,5 @@
+//! `qmp`: see the harness of the same name in `crates/fuzzing`.
+
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzzing::qmp(data));
