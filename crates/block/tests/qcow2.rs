@@ -2,9 +2,10 @@
 //! byte as qemu-img reads them, and images we write pass `qemu-img check` (no errors,
 //! no leaks) and compare equal to a model of the writes.
 
+mod common;
+
 use std::path::Path;
 use std::path::PathBuf;
-use std::process::Command;
 
 use block::BlockdevOptions;
 use block::ErrorKind;
@@ -17,30 +18,11 @@ use block::drivers::qcow2::header::CompressionType;
 use block::drivers::qcow2::header::CreateOptions;
 use block::graph::AttachUser;
 use block::graph::Attachment;
+use common::ok;
+use common::run;
+use common::s;
 use serde_json::json;
 use testkit::Rng;
-
-fn run(program: &str, args: &[&str]) -> std::process::Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-}
-
-fn ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// The bytes qemu-img reads from an image (converted to raw).
 fn qemu_bytes(image: &Path, dir: &Path) -> Vec<u8> {

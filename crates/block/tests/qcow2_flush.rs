@@ -5,6 +5,8 @@
 //! node and its file to fail or slow the requests of one stage; qemu-io and qemu-img
 //! judge what reached the file.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -16,26 +18,10 @@ use block::WriteFlags;
 use block::drivers::qcow2;
 use block::graph::AttachUser;
 use block::graph::Attachment;
+use common::ok;
+use common::s;
 use serde_json::Value;
 use serde_json::json;
-
-fn ok(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Syncs a qcow2 open for writing makes before it returns (setting the dirty bit).
 const OPEN_SYNCS: u64 = 1;

@@ -102,8 +102,10 @@ pub fn nbd_server(data: &[u8]) {
 pub const CLIENT_EXPORT_SIZE: u64 = 1 << 20;
 
 /// The server side of a valid fixed-newstyle negotiation: structured replies,
-/// `base:allocation` (context id 1), GO of a writable export.
-async fn negotiate_as_server(s: &mut tokio::io::DuplexStream) -> std::io::Result<()> {
+/// `base:allocation` (context id 1), GO of a writable export of
+/// [`CLIENT_EXPORT_SIZE`] bytes. Scripted servers (this crate's hostile-server tests)
+/// start with it.
+pub async fn negotiate_as_server(s: &mut tokio::io::DuplexStream) -> std::io::Result<()> {
     s.write_u64(NBDMAGIC).await?;
     s.write_u64(IHAVEOPT).await?;
     s.write_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).await?;

@@ -7,11 +7,8 @@ mod common;
 
 use std::path::Path;
 use std::path::PathBuf;
-use std::process::Child;
-use std::process::Command;
-use std::process::Stdio;
-use std::time::Duration;
 
+use common::Running;
 use common::ok;
 use common::ours;
 use common::run;
@@ -104,32 +101,10 @@ fn a_format_given_explicitly_is_trusted_either_way() {
     assert!(contains(&std::fs::read(&chained).unwrap(), SECRET));
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-// The child is reaped by Server's Drop, which clippy cannot see.
-#[allow(clippy::zombie_processes)]
-fn serve(image: &Path, socket: &Path, extra: &[&str]) -> Server {
+fn serve(image: &Path, socket: &Path, extra: &[&str]) -> Running {
     let mut args = vec!["nbd", s(image), "--socket", s(socket), "--writable"];
     args.extend_from_slice(extra);
-    let child = Command::new(env!("CARGO_BIN_EXE_stillpoint"))
-        .args(&args)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..500 {
-        if socket.exists() {
-            return Server(child);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("no socket");
+    Running::start(&args, socket, |_| {})
 }
 
 /// qemu-io writes the bytes of `pattern_file` at offset 0 of the export.

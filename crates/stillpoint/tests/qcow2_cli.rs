@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Child;
 use std::process::Command;
 use std::process::Stdio;
 use std::time::Duration;
@@ -241,22 +240,12 @@ fn backups_to_qcow2_check_clean_and_compare_identical_with_and_without_compress(
     assert!(std::fs::read(&back).unwrap() == data);
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-// The child is reaped by Server's Drop, which clippy cannot see.
-#[allow(clippy::zombie_processes)]
-fn serve(image: &Path, socket: &Path) -> Server {
+/// `stillpoint nbd` serving `image` as a writable qcow2 export on `socket`.
+fn serve(image: &Path, socket: &Path) -> Running {
     // A killed server leaves its socket behind.
     let _ = std::fs::remove_file(socket);
-    let child = Command::new(env!("CARGO_BIN_EXE_stillpoint"))
-        .args([
+    Running::start(
+        &[
             "nbd",
             s(image),
             "--format",
@@ -264,17 +253,10 @@ fn serve(image: &Path, socket: &Path) -> Server {
             "--writable",
             "--socket",
             s(socket),
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..500 {
-        if socket.exists() {
-            return Server(child);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("the NBD server did not start");
+        ],
+        socket,
+        |_| {},
+    )
 }
 
 #[test]
@@ -283,7 +265,7 @@ fn nbd_writes_to_a_qcow2_image_survive_a_clean_stop() {
     let img = dir.path().join("n.qcow2");
     let socket = dir.path().join("n.sock");
     ours(&["create", "-f", "qcow2", s(&img), "32M"]);
-    let mut server = serve(&img, &socket);
+    let server = serve(&img, &socket);
     let uri = format!("nbd+unix:///?socket={}", socket.display());
     ok(
         "qemu-io",
@@ -304,9 +286,7 @@ fn nbd_writes_to_a_qcow2_image_survive_a_clean_stop() {
     // While it runs, the image is marked dirty.
     let info = ok("qemu-img", &["info", "-U", "--output=json", s(&img)]);
     assert!(info.contains("\"dirty-flag\": true"), "{info}");
-    // SAFETY: kill(2) with SIGTERM on our child's pid.
-    unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
-    assert_eq!(server.0.wait().unwrap().code(), Some(0));
+    assert_eq!(server.stop(), Some(0));
     assert_clean(&img);
     let info = ok("qemu-img", &["info", "--output=json", s(&img)]);
     assert!(info.contains("\"dirty-flag\": false"), "{info}");

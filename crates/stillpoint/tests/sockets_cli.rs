@@ -6,76 +6,51 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Child;
-use std::process::Command;
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::Running;
 use common::cpu_seconds;
 use common::s;
+use common::sparse_file;
 
 /// Starts `stillpoint ARGS` with umask 000 (and at most `max_files` descriptors),
 /// waits for `wait_for` to exist.
-fn spawn(args: &[&str], max_files: Option<u64>, wait_for: &Path) -> Child {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_stillpoint"));
-    command
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: umask and setrlimit are async-signal-safe and touch no memory of the
-    // parent; they run in the child between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            libc::umask(0);
-            if let Some(n) = max_files {
-                let limit = libc::rlimit {
-                    rlim_cur: n,
-                    rlim_max: n,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
+fn spawn(args: &[&str], max_files: Option<u64>, wait_for: &Path) -> Running {
+    Running::start(args, wait_for, |command| {
+        // SAFETY: umask and setrlimit are async-signal-safe and touch no memory of the
+        // parent; they run in the child between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                libc::umask(0);
+                if let Some(n) = max_files {
+                    let limit = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
-            }
-            Ok(())
-        });
-    }
-    let mut child = command.spawn().unwrap();
-    for _ in 0..1000 {
-        if wait_for.exists() {
-            return child;
+                Ok(())
+            });
         }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("stillpoint {args:?} exited early: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.kill();
-    panic!("{} never appeared", wait_for.display());
+    })
 }
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
-fn stop(mut child: Child) {
-    // SAFETY: kill(2) with SIGTERM on our child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
-}
-
 #[test]
 fn nbd_sockets_are_0660_and_qmp_sockets_0600_under_umask_000() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    sparse_file(&image, 1 << 20);
 
     let socket = dir.path().join("nbd.sock");
     let server = spawn(&["nbd", s(&image), "--socket", s(&socket)], None, &socket);
     assert_eq!(mode(&socket), 0o660, "stillpoint nbd socket");
-    stop(server);
+    server.stop();
 
     let qmp = dir.path().join("qmp.sock");
     let nbd = dir.path().join("daemon-nbd.sock");
@@ -87,7 +62,7 @@ fn nbd_sockets_are_0660_and_qmp_sockets_0600_under_umask_000() {
     );
     assert_eq!(mode(&qmp), 0o600, "QMP socket");
     assert_eq!(mode(&nbd), 0o660, "daemon NBD socket");
-    stop(daemon);
+    daemon.stop();
 }
 
 #[test]
@@ -105,10 +80,7 @@ fn an_existing_file_that_is_not_a_socket_is_never_replaced() {
     assert_eq!(std::fs::read(&precious).unwrap(), b"do not delete");
 
     let image = dir.path().join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    sparse_file(&image, 1 << 20);
     let out = common::stillpoint(&["nbd", s(&image), "--socket", s(&precious)]);
     assert!(!out.status.success());
     assert_eq!(std::fs::read(&precious).unwrap(), b"do not delete");
@@ -118,10 +90,7 @@ fn an_existing_file_that_is_not_a_socket_is_never_replaced() {
 fn at_the_descriptor_limit_the_accept_loop_waits_instead_of_spinning() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    sparse_file(&image, 1 << 20);
     let socket = dir.path().join("nbd.sock");
     // No handshake limit, so the silent clients below keep their descriptors.
     let server = spawn(
@@ -159,5 +128,5 @@ fn at_the_descriptor_limit_the_accept_loop_waits_instead_of_spinning() {
         "{}",
         common::stderr(&out)
     );
-    stop(server);
+    server.stop();
 }

@@ -22,7 +22,7 @@ pub struct Rig {
     pub _graph: NodeGraph,
 }
 
-/// A server with a writable export "disk" (a 1 MiB file) and a read-only "ro".
+/// A server with a writable export "disk" (a 1 MiB file) and a read-only "ro" of it.
 pub async fn rig() -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
@@ -30,19 +30,43 @@ pub async fn rig() -> Rig {
         .unwrap()
         .set_len(SIZE)
         .unwrap();
+    let node = json!({"driver":"raw","node-name":"disk","discard":"unmap",
+        "file":{"driver":"file","filename":image}});
+    let exports = [("disk", true), ("ro", false)];
+    serve(dir, nbd::ServerLimits::default(), node, &exports)
+        .await
+        .0
+}
+
+/// A server with `limits` exporting one node made from `node` (blockdev-add JSON) as
+/// "disk", on a UNIX socket in a temp dir.
+pub async fn serve_one(
+    limits: nbd::ServerLimits,
+    node: serde_json::Value,
+    writable: bool,
+) -> (Rig, std::sync::Arc<NbdServer>) {
+    let dir = tempfile::tempdir().unwrap();
+    serve(dir, limits, node, &[("disk", writable)]).await
+}
+
+/// A server with `limits` exporting the node made from `node` under each of `exports`
+/// (name, writable), listening on `nbd.sock` in `dir`.
+async fn serve(
+    dir: tempfile::TempDir,
+    limits: nbd::ServerLimits,
+    node: serde_json::Value,
+    exports: &[(&str, bool)],
+) -> (Rig, std::sync::Arc<NbdServer>) {
     let graph = NodeGraph::new();
+    let node_name = node["node-name"].as_str().unwrap().to_string();
     graph
-        .add(
-            BlockdevOptions::from_json(json!({"driver":"raw","node-name":"disk","discard":"unmap",
-                "file":{"driver":"file","filename":image}}))
-            .unwrap(),
-        )
+        .add(BlockdevOptions::from_json(node).unwrap())
         .await
         .unwrap();
-    let server = NbdServer::new();
-    for (name, writable) in [("disk", true), ("ro", false)] {
+    let server = NbdServer::with_limits(limits);
+    for &(name, writable) in exports {
         let disk = graph
-            .attach("disk", AttachUser::Other(format!("export {name}")))
+            .attach(&node_name, AttachUser::Other(format!("export {name}")))
             .unwrap();
         server
             .add_export(Export {
@@ -54,43 +78,6 @@ pub async fn rig() -> Rig {
             })
             .unwrap();
     }
-    let socket = dir.path().join("nbd.sock");
-    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-    tokio::spawn(server.serve_unix(listener));
-    Rig {
-        _dir: dir,
-        socket,
-        _graph: graph,
-    }
-}
-
-/// A server with `limits` exporting one node made from `node` (blockdev-add JSON) as
-/// "disk", on a UNIX socket in a temp dir.
-pub async fn serve_one(
-    limits: nbd::ServerLimits,
-    node: serde_json::Value,
-    writable: bool,
-) -> (Rig, std::sync::Arc<NbdServer>) {
-    let dir = tempfile::tempdir().unwrap();
-    let graph = NodeGraph::new();
-    let name = node["node-name"].as_str().unwrap().to_string();
-    graph
-        .add(BlockdevOptions::from_json(node).unwrap())
-        .await
-        .unwrap();
-    let server = NbdServer::with_limits(limits);
-    let disk = graph
-        .attach(&name, AttachUser::Other("export disk".into()))
-        .unwrap();
-    server
-        .add_export(Export {
-            name: "disk".into(),
-            description: String::new(),
-            disk,
-            writable,
-            bitmaps: Vec::new(),
-        })
-        .unwrap();
     let socket = dir.path().join("nbd.sock");
     let listener = tokio::net::UnixListener::bind(&socket).unwrap();
     tokio::spawn(server.clone().serve_unix(listener));

@@ -131,3 +131,57 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     ticks as f64 / per_second
 }
+
+/// A sparse file of `len` bytes.
+pub fn sparse_file(path: &Path, len: u64) {
+    File::create(path).unwrap().set_len(len).unwrap();
+}
+
+/// A `stillpoint` process that is killed and reaped when dropped, so a failing test
+/// never leaves one running.
+pub struct Running(pub std::process::Child);
+
+impl Running {
+    /// Starts `stillpoint ARGS` (after `configure` adjusts the command) and waits until
+    /// `ready` exists (a socket it creates); panics if it exits or takes 10 s.
+    // The child is reaped by Drop, which clippy cannot see.
+    #[allow(clippy::zombie_processes)]
+    pub fn start(args: &[&str], ready: &Path, configure: impl FnOnce(&mut Command)) -> Running {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_stillpoint"));
+        command
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        configure(&mut command);
+        let mut running = Running(command.spawn().unwrap());
+        for _ in 0..1000 {
+            if ready.exists() {
+                return running;
+            }
+            if let Some(status) = running.0.try_wait().unwrap() {
+                panic!("stillpoint {args:?} exited early: {status}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("{} never appeared", ready.display());
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGTERM, then the exit code.
+    pub fn stop(mut self) -> Option<i32> {
+        // SAFETY: kill(2) with SIGTERM on our child's pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        self.0.wait().unwrap().code()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -15,54 +15,9 @@ use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 use tokio::io::DuplexStream;
 
-const SIZE: u64 = 1 << 20;
+const SIZE: u64 = fuzzing::CLIENT_EXPORT_SIZE;
 /// A guard for waits that must end.
 const HANG: Duration = Duration::from_secs(20);
-
-/// Server side of fixed-newstyle negotiation: structured replies, base:allocation and
-/// GO are all accepted.
-async fn negotiate(s: &mut DuplexStream) {
-    s.write_u64(NBDMAGIC).await.unwrap();
-    s.write_u64(IHAVEOPT).await.unwrap();
-    s.write_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
-        .await
-        .unwrap();
-    s.read_u32().await.unwrap();
-    loop {
-        assert_eq!(s.read_u64().await.unwrap(), IHAVEOPT);
-        let option = s.read_u32().await.unwrap();
-        let len = s.read_u32().await.unwrap();
-        let mut data = vec![0; len as usize];
-        s.read_exact(&mut data).await.unwrap();
-        if option == OPT_SET_META_CONTEXT {
-            let mut payload = 1u32.to_be_bytes().to_vec();
-            payload.extend_from_slice(b"base:allocation");
-            s.write_all(&option_reply(
-                option,
-                REP_META_CONTEXT,
-                payload.len() as u32,
-            ))
-            .await
-            .unwrap();
-            s.write_all(&payload).await.unwrap();
-        }
-        if option == OPT_GO {
-            let mut info = INFO_EXPORT.to_be_bytes().to_vec();
-            info.extend_from_slice(&SIZE.to_be_bytes());
-            info.extend_from_slice(&(TF_HAS_FLAGS | TF_SEND_FLUSH).to_be_bytes());
-            s.write_all(&option_reply(option, REP_INFO, info.len() as u32))
-                .await
-                .unwrap();
-            s.write_all(&info).await.unwrap();
-        }
-        s.write_all(&option_reply(option, REP_ACK, 0))
-            .await
-            .unwrap();
-        if option == OPT_GO {
-            return;
-        }
-    }
-}
 
 async fn next_request(s: &mut DuplexStream) -> Option<Request> {
     let mut header = [0u8; REQUEST_LEN];
@@ -77,7 +32,7 @@ async fn against(
 ) -> (NbdDriver, tokio::task::JoinHandle<()>) {
     let (client_end, mut server_end) = tokio::io::duplex(1 << 16);
     let server = tokio::spawn(async move {
-        negotiate(&mut server_end).await;
+        fuzzing::negotiate_as_server(&mut server_end).await.unwrap();
         let Some(request) = next_request(&mut server_end).await else {
             return;
         };
@@ -203,7 +158,7 @@ async fn a_flood_of_block_status_extents_is_not_kept() {
     const PER_CHUNK: usize = 1 << 20;
     let (client_end, mut server_end) = tokio::io::duplex(1 << 20);
     let server = tokio::spawn(async move {
-        negotiate(&mut server_end).await;
+        fuzzing::negotiate_as_server(&mut server_end).await.unwrap();
         let request = next_request(&mut server_end).await.unwrap();
         let mut body = vec![0u8; 4 + 8 * PER_CHUNK];
         body[..4].copy_from_slice(&1u32.to_be_bytes());
