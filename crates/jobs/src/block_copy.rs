@@ -321,7 +321,9 @@ impl BlockCopy {
                 .map_err(|e| Error::invalid(format!("cannot use the sync bitmap: {e}")))?,
             None => dirty.fill(),
         }
-        progress.set_total(dirty.count_bytes().min(len));
+        // Progress is counted in whole clusters, the last (short) one included, as
+        // QEMU counts it: a job over 8 MiB + 4097 bytes reports 129 x 64 KiB.
+        progress.set_total(dirty.count() * options.cluster_size);
         let access = options.standalone.then(|| dirty.clone());
         Ok(Self {
             source,
@@ -832,7 +834,8 @@ impl BlockCopy {
         self.stats
             .zero_bytes
             .fetch_add(len - data, Ordering::Relaxed);
-        self.progress.add_done(len);
+        self.progress
+            .add_done(len.div_ceil(self.options.cluster_size) * self.options.cluster_size);
         Ok(())
     }
 
@@ -1164,7 +1167,8 @@ impl BlockCopy {
         self.stats
             .zero_bytes
             .fetch_add(len - data, Ordering::Relaxed);
-        self.progress.add_done(len);
+        self.progress
+            .add_done(len.div_ceil(self.options.cluster_size) * self.options.cluster_size);
         Ok(())
     }
 

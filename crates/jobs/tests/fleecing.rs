@@ -85,6 +85,8 @@ async fn run_seed(seed: u64) {
         _ => 3 * MIB + 1 + rng.below(60_000), // a short last cluster
     };
     let rig = Rig::new(size, seed).await;
+    // The node: the file's size rounded up to whole sectors.
+    let size = rig.size;
     let snapshot = rig.source_bytes();
     let model = Arc::new(Mutex::new(snapshot.clone()));
     let min_cluster = [64 << 10, 128 << 10][rng.below(2) as usize];

@@ -367,12 +367,14 @@ async fn run_on(
     if let Err(e) = closed {
         bail!("closing the images failed: {e}; the target '{target}' may be incomplete");
     }
-    let (len, data, zero, skipped) = (
-        job.progress().1,
+    let (data, zero, skipped) = (
         stats.data_bytes.load(Ordering::Relaxed),
         stats.zero_bytes.load(Ordering::Relaxed),
         stats.skipped_bytes.load(Ordering::Relaxed),
     );
+    // The bytes the backup covered (the image's size for a full backup). The job's own
+    // progress counts whole clusters, as QEMU's does, so it can be a little more.
+    let len = data + zero + skipped;
     let mb_per_s = len as f64 / 1e6 / seconds.max(1e-9);
     if args.json {
         let summary = json!({

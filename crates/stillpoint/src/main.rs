@@ -433,9 +433,12 @@ fn create(
             .map_err(|e| {
                 anyhow::anyhow!("Could not create '{}': {}", file.display(), os_text(&e))
             })?;
-        handle.set_len(size).map_err(|e| {
-            anyhow::anyhow!("Could not resize '{}': {}", file.display(), os_text(&e))
-        })?;
+        // Whole sectors, as qemu-img creates them; its message names the size asked for.
+        handle
+            .set_len(block::drivers::file::round_to_sectors(size))
+            .map_err(|e| {
+                anyhow::anyhow!("Could not resize '{}': {}", file.display(), os_text(&e))
+            })?;
         println!("Formatting '{}', fmt=raw size={size}", file.display());
         return Ok(());
     }
@@ -537,7 +540,8 @@ fn create(
                 .unwrap_or(&message)
         )
     })?;
-    let size = create.size.div_ceil(512) * 512;
+    // qemu-img prints the size asked for (the image holds whole sectors of it).
+    let size = create.size;
     let mut line = format!(
         "Formatting '{}', fmt=qcow2 cluster_size={} compression_type={} size={size}",
         file.display(),

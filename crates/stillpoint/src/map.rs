@@ -4,10 +4,11 @@
 //! image, so scripts written for one read the other. Two QEMU conventions are kept on
 //! purpose:
 //!
-//! * QEMU sees a raw image in whole 512-byte sectors, so a 4097-byte file maps as 4608
-//!   bytes; the bytes past the end of the file read as zeros and are reported as a
-//!   zero run (with an offset, as QEMU does). Stillpoint's own nodes keep the exact
-//!   length; only this report rounds.
+//! * QEMU sees an image in whole 512-byte sectors, so a 4097-byte file maps as 4608
+//!   bytes; the bytes past the end of the file read as zeros (a hole). The `file` node
+//!   is already that long (the file driver rounds, as QEMU's does); a node of another
+//!   unaligned length, such as a qcow2 image whose header says 4097 bytes, is rounded
+//!   here, its tail reported as a zero run with an offset, as QEMU does.
 //! * Adjacent runs with the same flags and contiguous host offsets are merged, and a
 //!   range with nothing in it (an empty image, or a start past the end) is reported as
 //!   one empty, not-present entry.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::Rng;
 use common::disk_usage;
 use common::qemu_img;
+use common::sectors;
 use common::seeded_image;
 use common::stderr;
 use common::stdout;
@@ -23,7 +24,7 @@ fn backup_of_a_mixed_image_is_identical_and_no_larger() {
     for seed in [1u64, 2, 5] {
         let source = dir.path().join(format!("src-{seed}.img"));
         let target = dir.path().join(format!("bak-{seed}.img"));
-        let size = seeded_image(&source, seed);
+        let size = sectors(seeded_image(&source, seed));
         let (s, t) = (source.to_str().unwrap(), target.to_str().unwrap());
         let out = stillpoint(&["backup", s, t]);
         assert!(out.status.success(), "seed {seed}: {}", stderr(&out));
@@ -52,7 +53,7 @@ fn backup_of_a_mixed_image_is_identical_and_no_larger() {
 fn options_and_json_summary() {
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("src.img");
-    let size = seeded_image(&source, 11);
+    let size = sectors(seeded_image(&source, 11));
     let s = source.to_str().unwrap();
     for (i, extra) in [
         vec!["--sync", "top"],

@@ -17,6 +17,10 @@
 //!   (unless the caller asked for no fallback).
 //! * Discard punches a hole; where that is unsupported it does nothing (discard is
 //!   advisory).
+//! * The length of a regular file is rounded up to whole 512-byte sectors, as QEMU's
+//!   file driver reports it (every size QEMU's tools print and every QMP script
+//!   assumes this): a 4097-byte image is a 4608-byte node whose last 511 bytes read as
+//!   zeros until written, and a write there extends the file.
 //! * Flush is `fdatasync`; FUA writes are followed by one. A flush returns only after
 //!   an fdatasync that started after the writes it covers, and once an fdatasync has
 //!   failed every later flush fails too (the kernel may have dropped the pages it was
@@ -144,7 +148,7 @@ impl FileDriver {
         let length = if block_device {
             device_length(&file).map_err(|e| open_error(path, e))?
         } else {
-            metadata.len()
+            round_to_sectors(metadata.len())
         };
         Ok(Self {
             path: path.to_path_buf(),
@@ -223,6 +227,11 @@ enum Zeroed {
     /// Neither mode is supported here: write zeros instead.
     Unsupported,
     Failed(io::Error),
+}
+
+/// Bytes in whole 512-byte sectors: the length QEMU reports for a file.
+pub fn round_to_sectors(len: u64) -> u64 {
+    len.div_ceil(512) * 512
 }
 
 /// Size of a block device: seek to its end.
@@ -389,7 +398,8 @@ impl BlockDriver for FileDriver {
         // Even a failed write may have changed part of its range.
         self.sync.wrote();
         written.map_err(|e| self.io_error("write", offset, e))?;
-        self.length.fetch_max(end, Ordering::AcqRel);
+        self.length
+            .fetch_max(round_to_sectors(end), Ordering::AcqRel);
         if let Some(Err(e)) = synced {
             let err = self.flush_error(e);
             self.sync.poison(&err).await;

@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,7 +65,9 @@ pub fn seeded_source(path: &PathBuf, size: u64, rng: &mut Rng) {
 }
 
 impl Rig {
-    /// Source "src" and target "tgt", raw over file, `discard=unmap` on both.
+    /// Source "src" and target "tgt", raw over file, `discard=unmap` on both, files of
+    /// `size` bytes. The nodes are `size` rounded up to whole sectors (QEMU's rule;
+    /// `Rig::size` is that length), and the bytes helpers read as the nodes do.
     pub async fn new(size: u64, seed: u64) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let source = dir.path().join("source.img");
@@ -87,16 +90,24 @@ impl Rig {
             registry: JobRegistry::new(),
             source,
             target,
-            size,
+            size: block::drivers::file::round_to_sectors(size),
         }
     }
 
+    /// The file's bytes as its node reads them: zeros past the end of the file, up to
+    /// the node's length.
+    fn node_bytes(&self, path: &Path) -> Vec<u8> {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes.resize(self.size as usize, 0);
+        bytes
+    }
+
     pub fn source_bytes(&self) -> Vec<u8> {
-        std::fs::read(&self.source).unwrap()
+        self.node_bytes(&self.source)
     }
 
     pub fn target_bytes(&self) -> Vec<u8> {
-        std::fs::read(&self.target).unwrap()
+        self.node_bytes(&self.target)
     }
 }
 

@@ -75,8 +75,15 @@ pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) {
     assert_eq!(rc, 0, "fallocate: {}", std::io::Error::last_os_error());
 }
 
+/// The length of the node over a raw file of `len` bytes: whole 512-byte sectors, as
+/// QEMU reports it (the tail reads as zeros).
+pub fn sectors(len: u64) -> u64 {
+    len.div_ceil(512) * 512
+}
+
 /// Writes a seeded image: random data, literal zero bytes (data that happens to be
 /// zero), punched holes and zeroed ranges, over a size that is often not aligned.
+/// Returns the file's size (its node is [`sectors`] of it).
 pub fn seeded_image(path: &Path, seed: u64) -> u64 {
     let mut rng = Rng(seed);
     let size = match rng.below(4) {

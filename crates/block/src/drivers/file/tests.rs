@@ -49,7 +49,8 @@ both_cache_modes!(written_data_reads_back_aligned_or_not, |direct| {
 both_cache_modes!(the_unaligned_tail_of_a_4097_byte_file_works, |direct| {
     let (_dir, path) = image(4097);
     let file = FileDriver::open(&path, false, direct, false).unwrap();
-    assert_eq!(file.length(), 4097);
+    // QEMU's rule: the node is the file rounded up to whole sectors.
+    assert_eq!(file.length(), 4608);
     file.write(
         4096,
         IoBuf::from_slice(&[0xab]),
@@ -60,14 +61,26 @@ both_cache_modes!(the_unaligned_tail_of_a_4097_byte_file_works, |direct| {
     )
     .await
     .unwrap();
-    let back = file.read(0, IoBuf::zeroed(4097)).await.unwrap();
+    let back = file.read(0, IoBuf::zeroed(4608)).await.unwrap();
     assert_eq!(back[4096], 0xab);
     assert!(back[..4096].iter().all(|b| *b == 0));
+    assert!(
+        back[4097..].iter().all(|b| *b == 0),
+        "the tail reads as zeros"
+    );
     assert_eq!(
         std::fs::metadata(&path).unwrap().len(),
         4097,
-        "file must not grow"
+        "a write inside the file does not grow it"
     );
+    // A write into the tail extends the file, as it does in QEMU.
+    file.write(4600, IoBuf::from_slice(&[0xcd; 8]), WriteFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 4608);
+    assert_eq!(file.length(), 4608);
+    let extent = file.block_status(4097, 511).await.unwrap();
+    assert!(extent.length >= 1);
 });
 
 both_cache_modes!(requests_past_the_end_are_refused, |direct| {

@@ -1,0 +1,60 @@
+"""Workflows that work with qemu-storage-daemon, run unchanged against stillpoint: sizes
+that are not whole sectors, speed limits, and the flows of QEMU's own backup
+documentation. Each scenario runs against both daemons and the answers are compared.
+"""
+
+import os
+import random
+import subprocess
+
+from harness import run_both
+
+ODD = (8 << 20) + 4097
+
+
+def odd_images(tmp):
+    """A source of 8 MiB + 4097 bytes (data, zeros, a hole) and a target made by
+    `qemu-img create -f raw` with the same size, as a user would."""
+    rng = random.Random(13)
+    src, tgt = f"{tmp}/odd-src.raw", f"{tmp}/odd-tgt.raw"
+    with open(src, "wb") as f:
+        f.write(rng.randbytes(3 << 20))
+        f.write(bytes(1 << 20))
+        f.seek(ODD - 3000)
+        f.write(rng.randbytes(3000))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", tgt, str(ODD)], check=True)
+    return ["--blockdev", f"driver=raw,node-name=odd,file.driver=file,file.filename={src}",
+            "--blockdev", f"driver=raw,node-name=oddtgt,file.driver=file,file.filename={tgt}",
+            "--nbd-server", f"addr.type=unix,addr.path={tmp}/nbd.sock",
+            "--export", "type=nbd,id=e,node-name=odd,name=odd"]
+
+
+def nbd_size(socket, export):
+    out = subprocess.run(["nbdinfo", "--size", f"nbd+unix:///{export}?socket={socket}"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or out.stderr.strip()
+
+
+def test_sizes_that_are_not_whole_sectors(tmp_path):
+    async def scenario(d):
+        nodes = (await d.run("query-named-block-nodes"))[1]
+        sizes = sorted((n["node-name"], n["image"]["virtual-size"]) for n in nodes
+                       if n["node-name"] in ("odd", "oddtgt"))
+        backup = await d.run("blockdev-backup",
+                             {"job-id": "j", "device": "odd", "target": "oddtgt", "sync": "full"})
+        events = await d.until("JOB_STATUS_CHANGE", "null")
+        done = [(e["data"]["len"], e["data"]["offset"], e["data"].get("error"))
+                for e in events if e["event"] == "BLOCK_JOB_COMPLETED"]
+        same = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw",
+                               f"{d.tmp}/odd-src.raw", f"{d.tmp}/odd-tgt.raw"]).returncode
+        return sizes, backup, done, same, nbd_size(f"{d.tmp}/nbd.sock", "odd"), \
+            os.path.getsize(f"{d.tmp}/odd-tgt.raw")
+
+    r = run_both(tmp_path, scenario, odd_images)
+    assert r["stillpoint"] == r["qemu-storage-daemon"]
+    sectors = (ODD + 511) // 512 * 512
+    assert r["stillpoint"][0] == [("odd", sectors), ("oddtgt", sectors)]
+    # Job progress counts whole 64 KiB copy clusters, the short last one included.
+    clusters = (ODD + 65535) // 65536 * 65536
+    assert r["stillpoint"][2] == [(clusters, clusters, None)]
+    assert r["stillpoint"][3] == 0
