@@ -6,6 +6,7 @@ documentation. Each scenario runs against both daemons and the answers are compa
 import os
 import random
 import subprocess
+import time
 
 from harness import run_both
 
@@ -58,3 +59,46 @@ def test_sizes_that_are_not_whole_sectors(tmp_path):
     clusters = (ODD + 65535) // 65536 * 65536
     assert r["stillpoint"][2] == [(clusters, clusters, None)]
     assert r["stillpoint"][3] == 0
+
+
+def mixed_image(tmp):
+    """32 MiB: half random data, a quarter written zeros, a quarter holes, in runs of
+    64 KiB to 448 KiB that start anywhere in a copy chunk (so claims split); a target."""
+    rng = random.Random(2)
+    src, tgt = f"{tmp}/mixed.raw", f"{tmp}/mixed-tgt.raw"
+    with open(src, "wb") as f:
+        at = 0
+        while at < 32 << 20:
+            kind = rng.choice(["data", "data", "zero", "hole"])
+            n = min(rng.randint(1, 7) << 16, (32 << 20) - at)
+            if kind == "data":
+                f.write(rng.randbytes(n))
+            elif kind == "zero":
+                f.write(bytes(n))
+            else:
+                f.seek(n, 1)
+            at += n
+        f.truncate(32 << 20)
+    with open(tgt, "wb") as f:
+        f.truncate(32 << 20)
+    return ["--blockdev", f"driver=raw,node-name=mixed,file.driver=file,file.filename={src}",
+            "--blockdev", f"driver=raw,node-name=mixedtgt,file.driver=file,file.filename={tgt}"]
+
+
+def test_a_speed_limit_is_the_speed(tmp_path):
+    # 32 MiB at 8 MiB/s: about 4 s in each daemon, holes and zeros counted like data.
+    async def scenario(d):
+        started = time.monotonic()
+        await d.run("blockdev-backup", {"job-id": "j", "device": "mixed", "target": "mixedtgt",
+                                        "sync": "full", "speed": 8 << 20})
+        events = await d.until("BLOCK_JOB_COMPLETED", timeout=60)
+        took = time.monotonic() - started
+        done = [e["data"]["offset"] for e in events if e["event"] == "BLOCK_JOB_COMPLETED"]
+        return took, done
+
+    r = run_both(tmp_path, scenario, mixed_image)
+    ours, theirs = r["stillpoint"][0], r["qemu-storage-daemon"][0]
+    assert r["stillpoint"][1] == r["qemu-storage-daemon"][1] == [32 << 20]
+    print(f"speed limit: stillpoint {ours:.2f} s, qemu-storage-daemon {theirs:.2f} s")
+    # A ratio of the two in the same run, never an absolute time.
+    assert 0.85 <= ours / theirs <= 1.15, f"stillpoint {ours:.2f} s, qemu-storage-daemon {theirs:.2f} s"

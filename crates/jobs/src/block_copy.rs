@@ -1019,10 +1019,11 @@ impl BlockCopy {
                     && !state.dirty.is_empty()
             };
             if peek_background {
-                // Charge the speed limit before claiming, so a throttled worker never
-                // holds a claim (and a guest write) while it sleeps.
+                // Wait for the speed limit before claiming, so a throttled worker never
+                // holds a claim (and a guest write) while it sleeps; the claim is
+                // charged once its size is known.
                 tokio::select! {
-                    _ = control.rate.throttle(self.options.chunk_size) => {}
+                    _ = control.rate.ready() => {}
                     _ = control.stopped.notified() => return Ok(()),
                 }
                 if control.stopping() {
@@ -1035,7 +1036,9 @@ impl BlockCopy {
             };
             match work {
                 Work::Write(chunk) => self.write_chunk(chunk).await?,
-                Work::Copy { id, start, end } => self.copy_chunk(id, start, end).await?,
+                Work::Copy { id, start, end } => {
+                    self.copy_chunk(id, start, end, &control.rate).await?;
+                }
                 Work::Idle { complete: true } => return Ok(()),
                 Work::Idle { complete: false } => {
                     tokio::select! {
@@ -1047,8 +1050,16 @@ impl BlockCopy {
         }
     }
 
-    /// Background copy of a claimed run: status, read, release the claim, write.
-    async fn copy_chunk(&self, id: u64, start: u64, end: u64) -> Result<(), CopyError> {
+    /// Background copy of a claimed run: status, read, release the claim, write. The
+    /// speed limit is charged what is copied (data or zeros; QEMU counts both), after
+    /// the claim has shrunk to one block-status run; skipped ranges are free.
+    async fn copy_chunk(
+        &self,
+        id: u64,
+        start: u64,
+        end: u64,
+        rate: &RateLimit,
+    ) -> Result<(), CopyError> {
         let cluster = self.options.cluster_size;
         let mut end = end;
         let mut known_zero = false;
@@ -1080,7 +1091,8 @@ impl BlockCopy {
             if trusted {
                 if self.options.skip_unallocated && !extent.status.allocated {
                     self.lock().finish_reading(id);
-                    self.progress.remove_work(end - start);
+                    self.progress
+                        .remove_work((end - start).div_ceil(cluster) * cluster);
                     self.stats
                         .skipped_bytes
                         .fetch_add(end - start, Ordering::Relaxed);
@@ -1091,6 +1103,7 @@ impl BlockCopy {
             }
         }
         let len = end - start;
+        rate.charge(len);
         let payload = if known_zero {
             Payload::Zero
         } else {

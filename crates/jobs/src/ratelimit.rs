@@ -1,8 +1,12 @@
 //! The job speed limit: bytes per second, with at most a 100 ms burst.
 //!
-//! A virtual clock, `ready_at`, says when the budget is paid back: each request may go
-//! once `ready_at` has passed, and then pushes it forward by the time its bytes take at
-//! the current speed (charged after dispatch, so the first chunk is free, as in QEMU).
+//! A virtual clock, `ready_at`, says when the budget is paid back: a request may go
+//! once `ready_at` has passed ([`RateLimit::ready`]), and then pushes it forward by the
+//! time its bytes take at the current speed ([`RateLimit::charge`], after dispatch, so
+//! the first chunk is free, as in QEMU). Waiting and charging are apart so a caller can
+//! charge what its request turned out to hold (a copy claim shrinks to one block-status
+//! run), not what it might have held: charging a whole chunk per claim made a backup
+//! a third slower than its speed.
 //! Idle time earns credit for at most one slice of 100 ms, so the long-run rate is the
 //! speed and a burst is at most one slice's worth plus one request. A speed of 0 means
 //! unlimited. Changing the speed wakes every waiter, so `block-job-set-speed` takes
@@ -64,6 +68,26 @@ impl RateLimit {
 
     /// Waits until `bytes` may be dispatched, then charges them.
     pub async fn throttle(&self, bytes: u64) {
+        self.ready().await;
+        self.charge(bytes);
+    }
+
+    /// Charges `bytes` just dispatched (after [`RateLimit::ready`]).
+    pub fn charge(&self, bytes: u64) {
+        let mut b = self.lock();
+        if b.speed == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(floor) = now.checked_sub(SLICE) {
+            b.ready_at = b.ready_at.max(floor);
+        }
+        let cost = Duration::from_secs_f64(bytes as f64 / b.speed as f64);
+        b.ready_at += cost;
+    }
+
+    /// Waits until the budget allows another request; charges nothing.
+    pub async fn ready(&self) {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -78,8 +102,6 @@ impl RateLimit {
                     b.ready_at = b.ready_at.max(floor);
                 }
                 if b.ready_at <= now {
-                    let cost = Duration::from_secs_f64(bytes as f64 / b.speed as f64);
-                    b.ready_at += cost;
                     return;
                 }
                 b.ready_at
