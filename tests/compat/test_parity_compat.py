@@ -102,3 +102,44 @@ def test_a_speed_limit_is_the_speed(tmp_path):
     print(f"speed limit: stillpoint {ours:.2f} s, qemu-storage-daemon {theirs:.2f} s")
     # A ratio of the two in the same run, never an absolute time.
     assert 0.85 <= ours / theirs <= 1.15, f"stillpoint {ours:.2f} s, qemu-storage-daemon {theirs:.2f} s"
+
+
+def chain(tmp):
+    """A qcow2 chain as a user makes one: a converted base (data, zeros, holes) and an
+    overlay written by qemu-io; exported over NBD with allocation depth."""
+    rng = random.Random(5)
+    raw, base, top = f"{tmp}/base.raw", f"{tmp}/base.qcow2", f"{tmp}/top.qcow2"
+    with open(raw, "wb") as f:
+        for _ in range(32):
+            k = rng.random()
+            if k < 0.5:
+                f.write(rng.randbytes(1 << 20))
+            elif k < 0.75:
+                f.write(bytes(1 << 20))
+            else:
+                f.seek(1 << 20, 1)
+        f.truncate(32 << 20)
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, base], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top],
+                   check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x11 3M 100k", "-c", "write -z 9M 64k", top],
+                   check=True, capture_output=True)
+    return ["--blockdev", f"driver=qcow2,node-name=top,file.driver=file,file.filename={top}",
+            "--nbd-server", f"addr.type=unix,addr.path={tmp}/nbd.sock",
+            "--export", "type=nbd,id=e,node-name=top,name=top,allocation-depth=on"]
+
+
+def nbd_map(socket, export, context):
+    out = subprocess.run(["nbdinfo", f"--map={context}", "--json",
+                          f"nbd+unix:///{export}?socket={socket}"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def test_data_clusters_are_not_split_at_holes_of_the_host_file(tmp_path):
+    async def scenario(d):
+        sock = f"{d.tmp}/nbd.sock"
+        return nbd_map(sock, "top", "base:allocation"), nbd_map(sock, "top", "qemu:allocation-depth")
+
+    r = run_both(tmp_path, scenario, chain)
+    assert r["stillpoint"] == r["qemu-storage-daemon"]

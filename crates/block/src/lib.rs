@@ -46,6 +46,7 @@
 //! through [`graph::ExternalDrivers`].)
 
 pub mod buf;
+pub mod chain;
 pub mod dirty;
 pub mod driver;
 pub mod drivers;

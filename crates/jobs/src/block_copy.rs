@@ -1018,22 +1018,32 @@ impl BlockCopy {
                     && control.background
                     && !state.dirty.is_empty()
             };
+            let chunk = self.options.chunk_size;
             if peek_background {
-                // Wait for the speed limit before claiming, so a throttled worker never
-                // holds a claim (and a guest write) while it sleeps; the claim is
-                // charged once its size is known.
-                tokio::select! {
-                    _ = control.rate.ready() => {}
-                    _ = control.stopped.notified() => return Ok(()),
-                }
-                if control.stopping() {
-                    return Ok(());
+                // Take the speed limit's budget for a whole chunk before claiming, so a
+                // throttled worker never holds a claim (and a guest write) while it
+                // sleeps; what the claim does not use is given back below.
+                while !control.rate.try_charge(chunk) {
+                    tokio::select! {
+                        _ = control.rate.ready() => {}
+                        _ = control.stopped.notified() => return Ok(()),
+                    }
+                    if control.stopping() {
+                        return Ok(());
+                    }
                 }
             }
             let work = {
                 let mut state = self.lock();
                 self.take_work(&mut state, control)
             };
+            if peek_background {
+                let claimed = match work {
+                    Work::Copy { start, end, .. } => end - start,
+                    _ => 0,
+                };
+                control.rate.refund(chunk.saturating_sub(claimed));
+            }
             match work {
                 Work::Write(chunk) => self.write_chunk(chunk).await?,
                 Work::Copy { id, start, end } => {
@@ -1051,8 +1061,8 @@ impl BlockCopy {
     }
 
     /// Background copy of a claimed run: status, read, release the claim, write. The
-    /// speed limit is charged what is copied (data or zeros; QEMU counts both), after
-    /// the claim has shrunk to one block-status run; skipped ranges are free.
+    /// speed limit ends up charged what is copied (data or zeros; QEMU counts both):
+    /// what the claim hands back after block status, and a skipped run, are refunded.
     async fn copy_chunk(
         &self,
         id: u64,
@@ -1079,6 +1089,8 @@ impl BlockCopy {
                 ((start + cluster).min(end), false)
             };
             if new_end < end {
+                // Handed back uncopied: not charged.
+                rate.refund(end - new_end);
                 let mut state = self.lock();
                 state.dirty.set(new_end, end - new_end);
                 if let Some(r) = state.reading.iter_mut().find(|r| r.id == id) {
@@ -1090,6 +1102,8 @@ impl BlockCopy {
             }
             if trusted {
                 if self.options.skip_unallocated && !extent.status.allocated {
+                    // Skipped ranges are free.
+                    rate.refund(end - start);
                     self.lock().finish_reading(id);
                     self.progress
                         .remove_work((end - start).div_ceil(cluster) * cluster);
@@ -1103,7 +1117,6 @@ impl BlockCopy {
             }
         }
         let len = end - start;
-        rate.charge(len);
         let payload = if known_zero {
             Payload::Zero
         } else {

@@ -1,11 +1,12 @@
 //! The job speed limit: bytes per second, with at most a 100 ms burst.
 //!
 //! A virtual clock, `ready_at`, says when the budget is paid back: a request may go
-//! once `ready_at` has passed ([`RateLimit::ready`]), and then pushes it forward by the
-//! time its bytes take at the current speed ([`RateLimit::charge`], after dispatch, so
-//! the first chunk is free, as in QEMU). Waiting and charging are apart so a caller can
-//! charge what its request turned out to hold (a copy claim shrinks to one block-status
-//! run), not what it might have held: charging a whole chunk per claim made a backup
+//! once `ready_at` has passed, and then pushes it forward by the time its bytes take at
+//! the current speed (after dispatch, so the first chunk is free, as in QEMU). Taking
+//! the budget is atomic ([`RateLimit::try_charge`]), so concurrent workers claim one
+//! after another as QEMU's single copy loop does; a caller gives back what its request
+//! did not use ([`RateLimit::refund`]: a copy claim shrinks to one block-status run,
+//! or is skipped). Charging a whole chunk per claim, whatever it held, made a backup
 //! a third slower than its speed.
 //! Idle time earns credit for at most one slice of 100 ms, so the long-run rate is the
 //! speed and a burst is at most one slice's worth plus one request. A speed of 0 means
@@ -68,25 +69,42 @@ impl RateLimit {
 
     /// Waits until `bytes` may be dispatched, then charges them.
     pub async fn throttle(&self, bytes: u64) {
-        self.ready().await;
-        self.charge(bytes);
+        while !self.try_charge(bytes) {
+            self.ready().await;
+        }
     }
 
-    /// Charges `bytes` just dispatched (after [`RateLimit::ready`]).
-    pub fn charge(&self, bytes: u64) {
+    /// Charges `bytes` if the budget allows a request now; false (and nothing charged)
+    /// if it does not, then wait with [`RateLimit::ready`] and try again.
+    pub fn try_charge(&self, bytes: u64) -> bool {
         let mut b = self.lock();
         if b.speed == 0 {
-            return;
+            return true;
         }
         let now = Instant::now();
         if let Some(floor) = now.checked_sub(SLICE) {
             b.ready_at = b.ready_at.max(floor);
         }
+        if b.ready_at > now {
+            return false;
+        }
         let cost = Duration::from_secs_f64(bytes as f64 / b.speed as f64);
         b.ready_at += cost;
+        true
     }
 
-    /// Waits until the budget allows another request; charges nothing.
+    /// Gives back `bytes` charged but not dispatched.
+    pub fn refund(&self, bytes: u64) {
+        let mut b = self.lock();
+        if b.speed == 0 || bytes == 0 {
+            return;
+        }
+        let cost = Duration::from_secs_f64(bytes as f64 / b.speed as f64);
+        b.ready_at = b.ready_at.checked_sub(cost).unwrap_or(b.ready_at);
+    }
+
+    /// Waits until the budget may allow another request; charges nothing (and several
+    /// waiters may wake at once: take the budget with [`RateLimit::try_charge`]).
     pub async fn ready(&self) {
         loop {
             let changed = self.changed.notified();

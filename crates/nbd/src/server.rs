@@ -211,7 +211,8 @@ async fn closed(closing: &mut watch::Receiver<bool>) {
 enum Context {
     /// `base:allocation`: HOLE and ZERO flags.
     Allocation,
-    /// `qemu:allocation-depth`: 0 = unallocated, 1 = this layer.
+    /// `qemu:allocation-depth`: 0 = allocated in no layer of the chain, else the
+    /// allocating layer counted from 1 at the top.
     AllocationDepth,
     /// `qemu:dirty-bitmap:NAME`: the export's bitmap number n; flag 1 = dirty.
     DirtyBitmap(usize),
@@ -1188,8 +1189,9 @@ async fn block_status(
 ) -> Result<Reply, Failure> {
     let one = request.flags & CMD_FLAG_REQ_ONE != 0;
     let end = request.offset + u64::from(request.length);
-    // Runs of the node: (length, data, zero, allocated).
-    let mut runs: Vec<(u64, bool, bool, bool)> = Vec::new();
+    // Runs of the node through its backing chain, as QEMU's server reports them:
+    // (length, data, zero, allocation depth).
+    let mut runs: Vec<(u64, bool, bool, u32)> = Vec::new();
     // Only when asked: a client that negotiated just a dirty bitmap must not fail
     // because the node's own status cannot be read (a snapshot's discarded range).
     let node_status = contexts
@@ -1197,18 +1199,17 @@ async fn block_status(
         .any(|c| !matches!(c, Context::DirtyBitmap(_)));
     let mut at = request.offset;
     while node_status && at < end && runs.len() < MAX_EXTENTS {
-        let extent = export
-            .disk
-            .block_status(at, end - at)
+        let chained = block::chain::block_status_above(&export.disk, at, end - at)
             .await
             .map_err(|e| block_failure(&e, false))?;
+        let extent = chained.extent;
         // Extent lengths are u32 on the wire; keep them sector-aligned when split.
         let length = extent.length.min(u64::from(u32::MAX) & !511).max(1);
         runs.push((
             length,
             extent.status.data,
             extent.status.zero,
-            extent.status.allocated,
+            chained.allocation_depth(),
         ));
         at += length;
         if one {
@@ -1235,9 +1236,9 @@ async fn block_status(
             }
             _ => runs
                 .iter()
-                .map(|&(length, data, zero, allocated)| {
+                .map(|&(length, data, zero, depth)| {
                     let flags = match context {
-                        Context::AllocationDepth => u32::from(allocated),
+                        Context::AllocationDepth => depth,
                         _ => {
                             (if data { 0 } else { STATE_HOLE })
                                 | (if zero { STATE_ZERO } else { 0 })

@@ -15,10 +15,7 @@
 
 use std::fmt::Write as _;
 
-use std::sync::Arc;
-
 use block::Attachment;
-use block::Node;
 
 /// QEMU's sector size, the unit raw images are measured in.
 const SECTOR: u64 = 512;
@@ -100,7 +97,8 @@ pub async fn map(
             }
         } else {
             let want = (end.min(length) - offset).min(MAX_QUERY);
-            let (extent, depth) = status_in_chain(node.node(), offset, want).await?;
+            let block::chain::ChainStatus { extent, depth } =
+                block::chain::block_status_above(node, offset, want).await?;
             MapEntry {
                 start: offset,
                 length: extent.length,
@@ -131,30 +129,6 @@ pub async fn map(
         });
     }
     Ok(entries)
-}
-
-/// The status of `[offset, offset + len)` in the first layer of the backing chain that
-/// allocates it, and that layer's depth (0 = the image itself). A range allocated
-/// nowhere reports the bottom layer's status.
-async fn status_in_chain(
-    mut node: Arc<Node>,
-    offset: u64,
-    mut len: u64,
-) -> block::Result<(block::Extent, u32)> {
-    let mut depth = 0;
-    loop {
-        let extent = node.block_status(offset, len).await?;
-        if extent.status.allocated {
-            return Ok((extent, depth));
-        }
-        let below = match node.driver().backing() {
-            Some(backing) if offset < backing.length() => backing.node(),
-            _ => return Ok((extent, depth)),
-        };
-        len = extent.length.min(below.length() - offset);
-        node = below;
-        depth += 1;
-    }
 }
 
 /// File names of the layers of the chain under `node`, by depth.

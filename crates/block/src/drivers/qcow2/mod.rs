@@ -268,6 +268,9 @@ struct Meta {
     /// The last metadata flush failed part-way: the next one rewrites every cached
     /// table, not only those still marked dirty (a failed write may have torn one).
     flush_failed: bool,
+    /// Whether the image looks metadata-preallocated, decided at the first block
+    /// status (see `looks_preallocated`).
+    preallocated: Option<bool>,
     closed: bool,
 }
 
@@ -476,6 +479,7 @@ impl Qcow2Driver {
             extensions: header.extensions.clone(),
             dirty_bit: false,
             flush_failed: false,
+            preallocated: None,
             closed: false,
         };
         let driver = Self {
@@ -1330,6 +1334,37 @@ impl Qcow2Driver {
         Ok(())
     }
 
+    /// Whether the image looks metadata-preallocated: more clusters are counted in use
+    /// than the host file has blocks for, by QEMU's measure (at least 10/9 of the
+    /// allocated clusters, and 2 more). Refcounts are scanned from the start of the
+    /// file until that many are found. A file whose allocation cannot be read does not
+    /// look preallocated.
+    async fn looks_preallocated(&self, m: &mut Meta) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let cs = self.geo.cluster_size;
+        let Some(allocated) = self
+            .file
+            .node()
+            .filename()
+            .and_then(|path| std::fs::metadata(path).ok())
+            .map(|meta| meta.blocks() * 512)
+        else {
+            return Ok(false);
+        };
+        let real_clusters = allocated / cs;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end = self.file.length().div_ceil(cs);
+        let mut counted = 0;
+        let mut cluster = 0;
+        while cluster < end && counted < threshold {
+            if self.refcount(m, cluster).await? != 0 {
+                counted += 1;
+            }
+            cluster += 1;
+        }
+        Ok(counted >= threshold)
+    }
+
     // ---- lookups -----------------------------------------------------------------
 
     /// Waits while any of the guest clusters in `[first, last]` is being allocated.
@@ -1972,15 +2007,27 @@ impl BlockDriver for Qcow2Driver {
     async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         let mut m = self.meta.lock().await;
         let run = self.lookup(&mut m, offset, len).await?;
+        let preallocated = match m.preallocated {
+            Some(p) => p,
+            None => {
+                let p = self.looks_preallocated(&mut m).await?;
+                m.preallocated = Some(p);
+                p
+            }
+        };
         drop(m);
         let mut length = run.len;
         let status = match run.kind {
             Cluster::Data { .. } => {
-                // Like QEMU, ask the file whether the mapped bytes read as zeros (a
-                // hole, or past the end of a short last cluster).
+                // Like QEMU: only in an image that looks metadata-preallocated may a
+                // data cluster still be unwritten, so only there is the file asked
+                // whether the mapped bytes read as zeros (a hole, or past its end).
+                // Elsewhere a data cluster is data, however the host file holds it.
                 let host = run.host.unwrap();
                 let file_len = self.file.length();
-                let zero = if host >= file_len {
+                let zero = if !preallocated {
+                    false
+                } else if host >= file_len {
                     true
                 } else {
                     let ext = self
