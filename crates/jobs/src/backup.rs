@@ -252,17 +252,19 @@ pub async fn start_backups(
     registry: &JobRegistry,
     requests: Vec<BackupRequest>,
 ) -> Result<Vec<(Arc<Job>, Arc<CopyStats>)>, JobError> {
-    start_backups_at(graph, registry, requests, None).await
+    start_backups_at(graph, registry, requests, None, None).await
 }
 
 /// [`start_backups`], running `at_instant` at the backups' instant, while their
-/// sources are drained (a transaction's dirty-bitmap actions). If it fails, no backup
-/// starts and its error is returned.
+/// sources are drained (a transaction's dirty-bitmap actions), and with every job a
+/// member of `group` (grouped completion). If `at_instant` fails, no backup starts
+/// and its error is returned.
 pub async fn start_backups_at(
     graph: &Arc<NodeGraph>,
     registry: &JobRegistry,
     requests: Vec<BackupRequest>,
     at_instant: Option<block::graph::AtInstant>,
+    group: Option<&Arc<crate::completion_group::CompletionGroup>>,
 ) -> Result<Vec<(Arc<Job>, Arc<CopyStats>)>, JobError> {
     let mut prepared: Vec<PreparedBackup> = Vec::with_capacity(requests.len());
     for request in requests {
@@ -302,6 +304,12 @@ pub async fn start_backups_at(
             return Err(generic(e));
         }
     };
+    // Every member joins before any starts: one can fail at once.
+    if let Some(group) = group {
+        for p in &prepared {
+            p.job.join_group(group);
+        }
+    }
     let mut started = Vec::with_capacity(prepared.len());
     for (p, filter) in prepared.into_iter().zip(filters) {
         let copy = p

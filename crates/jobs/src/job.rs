@@ -33,6 +33,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tokio::sync::broadcast;
 
+use crate::completion_group::CompletionGroup;
 use crate::ratelimit::RateLimit;
 
 /// QEMU's `JobStatus`.
@@ -482,6 +483,8 @@ pub struct Job {
     progress: Arc<Progress>,
     driver: Mutex<Option<Arc<dyn JobDriver>>>,
     registry: std::sync::Weak<RegistryInner>,
+    /// The jobs this one completes together with (grouped completion), if any.
+    group: Mutex<Option<Arc<CompletionGroup>>>,
 }
 
 impl std::fmt::Debug for Job {
@@ -588,6 +591,22 @@ impl Job {
     /// Whether cancel was requested.
     pub fn is_cancelled(&self) -> bool {
         self.lock().cancelled
+    }
+
+    /// Resolves once the job is cancelled.
+    pub(crate) async fn cancelled(&self) {
+        self.wait_for(|s| s.cancelled).await;
+    }
+
+    /// Makes the job a member of `group` (before it starts): it completes only when
+    /// every member can, and a member failing cancels it.
+    pub fn join_group(self: &Arc<Self>, group: &Arc<CompletionGroup>) {
+        group.add(self);
+        *self.group.lock().unwrap_or_else(|e| e.into_inner()) = Some(group.clone());
+    }
+
+    fn group(&self) -> Option<Arc<CompletionGroup>> {
+        self.group.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Whether a pause is requested (the body should reach a pause point soon).
@@ -896,8 +915,16 @@ impl Job {
         if result.is_ok() && self.is_cancelled() {
             result = Err(JobFailure::Cancelled);
         }
+        let group = self.group();
         if result.is_ok() {
             self.set_status(JobStatus::Waiting);
+            if let Some(group) = &group
+                && !group.finished_and_wait(&self).await
+            {
+                result = Err(JobFailure::Cancelled);
+            }
+        }
+        if result.is_ok() {
             self.set_status(JobStatus::Pending);
             let auto_finalize = self.lock().auto_finalize;
             if !auto_finalize {
@@ -927,6 +954,10 @@ impl Job {
                 });
             }
             Err(failure) => {
+                // One member failing or cancelled cancels the whole group.
+                if let Some(group) = &group {
+                    group.abort(&self);
+                }
                 self.set_status(JobStatus::Aborting);
                 driver.abort(&self).await;
                 driver.clean(&self).await;
@@ -1046,6 +1077,7 @@ impl JobRegistry {
             progress: Arc::new(Progress::default()),
             driver: Mutex::new(None),
             registry: Arc::downgrade(&self.inner),
+            group: Mutex::new(None),
         });
         job.set_status(JobStatus::Created);
         jobs.insert(id.to_string(), job.clone());

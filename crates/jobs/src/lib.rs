@@ -67,6 +67,7 @@
 pub mod backup;
 pub mod block_copy;
 pub mod cbw;
+pub mod completion_group;
 pub mod job;
 pub mod ratelimit;
 
@@ -77,6 +78,7 @@ pub use backup::SyncMode;
 pub use backup::start_backup;
 pub use backup::start_backups;
 pub use backup::start_backups_at;
+pub use completion_group::CompletionGroup;
 pub use job::Job;
 pub use job::JobEvent;
 pub use job::JobRegistry;

@@ -19,7 +19,6 @@ use block::NodeGraph;
 use block::options::DetectZeroes;
 use block::options::Members;
 use jobs::BackupOptions;
-use jobs::JobEvent;
 use jobs::JobRegistry;
 use jobs::SyncMode;
 use jobs::job::ErrorPolicy;
@@ -637,57 +636,22 @@ impl Daemon {
                 Ok(())
             })
         };
-        // Listen before the jobs start: a member can fail before start_backups returns,
-        // and grouped completion must not miss that event.
-        let mut rx = self.jobs.subscribe();
-        let started =
-            match jobs::start_backups_at(&self.graph, &self.jobs, requests, Some(at_instant)).await
-            {
-                Ok(started) => started,
-                Err(e) => {
-                    let applied = std::mem::take(
-                        &mut *at_instant_undos.lock().unwrap_or_else(|e| e.into_inner()),
-                    );
-                    rollback(undos.into_iter().chain(applied).collect());
-                    return Err(e.into());
-                }
-            };
-        if grouped && started.len() > 1 {
-            let ids: Vec<String> = started
-                .iter()
-                .map(|(job, _)| job.id().to_string())
-                .collect();
-            let registry = self.jobs.clone();
-            tokio::spawn(async move {
-                let mut gone = 0;
-                while gone < ids.len() {
-                    let Ok(event) = rx.recv().await else { return };
-                    let failed = match &event {
-                        JobEvent::Completed {
-                            device,
-                            error: Some(_),
-                            ..
-                        } => Some(device.clone()),
-                        JobEvent::Cancelled { device, .. } => Some(device.clone()),
-                        JobEvent::StatusChange {
-                            id,
-                            status: jobs::JobStatus::Null,
-                        } if ids.contains(id) => {
-                            gone += 1;
-                            None
-                        }
-                        _ => None,
-                    };
-                    if let Some(failed) = failed.filter(|f| ids.contains(f)) {
-                        // Grouped completion: one member failing cancels the others.
-                        for id in ids.iter().filter(|id| **id != failed) {
-                            if let Some(job) = registry.get(id) {
-                                let _ = job.cancel(true);
-                            }
-                        }
-                    }
-                }
-            });
+        // Grouped completion: the jobs finish together or not at all.
+        let group = grouped.then(jobs::CompletionGroup::new);
+        let started = jobs::start_backups_at(
+            &self.graph,
+            &self.jobs,
+            requests,
+            Some(at_instant),
+            group.as_ref(),
+        )
+        .await;
+        if let Err(e) = started {
+            let applied = std::mem::take(
+                &mut *at_instant_undos.lock().unwrap_or_else(|e| e.into_inner()),
+            );
+            rollback(undos.into_iter().chain(applied).collect());
+            return Err(e.into());
         }
         Ok(json!({}))
     }
