@@ -497,6 +497,7 @@ async fn prepare_backup(
         staging_memory: options.staging_memory,
         scratch_dir,
         skip_unallocated: options.sync == SyncMode::Top,
+        unallocated_may_stay_sparse: options.sync == SyncMode::Full,
         on_cbw_error: options.on_cbw_error,
         compress: options.compress,
         sparse_block: target_cluster.max(4096),

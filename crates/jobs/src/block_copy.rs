@@ -99,6 +99,12 @@ pub struct BlockCopyOptions {
     pub scratch_dir: PathBuf,
     /// Skip clusters the source does not allocate (sync=top).
     pub skip_unallocated: bool,
+    /// A full backup: a range no layer of the source allocates may stay as it is on a
+    /// target that already reads zeros there. Otherwise (incremental, top, bitmap,
+    /// none) every range that reads as zeros is recorded in the target as zeros (a
+    /// zero cluster in qcow2), because the target may be layered over another image
+    /// later and must not let that image show through.
+    pub unallocated_may_stay_sparse: bool,
     /// Copy-before-write failure mode.
     pub on_cbw_error: OnCbwError,
     /// Write data compressed (whole target clusters).
@@ -164,6 +170,9 @@ struct Chunk {
     payload: Payload,
     /// The payload's memory counts against the staging bound (guest-write chunks).
     staged_memory: bool,
+    /// Zeros in the payload are written as zeros even where the target already reads
+    /// zeros without allocating them (see `unallocated_may_stay_sparse`).
+    record_zeros: bool,
 }
 
 #[derive(Debug)]
@@ -771,11 +780,13 @@ impl BlockCopy {
         match staged {
             Ok(payload) => {
                 let staged_memory = matches!(payload, Payload::Memory(_));
+                // Old data saved before a guest write: its zeros are recorded.
                 state.staged.push_back(Chunk {
                     offset: start,
                     len,
                     payload,
                     staged_memory,
+                    record_zeros: true,
                 });
                 state.finish_reading(id);
                 drop(state);
@@ -813,6 +824,7 @@ impl BlockCopy {
                 len,
                 payload,
                 staged_memory: false,
+                record_zeros: true,
             };
             let written = self.write_payload(&chunk).await;
             if let Payload::Memory(buf) = chunk.payload {
@@ -1073,7 +1085,13 @@ impl BlockCopy {
         let cluster = self.options.cluster_size;
         let mut end = end;
         let mut known_zero = false;
-        if let Ok(extent) = self.source.block_status(start, end - start).await {
+        // Unknown allocation counts as allocated: its zeros are recorded.
+        let mut record_zeros = true;
+        // The status a reader of the source sees, through its backing chain.
+        if let Ok(chained) =
+            block::chain::block_status_above(&self.source, start, end - start).await
+        {
+            let extent = chained.extent;
             let run_end = start + extent.length;
             // Trust a run only in whole clusters (or up to the device end). A run
             // shorter than a cluster says nothing about the rest of it: copy just that
@@ -1101,7 +1119,9 @@ impl BlockCopy {
                 end = new_end;
             }
             if trusted {
-                if self.options.skip_unallocated && !extent.status.allocated {
+                // sync=top copies what the source's own layer allocates.
+                let allocated_here = extent.status.allocated && chained.depth == 0;
+                if self.options.skip_unallocated && !allocated_here {
                     // Skipped ranges are free.
                     rate.refund(end - start);
                     self.lock().finish_reading(id);
@@ -1114,6 +1134,7 @@ impl BlockCopy {
                     return Ok(());
                 }
                 known_zero = extent.status.zero;
+                record_zeros = extent.status.allocated || !self.options.unallocated_may_stay_sparse;
             }
         }
         let len = end - start;
@@ -1150,6 +1171,7 @@ impl BlockCopy {
             len,
             payload,
             staged_memory: false,
+            record_zeros,
         })
         .await
     }
@@ -1202,20 +1224,27 @@ impl BlockCopy {
     async fn write_payload(&self, chunk: &Chunk) -> Result<u64, Error> {
         let buf = match &chunk.payload {
             Payload::Zero => {
-                self.write_zeroes(chunk.offset, chunk.len).await?;
+                self.write_zeroes(chunk.offset, chunk.len, chunk.record_zeros)
+                    .await?;
                 return Ok(0);
             }
             // A clone shares the memory: the chunk keeps the data for a retry.
             Payload::Memory(buf) => buf.clone(),
             Payload::Scratch { at } => self.unspill(*at, chunk.len).await?,
         };
-        self.write_sparse(chunk.offset, buf).await
+        self.write_sparse(chunk.offset, buf, chunk.record_zeros)
+            .await
     }
 
     /// Writes `buf` at `offset`, leaving blocks of zeros sparse (as `cp
     /// --sparse=always` does), so a backup never takes more space than its source.
     /// Returns the bytes written as data.
-    async fn write_sparse(&self, offset: u64, buf: IoBuf) -> Result<u64, Error> {
+    async fn write_sparse(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        record_zeros: bool,
+    ) -> Result<u64, Error> {
         let block_len = self.options.sparse_block.max(512) as usize;
         let flags = WriteFlags {
             compressed: self.options.compress,
@@ -1239,7 +1268,8 @@ impl BlockCopy {
         for (from, to, zero) in runs {
             let at = offset + from as u64;
             if zero {
-                self.write_zeroes(at, (to - from) as u64).await?;
+                self.write_zeroes(at, (to - from) as u64, record_zeros)
+                    .await?;
             } else {
                 self.target
                     .write(at, IoBuf::from_slice(&buf[from..to]), flags)
@@ -1251,12 +1281,16 @@ impl BlockCopy {
     }
 
     /// Zeros on the target, skipped where the target already reads zeros.
-    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), Error> {
+    async fn write_zeroes(&self, offset: u64, len: u64, record: bool) -> Result<(), Error> {
         let mut at = offset;
         let end = offset + len;
         while at < end {
             let extent = self.target.block_status(at, end - at).await?;
-            if !extent.status.zero {
+            // Zeros the target holds itself (a zero cluster, a hole in a file) can
+            // stay; zeros it only falls back to (an unallocated qcow2 cluster) are
+            // written when they must be recorded.
+            let holds_zeros = extent.status.zero && (extent.status.allocated || !record);
+            if !holds_zeros {
                 let flags = ZeroFlags {
                     may_unmap: true,
                     ..ZeroFlags::default()

@@ -92,6 +92,7 @@ pub fn standalone(
         staging_memory: 0,
         scratch_dir: std::env::temp_dir(),
         skip_unallocated: false,
+        unallocated_may_stay_sparse: false,
         on_cbw_error: options.on_cbw_error,
         compress: false,
         sparse_block: target_cluster.max(4096),

@@ -4,6 +4,9 @@
 //!   before `bind`, and Linux creates the socket file with that mode (less the umask),
 //!   so there is no moment when another local user could connect (binding first and
 //!   then calling chmod leaves such a window, and under umask 000 the mode was 0777).
+//!   It is bound and listening under a temporary name in the same directory, then
+//!   renamed into place, so the path never names a socket that refuses connections
+//!   (a client that saw the file appear between `bind` and `listen` got ECONNREFUSED).
 //! * An existing file at the path is replaced only if it is a socket (a stale one from
 //!   a killed daemon); anything else is an error, never deleted.
 //! * Accept errors (EMFILE at the descriptor limit, ENOBUFS...) pause the accept loop,
@@ -26,7 +29,8 @@ pub const QMP_SOCKET_MODE: u32 = 0o600;
 /// note. Must run inside a tokio runtime.
 pub fn bind_unix(path: &Path, mode: u32) -> io::Result<tokio::net::UnixListener> {
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+        // A stale socket: the rename below replaces it.
+        Ok(meta) if meta.file_type().is_socket() => {}
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -36,6 +40,28 @@ pub fn bind_unix(path: &Path, mode: u32) -> io::Result<tokio::net::UnixListener>
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
+    // Clients connect by this path, so it must fit even though binding does not use it.
+    socket_address(path)?;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temporary = path.with_file_name(format!(".sp-{}-{n}.sock", std::process::id()));
+    if socket_address(&temporary).is_err() {
+        // The temporary name does not fit where the path itself does: bind in place.
+        if std::fs::symlink_metadata(path).is_ok() {
+            std::fs::remove_file(path)?;
+        }
+        return listen_at(path, mode);
+    }
+    let listener = listen_at(&temporary, mode)?;
+    if let Err(e) = std::fs::rename(&temporary, path) {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+/// The socket address of `path`, or why it cannot be one.
+fn socket_address(path: &Path) -> io::Result<libc::sockaddr_un> {
     let bytes = path.as_os_str().as_bytes();
     // SAFETY: an all-zero sockaddr_un is a valid (empty) address.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
@@ -53,6 +79,12 @@ pub fn bind_unix(path: &Path, mode: u32) -> io::Result<tokio::net::UnixListener>
     for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
         *dst = src as libc::c_char;
     }
+    Ok(addr)
+}
+
+/// A listening socket bound at `path` with `mode`.
+fn listen_at(path: &Path, mode: u32) -> io::Result<tokio::net::UnixListener> {
+    let addr = socket_address(path)?;
     // SAFETY: plain socket creation; the descriptor is owned below.
     let fd = unsafe {
         libc::socket(

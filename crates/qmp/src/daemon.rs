@@ -647,9 +647,8 @@ impl Daemon {
         )
         .await;
         if let Err(e) = started {
-            let applied = std::mem::take(
-                &mut *at_instant_undos.lock().unwrap_or_else(|e| e.into_inner()),
-            );
+            let applied =
+                std::mem::take(&mut *at_instant_undos.lock().unwrap_or_else(|e| e.into_inner()));
             rollback(undos.into_iter().chain(applied).collect());
             return Err(e.into());
         }

@@ -1740,7 +1740,10 @@ impl Qcow2Driver {
                 0
             } else {
                 match old {
-                    Cluster::Unallocated if self.backing.is_none() && !discard => continue,
+                    // An unallocated cluster reads as zeros only while no backing file
+                    // is set; a zero cluster stays zeros under a later rebase (QEMU
+                    // marks it too). A discard may leave it unallocated.
+                    Cluster::Unallocated if self.backing.is_none() && discard => continue,
                     Cluster::Zero { host: None } => continue,
                     Cluster::Zero { host: Some(_) } if !unmap && !discard => continue,
                     Cluster::Data { host, copied: true } if !unmap && !discard => {
