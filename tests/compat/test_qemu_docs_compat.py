@@ -6,9 +6,12 @@ at the same offset.
 """
 
 import asyncio
+import json
 import os
 import random
 import subprocess
+
+import pytest
 
 from harness import run_both
 
@@ -191,3 +194,69 @@ def test_sync_top_into_a_target_without_backing_then_rebase(tmp_path):
     r = run_both(tmp_path, scenario, overlay)
     assert r["stillpoint"] == r["qemu-storage-daemon"]
     assert r["stillpoint"][-1] == (0, "Images are identical.")
+
+
+def small_filesystem(path, free_kib):
+    """A 4 MiB tmpfs at `path` with about `free_kib` KiB left, or None if this machine
+    cannot mount one (not root)."""
+    os.makedirs(path, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", path],
+                      capture_output=True).returncode != 0:
+        return None
+    return path
+
+
+def test_bitmap_mode_always_drops_only_what_a_full_target_holds(tmp_path):
+    """bitmaps.rst's bitmap modes with a target on a nearly full filesystem: the job
+    fails with ENOSPC; `always` drops from the bitmap exactly the clusters the target
+    made durable (data and mapping), and the target has no leaked clusters."""
+    fs = str(tmp_path / "fs")
+    if small_filesystem(fs, 0) is None:
+        pytest.skip("mounting a tmpfs needs root")
+    subprocess.run(["umount", fs])
+
+    def one_drive(tmp):
+        with open(f"{tmp}/d0.raw", "wb") as f:
+            f.write(random.Random(9).randbytes(SIZE))
+        return ["--blockdev", f"driver=raw,node-name=drive0,file.driver=file,file.filename={tmp}/d0.raw",
+                "--nbd-server", f"addr.type=unix,addr.path={tmp}/nbd.sock"]
+
+    async def scenario(d):
+        out = []
+        for free_kib in (1100, 700):
+            mount = small_filesystem(f"{d.tmp}/fs", free_kib)
+            target = f"{mount}/t.qcow2"
+            fresh_qcow2(target)
+            st = os.statvfs(mount)
+            with open(f"{mount}/filler", "wb") as f:
+                f.write(bytes(st.f_bavail * st.f_frsize - free_kib * 1024))
+            await d.run("block-dirty-bitmap-add", {"node": "drive0", "name": "bm"})
+            await write_through_export(d, "drive0", f"write -P 7 0 {SIZE}")
+            await d.run("blockdev-add", {"driver": "qcow2", "node-name": "full-tgt",
+                                         "file": {"driver": "file", "filename": target}})
+            await d.run("blockdev-backup", {"job-id": "j", "device": "drive0", "target": "full-tgt",
+                                            "sync": "bitmap", "bitmap": "bm", "bitmap-mode": "always"})
+            events = await d.until("JOB_STATUS_CHANGE", "null")
+            error = [e["data"].get("error") for e in events if e["event"] == "BLOCK_JOB_COMPLETED"]
+            left = [c for _, _, c in await bitmap_counts(d)]
+            await d.run("blockdev-del", {"node-name": "full-tgt"})
+            await d.run("block-dirty-bitmap-remove", {"node": "drive0", "name": "bm"})
+            mapped = subprocess.run(["qemu-img", "map", "-U", "--output=json", target],
+                                    capture_output=True, text=True, check=True).stdout
+            held = sum(x["length"] for x in json.loads(mapped) if x["data"])
+            check = subprocess.run(["qemu-img", "check", "-U", "--output=json", target],
+                                   capture_output=True, text=True).stdout
+            leaks = json.loads(check).get("leaks", 0)
+            subprocess.run(["umount", mount], check=True)
+            out.append((free_kib, error, SIZE - left[0], held, leaks))
+        return out
+
+    r = run_both(tmp_path, scenario, one_drive)
+    for kind, outcomes in r.items():
+        for free_kib, error, dropped, held, leaks in outcomes:
+            assert error == ["No space left on device"], (kind, free_kib, error)
+            assert dropped == held, f"{kind}, {free_kib} KiB free: dropped {dropped}, target holds {held}"
+            assert leaks == 0, (kind, free_kib, leaks)
+    # With about 1 MiB free both targets hold the same 16 clusters. (With less, how
+    # much fits depends on each daemon's request sizes.)
+    assert r["stillpoint"][0] == r["qemu-storage-daemon"][0]

@@ -119,9 +119,10 @@ async fn a_failed_l2_write_keeps_failing_flushes_until_it_is_rewritten() {
     // A fresh image holds the header, refcount table, one refcount block and L1 in its
     // first four clusters; everything after them is new: the L2 table and the data.
     let rules = json!([{"op": "write", "offset": 4 * 65536, "length": 1 << 30,
-                        "errno": "EIO", "after": 1, "once": true}]);
+                        "errno": "EIO", "after": 2, "once": true}]);
     let (graph, node) = open_with_faults(&img, rules).await;
-    // The data write (the first matching request) passes; the L2 write fails.
+    // The new L2 table's first (empty) write when it is allocated and the data write
+    // pass; the flush's write of the filled-in L2 table fails.
     node.write(
         8 << 20,
         IoBuf::from_slice(&[0x33; 4096]),

@@ -180,13 +180,16 @@ pub struct BackupJob {
 impl BackupJob {
     /// QEMU's end-of-job rule: "sync" the bitmap (keep only the writes made during the
     /// job) on success or with mode always, never with mode never; otherwise merge the
-    /// writes back in. A failed job with mode always also keeps what it did not copy.
-    fn settle_bitmap(&self, success: bool) {
+    /// writes back in. A failed job with mode always also keeps what it did not copy,
+    /// and a copy counts only if the target made it durable: when `durable` is false
+    /// (the target's flush failed), nothing counts as copied.
+    fn settle_bitmap(&self, success: bool, durable: bool) {
         let Some(bitmap) = &self.sync_bitmap else {
             return;
         };
         let mode = self.options.bitmap_mode.unwrap_or(BitmapMode::OnSuccess);
-        let sync = (success || mode == BitmapMode::Always) && mode != BitmapMode::Never;
+        let sync =
+            (success || (mode == BitmapMode::Always && durable)) && mode != BitmapMode::Never;
         if sync {
             let uncopied = (!success && mode == BitmapMode::Always)
                 .then(|| self.engine().map(|copy| copy.remaining()))
@@ -627,11 +630,32 @@ impl JobDriver for BackupJob {
     }
 
     async fn commit(&self, _job: &Arc<Job>) {
-        self.settle_bitmap(true);
+        self.settle_bitmap(true, true);
     }
 
-    async fn abort(&self, _job: &Arc<Job>) {
-        self.settle_bitmap(false);
+    async fn abort(&self, job: &Arc<Job>) {
+        let always = self.options.bitmap_mode == Some(BitmapMode::Always);
+        let durable = if always && self.sync_bitmap.is_some() {
+            // What the target holds counts as copied only once it is durable, data
+            // and mapping (a qcow2 target on a full disk may have written data whose
+            // mapping it never could).
+            match self.engine() {
+                Some(copy) => match copy.target().flush().await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(
+                            job = job.id(),
+                            "the target cannot be flushed ({e}): the bitmap keeps every change"
+                        );
+                        false
+                    }
+                },
+                None => false,
+            }
+        } else {
+            true
+        };
+        self.settle_bitmap(false, durable);
     }
 
     async fn clean(&self, job: &Arc<Job>) {

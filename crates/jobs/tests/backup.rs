@@ -466,6 +466,57 @@ async fn arguments_are_checked_in_qemus_words() {
     rig.graph.remove("src").await.unwrap();
 }
 
+/// `bitmap-mode: always` counts a cluster as copied only once the target made it
+/// durable: here every write reaches the target but its flush fails (a full disk that
+/// cannot take the metadata, a dead device), so the failed job keeps every bit.
+#[tokio::test]
+async fn always_mode_keeps_every_bit_when_the_target_cannot_make_its_writes_durable() {
+    const K64: u64 = 64 << 10;
+    let rig = Rig::new(8 * MIB, 12).await;
+    fault(
+        &rig,
+        "badtgt",
+        "tgt",
+        json!([{"op":"flush","errno":"ENOSPC"}]),
+    )
+    .await;
+    let src = rig.graph.node("src").unwrap();
+    let bitmap = src.add_bitmap("bm0", Some(K64), false, false).unwrap();
+    let guest = rig
+        .graph
+        .attach("src", AttachUser::Other("guest".into()))
+        .unwrap();
+    guest
+        .write(
+            0,
+            IoBuf::from_slice(&vec![5; 4 * MIB as usize]),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+    let mut options = BackupOptions::new("j");
+    options.sync = SyncMode::Bitmap;
+    options.bitmap = Some("bm0".into());
+    options.bitmap_mode = Some(jobs::BitmapMode::Always);
+    let mut events = rig.registry.subscribe();
+    let (job, _) = start_backup(&rig.graph, &rig.registry, "src", "badtgt", options)
+        .await
+        .unwrap();
+    let history = events_until(&mut events, job.id(), JobStatus::Null).await;
+    assert!(
+        completed(&history).unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .contains("failed to flush the target"),
+        "{history:?}"
+    );
+    assert_eq!(
+        bitmap.info().count,
+        4 * MIB,
+        "bits of undurable copies were dropped"
+    );
+}
+
 /// iotest 257's failure outcomes: a `sync=bitmap` backup whose target fails part-way,
 /// with a guest write during the job. on-success and never keep every bit plus the new
 /// write; always keeps what was not copied (including the chunk whose target write

@@ -924,6 +924,10 @@ impl Qcow2Driver {
             self.evict_l2(m).await?;
         }
         let offset = self.alloc_clusters(m, 1).await?;
+        // Written at once (empty): its blocks are taken on the host file now, so the
+        // flush that fills it in cannot run out of space after data filled the disk.
+        self.reserve_cluster(offset, vec![0; self.geo.cluster_size as usize])
+            .await?;
         m.tick += 1;
         m.l2.insert(
             offset,
@@ -1052,6 +1056,8 @@ impl Qcow2Driver {
                 let c = start.max(t * rbe);
                 let mut data = vec![0u8; cs as usize];
                 refcount::set(&mut data, self.geo.refcount_order, c - t * rbe, 1);
+                // Taken on the host file now, as a new L2 table is (see ensure_l2).
+                self.reserve_cluster(c * cs, data.clone()).await?;
                 m.refblocks.insert(t, RefBlock { data, dirty: true });
                 m.reftable[t as usize] = c * cs;
                 m.reftable_dirty.insert(t * 8 / cs);
@@ -1068,6 +1074,15 @@ impl Qcow2Driver {
             }
             return Ok(start * cs);
         }
+    }
+
+    /// Writes a new metadata cluster's first contents where it was allocated, before
+    /// anything names it (so a crash leaves at worst an unreferenced cluster): its
+    /// blocks on the host file are then taken, and no later flush of it needs space.
+    async fn reserve_cluster(&self, offset: u64, data: Vec<u8>) -> Result<()> {
+        self.write_file(offset, IoBuf::from_slice(&data), WriteFlags::default())
+            .await
+            .map(drop)
     }
 
     /// Grows the refcount table so that entry `needed` exists. The new table and the
