@@ -260,3 +260,55 @@ def test_bitmap_mode_always_drops_only_what_a_full_target_holds(tmp_path):
     # With about 1 MiB free both targets hold the same 16 clusters. (With less, how
     # much fits depends on each daemon's request sizes.)
     assert r["stillpoint"][0] == r["qemu-storage-daemon"][0]
+
+
+def test_merging_from_a_busy_or_inconsistent_bitmap_is_refused(tmp_path):
+    """bitmaps.rst's block-dirty-bitmap-merge: a source bitmap a backup has frozen, or
+    one found in use in an image (not saved cleanly), cannot be merged from."""
+    def images(tmp):
+        args = two_drives(tmp)
+        img = f"{tmp}/crashed.qcow2"
+        fresh_qcow2(img)
+        subprocess.run(["qemu-img", "bitmap", "--add", img, "stale"], check=True)
+        # Mark it in use, as a writer that crashed leaves it.
+        with open(img, "r+b") as f:
+            header = f.read(65536)
+            at = int.from_bytes(header[100:104], "big")
+            while True:
+                kind, length = int.from_bytes(header[at:at + 4], "big"), int.from_bytes(header[at + 4:at + 8], "big")
+                if kind == 0x23852875:
+                    directory = int.from_bytes(header[at + 24:at + 32], "big")
+                    break
+                at += 8 + (length + 7) // 8 * 8
+            f.seek(directory + 12)
+            flags = int.from_bytes(f.read(4), "big")
+            f.seek(directory + 12)
+            f.write((flags | 1).to_bytes(4, "big"))
+        return args + ["--blockdev", f"driver=qcow2,node-name=crashed,file.driver=file,file.filename={img}"]
+
+    async def scenario(d):
+        r = [await d.run("block-dirty-bitmap-add", {"node": "drive0", "name": n}) for n in ("a", "b")]
+        r.append(await d.run("block-dirty-bitmap-add", {"node": "crashed", "name": "fresh"}))
+        # Two changes far apart: at 1 B/s the job copies the first and waits, busy.
+        await write_through_export(d, "drive0", "write -P 1 0 64k", "write -P 1 4M 64k")
+        r.append(await d.run("blockdev-backup", {"job-id": "j", "device": "drive0", "target": "tgt0",
+                                                 "sync": "incremental", "bitmap": "b", "speed": 1}))
+        await d.until("JOB_STATUS_CHANGE", "running")
+        r.append(await d.run("block-dirty-bitmap-merge", {"node": "drive0", "target": "a",
+                                                         "bitmaps": ["b"]}))
+        r.append(await d.run("block-dirty-bitmap-merge", {"node": "drive0", "target": "b",
+                                                         "bitmaps": ["a"]}))
+        r.append(await d.run("block-dirty-bitmap-merge", {"node": "crashed", "target": "fresh",
+                                                         "bitmaps": ["stale"]}))
+        r.append(await d.run("block-dirty-bitmap-merge", {"node": "crashed", "target": "fresh",
+                                                         "bitmaps": [{"node": "crashed", "name": "stale"}]}))
+        r.append(await d.run("block-job-cancel", {"device": "j", "force": True}))
+        await d.until("JOB_STATUS_CHANGE", "null")
+        r.append(await bitmap_counts(d))
+        return r
+
+    r = run_both(tmp_path, scenario, images)
+    assert r["stillpoint"] == r["qemu-storage-daemon"]
+    assert r["stillpoint"][4] == ("error", "GenericError",
+                                  "Bitmap 'b' is currently in use by another operation and cannot be used")
+    assert r["stillpoint"][6][2] == "Bitmap 'stale' is inconsistent and cannot be used"

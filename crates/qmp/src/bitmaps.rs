@@ -181,8 +181,12 @@ pub fn check(graph: &NodeGraph, action: &BitmapAction) -> Result<(), QmpError> {
         } => {
             let dest = bitmap(graph, n, target)?;
             usable(&dest)?;
+            // Each source in order, as QEMU checks them: busy (a backup froze it) and
+            // inconsistent (not saved cleanly) bitmaps cannot be read either.
             for (sn, sname) in sources {
-                if bitmap(graph, sn, sname)?.size() != dest.size() {
+                let source = bitmap(graph, sn, sname)?;
+                usable(&source)?;
+                if source.size() != dest.size() {
                     return Err(QmpError::generic(format!(
                         "Bitmap '{sname}' has a different size than '{target}'"
                     )));
