@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from harness import STILLPOINT
 from harness import run_both
 
 SIZE = 8 << 20
@@ -312,3 +313,107 @@ def test_merging_from_a_busy_or_inconsistent_bitmap_is_refused(tmp_path):
     assert r["stillpoint"][4] == ("error", "GenericError",
                                   "Bitmap 'b' is currently in use by another operation and cannot be used")
     assert r["stillpoint"][6][2] == "Bitmap 'stale' is inconsistent and cannot be used"
+
+
+def test_sighup_exits_cleanly_and_stores_a_new_persistent_bitmap(tmp_path):
+    """qemu-storage-daemon.rst: the daemon ends on SIGINT, SIGTERM or SIGHUP, closing
+    its nodes (a persistent bitmap created over QMP is stored in the image)."""
+    def image(tmp):
+        fresh_qcow2(f"{tmp}/disk.qcow2")
+        return ["--blockdev", f"driver=qcow2,node-name=disk,file.driver=file,file.filename={tmp}/disk.qcow2",
+                "--pidfile", f"{tmp}/daemon.pid"]
+
+    async def scenario(d):
+        r = [await d.run("block-dirty-bitmap-add", {"node": "disk", "name": "daily", "persistent": True})]
+        d.proc.send_signal(__import__("signal").SIGHUP)
+        r.append(await asyncio.to_thread(d.proc.wait, 20))
+        r.append((os.path.exists(d.qmp_path), os.path.exists(f"{d.tmp}/daemon.pid")))
+        info = subprocess.run(["qemu-img", "info", "--output=json", f"{d.tmp}/disk.qcow2"],
+                              capture_output=True, text=True, check=True).stdout
+        bitmaps = json.loads(info).get("format-specific", {}).get("data", {}).get("bitmaps", [])
+        r.append([(b["name"], b["flags"]) for b in bitmaps])
+        return r
+
+    r = run_both(tmp_path, scenario, image)
+    assert r["stillpoint"] == r["qemu-storage-daemon"]
+    assert r["stillpoint"][2] == (False, False)
+    assert r["stillpoint"][3] == [("daily", ["auto"])]
+
+
+def test_a_second_daemon_with_the_same_pid_file_refuses_to_start(tmp_path):
+    def pidfile(tmp):
+        return ["--pidfile", f"{tmp}/daemon.pid"]
+
+    async def scenario(d):
+        with open(f"{d.tmp}/daemon.pid") as f:
+            first = f.read()
+        program = ["qemu-storage-daemon"] if d.kind == "qemu-storage-daemon" else [STILLPOINT, "daemon"]
+        second = await asyncio.to_thread(
+            subprocess.run, program + ["--pidfile", f"{d.tmp}/daemon.pid"],
+            capture_output=True, text=True, timeout=20)
+        with open(f"{d.tmp}/daemon.pid") as f:
+            after = f.read()
+        message = second.stderr.strip().split(": ", 1)[-1]
+        return second.returncode, message, first == after == f"{d.proc.pid}\n"
+
+    r = run_both(tmp_path, scenario, pidfile)
+    assert r["stillpoint"] == r["qemu-storage-daemon"]
+    assert r["stillpoint"] == (1, "cannot create PID file: Cannot lock pid file: "
+                                  "Resource temporarily unavailable", True)
+
+
+MALFORMED = [
+    b'{"execute": "query-version",\n "arguments": {"x": nope},\n "id": 1}\n{"execute":"query-version"}\n',
+    b'{"execute": "query-version",\n  "id": 1\n{"execute": query-version}\n{"execute":"query-version","id":2}\n',
+    b'{"execute": nope}\n{"execute":"query-version"}\n',
+    b'{"execute":\n "query-version",\n "id": [1,\n 2]}\n',
+    b'[1, 2]\n{"x":\n true}\n',
+    b'{"execute": "query-version", "id": 1} garbage\n{"execute":"query-version"}\n',
+]
+
+
+def test_malformed_input_gets_one_error_per_value_qemu_could_not_parse(tmp_path):
+    """The QMP spec's error recovery (docs/interop/qmp-spec.rst): each malformed value is
+    answered once, and the commands around it are answered as usual."""
+    def second_monitor(tmp):
+        # A monitor chardev of qemu-storage-daemon takes one client at a time.
+        return ["--chardev", f"socket,id=raw,path={tmp}/raw.sock,server=on,wait=off",
+                "--monitor", "chardev=raw"]
+
+    async def scenario(d):
+        out = []
+        for payload in MALFORMED:
+            out.append(await asyncio.to_thread(raw_qmp_session, f"{d.tmp}/raw.sock", payload))
+        names = [c["name"] for c in (await d.run("query-commands"))[1]]
+        out.append("transaction" in names)
+        return out
+
+    r = run_both(tmp_path, scenario, second_monitor)
+    assert r["stillpoint"] == r["qemu-storage-daemon"]
+    assert r["stillpoint"][-1] is True
+
+
+def raw_qmp_session(path, payload):
+    """Negotiates, sends `payload`, and returns the kinds of replies that came back."""
+    import socket
+    import time
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.settimeout(5)
+    s.recv(4096)
+    s.sendall(b'{"execute":"qmp_capabilities"}\n')
+    s.recv(4096)
+    s.sendall(payload)
+    time.sleep(0.4)
+    s.settimeout(0.3)
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except socket.timeout:
+        pass
+    s.close()
+    return ["return" if '"return"' in line else "error" for line in data.decode().splitlines()]

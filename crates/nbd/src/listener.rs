@@ -7,8 +7,9 @@
 //!   It is bound and listening under a temporary name in the same directory, then
 //!   renamed into place, so the path never names a socket that refuses connections
 //!   (a client that saw the file appear between `bind` and `listen` got ECONNREFUSED).
-//! * An existing file at the path is replaced only if it is a socket (a stale one from
-//!   a killed daemon); anything else is an error, never deleted.
+//! * An existing file at the path is replaced only if it is a stale socket (from a
+//!   killed daemon: nothing accepts on it); a socket a live server listens on, or any
+//!   other file, is an error and left alone.
 //! * Accept errors (EMFILE at the descriptor limit, ENOBUFS...) pause the accept loop,
 //!   doubling from 10 ms to 1 s: the pending connection stays in the backlog, so
 //!   retrying at once would spin a core without making progress.
@@ -29,8 +30,15 @@ pub const QMP_SOCKET_MODE: u32 = 0o600;
 /// note. Must run inside a tokio runtime.
 pub fn bind_unix(path: &Path, mode: u32) -> io::Result<tokio::net::UnixListener> {
     match std::fs::symlink_metadata(path) {
-        // A stale socket: the rename below replaces it.
-        Ok(meta) if meta.file_type().is_socket() => {}
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("'{}' is in use by a running server", path.display()),
+                ));
+            }
+            // A stale socket: the rename below replaces it.
+        }
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -204,10 +212,13 @@ mod tests {
         let first = bind_unix(&path, QMP_SOCKET_MODE);
         // SAFETY: as above, restoring the previous mask.
         unsafe { libc::umask(old) };
-        drop(first.unwrap());
+        let first = first.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        // A stale socket is replaced.
+        // A socket someone listens on is not replaced; a stale one is.
+        let live = bind_unix(&path, NBD_SOCKET_MODE).unwrap_err();
+        assert!(live.to_string().contains("in use"), "{live}");
+        drop(first);
         let again = bind_unix(&path, NBD_SOCKET_MODE).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode & !0o660, 0, "mode {mode:o}");

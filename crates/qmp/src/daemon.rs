@@ -113,6 +113,7 @@ pub const COMMANDS: &[&str] = &[
     "block-export-add",
     "block-export-del",
     "query-block-exports",
+    "transaction",
 ];
 
 struct NbdRunning {
@@ -287,6 +288,13 @@ impl Daemon {
 
     /// Executes one command.
     pub async fn execute(self: &Arc<Self>, name: &str, arguments: Value) -> Reply {
+        // One table says what exists: query-commands lists it, and nothing else runs.
+        if !COMMANDS.contains(&name) && !crate::bitmaps::COMMANDS.contains(&name) {
+            return Err(QmpError {
+                class: "CommandNotFound",
+                desc: format!("The command {name} has not been found"),
+            });
+        }
         let m = args(arguments)?;
         match name {
             "qmp_capabilities" => Err(QmpError {

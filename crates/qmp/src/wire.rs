@@ -19,11 +19,19 @@ pub enum Incoming {
 /// Splits a byte stream into JSON values, looking at each byte once.
 ///
 /// A scanner follows the value's structure as bytes arrive (brackets and braces,
-/// strings and their escapes), so it knows where a value ends without parsing it;
-/// serde parses each complete value exactly once. (Parsing the whole pending buffer
-/// after every read made one client's long unterminated line cost quadratic time, and
-/// the daemon serves every client on one thread: a 12 MiB line stalled them all for
-/// more than 20 s.)
+/// strings and their escapes, number and keyword tokens), so it knows where a value
+/// ends without parsing it; serde parses each complete value exactly once. (Parsing the
+/// whole pending buffer after every read made one client's long unterminated line cost
+/// quadratic time, and the daemon serves every client on one thread: a 12 MiB line
+/// stalled them all for more than 20 s.)
+///
+/// Errors follow QEMU's JSON streamer, so a client gets the error replies QEMU's would:
+/// a complete value that does not parse (`{"execute": nope}`: `nope` is a keyword
+/// token, wrong only to the parser) is one error; a byte no token can hold, or a
+/// malformed number (`-v`), is one error for the value it broke, which is dropped, and
+/// then input is skipped up to the next structural character or control character (a
+/// line break), where scanning starts again; a closing bracket with nothing open is
+/// one error of its own.
 #[derive(Debug, Default)]
 pub struct Decoder {
     buffer: Vec<u8>,
@@ -37,12 +45,13 @@ pub struct Decoder {
     depth: usize,
     in_string: bool,
     escaped: bool,
-    /// The value is a bare scalar (a number or a literal): it ends at whitespace or at
+    /// The previous byte was a minus sign outside a string: a digit must follow.
+    after_minus: bool,
+    /// The value is a bare scalar (a number or a keyword): it ends at whitespace or at
     /// the next structural character.
     scalar: bool,
-    /// After malformed input: drop bytes up to the next line break (QEMU
-    /// resynchronises the same way).
-    skip_line: bool,
+    /// After a lexical error: skipping to a point where scanning can start again.
+    recovering: bool,
     /// Bytes examined, for tests of the one-pass rule.
     examined: u64,
 }
@@ -54,8 +63,31 @@ const MAX_PENDING: usize = 16 << 20;
 enum Scanned {
     /// The value ends before index `end`.
     Complete(usize),
+    /// A byte no JSON token can hold (or that breaks a number), outside a string: the
+    /// value is broken.
+    Invalid(u8),
     /// More bytes are needed.
     Incomplete,
+}
+
+/// Bytes where scanning starts again after a lexical error (QEMU's resynchronisation
+/// points): structure, and control characters but the tab.
+fn ends_recovery(byte: u8) -> bool {
+    matches!(byte, b'{' | b'}' | b'[' | b']' | b':' | b',')
+        || (byte < 0x20 && byte != b'\t')
+        || byte >= 0xfe
+}
+
+/// Whether `byte` can be part of a token outside a string: whitespace, structure,
+/// numbers and keywords (lowercase letters; serde tells `true` from `nope` later).
+fn may_appear_outside_strings(byte: u8) -> bool {
+    byte.is_ascii_whitespace()
+        || byte.is_ascii_digit()
+        || byte.is_ascii_lowercase()
+        || matches!(
+            byte,
+            b'{' | b'}' | b'[' | b']' | b':' | b',' | b'"' | b'-' | b'+' | b'.' | b'E'
+        )
 }
 
 impl Decoder {
@@ -77,18 +109,28 @@ impl Decoder {
         self.examined
     }
 
-    /// The next complete value, if any. Malformed input is reported once and skipped.
+    /// Drops the value being scanned, and everything up to the next point where
+    /// scanning can start again.
+    fn start_recovery(&mut self) {
+        self.value_start = None;
+        self.consumed = self.scan;
+        self.recovering = true;
+    }
+
+    /// The next complete value, if any. Malformed input is reported (see the type's
+    /// note) and skipped.
     pub fn next_message(&mut self) -> Option<Incoming> {
-        if self.skip_line {
-            let newline = self.buffer[self.scan..].iter().position(|&b| b == b'\n');
-            self.examined += newline.map_or(self.buffer.len() - self.scan, |i| i + 1) as u64;
-            match newline {
+        if self.recovering {
+            let rest = &self.buffer[self.scan..];
+            match rest.iter().position(|&b| ends_recovery(b)) {
                 Some(i) => {
-                    self.scan += i + 1;
+                    self.examined += i as u64;
+                    self.scan += i;
                     self.consumed = self.scan;
-                    self.skip_line = false;
+                    self.recovering = false;
                 }
                 None => {
+                    self.examined += rest.len() as u64;
                     self.scan = self.buffer.len();
                     self.consumed = self.scan;
                     return None;
@@ -105,23 +147,22 @@ impl Decoder {
             };
             self.examined += i as u64;
             self.scan += i;
-            self.value_start = Some(self.scan);
-            self.depth = 0;
-            self.in_string = false;
-            self.escaped = false;
             let first = self.buffer[self.scan];
             if matches!(first, b'}' | b']') {
-                // Nothing is open: not the start of any value.
-                self.value_start = None;
+                // Nothing is open: one error for this byte, then go on after it.
                 self.scan += 1;
                 self.examined += 1;
                 self.consumed = self.scan;
-                self.skip_line = true;
                 return Some(Incoming::Malformed(format!(
                     "JSON parse error, unexpected '{}'",
                     first as char
                 )));
             }
+            self.value_start = Some(self.scan);
+            self.depth = 0;
+            self.in_string = false;
+            self.escaped = false;
+            self.after_minus = false;
             self.scalar = !matches!(first, b'{' | b'[' | b'"');
         }
         let start = self.value_start.expect("a value has begun");
@@ -137,10 +178,15 @@ impl Decoder {
                     },
                 )
             }
+            Scanned::Invalid(byte) => {
+                self.start_recovery();
+                Some(Incoming::Malformed(format!(
+                    "JSON parse error, invalid character '{}'",
+                    byte.escape_ascii()
+                )))
+            }
             Scanned::Incomplete if self.scan - start > MAX_PENDING => {
-                self.value_start = None;
-                self.consumed = self.scan;
-                self.skip_line = true;
+                self.start_recovery();
                 Some(Incoming::Malformed(
                     "JSON parse error, input too long".into(),
                 ))
@@ -153,18 +199,9 @@ impl Decoder {
     fn scan_value(&mut self) -> Scanned {
         while self.scan < self.buffer.len() {
             let byte = self.buffer[self.scan];
-            if self.scalar
-                && (byte.is_ascii_whitespace() || matches!(byte, b'{' | b'[' | b'"' | b'}' | b']'))
-            {
-                // The delimiter belongs to what follows (and is examined there).
-                return Scanned::Complete(self.scan);
-            }
-            self.examined += 1;
-            self.scan += 1;
-            if self.scalar {
-                continue;
-            }
             if self.in_string {
+                self.examined += 1;
+                self.scan += 1;
                 if self.escaped {
                     self.escaped = false;
                 } else if byte == b'\\' {
@@ -177,7 +214,29 @@ impl Decoder {
                 }
                 continue;
             }
+            if self.after_minus {
+                self.after_minus = false;
+                if !byte.is_ascii_digit() {
+                    // Consumed with the broken value.
+                    self.examined += 1;
+                    self.scan += 1;
+                    return Scanned::Invalid(byte);
+                }
+            }
+            if self.scalar
+                && (byte.is_ascii_whitespace() || matches!(byte, b'{' | b'[' | b'"' | b'}' | b']'))
+            {
+                // The delimiter belongs to what follows (and is examined there).
+                return Scanned::Complete(self.scan);
+            }
+            self.examined += 1;
+            self.scan += 1;
+            if !may_appear_outside_strings(byte) {
+                return Scanned::Invalid(byte);
+            }
             match byte {
+                b'-' => self.after_minus = true,
+                _ if self.scalar => {}
                 b'"' => self.in_string = true,
                 b'{' | b'[' => self.depth += 1,
                 // A value that began with a bracket closes at depth 0, so depth is at
@@ -273,10 +332,11 @@ mod tests {
     }
 
     #[test]
-    fn a_stray_closing_bracket_is_reported_and_the_line_skipped() {
+    fn a_stray_closing_bracket_is_one_error_and_scanning_goes_on_after_it() {
         let mut d = Decoder::default();
         d.feed(b"} {\"x\": 1}\n{\"execute\":\"ok\"}");
         assert!(matches!(d.next_message(), Some(Incoming::Malformed(m)) if m.contains("'}'")));
+        assert_eq!(d.next_message(), Some(Incoming::Value(json!({"x": 1}))));
         assert_eq!(
             d.next_message(),
             Some(Incoming::Value(json!({"execute":"ok"})))
@@ -284,7 +344,34 @@ mod tests {
     }
 
     #[test]
-    fn a_long_unterminated_line_is_scanned_once_then_refused_and_skipped() {
+    fn errors_are_reported_as_qemus_streamer_reports_them() {
+        let errors = |input: &[u8]| {
+            let mut d = Decoder::default();
+            d.feed(input);
+            let mut kinds = Vec::new();
+            while let Some(m) = d.next_message() {
+                kinds.push(matches!(m, Incoming::Value(_)));
+            }
+            kinds
+        };
+        // A bad keyword spread over lines: the value completes, then fails once.
+        assert_eq!(
+            errors(b"{\"execute\": \"a\",\n \"arguments\": {\"x\": nope},\n \"id\": 1}\n{}"),
+            [false, true]
+        );
+        // A lexical error drops the unterminated value around it; input is skipped to
+        // the next structural character (the `}`, one error of its own).
+        assert_eq!(
+            errors(b"{\"execute\": \"a\",\n \"id\": 1\n{\"execute\": query-version}\n{\"ok\":1}\n"),
+            [false, false, true]
+        );
+        // Characters no token holds, outside strings.
+        assert_eq!(errors(b"{\"a\": #}\n{}"), [false, false, true]);
+        assert_eq!(errors(b"{\"a\": \"#-Q\"}"), [true]);
+    }
+
+    #[test]
+    fn a_long_unterminated_value_is_scanned_once_then_refused_and_skipped() {
         let mut d = Decoder::default();
         d.feed(b"{\"execute\": \"");
         let piece = vec![b'x'; 64 << 10];
@@ -301,8 +388,10 @@ mod tests {
         }
         assert_eq!(refused, 1, "reported once");
         assert_eq!(d.bytes_examined(), fed, "every byte examined exactly once");
-        // The rest of the line is dropped; the next line is a command again.
+        // The rest is skipped up to the next structural character; the `}` closing
+        // the dropped value is an error of its own (as in QEMU), then commands parse.
         d.feed(b"xx\"}\n{\"execute\":\"query-version\"}");
+        assert!(matches!(d.next_message(), Some(Incoming::Malformed(m)) if m.contains("'}'")));
         assert_eq!(
             d.next_message(),
             Some(Incoming::Value(json!({"execute":"query-version"})))

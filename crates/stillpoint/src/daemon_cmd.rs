@@ -1,12 +1,16 @@
 //! `stillpoint daemon`: the long-running storage daemon, configured like
 //! qemu-storage-daemon and controlled over QMP.
 //!
-//! Options are applied in this order: `--blockdev` (JSON or the dotted key=value
-//! form), `--nbd-server`, `--export`, then the QMP sockets (`--qmp PATH`, or QEMU's
+//! Options are applied in this order: `--pidfile`, `--blockdev` (JSON or the dotted
+//! key=value form), `--nbd-server`, `--export`, then the QMP sockets (`--qmp PATH`, or QEMU's
 //! `--chardev socket,id=ID,path=PATH,server=on,wait=off` with `--monitor chardev=ID`),
-//! created mode 0600, then `--pidfile`. SIGINT, SIGTERM and the QMP `quit` command
-//! cancel running jobs, stop the NBD server, flush every node, remove the sockets and
-//! the pidfile, and exit 0.
+//! created mode 0600. SIGINT, SIGTERM, SIGHUP and the QMP `quit`
+//! command cancel running jobs, stop the NBD server, flush every node, remove the
+//! sockets and the pidfile, and exit 0, as qemu-storage-daemon does.
+//!
+//! The pid file is locked (`lockf`) for as long as the daemon runs: a second daemon
+//! given the same file refuses to start, with QEMU's message, instead of overwriting
+//! it and deleting it on exit.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -69,6 +73,11 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(daemon: &Arc<Daemon>, args: &DaemonArgs) -> anyhow::Result<()> {
+    // First: a second daemon with the same pid file must not touch anything.
+    let _pid_lock = match &args.pidfile {
+        Some(pidfile) => Some(write_pidfile(pidfile)?),
+        None => None,
+    };
     for text in &args.blockdev {
         let options = if text.trim_start().starts_with('{') {
             BlockdevOptions::from_json(
@@ -155,10 +164,7 @@ async fn serve(daemon: &Arc<Daemon>, args: &DaemonArgs) -> anyhow::Result<()> {
             listener,
         )));
     }
-    if let Some(pidfile) = &args.pidfile {
-        std::fs::write(pidfile, format!("{}\n", std::process::id()))
-            .with_context(|| format!("cannot write '{}'", pidfile.display()))?;
-    }
+
     eprintln!(
         "stillpoint: daemon ready ({} QMP socket{})",
         sockets.len(),
@@ -166,9 +172,11 @@ async fn serve(daemon: &Arc<Daemon>, args: &DaemonArgs) -> anyhow::Result<()> {
     );
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let quitting = Arc::clone(daemon);
+    let mut sighup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = sigterm.recv() => {}
+        _ = sighup.recv() => {}
         _ = quitting.quit_requested() => {}
     }
     daemon.shutdown().await;
@@ -183,4 +191,35 @@ async fn serve(daemon: &Arc<Daemon>, args: &DaemonArgs) -> anyhow::Result<()> {
     }
     eprintln!("stillpoint: daemon stopped, nodes flushed");
     Ok(())
+}
+
+/// Writes this process's pid to `path` under a lock held as long as the returned file
+/// lives (QEMU's rule: "cannot create PID file: Cannot lock pid file: ...").
+fn write_pidfile(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let fail = |what: &str, e: std::io::Error| {
+        anyhow!(
+            "cannot create PID file: {what}: {}",
+            crate::image::os_text(&e)
+        )
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| fail(&format!("Cannot open pid file '{}'", path.display()), e))?;
+    // SAFETY: lockf on a descriptor owned by `file`, integer arguments only.
+    if unsafe { libc::lockf(file.as_raw_fd(), libc::F_TLOCK, 0) } != 0 {
+        return Err(fail(
+            "Cannot lock pid file",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    file.set_len(0)
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .map_err(|e| fail("Failed to write pid file", e))?;
+    Ok(file)
 }
