@@ -102,6 +102,8 @@ BAD_ARGUMENTS = [
     {"job-id": "j", "target": "tgt", "sync": "full"},
     {"job-id": "j", "device": "src", "target": "tgt", "sync": "full", "bogus": 1},
     {"job-id": "1j", "device": "src", "target": "tgt", "sync": "full"},
+    {"device": "src", "target": "tgt", "sync": "full"},
+    {"device": "src", "target": "small", "sync": "full"},
     {"job-id": "j", "device": "src", "target": "tgt", "sync": "bitmap"},
     {"job-id": "j", "device": "src", "target": "tgt", "sync": "full", "bitmap-mode": "always"},
 ]

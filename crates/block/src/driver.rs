@@ -169,6 +169,15 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
         false
     }
 
+    /// Takes `backing` as the backing node of a format opened without one
+    /// (`blockdev-snapshot` of an overlay opened with `backing: null`). Formats without
+    /// backing files refuse, as does one that already has a backing node.
+    fn set_backing(&self, _backing: Attachment) -> Result<()> {
+        Err(Error::unsupported(
+            "The overlay does not support backing images",
+        ))
+    }
+
     /// Reads `buf.len()` bytes at `offset` into `buf` and returns it.
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf>;
 

@@ -25,6 +25,10 @@
 //! * A node is *in use* while a live attachment targets it; in-use nodes cannot be
 //!   deleted, and the error names the user as QEMU does ("Block device file0 is in
 //!   use", "Node 'disk0' is busy: block device is in use by block job: backup").
+//! * An external snapshot ([`external_snapshot`]) puts an overlay above a node: every
+//!   attachment that follows filters moves to the overlay, the overlay takes the node
+//!   as its `backing` child, and the node turns read-only; an overlay's backing node is
+//!   busy ("Node 'X' is busy: node is used as backing hd of 'Y'"), as in QEMU.
 //! * Structural changes (add, remove, insert or remove a filter) are serialised by one
 //!   async lock; the state itself sits behind a short synchronous mutex that is never
 //!   held across an await.
@@ -99,6 +103,9 @@ pub struct Node {
     bitmaps: Mutex<Vec<Arc<DirtyBitmap>>>,
     /// For a filter a job inserted: the job, which alone may remove it.
     filter_owner: Option<AttachUser>,
+    /// Made read-only after it was opened: an overlay took its place (external
+    /// snapshot), and it is only a backing node now.
+    demoted: std::sync::atomic::AtomicBool,
     driver: Box<dyn BlockDriver>,
 }
 
@@ -125,7 +132,14 @@ impl Node {
 
     /// Generic behaviour flags.
     pub fn policy(&self) -> NodePolicy {
-        self.policy
+        NodePolicy {
+            read_only: self.policy.read_only || self.is_demoted(),
+            ..self.policy
+        }
+    }
+
+    fn is_demoted(&self) -> bool {
+        self.demoted.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The driver's QMP name.
@@ -154,7 +168,7 @@ impl Node {
     }
 
     fn check_writable(&self, op: &str) -> Result<()> {
-        if self.policy.read_only {
+        if self.policy.read_only || self.is_demoted() {
             return Err(Error::new(
                 ErrorKind::PermissionDenied,
                 format!("Cannot {op} node '{}': Block node is read-only", self.name),
@@ -443,11 +457,16 @@ pub enum AttachUser {
 }
 
 impl AttachUser {
-    /// Why `blockdev-del` refuses a node this user holds, in QEMU's words: parents make
-    /// "Block device X is in use", jobs "Node 'X' is busy: ...", and users like
-    /// exports (QEMU's block backends) "Node X is in use".
+    /// Why `blockdev-del` refuses a node this user holds, in QEMU's words: an overlay
+    /// blocks its backing node ("Node 'X' is busy: node is used as backing hd of 'Y'"),
+    /// other parents make "Block device X is in use", jobs "Node 'X' is busy: ...", and
+    /// users like exports (QEMU's block backends) "Node X is in use".
     fn busy_error(&self, node: &str) -> Error {
         let message = match self {
+            AttachUser::Parent {
+                parent,
+                role: "backing",
+            } => format!("Node '{node}' is busy: node is used as backing hd of '{parent}'"),
             AttachUser::Parent { .. } | AttachUser::FilterChild { .. } => {
                 format!("Block device {node} is in use")
             }
@@ -486,7 +505,34 @@ impl fmt::Debug for Attachment {
     }
 }
 
+/// A look at where an attachment points, without holding it: what
+/// `query-block-exports` reports after a snapshot or a filter moved the export.
+#[derive(Clone)]
+pub struct AttachmentView {
+    slot: Weak<Slot>,
+}
+
+impl AttachmentView {
+    /// The node the attachment's requests go to now, if it still exists.
+    pub fn node(&self) -> Option<Arc<Node>> {
+        let slot = self.slot.upgrade()?;
+        let node = slot
+            .target
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Some(node)
+    }
+}
+
 impl Attachment {
+    /// A handle that follows this attachment's target and does not keep it alive.
+    pub fn view(&self) -> AttachmentView {
+        AttachmentView {
+            slot: Arc::downgrade(&self.slot),
+        }
+    }
+
     /// The node requests currently go to.
     pub fn node(&self) -> Arc<Node> {
         self.slot
@@ -994,6 +1040,7 @@ impl NodeGraph {
                 growable: Default::default(),
                 bitmaps: Mutex::new(stored),
                 filter_owner: None,
+                demoted: Default::default(),
                 driver,
             });
             let mut state = self.state();
@@ -1243,6 +1290,16 @@ impl NodeGraph {
     /// Only users pinned to the filter itself (a `snapshot-access` node, a filter above
     /// it) keep it in use. A job's filter belongs to the job.
     pub async fn remove(&self, name: &str) -> Result<()> {
+        self.remove_node(name, false).await
+    }
+
+    /// Removes a node a command created under a generated name (`drive-backup`'s
+    /// target), which `blockdev-del` may not remove, once nothing uses it.
+    pub async fn remove_unnamed(&self, name: &str) -> Result<()> {
+        self.remove_node(name, true).await
+    }
+
+    async fn remove_node(&self, name: &str, unnamed: bool) -> Result<()> {
         let _reconfigure = self.reconfigure.lock().await;
         let (node, moves) = {
             let mut state = self.state();
@@ -1252,7 +1309,7 @@ impl NodeGraph {
                     format!("Failed to find node with node-name='{name}'"),
                 )
             })?;
-            if node.implicit {
+            if node.implicit != unnamed {
                 return Err(Error::invalid(format!(
                     "Node {name} is not owned by the monitor"
                 )));
@@ -1442,6 +1499,7 @@ impl NodeGraph {
                         growable: Default::default(),
                         bitmaps: Default::default(),
                         filter_owner: plan.owner.clone(),
+                        demoted: Default::default(),
                         driver,
                     });
                     built.push((plan.below.clone(), filter));
@@ -1573,6 +1631,8 @@ async fn retarget_each(moves: Vec<(Arc<Slot>, Arc<Node>)>) {
     }
     drop(drained);
 }
+
+mod external_snapshot;
 
 #[cfg(test)]
 mod tests;

@@ -824,6 +824,12 @@ impl Members {
         }
     }
 
+    /// The members not taken yet, for a command that hands the rest to another
+    /// command's parser (`drive-backup` to `blockdev-backup`'s).
+    pub fn into_map(self) -> Map<String, Value> {
+        self.map
+    }
+
     /// A `uint32` member, with the messages of QEMU's QObject input visitor (QMP
     /// command arguments, and the copy-before-write driver's options): "expects
     /// uint32_t" for a number out of range, "expects uint64" for anything else.

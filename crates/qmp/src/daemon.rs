@@ -74,7 +74,8 @@ impl From<JobError> for QmpError {
     }
 }
 
-type Reply = Result<Value, QmpError>;
+/// What a command answers: its return value or a QMP error.
+pub type Reply = Result<Value, QmpError>;
 
 /// Names of the commands this daemon answers (for query-commands).
 pub const COMMANDS: &[&str] = &[
@@ -114,6 +115,12 @@ pub const COMMANDS: &[&str] = &[
     "block-export-del",
     "query-block-exports",
     "transaction",
+    "blockdev-snapshot-sync",
+    "blockdev-snapshot",
+    "drive-backup",
+    "nbd-server-add",
+    "nbd-server-remove",
+    "query-block",
 ];
 
 struct NbdRunning {
@@ -123,7 +130,10 @@ struct NbdRunning {
 }
 
 struct ExportRecord {
+    /// The node given at creation; reported when the export's attachment is gone.
     node_name: String,
+    /// Follows the export's attachment: a snapshot moves it to the overlay.
+    attached: block::graph::AttachmentView,
     name: String,
     /// Bitmaps the export offers; busy until it is deleted.
     bitmaps: Vec<Arc<block::dirty::DirtyBitmap>>,
@@ -406,50 +416,23 @@ impl Daemon {
                 let id = m.required("id", Members::string)?;
                 let mode = m.optional("mode", |m, k, v| m.enumeration(k, v, &["safe", "hard"]))?;
                 m.finish()?;
-                let mode = match mode.as_deref() {
-                    Some("hard") => RemoveMode::Hard,
-                    _ => RemoveMode::Safe,
-                };
-                let server = self.nbd.lock().await.as_ref().map(|r| r.server.clone());
-                let removal = {
-                    let mut exports = self.exports.lock().unwrap();
-                    let record = exports
-                        .get_mut(&id)
-                        .ok_or_else(|| QmpError::generic(format!("Export '{id}' is not found")))?;
-                    if record.shutting_down {
-                        return Err(QmpError::generic(format!(
-                            "Export '{id}' is already shutting down"
-                        )));
-                    }
-                    let server = server.expect("exports exist only while the server runs");
-                    let removal =
-                        server
-                            .remove_export(&record.name, mode)
-                            .map_err(|e| match e {
-                                RemoveError::InUse => {
-                                    QmpError::generic(format!("export '{id}' still in use"))
-                                }
-                                RemoveError::NotFound => {
-                                    QmpError::generic(format!("Export '{id}' is not found"))
-                                }
-                            })?;
-                    record.shutting_down = true;
-                    removal
-                };
-                // The export is gone for new clients; its record goes, with the event,
-                // once its running requests have finished (QEMU's order).
-                let daemon = self.clone();
-                tokio::spawn(async move {
-                    removal.await;
-                    daemon.forget_export(&id);
-                });
-                Ok(json!({}))
+                self.block_export_del(&id, mode.as_deref()).await
             }
+            "blockdev-snapshot-sync" => {
+                crate::snapshot::blockdev_snapshot_sync(&self.graph, m).await
+            }
+            "blockdev-snapshot" => crate::snapshot::blockdev_snapshot(&self.graph, m).await,
+            "drive-backup" => crate::legacy::drive_backup(self, m).await,
+            "nbd-server-add" => crate::legacy::nbd_server_add(self, m).await,
+            "nbd-server-remove" => crate::legacy::nbd_server_remove(self, m).await,
+            "query-block" => done(m, json!([])),
             "query-block-exports" => {
                 m.finish()?;
                 let exports = self.exports.lock().unwrap();
                 let list = exports.iter().map(|(id, e)| {
-                    json!({"id": id, "type": "nbd", "node-name": e.node_name,
+                    let node_name = e.attached.node().map(|n| n.name().to_owned());
+                    let node_name = node_name.unwrap_or_else(|| e.node_name.clone());
+                    json!({"id": id, "type": "nbd", "node-name": node_name,
                            "shutting-down": e.shutting_down})
                 });
                 Ok(Value::Array(list.collect()))
@@ -459,6 +442,46 @@ impl Daemon {
                 desc: format!("The command {other} has not been found"),
             }),
         }
+    }
+
+    /// `block-export-del` (and `nbd-server-remove`): `mode` safe (the default) or hard.
+    pub(crate) async fn block_export_del(self: &Arc<Self>, id: &str, mode: Option<&str>) -> Reply {
+        let id = id.to_string();
+        let mode = match mode {
+            Some("hard") => RemoveMode::Hard,
+            _ => RemoveMode::Safe,
+        };
+        let server = self.nbd.lock().await.as_ref().map(|r| r.server.clone());
+        let removal = {
+            let mut exports = self.exports.lock().unwrap();
+            let record = exports
+                .get_mut(&id)
+                .ok_or_else(|| QmpError::generic(format!("Export '{id}' is not found")))?;
+            if record.shutting_down {
+                return Err(QmpError::generic(format!(
+                    "Export '{id}' is already shutting down"
+                )));
+            }
+            let server = server.expect("exports exist only while the server runs");
+            let removal = server
+                .remove_export(&record.name, mode)
+                .map_err(|e| match e {
+                    RemoveError::InUse => QmpError::generic(format!("export '{id}' still in use")),
+                    RemoveError::NotFound => {
+                        QmpError::generic(format!("Export '{id}' is not found"))
+                    }
+                })?;
+            record.shutting_down = true;
+            removal
+        };
+        // The export is gone for new clients; its record goes, with the event,
+        // once its running requests have finished (QEMU's order).
+        let daemon = self.clone();
+        tokio::spawn(async move {
+            removal.await;
+            daemon.forget_export(&id);
+        });
+        Ok(json!({}))
     }
 
     /// The last step of removing an export, once its node is released: the record,
@@ -546,7 +569,7 @@ impl Daemon {
         Ok(json!({}))
     }
 
-    async fn blockdev_backup(&self, m: Members) -> Reply {
+    pub(crate) async fn blockdev_backup(&self, m: Members) -> Reply {
         let request = parse_backup(m)?;
         jobs::start_backup(
             &self.graph,
@@ -812,6 +835,7 @@ impl Daemon {
             }
             bitmaps.push(bitmap);
         }
+        let attached = disk.view();
         server
             .add_export(Export {
                 name: name.clone(),
@@ -828,6 +852,7 @@ impl Daemon {
             id,
             ExportRecord {
                 node_name,
+                attached,
                 name,
                 bitmaps,
                 shutting_down: false,
@@ -942,9 +967,10 @@ fn parse_backup(mut m: Members) -> Result<jobs::BackupRequest, QmpError> {
     let sync = m.required("sync", |m, k, v| {
         m.enumeration(k, v, &["top", "full", "none", "incremental", "bitmap"])
     })?;
-    let job_id = m
-        .optional("job-id", Members::string)?
-        .unwrap_or_else(|| device.clone());
+    // QEMU names a job after its device's block backend when no id is given;
+    // qemu-storage-daemon has none, so an id-less job is refused ("Invalid job ID ''")
+    // when it is created, after the other checks, and so is ours.
+    let job_id = m.optional("job-id", Members::string)?.unwrap_or_default();
     let speed = m.optional("speed", |m, k, v| match v.as_i64() {
         Some(n) if n < 0 => Err(block::Error::invalid(
             "Parameter 'speed' expects a non-negative value",

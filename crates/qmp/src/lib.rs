@@ -1,21 +1,30 @@
 //! Stillpoint's QMP server: the control plane qemu-storage-daemon users already know.
 //!
 //! * [`wire`]: the JSON stream in both directions (objects need not be one per line;
-//!   output lines end in CRLF; events carry realtime timestamps).
+//!   malformed input is answered as QEMU's streamer answers it; output lines end in
+//!   CRLF; events carry realtime timestamps).
 //! * [`server`]: connections, the greeting, capabilities negotiation, `id` echo, error
 //!   replies that keep the connection open, events to every negotiated client.
-//! * [`daemon`]: the state (graph, jobs, NBD server, exports) and the command table,
-//!   with QEMU's argument checks and messages where they are known.
+//! * [`daemon`]: the state (graph, jobs, NBD server, exports) and the command table
+//!   (one table: `query-commands` lists it and nothing else runs), with QEMU's argument
+//!   checks and messages where they are known; `transaction`, grouped completion.
+//! * [`bitmaps`]: the `block-dirty-bitmap-*` commands and transaction actions.
+//! * [`create`]: `blockdev-create` and its job.
+//! * [`snapshot`]: external snapshots (`blockdev-snapshot`, `blockdev-snapshot-sync`).
+//! * [`legacy`]: older commands QEMU's documentation and scripts still use, mapped
+//!   onto the current ones (`drive-backup`, `nbd-server-add`/`-remove`, `query-block`).
 //!
 //! The greeting advertises no capabilities: out-of-band execution is not implemented,
 //! and asking for it is refused. `query-version` reports QEMU 10.0.0's shape with the
-//! package "stillpoint VERSION". Out of scope for now: `transaction`, dirty bitmaps,
-//! `query-qmp-schema`, the dotted `--blockdev` form.
+//! package "stillpoint VERSION". Out of scope for now: `query-qmp-schema`, mirror,
+//! commit, `block-stream`.
 
 pub mod bitmaps;
 pub mod create;
 pub mod daemon;
+pub mod legacy;
 pub mod server;
+pub mod snapshot;
 pub mod wire;
 
 pub use daemon::Daemon;

@@ -165,7 +165,7 @@ impl Header {
             return Err(corrupt("the file is too short for a qcow2 header"));
         }
         if be32(first, 0) != MAGIC {
-            return Err(Error::invalid("not a qcow2 image (bad magic)"));
+            return Err(Error::invalid("Image is not in qcow2 format"));
         }
         let version = be32(first, 4);
         if version != 2 && version != 3 {

@@ -277,7 +277,9 @@ struct Meta {
 /// A qcow2 node over a `file` child, with an optional backing node.
 pub struct Qcow2Driver {
     file: Attachment,
-    backing: Option<Attachment>,
+    /// The backing node: set at open, or once later (`blockdev-snapshot` of an overlay
+    /// opened with `backing: null`).
+    backing: std::sync::OnceLock<Attachment>,
     header: Header,
     geo: Geometry,
     read_only: bool,
@@ -484,7 +486,7 @@ impl Qcow2Driver {
         };
         let driver = Self {
             file,
-            backing,
+            backing: backing.map(std::sync::OnceLock::from).unwrap_or_default(),
             header,
             geo,
             read_only,
@@ -1474,7 +1476,7 @@ impl Qcow2Driver {
     /// Reads from the backing node, zeros past its end.
     async fn read_backing(&self, offset: u64, len: usize) -> Result<IoBuf> {
         let mut out = IoBuf::zeroed(len);
-        if let Some(backing) = &self.backing {
+        if let Some(backing) = self.backing.get() {
             let blen = backing.length();
             let have = blen.saturating_sub(offset).min(len as u64) as usize;
             if have == len {
@@ -1758,7 +1760,7 @@ impl Qcow2Driver {
                     // An unallocated cluster reads as zeros only while no backing file
                     // is set; a zero cluster stays zeros under a later rebase (QEMU
                     // marks it too). A discard may leave it unallocated.
-                    Cluster::Unallocated if self.backing.is_none() && discard => continue,
+                    Cluster::Unallocated if self.backing.get().is_none() && discard => continue,
                     Cluster::Zero { host: None } => continue,
                     Cluster::Zero { host: Some(_) } if !unmap && !discard => continue,
                     Cluster::Data { host, copied: true } if !unmap && !discard => {
@@ -1788,7 +1790,7 @@ impl Qcow2Driver {
         Ok(run.len >= len
             && match run.kind {
                 Cluster::Zero { .. } => true,
-                Cluster::Unallocated => self.backing.is_none(),
+                Cluster::Unallocated => self.backing.get().is_none(),
                 _ => false,
             })
     }
@@ -1845,7 +1847,13 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn backing(&self) -> Option<&Attachment> {
-        self.backing.as_ref()
+        self.backing.get()
+    }
+
+    fn set_backing(&self, backing: Attachment) -> Result<()> {
+        self.backing
+            .set(backing)
+            .map_err(|_| Error::invalid("The overlay already has a backing image"))
     }
 
     fn supports_compression(&self) -> bool {
@@ -1956,7 +1964,7 @@ impl BlockDriver for Qcow2Driver {
         }
         let cs = self.geo.cluster_size;
         let end = offset + len;
-        if !self.geo.v3 && self.backing.is_some() {
+        if !self.geo.v3 && self.backing.get().is_some() {
             // Version 2 cannot mark zeros over a backing file.
             return crate::driver::write_zeroes_by_writing(self, offset, len, flags).await;
         }
@@ -2079,7 +2087,7 @@ impl BlockDriver for Qcow2Driver {
             },
             Cluster::Unallocated => {
                 // Zeros unless a backing node supplies something there.
-                let zero = match &self.backing {
+                let zero = match self.backing.get() {
                     None => true,
                     Some(b) => {
                         let blen = b.length();
