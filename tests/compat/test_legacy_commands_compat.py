@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 
+from harness import SIZE
 from harness import normalize
 from harness import run_both
 
@@ -117,7 +118,7 @@ def test_query_block_and_the_legacy_nbd_server_commands(tmp_path):
 def test_drive_backup_creates_its_target_and_drops_it_when_the_job_ends(tmp_path):
     def qcow2_source(tmp):
         base = f"{tmp}/base.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "8M"], check=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, str(SIZE)], check=True)
         subprocess.run(["qemu-io", "-c", "write -P 1 0 2M", "-c", "write -P 2 5M 1M", base],
                        check=True, capture_output=True)
         top = f"{tmp}/top.qcow2"
@@ -168,7 +169,7 @@ def test_drive_backup_creates_its_target_and_drops_it_when_the_job_ends(tmp_path
         r.append(await d.run("block-job-cancel", {"device": "none-q"}))
         r.append(normalize(await d.until("JOB_STATUS_CHANGE", "null")))
         # Existing: an image made beforehand is opened as it is.
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", f"{t}/made.qcow2", "8M"],
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", f"{t}/made.qcow2", str(SIZE)],
                        check=True)
         r.append(await d.run("drive-backup", {"job-id": "ex", "device": "src", "sync": "full",
                                               "target": f"{t}/made.qcow2", "mode": "existing"}))

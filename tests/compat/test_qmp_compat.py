@@ -230,7 +230,8 @@ def test_blockdev_create_qcow2_and_a_compressed_backup_into_it(tmp_path):
         replies.append(await d.run("blockdev-del", {"node-name": "newfile"}))
         check = subprocess.run(["qemu-img", "check", "--output=json", image], capture_output=True, text=True)
         import json
-        report = json.loads(check.stdout)
+        # (A size that is not a multiple of 512 fails the qcow2 creation: no image.)
+        report = json.loads(check.stdout) if check.stdout else {"check-errors": check.stderr.strip()}
         same = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", d.src, image]).returncode
         # The source is random data and zeros: qemu-storage-daemon stores its zero
         # clusters compressed, stillpoint leaves them unallocated, so allocation
@@ -240,7 +241,11 @@ def test_blockdev_create_qcow2_and_a_compressed_backup_into_it(tmp_path):
 
     r = run_both(tmp_path, scenario)
     assert r["stillpoint"] == r["qemu-storage-daemon"]
-    assert r["stillpoint"][5:] == (0, 0, 0)
+    if SIZE % 512 == 0:
+        assert r["stillpoint"][5:] == (0, 0, 0)
+    else:
+        # QMP creates the size asked for, and qcow2 holds whole sectors.
+        assert r["stillpoint"][2][-1]["error"] == "Image size must be a multiple of 512 bytes"
 
 
 def nbd_export(tmp):

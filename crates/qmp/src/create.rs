@@ -213,6 +213,11 @@ impl CreateJob {
             .graph
             .node(node)
             .ok_or_else(|| format!("Cannot find device='{node}' nor node-name='{node}'"))?;
+        // QMP creates exactly the size asked for (qemu-img rounds up to whole sectors
+        // before it gets here), and a qcow2 image holds whole sectors.
+        if !options.size.is_multiple_of(512) {
+            return Err("Image size must be a multiple of 512 bytes".into());
+        }
         let pieces = new_image(options).map_err(|e| e.message().to_string())?;
         node.make_growable();
         for (offset, bytes) in pieces {

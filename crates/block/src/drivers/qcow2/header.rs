@@ -161,11 +161,13 @@ impl Header {
     /// Parses the header from the start of the file. `first` must hold at least
     /// min(file length, cluster size) bytes; `file_len` bounds every table.
     pub fn parse(first: &[u8], file_len: u64) -> Result<Self> {
+        // A file shorter than the magic reads as zeros past its end, as in QEMU: an
+        // empty file is "not in qcow2 format", not a corrupt image.
+        if first.len() < 4 || be32(first, 0) != MAGIC {
+            return Err(Error::invalid("Image is not in qcow2 format"));
+        }
         if first.len() < 72 {
             return Err(corrupt("the file is too short for a qcow2 header"));
-        }
-        if be32(first, 0) != MAGIC {
-            return Err(Error::invalid("Image is not in qcow2 format"));
         }
         let version = be32(first, 4);
         if version != 2 && version != 3 {
@@ -702,6 +704,17 @@ mod tests {
         assert_eq!(header.backing_file.as_deref(), Some("base.qcow2"));
         assert_eq!(header.backing_format.as_deref(), Some("qcow2"));
         assert_eq!(header.feature_names.len(), FEATURE_NAMES.len());
+    }
+
+    #[test]
+    fn an_empty_or_foreign_file_is_not_qcow2_and_a_cut_header_is_corrupt() {
+        for first in [&b""[..], b"QF", b"\0\0\0\0 raw data, not an image"] {
+            let e = Header::parse(first, first.len() as u64).unwrap_err();
+            assert_eq!(e.to_string(), "Image is not in qcow2 format");
+        }
+        let cut = &image(&CreateOptions::default())[..40];
+        let e = Header::parse(cut, 40).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     }
 
     #[test]
