@@ -25,7 +25,7 @@
 //! * A node is *in use* while a live attachment targets it; in-use nodes cannot be
 //!   deleted, and the error names the user as QEMU does ("Block device file0 is in
 //!   use", "Node 'disk0' is busy: block device is in use by block job: backup").
-//! * An external snapshot ([`external_snapshot`]) puts an overlay above a node: every
+//! * An external snapshot (`external_snapshot`) puts an overlay above a node: every
 //!   attachment that follows filters moves to the overlay, the overlay takes the node
 //!   as its `backing` child, and the node turns read-only; an overlay's backing node is
 //!   busy ("Node 'X' is busy: node is used as backing hd of 'Y'"), as in QEMU.
