@@ -27,8 +27,8 @@ use std::time::Instant;
 use bitmap::Bitmap;
 use block::IoBuf;
 use block::WriteFlags;
-use block::driver::BlockDriver;
 use block::drivers::file::FileDriver;
+use block::node::driver::BlockDriver;
 use testkit::Rng;
 
 const MIB: u64 = 1 << 20;

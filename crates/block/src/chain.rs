@@ -11,10 +11,10 @@
 
 use std::sync::Arc;
 
-use crate::driver::Extent;
 use crate::error::Result;
-use crate::graph::Attachment;
-use crate::graph::Node;
+use crate::node::Attachment;
+use crate::node::Node;
+use crate::node::driver::Extent;
 
 /// The status of a run through the chain, and the layer that decided it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,6 +20,20 @@ use bitmap::Bitmap;
 use crate::error::Error;
 use crate::error::Result;
 
+/// A dirty bitmap stored in an image (qcow2's bitmaps extension), as the node layer
+/// hands it to the driver on close and gets it back on open.
+#[derive(Debug, Clone)]
+pub struct PersistentBitmap {
+    /// Name, unique in the image.
+    pub name: String,
+    /// The bits; their granularity is the bitmap's.
+    pub bits: bitmap::Bitmap,
+    /// Whether it records writes ("auto" on disk).
+    pub recording: bool,
+    /// Found marked in use: not saved cleanly, its bits cannot be trusted.
+    pub inconsistent: bool,
+}
+
 /// Most bytes of bits a dirty bitmap may take, in memory and in an image: 512 MiB,
 /// QEMU's limit for persistent bitmaps (`BME_MAX_PHYS_SIZE` in its qcow2 code), which
 /// is 2^32 granules (a 512 TiB disk at 128 KiB granularity, 2 TiB at 512 bytes).
@@ -127,7 +141,7 @@ impl DirtyBitmap {
     }
 
     /// A bitmap loaded from an image.
-    pub fn from_stored(stored: crate::driver::PersistentBitmap) -> Arc<Self> {
+    pub fn from_stored(stored: crate::dirty::PersistentBitmap) -> Arc<Self> {
         Arc::new(Self {
             name: stored.name,
             state: Mutex::new(State {
@@ -143,7 +157,7 @@ impl DirtyBitmap {
 
     /// What to store in the image at close: every bit, the successor's too (a job
     /// still running at close has not settled them).
-    pub fn to_stored(&self) -> Option<crate::driver::PersistentBitmap> {
+    pub fn to_stored(&self) -> Option<crate::dirty::PersistentBitmap> {
         let s = self.lock();
         if !s.persistent {
             return None;
@@ -152,7 +166,7 @@ impl DirtyBitmap {
         if let Some(successor) = &s.successor {
             let _ = bits.merge(successor);
         }
-        Some(crate::driver::PersistentBitmap {
+        Some(crate::dirty::PersistentBitmap {
             name: self.name.clone(),
             bits,
             recording: s.recording,

@@ -16,20 +16,28 @@
 //!                    child Attachment (format drivers and filters have children)
 //! ```
 //!
-//! * [`driver::BlockDriver`] is the one async interface: read, write (FUA),
-//!   write_zeroes (may-unmap), discard, flush, block_status, length, limits. Data moves
-//!   in owned, 4 KiB-aligned [`buf::IoBuf`]s so a thread-pool engine and an io_uring
-//!   engine can share the interface and O_DIRECT needs no bounce buffers.
-//! * [`graph::NodeGraph`] creates nodes from [`options::BlockdevOptions`] (QEMU's
-//!   `blockdev-add` JSON), names them, counts their users and inserts or removes
-//!   filters under live attachments; see that module for the draining rule.
-//! * [`error::Error`] carries a kind that maps to a QMP error class and an NBD errno.
-//! * [`dirty::DirtyBitmap`]s hang off nodes; the node layer marks them on every write,
-//!   write-zeroes and discard, and hands persistent ones to the driver (qcow2) to
-//!   store on close.
-//! * The snapshot API ([`driver::BlockDriver::read_snapshot`], `block_status_snapshot`,
-//!   `discard_snapshot`) is how a `snapshot-access` node reads the point-in-time view a
-//!   standalone copy-before-write filter keeps; other drivers answer ENOTSUP.
+//! # Modules, in layers (each uses only those above it)
+//!
+//! * [`buf`], [`error`], [`sync_tracker`]: owned aligned buffers, error kinds (a QMP
+//!   class and an NBD errno each), "a sync that started after these writes".
+//! * [`qapi`], [`options`]: QEMU's input syntax and `blockdev-add` options, with
+//!   QEMU's error texts.
+//! * [`dirty`]: dirty bitmaps, and [`dirty::PersistentBitmap`], how one is stored in an
+//!   image.
+//! * [`node`]: a node, the [`node::driver::BlockDriver`] trait (read, write with FUA,
+//!   write_zeroes, discard, flush, block_status, length, limits; data moves in owned
+//!   4 KiB-aligned [`buf::IoBuf`]s so a thread pool and io_uring can share it and
+//!   O_DIRECT needs no bounce buffers), and attachments.
+//! * [`drivers`]: file, raw, qcow2, null, snapshot-access, fault; they know nodes and
+//!   attachments, never the graph.
+//! * [`graph`]: the registry of named nodes, the factory that opens drivers from
+//!   options (`graph/open.rs`, the only code that knows them), filter insertion and
+//!   external snapshots; see that module for the draining rule. [`chain`] walks
+//!   backing chains.
+//!
+//! The snapshot API (`read_snapshot`, `block_status_snapshot`, `discard_snapshot`) is
+//! how a `snapshot-access` node reads the point-in-time view a standalone
+//! copy-before-write filter keeps; other drivers answer ENOTSUP.
 //!
 //! # Invariants
 //!
@@ -48,25 +56,26 @@
 pub mod buf;
 pub mod chain;
 pub mod dirty;
-pub mod driver;
 pub mod drivers;
 pub mod error;
 pub mod graph;
+pub mod node;
 pub mod options;
+pub mod qapi;
 pub mod sync_tracker;
 
 pub use buf::IoBuf;
-pub use driver::BlockDriver;
-pub use driver::Extent;
-pub use driver::Limits;
-pub use driver::Status;
-pub use driver::WriteFlags;
-pub use driver::ZeroFlags;
 pub use error::Error;
 pub use error::ErrorKind;
 pub use error::Result;
-pub use graph::AttachUser;
-pub use graph::Attachment;
-pub use graph::Node;
 pub use graph::NodeGraph;
+pub use node::AttachUser;
+pub use node::Attachment;
+pub use node::Node;
+pub use node::driver::BlockDriver;
+pub use node::driver::Extent;
+pub use node::driver::Limits;
+pub use node::driver::Status;
+pub use node::driver::WriteFlags;
+pub use node::driver::ZeroFlags;
 pub use options::BlockdevOptions;

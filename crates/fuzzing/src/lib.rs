@@ -366,7 +366,7 @@ pub fn qmp(data: &[u8]) {
 pub fn blockdev_options(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = BlockdevOptions::from_keyval(text);
-        let _ = block::options::parse_keyval(text, Some("driver"));
+        let _ = block::qapi::parse_keyval(text, Some("driver"));
     }
     if let Ok(value) = serde_json::from_slice::<Value>(data) {
         let _ = BlockdevOptions::from_json(value);

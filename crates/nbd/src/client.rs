@@ -687,7 +687,7 @@ impl BlockDriver for NbdDriver {
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), Error> {
         self.check_writable()?;
         if !self.client.can(TF_SEND_WRITE_ZEROES) {
-            return block::driver::write_zeroes_by_writing(self, offset, len, flags).await;
+            return block::node::driver::write_zeroes_by_writing(self, offset, len, flags).await;
         }
         let mut cmd_flags = 0;
         if !flags.may_unmap {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use block::NodeGraph;
 use block::dirty::DirtyBitmap;
-use block::options::Members;
+use block::qapi::Members;
 use serde_json::Value;
 use serde_json::json;
 

@@ -19,7 +19,7 @@ use block::WriteFlags;
 use block::drivers::qcow2::header::CompressionType;
 use block::drivers::qcow2::header::CreateOptions;
 use block::drivers::qcow2::header::new_image;
-use block::options::Members;
+use block::qapi::Members;
 use jobs::JobRegistry;
 use jobs::job::Job;
 use jobs::job::JobDriver;

@@ -17,7 +17,7 @@ use block::AttachUser;
 use block::BlockdevOptions;
 use block::NodeGraph;
 use block::options::DetectZeroes;
-use block::options::Members;
+use block::qapi::Members;
 use jobs::BackupOptions;
 use jobs::JobRegistry;
 use jobs::SyncMode;
@@ -133,7 +133,7 @@ struct ExportRecord {
     /// The node given at creation; reported when the export's attachment is gone.
     node_name: String,
     /// Follows the export's attachment: a snapshot moves it to the overlay.
-    attached: block::graph::AttachmentView,
+    attached: block::node::AttachmentView,
     name: String,
     /// Bitmaps the export offers; busy until it is deleted.
     bitmaps: Vec<Arc<block::dirty::DirtyBitmap>>,

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use block::BlockdevOptions;
-use block::options::Members;
+use block::qapi::Members;
 use serde_json::Map;
 use serde_json::Value;
 use serde_json::json;

@@ -162,7 +162,7 @@ where
 }
 
 fn capabilities(arguments: Value) -> Result<(), QmpError> {
-    let mut m = block::options::Members::new(
+    let mut m = block::qapi::Members::new(
         match arguments {
             Value::Object(map) => map,
             _ => Default::default(),

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use block::BlockdevOptions;
 use block::NodeGraph;
-use block::options::Members;
+use block::qapi::Members;
 use serde_json::json;
 
 use crate::daemon::QmpError;

@@ -37,7 +37,7 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 
 /// Runs the demo on a disk of `size_mib` MiB.
 pub async fn run(dir: Option<PathBuf>, size_mib: u64, seed: u64) -> anyhow::Result<()> {
-    use block::driver::BlockDriver as _;
+    use block::node::driver::BlockDriver as _;
     let size = size_mib.max(8) * MIB;
     let temp = match &dir {
         Some(parent) => tempfile::Builder::new()

@@ -23,46 +23,16 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use crate::buf::IoBuf;
-use crate::driver::BlockDriver;
-use crate::driver::Extent;
-use crate::driver::Limits;
-use crate::driver::WriteFlags;
-use crate::driver::ZeroFlags;
 use crate::error::Error;
 use crate::error::Result;
-use crate::graph::Attachment;
-
-/// Which requests a rule applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultOp {
-    /// Reads.
-    Read,
-    /// Writes, write-zeroes and discards.
-    Write,
-    /// Flushes.
-    Flush,
-    /// All of them.
-    Any,
-}
-
-/// One injection rule; see the module documentation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FaultRule {
-    /// Which requests.
-    pub op: FaultOp,
-    /// First byte of the range.
-    pub offset: u64,
-    /// Length of the range.
-    pub length: u64,
-    /// The errno to fail with.
-    pub errno: i32,
-    /// Retire after firing once.
-    pub once: bool,
-    /// Matching requests to let through first.
-    pub after: u64,
-    /// Delay the request by this many milliseconds instead of failing it.
-    pub delay_ms: Option<u64>,
-}
+use crate::node::Attachment;
+use crate::node::driver::BlockDriver;
+use crate::node::driver::Extent;
+use crate::node::driver::Limits;
+use crate::node::driver::WriteFlags;
+use crate::node::driver::ZeroFlags;
+use crate::options::FaultOp;
+use crate::options::FaultRule;
 
 #[derive(Debug)]
 struct RuleState {
@@ -76,18 +46,6 @@ struct RuleState {
 pub struct FaultDriver {
     child: Attachment,
     rules: Mutex<Vec<RuleState>>,
-}
-
-/// Parses an errno given by name or number.
-pub fn parse_errno(name: &str) -> Option<i32> {
-    match name {
-        "EIO" => Some(libc::EIO),
-        "ENOSPC" => Some(libc::ENOSPC),
-        "EPERM" => Some(libc::EPERM),
-        "EINVAL" => Some(libc::EINVAL),
-        "ENOTSUP" | "EOPNOTSUPP" => Some(libc::ENOTSUP),
-        other => other.parse().ok().filter(|n| *n > 0),
-    }
 }
 
 impl FaultDriver {
@@ -208,11 +166,11 @@ mod tests {
     use serde_json::json;
 
     use crate::buf::IoBuf;
-    use crate::driver::WriteFlags;
     use crate::graph::NodeGraph;
+    use crate::node::driver::WriteFlags;
     use crate::options::BlockdevOptions;
 
-    async fn faulty(rules: serde_json::Value) -> (NodeGraph, std::sync::Arc<crate::graph::Node>) {
+    async fn faulty(rules: serde_json::Value) -> (NodeGraph, std::sync::Arc<crate::node::Node>) {
         let graph = NodeGraph::new();
         let options = BlockdevOptions::from_json(json!({"driver":"fault","node-name":"f",
             "image":{"driver":"null-co","size":1048576,"read-zeroes":true},"rules":rules}))
@@ -221,7 +179,7 @@ mod tests {
         (graph, node)
     }
 
-    async fn read(node: &crate::graph::Node, offset: u64) -> Result<(), i32> {
+    async fn read(node: &crate::node::Node, offset: u64) -> Result<(), i32> {
         node.read(offset, IoBuf::zeroed(512))
             .await
             .map(drop)

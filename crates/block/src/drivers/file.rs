@@ -47,17 +47,17 @@ use std::sync::atomic::Ordering;
 use async_trait::async_trait;
 
 use crate::buf::IoBuf;
-use crate::driver::BlockDriver;
-use crate::driver::Extent;
-use crate::driver::Limits;
-use crate::driver::Status;
-use crate::driver::WriteFlags;
-use crate::driver::ZeroFlags;
-use crate::driver::check_request;
-use crate::driver::write_zeroes_by_writing;
 use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::error::Result;
+use crate::node::driver::BlockDriver;
+use crate::node::driver::Extent;
+use crate::node::driver::Limits;
+use crate::node::driver::Status;
+use crate::node::driver::WriteFlags;
+use crate::node::driver::ZeroFlags;
+use crate::node::driver::check_request;
+use crate::node::driver::write_zeroes_by_writing;
 use crate::sync_tracker::SyncTracker;
 
 /// Alignment O_DIRECT requests need on the filesystems we support.

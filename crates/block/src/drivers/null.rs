@@ -9,12 +9,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::buf::IoBuf;
-use crate::driver::BlockDriver;
-use crate::driver::Extent;
-use crate::driver::Status;
-use crate::driver::WriteFlags;
-use crate::driver::ZeroFlags;
 use crate::error::Result;
+use crate::node::driver::BlockDriver;
+use crate::node::driver::Extent;
+use crate::node::driver::Status;
+use crate::node::driver::WriteFlags;
+use crate::node::driver::ZeroFlags;
 use crate::options::NullOptions;
 
 /// A null device.

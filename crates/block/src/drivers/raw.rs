@@ -16,14 +16,14 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 
 use crate::buf::IoBuf;
-use crate::driver::BlockDriver;
-use crate::driver::Extent;
-use crate::driver::Limits;
-use crate::driver::WriteFlags;
-use crate::driver::ZeroFlags;
 use crate::error::Error;
 use crate::error::Result;
-use crate::graph::Attachment;
+use crate::node::Attachment;
+use crate::node::driver::BlockDriver;
+use crate::node::driver::Extent;
+use crate::node::driver::Limits;
+use crate::node::driver::WriteFlags;
+use crate::node::driver::ZeroFlags;
 
 /// A raw node over a child.
 #[derive(Debug)]

@@ -7,6 +7,8 @@ use serde_json::Value;
 use serde_json::json;
 
 use super::*;
+use crate::buf::IoBuf;
+use crate::node::driver::WriteFlags;
 
 fn opts(v: Value) -> BlockdevOptions {
     BlockdevOptions::from_json(v).unwrap()

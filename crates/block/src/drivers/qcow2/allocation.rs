@@ -10,10 +10,10 @@ use super::metadata::Meta;
 use super::metadata::RefBlock;
 use super::refcount;
 use crate::buf::IoBuf;
-use crate::driver::WriteFlags;
 use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::error::Result;
+use crate::node::driver::WriteFlags;
 
 impl Qcow2Driver {
     pub(super) async fn load_refblock(&self, m: &mut Meta, index: u64) -> Result<bool> {

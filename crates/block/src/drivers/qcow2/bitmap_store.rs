@@ -9,8 +9,8 @@ use super::geometry::u64s_be;
 use super::header;
 use super::header::corrupt;
 use crate::buf::IoBuf;
-use crate::driver::WriteFlags;
 use crate::error::Result;
+use crate::node::driver::WriteFlags;
 
 impl Qcow2Driver {
     /// Loads the bitmaps of the extension (when the header says they are consistent);
@@ -66,7 +66,7 @@ impl Qcow2Driver {
                 // Its bits cannot be trusted; like QEMU, do not load them.
                 let bits = bitmap::Bitmap::new(self.geo.size, granularity)
                     .map_err(|err| corrupt(format!("bitmap '{}': {err}", e.name)))?;
-                loaded.push(crate::driver::PersistentBitmap {
+                loaded.push(crate::dirty::PersistentBitmap {
                     name: e.name.clone(),
                     bits,
                     recording: false,
@@ -104,7 +104,7 @@ impl Qcow2Driver {
                 let data = self.file.read(at, IoBuf::zeroed(len)).await?;
                 bitmaps::decode_into(&mut bits, &data, first_granule);
             }
-            loaded.push(crate::driver::PersistentBitmap {
+            loaded.push(crate::dirty::PersistentBitmap {
                 name: e.name.clone(),
                 bits,
                 recording: e.flags & bitmaps::FLAG_AUTO != 0,
@@ -133,7 +133,7 @@ impl Qcow2Driver {
     /// then the header switches to them, then the old ones are freed.
     pub(super) async fn store_bitmaps(
         &self,
-        list: Vec<crate::driver::PersistentBitmap>,
+        list: Vec<crate::dirty::PersistentBitmap>,
     ) -> Result<()> {
         if self.read_only || !self.geo.v3 {
             return Ok(());

@@ -13,12 +13,12 @@ use super::geometry::Run;
 use super::geometry::ZERO;
 use super::metadata::Meta;
 use crate::buf::IoBuf;
-use crate::driver::BlockDriver;
-use crate::driver::WriteFlags;
-use crate::driver::ZeroFlags;
 use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::error::Result;
+use crate::node::driver::BlockDriver;
+use crate::node::driver::WriteFlags;
+use crate::node::driver::ZeroFlags;
 
 impl Qcow2Driver {
     /// Waits while any of the guest clusters in `[first, last]` is being allocated.

@@ -33,8 +33,8 @@ use super::geometry::u64s_be;
 use super::header;
 use super::metadata::Meta;
 use crate::buf::IoBuf;
-use crate::driver::WriteFlags;
 use crate::error::Result;
+use crate::node::driver::WriteFlags;
 
 impl Qcow2Driver {
     pub(super) async fn write_dirty_refblocks(&self, m: &mut Meta) -> Result<bool> {

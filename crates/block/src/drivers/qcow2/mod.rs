@@ -86,16 +86,16 @@ use self::header::Header;
 use self::header::corrupt;
 use self::metadata::Meta;
 use crate::buf::IoBuf;
-use crate::driver::BlockDriver;
-use crate::driver::Extent;
-use crate::driver::Limits;
-use crate::driver::Status;
-use crate::driver::WriteFlags;
-use crate::driver::ZeroFlags;
 use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::error::Result;
-use crate::graph::Attachment;
+use crate::node::Attachment;
+use crate::node::driver::BlockDriver;
+use crate::node::driver::Extent;
+use crate::node::driver::Limits;
+use crate::node::driver::Status;
+use crate::node::driver::WriteFlags;
+use crate::node::driver::ZeroFlags;
 use crate::sync_tracker::SyncTracker;
 
 /// Default L2 cache: 32 MiB of tables (QEMU's default maps 8 GiB; this maps 256 GiB at
@@ -124,7 +124,7 @@ pub struct Qcow2Driver {
     /// a data cluster must never overlap.
     fixed_metadata: Vec<(u64, u64)>,
     /// Bitmaps found at open, until the node takes them.
-    loaded_bitmaps: std::sync::Mutex<Vec<crate::driver::PersistentBitmap>>,
+    loaded_bitmaps: std::sync::Mutex<Vec<crate::dirty::PersistentBitmap>>,
     /// Writes to the file and the syncs that made them durable (syncs with nothing to
     /// make durable are skipped: closing used to cost four fdatasyncs; a failed sync
     /// fails every later one).
@@ -406,7 +406,7 @@ impl BlockDriver for Qcow2Driver {
         self.geo.v3 && !self.read_only
     }
 
-    fn take_persistent_bitmaps(&self) -> Vec<crate::driver::PersistentBitmap> {
+    fn take_persistent_bitmaps(&self) -> Vec<crate::dirty::PersistentBitmap> {
         std::mem::take(
             &mut *self
                 .loaded_bitmaps
@@ -417,7 +417,7 @@ impl BlockDriver for Qcow2Driver {
 
     async fn store_persistent_bitmaps(
         &self,
-        bitmaps: Vec<crate::driver::PersistentBitmap>,
+        bitmaps: Vec<crate::dirty::PersistentBitmap>,
     ) -> Result<()> {
         self.store_bitmaps(bitmaps).await
     }
@@ -508,7 +508,7 @@ impl BlockDriver for Qcow2Driver {
         let end = offset + len;
         if !self.geo.v3 && self.backing.get().is_some() {
             // Version 2 cannot mark zeros over a backing file.
-            return crate::driver::write_zeroes_by_writing(self, offset, len, flags).await;
+            return crate::node::driver::write_zeroes_by_writing(self, offset, len, flags).await;
         }
         let first_whole = offset.div_ceil(cs) * cs;
         // The disk's last cluster may be partial: treat its end as a cluster end.

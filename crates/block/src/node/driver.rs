@@ -4,7 +4,7 @@
 //! natively: `write_zeroes` falls back to writing zero buffers, `discard` is a no-op
 //! (discard is advisory), `flush` has nothing to do, and `block_status` reports
 //! everything as allocated data. Drivers receive requests that the node layer
-//! ([`crate::graph::Node`]) has already checked against the device length and the
+//! ([`crate::node::Node`]) has already checked against the device length and the
 //! node's read-only flag, but a protocol driver still refuses out-of-range requests
 //! itself, because it can be opened and used on its own.
 
@@ -14,10 +14,11 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 
 use crate::buf::IoBuf;
+use crate::dirty::PersistentBitmap;
 use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::error::Result;
-use crate::graph::Attachment;
+use crate::node::Attachment;
 
 /// Flags of a write request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -87,20 +88,6 @@ pub struct Extent {
     pub length: u64,
     /// What the run holds.
     pub status: Status,
-}
-
-/// A dirty bitmap stored in an image (qcow2's bitmaps extension), as the node layer
-/// hands it to the driver on close and gets it back on open.
-#[derive(Debug, Clone)]
-pub struct PersistentBitmap {
-    /// Name, unique in the image.
-    pub name: String,
-    /// The bits; their granularity is the bitmap's.
-    pub bits: bitmap::Bitmap,
-    /// Whether it records writes ("auto" on disk).
-    pub recording: bool,
-    /// Found marked in use: not saved cleanly, its bits cannot be trusted.
-    pub inconsistent: bool,
 }
 
 /// A block driver: a format (raw), a protocol (file) or a filter, behind a node.
