@@ -27,7 +27,9 @@ use crate::block_copy::BlockCopyOptions;
 use crate::block_copy::CopyStats;
 use crate::block_copy::OnCbwError;
 use crate::block_copy::PassEnd;
-use crate::cbw::CbwFilter;
+use crate::cluster_size::check_min_cluster_size;
+use crate::cluster_size::copy_cluster_size;
+use crate::copy_before_write::CbwFilter;
 use crate::job::ErrorAction;
 use crate::job::ErrorPolicy;
 use crate::job::IoOperation;
@@ -38,34 +40,6 @@ use crate::job::JobFailure;
 use crate::job::JobOptions;
 use crate::job::JobRegistry;
 use crate::job::JobType;
-
-/// The smallest job cluster (QEMU's default backup granularity).
-pub const MIN_CLUSTER_SIZE: u64 = 64 << 10;
-
-/// The largest copy granularity accepted. A copy-before-write holds every cluster it
-/// saves in memory at once; QEMU takes any power of two, and a cluster near the
-/// device's size would make one guest write allocate that much (and could abort the
-/// daemon), so larger values are refused.
-pub const MAX_CLUSTER_SIZE: u64 = 1 << 30;
-
-/// Refuses a `min-cluster-size` above [`MAX_CLUSTER_SIZE`].
-pub fn check_min_cluster_size(min_cluster: u64) -> Result<(), String> {
-    if min_cluster > MAX_CLUSTER_SIZE {
-        return Err(format!(
-            "min-cluster-size must be at most {MAX_CLUSTER_SIZE} (1 GiB): every \
-             copy-before-write holds a whole cluster in memory"
-        ));
-    }
-    Ok(())
-}
-
-/// The copy granularity for a target: QEMU's default, the target's own cluster if
-/// larger (a partial-cluster write would make it copy on write), or the caller's
-/// minimum. Shared by backups and standalone copy-before-write nodes.
-pub fn copy_cluster_size(target: block::Limits, min_cluster: u64) -> u64 {
-    let target_cluster = u64::from(target.cluster_size.unwrap_or(0));
-    MIN_CLUSTER_SIZE.max(target_cluster).max(min_cluster)
-}
 
 /// What to copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]

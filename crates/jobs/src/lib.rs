@@ -52,7 +52,7 @@
 //! # Fleecing: the standalone filter
 //!
 //! `blockdev-add copy-before-write` builds the same filter without a job
-//! ([`cbw::standalone`]). Nothing would drain a staging area, so its engine writes old
+//! ([`copy_before_write::standalone`]). Nothing would drain a staging area, so its engine writes old
 //! data straight to the target before the guest write proceeds (the claim lasts until
 //! then), and it keeps an access bitmap for readers. Its snapshot API serves a
 //! `snapshot-access` node: a run still dirty is read from the source under a *frozen
@@ -66,8 +66,9 @@
 
 pub mod backup;
 pub mod block_copy;
-pub mod cbw;
+pub mod cluster_size;
 pub mod completion_group;
+pub mod copy_before_write;
 pub mod job;
 pub mod ratelimit;
 

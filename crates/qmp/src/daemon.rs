@@ -209,7 +209,7 @@ impl block::graph::ExternalDrivers for DaemonDrivers {
         target: block::Attachment,
         initial: Option<bitmap::Bitmap>,
     ) -> block::Result<Box<dyn block::BlockDriver>> {
-        jobs::cbw::standalone(options, file, target, initial)
+        jobs::copy_before_write::standalone(options, file, target, initial)
     }
 }
 

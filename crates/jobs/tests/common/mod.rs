@@ -74,7 +74,9 @@ impl Rig {
         let target = dir.path().join("target.img");
         seeded_source(&source, size, &mut Rng(seed));
         File::create(&target).unwrap().set_len(size).unwrap();
-        let graph = Arc::new(NodeGraph::with_external(Arc::new(jobs::cbw::CbwDrivers)));
+        let graph = Arc::new(NodeGraph::with_external(Arc::new(
+            jobs::copy_before_write::CbwDrivers,
+        )));
         for (name, path) in [("src", &source), ("tgt", &target)] {
             graph
                 .add(options(

@@ -28,10 +28,10 @@ use block::WriteFlags;
 use block::ZeroFlags;
 use block::options::CbwOptions;
 
-use crate::backup::check_min_cluster_size;
-use crate::backup::copy_cluster_size;
 use crate::block_copy::BlockCopy;
 use crate::block_copy::BlockCopyOptions;
+use crate::cluster_size::check_min_cluster_size;
+use crate::cluster_size::copy_cluster_size;
 use crate::job::Progress;
 
 /// External drivers for a graph that offers standalone copy-before-write nodes (tools
