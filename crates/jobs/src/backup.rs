@@ -241,7 +241,7 @@ pub async fn start_backups_at(
     registry: &JobRegistry,
     requests: Vec<BackupRequest>,
     at_instant: Option<block::graph::AtInstant>,
-    group: Option<&Arc<crate::completion_group::CompletionGroup>>,
+    group: Option<&Arc<crate::job::CompletionGroup>>,
 ) -> Result<Vec<(Arc<Job>, Arc<CopyStats>)>, JobError> {
     let mut prepared: Vec<PreparedBackup> = Vec::with_capacity(requests.len());
     for request in requests {

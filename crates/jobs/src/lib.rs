@@ -67,7 +67,6 @@
 pub mod backup;
 pub mod block_copy;
 pub mod cluster_size;
-pub mod completion_group;
 pub mod copy_before_write;
 pub mod job;
 pub mod ratelimit;
@@ -79,7 +78,7 @@ pub use backup::SyncMode;
 pub use backup::start_backup;
 pub use backup::start_backups;
 pub use backup::start_backups_at;
-pub use completion_group::CompletionGroup;
+pub use job::CompletionGroup;
 pub use job::Job;
 pub use job::JobEvent;
 pub use job::JobRegistry;

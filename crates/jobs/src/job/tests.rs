@@ -1,5 +1,7 @@
 use std::time::Duration;
 
+use serde_json::json;
+
 use super::*;
 
 /// A job body that does `steps` units of work, 10 ms each, with a pause point and a

@@ -18,7 +18,7 @@ use std::sync::Weak;
 
 use tokio::sync::Notify;
 
-use crate::job::Job;
+use super::Job;
 
 /// One group of jobs; see the module note.
 #[derive(Debug, Default)]
