@@ -19,12 +19,9 @@
 //! package "stillpoint VERSION". Out of scope for now: `query-qmp-schema`, mirror,
 //! commit, `block-stream`.
 
-pub mod bitmaps;
-pub mod create;
 pub mod daemon;
-pub mod legacy;
+pub mod error;
 pub mod server;
-pub mod snapshot;
 pub mod wire;
 
 pub use daemon::Daemon;

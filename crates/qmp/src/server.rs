@@ -17,8 +17,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast;
 
 use crate::daemon::Daemon;
-use crate::daemon::QmpError;
 use crate::daemon::version;
+use crate::error::QmpError;
 use crate::wire::Decoder;
 use crate::wire::Incoming;
 use crate::wire::encode;

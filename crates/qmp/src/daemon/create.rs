@@ -27,7 +27,7 @@ use jobs::job::JobFailure;
 use jobs::job::JobOptions;
 use jobs::job::JobType;
 
-use crate::daemon::QmpError;
+use crate::error::QmpError;
 
 /// What to create.
 enum Target {

@@ -12,8 +12,8 @@ use block::NodeGraph;
 use block::qapi::Members;
 use serde_json::json;
 
-use crate::daemon::QmpError;
-use crate::daemon::Reply;
+use crate::error::QmpError;
+use crate::error::Reply;
 
 /// `blockdev-snapshot-sync`: device or node-name, snapshot-file, snapshot-node-name,
 /// format (qcow2, the only format with backing files here), mode. The checks come in
@@ -68,7 +68,7 @@ pub async fn blockdev_snapshot_sync(graph: &NodeGraph, mut m: Members) -> Reply 
                     "Backing file not supported for file format 'raw'",
                 ));
             }
-            other => return Err(crate::legacy::unknown_format(other)),
+            other => return Err(crate::daemon::legacy::unknown_format(other)),
         }
     }
     // Opened with no backing of its own (an existing image may name one): the node

@@ -20,7 +20,7 @@ use block::qapi::Members;
 use serde_json::Value;
 use serde_json::json;
 
-use crate::daemon::QmpError;
+use crate::error::QmpError;
 
 /// Names of the commands this module handles.
 pub const COMMANDS: &[&str] = &[

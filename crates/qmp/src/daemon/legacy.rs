@@ -20,8 +20,8 @@ use serde_json::Value;
 use serde_json::json;
 
 use crate::daemon::Daemon;
-use crate::daemon::QmpError;
-use crate::daemon::Reply;
+use crate::error::QmpError;
+use crate::error::Reply;
 
 /// The members of `m` not yet taken, as a map for another command's parser.
 fn rest(m: Members) -> Map<String, Value> {

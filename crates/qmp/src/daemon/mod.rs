@@ -1,0 +1,412 @@
+//! The daemon's state and its command table.
+//!
+//! One [`Daemon`] owns the node graph, the jobs, the NBD server and its exports, and the
+//! broadcast channel every QMP client's events come from. Commands parse their
+//! arguments with the block layer's QAPI-style parser, so a wrong member gets QEMU's
+//! words ("Parameter 'x' is missing"), and refuse what Stillpoint cannot honour yet
+//! with a clear error instead of ignoring it.
+
+mod transaction;
+
+mod block_commands;
+mod job_commands;
+mod nbd_commands;
+
+pub use nbd_commands::Listen;
+pub use nbd_commands::nbd_server_limits;
+pub use nbd_commands::parse_flat_address;
+
+pub mod bitmaps;
+pub mod create;
+pub mod legacy;
+pub mod snapshot;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+
+use block::BlockdevOptions;
+use block::NodeGraph;
+use block::qapi::Members;
+use jobs::JobRegistry;
+use nbd::NbdDrivers;
+use nbd::NbdServer;
+use serde_json::Map;
+use serde_json::Value;
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio::sync::broadcast;
+
+use crate::error::QmpError;
+use crate::error::Reply;
+use crate::wire;
+use block_commands::node_info;
+
+/// Names of the commands this daemon answers (for query-commands).
+pub const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "quit",
+    "blockdev-add",
+    "blockdev-del",
+    "query-named-block-nodes",
+    "blockdev-backup",
+    "query-block-jobs",
+    "blockdev-create",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
+    "query-jobs",
+    "block-job-set-speed",
+    "block-job-cancel",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-complete",
+    "block-job-finalize",
+    "block-job-dismiss",
+    "job-pause",
+    "job-resume",
+    "job-cancel",
+    "job-complete",
+    "job-finalize",
+    "job-dismiss",
+    "nbd-server-start",
+    "nbd-server-stop",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
+    "transaction",
+    "blockdev-snapshot-sync",
+    "blockdev-snapshot",
+    "drive-backup",
+    "nbd-server-add",
+    "nbd-server-remove",
+    "query-block",
+];
+
+struct NbdRunning {
+    server: Arc<NbdServer>,
+    task: tokio::task::JoinHandle<()>,
+    socket: Option<PathBuf>,
+}
+
+struct ExportRecord {
+    /// The node given at creation; reported when the export's attachment is gone.
+    node_name: String,
+    /// Follows the export's attachment: a snapshot moves it to the overlay.
+    attached: block::node::AttachmentView,
+    name: String,
+    /// Bitmaps the export offers; busy until it is deleted.
+    bitmaps: Vec<Arc<block::dirty::DirtyBitmap>>,
+    /// Removal has begun; the record goes (with BLOCK_EXPORT_DELETED) once the
+    /// export's running requests have finished.
+    shutting_down: bool,
+}
+
+/// Everything one daemon serves.
+pub struct Daemon {
+    /// The node graph (with the NBD client driver available).
+    pub graph: Arc<NodeGraph>,
+    /// The jobs.
+    pub jobs: JobRegistry,
+    nbd: tokio::sync::Mutex<Option<NbdRunning>>,
+    exports: Mutex<BTreeMap<String, ExportRecord>>,
+    events: broadcast::Sender<Value>,
+    quitting: AtomicBool,
+    quit: Notify,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("graph", &self.graph)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The version the greeting and query-version report: QEMU's shape, our package.
+pub fn version() -> Value {
+    json!({"qemu": {"major": 10, "minor": 0, "micro": 0},
+           "package": concat!("stillpoint ", env!("CARGO_PKG_VERSION"))})
+}
+
+fn args(arguments: Value) -> Result<Members, QmpError> {
+    match arguments {
+        Value::Object(map) => Ok(Members::new(map, String::new())),
+        Value::Null => Ok(Members::new(Map::new(), String::new())),
+        _ => Err(QmpError::generic(
+            "QMP input member 'arguments' must be an object",
+        )),
+    }
+}
+
+/// The drivers that live above the block crate: NBD client nodes and standalone
+/// copy-before-write filters.
+#[derive(Debug, Default)]
+struct DaemonDrivers {
+    nbd: NbdDrivers,
+}
+
+#[async_trait::async_trait]
+impl block::graph::ExternalDrivers for DaemonDrivers {
+    async fn open(
+        &self,
+        options: &block::options::DriverOptions,
+    ) -> block::Result<Box<dyn block::BlockDriver>> {
+        self.nbd.open(options).await
+    }
+
+    fn copy_before_write(
+        &self,
+        options: &block::options::CbwOptions,
+        file: block::Attachment,
+        target: block::Attachment,
+        initial: Option<bitmap::Bitmap>,
+    ) -> block::Result<Box<dyn block::BlockDriver>> {
+        jobs::copy_before_write::standalone(options, file, target, initial)
+    }
+}
+
+impl Daemon {
+    /// A daemon with nothing in it.
+    pub fn new() -> Arc<Self> {
+        let (events, _) = broadcast::channel(4096);
+        let daemon = Arc::new(Self {
+            graph: Arc::new(NodeGraph::with_external(Arc::new(DaemonDrivers::default()))),
+            jobs: JobRegistry::new(),
+            nbd: tokio::sync::Mutex::new(None),
+            exports: Mutex::new(BTreeMap::new()),
+            events,
+            quitting: AtomicBool::new(false),
+            quit: Notify::new(),
+        });
+        let mut job_events = daemon.jobs.subscribe();
+        let forward = daemon.events.clone();
+        tokio::spawn(async move {
+            loop {
+                match job_events.recv().await {
+                    Ok(event) => {
+                        let _ = forward.send(wire::event(event.name(), Some(event.data())));
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("{n} job events were dropped");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        daemon
+    }
+
+    /// Every event message from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Value> {
+        self.events.subscribe()
+    }
+
+    /// Resolves when `quit` was executed.
+    pub async fn quit_requested(&self) {
+        loop {
+            let notified = self.quit.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.quitting.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Shuts everything down: cancels jobs (waiting for them to end), stops the NBD
+    /// server, and flushes every node.
+    pub async fn shutdown(&self) {
+        let _ = self.events.send(wire::event(
+            "SHUTDOWN",
+            Some(json!({"guest": false, "reason": "host-qmp-quit"})),
+        ));
+        let mut rx = self.jobs.subscribe();
+        let running: Vec<_> = self.jobs.list();
+        for job in &running {
+            let _ = job.cancel(true);
+        }
+        while !self
+            .jobs
+            .list()
+            .iter()
+            .all(|j| j.status() == jobs::JobStatus::Concluded)
+        {
+            let wait = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await;
+            if wait.is_err() {
+                break;
+            }
+        }
+        let running = self.nbd.lock().await.take();
+        if let Some(running) = running {
+            self.stop_nbd(running).await;
+        }
+        // Close parents before children: qcow2 writes its metadata and clears its
+        // dirty bit while its file is still open.
+        if let Err(e) = self.graph.close_all().await {
+            tracing::warn!("closing nodes at shutdown failed: {e}");
+        }
+    }
+
+    /// Executes one command.
+    pub async fn execute(self: &Arc<Self>, name: &str, arguments: Value) -> Reply {
+        // One table says what exists: query-commands lists it, and nothing else runs.
+        if !COMMANDS.contains(&name) && !crate::daemon::bitmaps::COMMANDS.contains(&name) {
+            return Err(QmpError {
+                class: "CommandNotFound",
+                desc: format!("The command {name} has not been found"),
+            });
+        }
+        let m = args(arguments)?;
+        match name {
+            "qmp_capabilities" => Err(QmpError {
+                class: "CommandNotFound",
+                desc: "Capabilities negotiation is already complete, command ignored".into(),
+            }),
+            "query-version" => done(m, version()),
+            "query-commands" => {
+                let list: Vec<Value> = COMMANDS.iter().map(|c| json!({"name": c})).collect();
+                done(m, Value::Array(list))
+            }
+            "quit" => {
+                m.finish()?;
+                self.quitting.store(true, Ordering::SeqCst);
+                self.quit.notify_waiters();
+                Ok(json!({}))
+            }
+            "blockdev-add" => {
+                let options = BlockdevOptions::from_members(m)?;
+                self.graph.add(options).await?;
+                Ok(json!({}))
+            }
+            "blockdev-del" => {
+                let mut m = m;
+                let name = m.required("node-name", Members::string)?;
+                m.finish()?;
+                self.graph.remove(&name).await?;
+                Ok(json!({}))
+            }
+            "query-named-block-nodes" => {
+                let mut m = m;
+                m.optional("flat", Members::boolean)?;
+                m.finish()?;
+                Ok(Value::Array(
+                    self.graph.nodes().iter().map(|n| node_info(n)).collect(),
+                ))
+            }
+            "blockdev-backup" => self.blockdev_backup(m).await,
+            name if crate::daemon::bitmaps::COMMANDS.contains(&name) => {
+                let action = crate::daemon::bitmaps::parse(name, m)?;
+                crate::daemon::bitmaps::apply(&self.graph, &action)?;
+                Ok(json!({}))
+            }
+            "blockdev-create" => {
+                crate::daemon::create::blockdev_create(&self.graph, &self.jobs, m)?;
+                Ok(json!({}))
+            }
+            "transaction" => self.transaction(m).await,
+            "query-block-jobs" => {
+                m.finish()?;
+                let list = self.jobs.list();
+                Ok(Value::Array(
+                    list.iter()
+                        .filter(|j| j.job_type().is_block_job())
+                        .map(|j| serde_json::to_value(j.block_job_info()).unwrap())
+                        .collect(),
+                ))
+            }
+            "query-jobs" => {
+                m.finish()?;
+                let list = self.jobs.list();
+                Ok(Value::Array(
+                    list.iter()
+                        .map(|j| serde_json::to_value(j.job_info()).unwrap())
+                        .collect(),
+                ))
+            }
+            "block-job-set-speed"
+            | "block-job-cancel"
+            | "block-job-pause"
+            | "block-job-resume"
+            | "block-job-complete"
+            | "block-job-finalize"
+            | "block-job-dismiss" => self.block_job_verb(name, m),
+            "job-pause" | "job-resume" | "job-cancel" | "job-complete" | "job-finalize"
+            | "job-dismiss" => {
+                let mut m = m;
+                let id = m.required("id", Members::string)?;
+                m.finish()?;
+                let job = self
+                    .jobs
+                    .get(&id)
+                    .ok_or_else(|| QmpError::generic("Job not found"))?;
+                match name {
+                    "job-pause" => job.pause()?,
+                    "job-resume" => job.resume()?,
+                    "job-cancel" => job.cancel(false)?,
+                    "job-complete" => job.complete()?,
+                    "job-finalize" => job.finalize()?,
+                    _ => job.dismiss()?,
+                }
+                Ok(json!({}))
+            }
+            "nbd-server-start" => self.nbd_server_start(m).await,
+            "nbd-server-stop" => {
+                m.finish()?;
+                let running = self
+                    .nbd
+                    .lock()
+                    .await
+                    .take()
+                    .ok_or_else(|| QmpError::generic("NBD server not running"))?;
+                self.stop_nbd(running).await;
+                Ok(json!({}))
+            }
+            "block-export-add" => self.block_export_add(m).await,
+            "block-export-del" => {
+                let mut m = m;
+                let id = m.required("id", Members::string)?;
+                let mode = m.optional("mode", |m, k, v| m.enumeration(k, v, &["safe", "hard"]))?;
+                m.finish()?;
+                self.block_export_del(&id, mode.as_deref()).await
+            }
+            "blockdev-snapshot-sync" => {
+                crate::daemon::snapshot::blockdev_snapshot_sync(&self.graph, m).await
+            }
+            "blockdev-snapshot" => crate::daemon::snapshot::blockdev_snapshot(&self.graph, m).await,
+            "drive-backup" => crate::daemon::legacy::drive_backup(self, m).await,
+            "nbd-server-add" => crate::daemon::legacy::nbd_server_add(self, m).await,
+            "nbd-server-remove" => crate::daemon::legacy::nbd_server_remove(self, m).await,
+            "query-block" => done(m, json!([])),
+            "query-block-exports" => {
+                m.finish()?;
+                let exports = self.exports.lock().unwrap();
+                let list = exports.iter().map(|(id, e)| {
+                    let node_name = e.attached.node().map(|n| n.name().to_owned());
+                    let node_name = node_name.unwrap_or_else(|| e.node_name.clone());
+                    json!({"id": id, "type": "nbd", "node-name": node_name,
+                           "shutting-down": e.shutting_down})
+                });
+                Ok(Value::Array(list.collect()))
+            }
+            other => Err(QmpError {
+                class: "CommandNotFound",
+                desc: format!("The command {other} has not been found"),
+            }),
+        }
+    }
+}
+
+fn done(m: Members, value: Value) -> Reply {
+    m.finish()?;
+    Ok(value)
+}
