@@ -6,13 +6,15 @@
 //! * [`server`]: connections, the greeting, capabilities negotiation, `id` echo, error
 //!   replies that keep the connection open, events to every negotiated client.
 //! * [`daemon`]: the state (graph, jobs, NBD server, exports) and the command table
-//!   (one table: `query-commands` lists it and nothing else runs), with QEMU's argument
-//!   checks and messages where they are known; `transaction`, grouped completion.
-//! * [`bitmaps`]: the `block-dirty-bitmap-*` commands and transaction actions.
-//! * [`create`]: `blockdev-create` and its job.
-//! * [`snapshot`]: external snapshots (`blockdev-snapshot`, `blockdev-snapshot-sync`).
-//! * [`legacy`]: older commands QEMU's documentation and scripts still use, mapped
-//!   onto the current ones (`drive-backup`, `nbd-server-add`/`-remove`, `query-block`).
+//!   (`daemon/commands.rs`: one table; `query-commands` lists it and nothing else
+//!   runs), with the commands in files by family: nodes (`block_commands`), jobs
+//!   (`job_commands`), NBD (`nbd_commands`), `transaction` (grouped completion),
+//!   [`daemon::bitmaps`] (the `block-dirty-bitmap-*` commands and transaction actions),
+//!   [`daemon::create`] (`blockdev-create` and its job), [`daemon::snapshot`] (external
+//!   snapshots) and [`daemon::legacy`] (older commands QEMU's documentation and scripts
+//!   still use: `drive-backup`, `nbd-server-add`/`-remove`, `query-block`). QEMU's
+//!   argument checks and messages where they are known.
+//! * [`error`]: QMP errors (class and description), from block and job errors.
 //!
 //! The greeting advertises no capabilities: out-of-band execution is not implemented,
 //! and asking for it is refused. `query-version` reports QEMU 10.0.0's shape with the

@@ -17,6 +17,7 @@ pub use nbd_commands::nbd_server_limits;
 pub use nbd_commands::parse_flat_address;
 
 pub mod bitmaps;
+mod commands;
 pub mod create;
 pub mod legacy;
 pub mod snapshot;
@@ -28,7 +29,6 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 
-use block::BlockdevOptions;
 use block::NodeGraph;
 use block::qapi::Members;
 use jobs::JobRegistry;
@@ -43,53 +43,6 @@ use tokio::sync::broadcast;
 use crate::error::QmpError;
 use crate::error::Reply;
 use crate::wire;
-use block_commands::node_info;
-
-/// Names of the commands this daemon answers (for query-commands).
-pub const COMMANDS: &[&str] = &[
-    "qmp_capabilities",
-    "query-version",
-    "query-commands",
-    "quit",
-    "blockdev-add",
-    "blockdev-del",
-    "query-named-block-nodes",
-    "blockdev-backup",
-    "query-block-jobs",
-    "blockdev-create",
-    "block-dirty-bitmap-add",
-    "block-dirty-bitmap-remove",
-    "block-dirty-bitmap-clear",
-    "block-dirty-bitmap-enable",
-    "block-dirty-bitmap-disable",
-    "block-dirty-bitmap-merge",
-    "query-jobs",
-    "block-job-set-speed",
-    "block-job-cancel",
-    "block-job-pause",
-    "block-job-resume",
-    "block-job-complete",
-    "block-job-finalize",
-    "block-job-dismiss",
-    "job-pause",
-    "job-resume",
-    "job-cancel",
-    "job-complete",
-    "job-finalize",
-    "job-dismiss",
-    "nbd-server-start",
-    "nbd-server-stop",
-    "block-export-add",
-    "block-export-del",
-    "query-block-exports",
-    "transaction",
-    "blockdev-snapshot-sync",
-    "blockdev-snapshot",
-    "drive-backup",
-    "nbd-server-add",
-    "nbd-server-remove",
-    "query-block",
-];
 
 struct NbdRunning {
     server: Arc<NbdServer>,
@@ -257,152 +210,17 @@ impl Daemon {
         }
     }
 
-    /// Executes one command.
+    /// Executes one command: looks it up in the one table (`commands::COMMANDS`, which
+    /// `query-commands` lists), parses its arguments and runs it.
     pub async fn execute(self: &Arc<Self>, name: &str, arguments: Value) -> Reply {
-        // One table says what exists: query-commands lists it, and nothing else runs.
-        if !COMMANDS.contains(&name) && !crate::daemon::bitmaps::COMMANDS.contains(&name) {
+        let Some(command) = commands::find(name) else {
             return Err(QmpError {
                 class: "CommandNotFound",
                 desc: format!("The command {name} has not been found"),
             });
-        }
+        };
         let m = args(arguments)?;
-        match name {
-            "qmp_capabilities" => Err(QmpError {
-                class: "CommandNotFound",
-                desc: "Capabilities negotiation is already complete, command ignored".into(),
-            }),
-            "query-version" => done(m, version()),
-            "query-commands" => {
-                let list: Vec<Value> = COMMANDS.iter().map(|c| json!({"name": c})).collect();
-                done(m, Value::Array(list))
-            }
-            "quit" => {
-                m.finish()?;
-                self.quitting.store(true, Ordering::SeqCst);
-                self.quit.notify_waiters();
-                Ok(json!({}))
-            }
-            "blockdev-add" => {
-                let options = BlockdevOptions::from_members(m)?;
-                self.graph.add(options).await?;
-                Ok(json!({}))
-            }
-            "blockdev-del" => {
-                let mut m = m;
-                let name = m.required("node-name", Members::string)?;
-                m.finish()?;
-                self.graph.remove(&name).await?;
-                Ok(json!({}))
-            }
-            "query-named-block-nodes" => {
-                let mut m = m;
-                m.optional("flat", Members::boolean)?;
-                m.finish()?;
-                Ok(Value::Array(
-                    self.graph.nodes().iter().map(|n| node_info(n)).collect(),
-                ))
-            }
-            "blockdev-backup" => self.blockdev_backup(m).await,
-            name if crate::daemon::bitmaps::COMMANDS.contains(&name) => {
-                let action = crate::daemon::bitmaps::parse(name, m)?;
-                crate::daemon::bitmaps::apply(&self.graph, &action)?;
-                Ok(json!({}))
-            }
-            "blockdev-create" => {
-                crate::daemon::create::blockdev_create(&self.graph, &self.jobs, m)?;
-                Ok(json!({}))
-            }
-            "transaction" => self.transaction(m).await,
-            "query-block-jobs" => {
-                m.finish()?;
-                let list = self.jobs.list();
-                Ok(Value::Array(
-                    list.iter()
-                        .filter(|j| j.job_type().is_block_job())
-                        .map(|j| serde_json::to_value(j.block_job_info()).unwrap())
-                        .collect(),
-                ))
-            }
-            "query-jobs" => {
-                m.finish()?;
-                let list = self.jobs.list();
-                Ok(Value::Array(
-                    list.iter()
-                        .map(|j| serde_json::to_value(j.job_info()).unwrap())
-                        .collect(),
-                ))
-            }
-            "block-job-set-speed"
-            | "block-job-cancel"
-            | "block-job-pause"
-            | "block-job-resume"
-            | "block-job-complete"
-            | "block-job-finalize"
-            | "block-job-dismiss" => self.block_job_verb(name, m),
-            "job-pause" | "job-resume" | "job-cancel" | "job-complete" | "job-finalize"
-            | "job-dismiss" => {
-                let mut m = m;
-                let id = m.required("id", Members::string)?;
-                m.finish()?;
-                let job = self
-                    .jobs
-                    .get(&id)
-                    .ok_or_else(|| QmpError::generic("Job not found"))?;
-                match name {
-                    "job-pause" => job.pause()?,
-                    "job-resume" => job.resume()?,
-                    "job-cancel" => job.cancel(false)?,
-                    "job-complete" => job.complete()?,
-                    "job-finalize" => job.finalize()?,
-                    _ => job.dismiss()?,
-                }
-                Ok(json!({}))
-            }
-            "nbd-server-start" => self.nbd_server_start(m).await,
-            "nbd-server-stop" => {
-                m.finish()?;
-                let running = self
-                    .nbd
-                    .lock()
-                    .await
-                    .take()
-                    .ok_or_else(|| QmpError::generic("NBD server not running"))?;
-                self.stop_nbd(running).await;
-                Ok(json!({}))
-            }
-            "block-export-add" => self.block_export_add(m).await,
-            "block-export-del" => {
-                let mut m = m;
-                let id = m.required("id", Members::string)?;
-                let mode = m.optional("mode", |m, k, v| m.enumeration(k, v, &["safe", "hard"]))?;
-                m.finish()?;
-                self.block_export_del(&id, mode.as_deref()).await
-            }
-            "blockdev-snapshot-sync" => {
-                crate::daemon::snapshot::blockdev_snapshot_sync(&self.graph, m).await
-            }
-            "blockdev-snapshot" => crate::daemon::snapshot::blockdev_snapshot(&self.graph, m).await,
-            "drive-backup" => crate::daemon::legacy::drive_backup(self, m).await,
-            "nbd-server-add" => crate::daemon::legacy::nbd_server_add(self, m).await,
-            "nbd-server-remove" => crate::daemon::legacy::nbd_server_remove(self, m).await,
-            "query-block" => done(m, json!([])),
-            "query-block-exports" => {
-                m.finish()?;
-                let exports = self.exports.lock().unwrap();
-                let list = exports.iter().map(|(id, e)| {
-                    let node_name = e.attached.node().map(|n| n.name().to_owned());
-                    let node_name = node_name.unwrap_or_else(|| e.node_name.clone());
-                    json!({"id": id, "type": "nbd", "node-name": node_name,
-                           "shutting-down": e.shutting_down})
-                });
-                Ok(Value::Array(list.collect()))
-            }
-            other => Err(QmpError {
-                class: "CommandNotFound",
-                desc: format!("The command {other} has not been found"),
-            }),
-        }
+        (command.run)(self.clone(), command.name, m).await
     }
 }
 
