@@ -1,4 +1,5 @@
-//! The daemon's state and its command table.
+//! The daemon's state; its command table is `commands.rs`, the commands are in files by
+//! family (see the crate note).
 //!
 //! One [`Daemon`] owns the node graph, the jobs, the NBD server and its exports, and the
 //! broadcast channel every QMP client's events come from. Commands parse their
@@ -6,21 +7,19 @@
 //! words ("Parameter 'x' is missing"), and refuse what Stillpoint cannot honour yet
 //! with a clear error instead of ignoring it.
 
-mod transaction;
-
+pub mod bitmaps;
 mod block_commands;
+mod commands;
+pub mod create;
 mod job_commands;
+pub mod legacy;
 mod nbd_commands;
+pub mod snapshot;
+mod transaction;
 
 pub use nbd_commands::Listen;
 pub use nbd_commands::nbd_server_limits;
 pub use nbd_commands::parse_flat_address;
-
-pub mod bitmaps;
-mod commands;
-pub mod create;
-pub mod legacy;
-pub mod snapshot;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
