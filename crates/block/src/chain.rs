@@ -57,7 +57,7 @@ pub async fn block_status_above(top: &Attachment, offset: u64, len: u64) -> Resu
             break;
         }
         let format = below_filters(layer);
-        let Some(backing) = format.driver().backing() else {
+        let Some(backing) = format.backing() else {
             break;
         };
         if offset >= backing.length() {

@@ -35,9 +35,11 @@
 //!   external snapshots; see that module for the draining rule. [`chain`] walks
 //!   backing chains.
 //!
-//! The snapshot API (`read_snapshot`, `block_status_snapshot`, `discard_snapshot`) is
-//! how a `snapshot-access` node reads the point-in-time view a standalone
-//! copy-before-write filter keeps; other drivers answer ENOTSUP.
+//! The driver trait is small; what only some drivers can do is a capability behind an
+//! accessor that answers `None` by default: `backing_file()` (qcow2's backing node),
+//! `bitmap_store()` (bitmaps kept in the image) and `snapshot()` (the point-in-time
+//! view a standalone copy-before-write filter keeps, which `snapshot-access` reads;
+//! other nodes answer ENOTSUP).
 //!
 //! # Invariants
 //!

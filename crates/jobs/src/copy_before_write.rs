@@ -26,6 +26,7 @@ use block::Limits;
 use block::Result;
 use block::WriteFlags;
 use block::ZeroFlags;
+use block::node::driver::SnapshotSource;
 use block::options::CbwOptions;
 
 use crate::block_copy::BlockCopy;
@@ -180,6 +181,13 @@ impl BlockDriver for CbwFilter {
         Ok(())
     }
 
+    fn snapshot(&self) -> Option<&dyn SnapshotSource> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl SnapshotSource for CbwFilter {
     async fn read_snapshot(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         self.copy.read_snapshot(offset, buf).await
     }

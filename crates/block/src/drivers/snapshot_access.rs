@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Reads, block status and discards call the child's snapshot API
-//! ([`BlockDriver::read_snapshot`] and friends); the copy-before-write node answers
+//! ([`SnapshotSource`](crate::node::driver::SnapshotSource)); the copy-before-write node answers
 //! from the source or from its target, whichever holds the old data. The link to the
 //! child is fixed: it names that very node, so a filter inserted above it later (a
 //! backup of the same disk) does not come between the reader and the snapshot.

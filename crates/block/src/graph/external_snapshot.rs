@@ -86,7 +86,7 @@ impl NodeGraph {
             if in_use {
                 return Err(Error::invalid("The overlay is already in use"));
             }
-            if top.driver().backing().is_some() {
+            if top.backing().is_some() {
                 return Err(Error::invalid("The overlay already has a backing image"));
             }
             let link = state.attach(
@@ -97,7 +97,10 @@ impl NodeGraph {
                 },
                 false,
             );
-            top.driver().set_backing(link)?;
+            top.driver()
+                .backing_file()
+                .ok_or_else(|| Error::unsupported("The overlay does not support backing images"))?
+                .set_backing(link)?;
             (below, top)
         };
         self.append(&top, &below).await;

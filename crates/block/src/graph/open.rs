@@ -153,7 +153,7 @@ impl NodeGraph {
                         )
                         .await?;
                     let child = self.state().attach(node, user, false);
-                    if child.node().driver_name() != "copy-before-write" {
+                    if child.node().driver().snapshot().is_none() {
                         return Err(Error::invalid(format!(
                             "Node '{}' is not a copy-before-write node: snapshot-access \
                              reads the snapshot one keeps",
@@ -268,7 +268,9 @@ impl NodeGraph {
                 }
             };
             let stored: Vec<Arc<DirtyBitmap>> = driver
-                .take_persistent_bitmaps()
+                .bitmap_store()
+                .map(|store| store.take_persistent_bitmaps())
+                .unwrap_or_default()
                 .into_iter()
                 .map(DirtyBitmap::from_stored)
                 .collect();

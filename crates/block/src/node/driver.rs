@@ -117,32 +117,20 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
         None
     }
 
-    /// The backing node reads of unallocated ranges fall through to (qcow2), if any.
-    fn backing(&self) -> Option<&Attachment> {
+    /// The backing file capability of a format that has one (qcow2).
+    fn backing_file(&self) -> Option<&dyn BackingFile> {
         None
     }
 
-    /// Whether the image can store dirty bitmaps (`persistent: true`).
-    fn supports_persistent_bitmaps(&self) -> bool {
-        false
+    /// The dirty-bitmap store of a format that keeps bitmaps in the image (qcow2).
+    fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
+        None
     }
 
-    /// The bitmaps found in the image when it was opened (taken once, by the node).
-    fn take_persistent_bitmaps(&self) -> Vec<PersistentBitmap> {
-        Vec::new()
-    }
-
-    /// Stores exactly these bitmaps in the image (called before [`BlockDriver::close`];
-    /// bitmaps stored before and missing here are removed).
-    async fn store_persistent_bitmaps(&self, bitmaps: Vec<PersistentBitmap>) -> Result<()> {
-        if bitmaps.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::unsupported(format!(
-                "{} cannot store dirty bitmaps",
-                self.driver_name()
-            )))
-        }
+    /// The point-in-time view of a standalone copy-before-write filter, which
+    /// `snapshot-access` nodes read.
+    fn snapshot(&self) -> Option<&dyn SnapshotSource> {
+        None
     }
 
     /// Whether writes with [`WriteFlags::compressed`] are stored compressed.
@@ -154,15 +142,6 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     /// the end of its file needs. Returns false when the driver cannot grow.
     fn make_growable(&self) -> bool {
         false
-    }
-
-    /// Takes `backing` as the backing node of a format opened without one
-    /// (`blockdev-snapshot` of an overlay opened with `backing: null`). Formats without
-    /// backing files refuse, as does one that already has a backing node.
-    fn set_backing(&self, _backing: Attachment) -> Result<()> {
-        Err(Error::unsupported(
-            "The overlay does not support backing images",
-        ))
     }
 
     /// Reads `buf.len()` bytes at `offset` into `buf` and returns it.
@@ -207,30 +186,46 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     async fn close(&self) -> Result<()> {
         self.flush().await
     }
-
-    /// Snapshot API (a standalone `copy-before-write` filter; used by
-    /// `snapshot-access`): reads the point-in-time view instead of the current data.
-    async fn read_snapshot(&self, _offset: u64, _buf: IoBuf) -> Result<IoBuf> {
-        Err(no_snapshot(self.driver_name()))
-    }
-
-    /// Snapshot API: status of the point-in-time view.
-    async fn block_status_snapshot(&self, _offset: u64, _len: u64) -> Result<Extent> {
-        Err(no_snapshot(self.driver_name()))
-    }
-
-    /// Snapshot API: the reader is done with the range; it stops being protected and
-    /// readable, and the space its saved data took is given back.
-    async fn discard_snapshot(&self, _offset: u64, _len: u64) -> Result<()> {
-        Err(no_snapshot(self.driver_name()))
-    }
 }
 
-fn no_snapshot(driver: &str) -> Error {
-    Error::unsupported(format!(
-        "a {driver} node has no point-in-time snapshot to read \
-         (snapshot-access needs a copy-before-write node)"
-    ))
+/// A format whose unallocated ranges fall through to a backing node (qcow2).
+pub trait BackingFile: Send + Sync {
+    /// The backing node, if any.
+    fn backing(&self) -> Option<&Attachment>;
+
+    /// Takes `backing` as the backing node of an image opened without one
+    /// (`blockdev-snapshot` of an overlay opened with `backing: null`); refused if it
+    /// has one already.
+    fn set_backing(&self, backing: Attachment) -> Result<()>;
+}
+
+/// A format that keeps dirty bitmaps in the image (qcow2).
+#[async_trait]
+pub trait BitmapStore: Send + Sync {
+    /// Whether bitmaps can be stored (`persistent: true`): not in a read-only image.
+    fn writable(&self) -> bool;
+
+    /// The bitmaps found in the image when it was opened (taken once, by the node).
+    fn take_persistent_bitmaps(&self) -> Vec<PersistentBitmap>;
+
+    /// Stores exactly these bitmaps in the image (called before [`BlockDriver::close`];
+    /// bitmaps stored before and missing here are removed).
+    async fn store_persistent_bitmaps(&self, bitmaps: Vec<PersistentBitmap>) -> Result<()>;
+}
+
+/// The point-in-time view a standalone copy-before-write filter keeps, which a
+/// `snapshot-access` node reads instead of the current data.
+#[async_trait]
+pub trait SnapshotSource: Send + Sync {
+    /// Reads the view.
+    async fn read_snapshot(&self, offset: u64, buf: IoBuf) -> Result<IoBuf>;
+
+    /// Status of the view.
+    async fn block_status_snapshot(&self, offset: u64, len: u64) -> Result<Extent>;
+
+    /// The reader is done with the range; it stops being protected and readable, and
+    /// the space its saved data took is given back.
+    async fn discard_snapshot(&self, offset: u64, len: u64) -> Result<()>;
 }
 
 /// Largest zero buffer the write-zeroes fallback writes in one request.

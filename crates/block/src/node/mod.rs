@@ -31,6 +31,7 @@ use crate::error::Result;
 use crate::node::driver::BlockDriver;
 use crate::node::driver::Extent;
 use crate::node::driver::Limits;
+use crate::node::driver::SnapshotSource;
 use crate::node::driver::WriteFlags;
 use crate::node::driver::ZeroFlags;
 use crate::node::driver::check_request;
@@ -164,7 +165,7 @@ impl Node {
                 "Granularity must be power of 2 and at least 512",
             ));
         }
-        if persistent && !self.driver.supports_persistent_bitmaps() {
+        if persistent && !self.driver.bitmap_store().is_some_and(|s| s.writable()) {
             return Err(Error::unsupported(format!(
                 "Can't store persistent bitmaps to {}: Operation not supported",
                 self.name
@@ -248,7 +249,14 @@ impl Node {
             .iter()
             .filter_map(|b| b.to_stored())
             .collect();
-        let stored = self.driver.store_persistent_bitmaps(stored).await;
+        let stored = match self.driver.bitmap_store() {
+            Some(store) => store.store_persistent_bitmaps(stored).await,
+            None if stored.is_empty() => Ok(()),
+            None => Err(Error::unsupported(format!(
+                "{} cannot store dirty bitmaps",
+                self.driver.driver_name()
+            ))),
+        };
         if let Err(e) = &stored {
             tracing::warn!(node = self.name, "storing dirty bitmaps failed: {e}");
         }
@@ -368,13 +376,29 @@ impl Node {
         Ok(extent)
     }
 
-    /// Reads the node's point-in-time snapshot (see [`BlockDriver::read_snapshot`]).
+    /// The backing node reads of unallocated ranges fall through to (qcow2), if any.
+    pub fn backing(&self) -> Option<&Attachment> {
+        self.driver.backing_file().and_then(|b| b.backing())
+    }
+
+    /// The point-in-time view this node keeps (a standalone copy-before-write filter).
+    fn snapshot(&self) -> Result<&dyn SnapshotSource> {
+        self.driver.snapshot().ok_or_else(|| {
+            Error::unsupported(format!(
+                "a {} node has no point-in-time snapshot to read \
+                 (snapshot-access needs a copy-before-write node)",
+                self.driver.driver_name()
+            ))
+        })
+    }
+
+    /// Reads the node's point-in-time snapshot (see [`SnapshotSource::read_snapshot`]).
     pub async fn read_snapshot(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         check_request("read", offset, buf.len() as u64, self.length())?;
         if buf.is_empty() {
             return Ok(buf);
         }
-        self.driver.read_snapshot(offset, buf).await
+        self.snapshot()?.read_snapshot(offset, buf).await
     }
 
     /// Status of the node's point-in-time snapshot.
@@ -383,7 +407,7 @@ impl Node {
         if len == 0 {
             return Err(Error::invalid("block status of an empty range"));
         }
-        let extent = self.driver.block_status_snapshot(offset, len).await?;
+        let extent = self.snapshot()?.block_status_snapshot(offset, len).await?;
         debug_assert!(extent.offset == offset && extent.length > 0 && extent.length <= len);
         Ok(extent)
     }
@@ -394,6 +418,6 @@ impl Node {
         if len == 0 {
             return Ok(());
         }
-        self.driver.discard_snapshot(offset, len).await
+        self.snapshot()?.discard_snapshot(offset, len).await
     }
 }

@@ -19,13 +19,13 @@ pub(super) fn node_info(node: &block::Node) -> Value {
     // The backing chain: its depth and the first backing file's name.
     let mut depth = 0;
     let mut backing_name = None;
-    let mut below = node.driver().backing().map(|b| b.node());
+    let mut below = node.backing().map(|b| b.node());
     while let Some(b) = below {
         depth += 1;
         if backing_name.is_none() {
             backing_name = b.filename().map(|p| p.display().to_string());
         }
-        below = b.driver().backing().map(|a| a.node());
+        below = b.backing().map(|a| a.node());
     }
     let mut image = json!({
         "filename": filename, "format": node.driver_name(), "virtual-size": node.length(),

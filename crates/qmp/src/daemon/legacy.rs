@@ -90,7 +90,7 @@ pub async fn drive_backup(daemon: &Arc<Daemon>, mut m: Members) -> Reply {
     // for sync=top (a source without one makes top a full copy, as in QEMU).
     let backing = match sync.as_str() {
         "none" => Some(source.clone()),
-        "top" => source.driver().backing().map(|b| b.node()),
+        "top" => source.backing().map(|b| b.node()),
         _ => None,
     };
     if sync == "top" && backing.is_none() {

@@ -258,7 +258,7 @@ impl Daemon {
                         node = n
                             .driver()
                             .filtered_child()
-                            .or(n.driver().backing())
+                            .or(n.backing())
                             .map(|a| a.node());
                     }
                     found.ok_or_else(|| {

@@ -90,6 +90,8 @@ use crate::error::Error;
 use crate::error::ErrorKind;
 use crate::error::Result;
 use crate::node::Attachment;
+use crate::node::driver::BackingFile;
+use crate::node::driver::BitmapStore;
 use crate::node::driver::BlockDriver;
 use crate::node::driver::Extent;
 use crate::node::driver::Limits;
@@ -388,38 +390,16 @@ impl BlockDriver for Qcow2Driver {
         self.file.node().filename()
     }
 
-    fn backing(&self) -> Option<&Attachment> {
-        self.backing.get()
+    fn backing_file(&self) -> Option<&dyn BackingFile> {
+        Some(self)
     }
 
-    fn set_backing(&self, backing: Attachment) -> Result<()> {
-        self.backing
-            .set(backing)
-            .map_err(|_| Error::invalid("The overlay already has a backing image"))
+    fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
+        Some(self)
     }
 
     fn supports_compression(&self) -> bool {
         true
-    }
-
-    fn supports_persistent_bitmaps(&self) -> bool {
-        self.geo.v3 && !self.read_only
-    }
-
-    fn take_persistent_bitmaps(&self) -> Vec<crate::dirty::PersistentBitmap> {
-        std::mem::take(
-            &mut *self
-                .loaded_bitmaps
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        )
-    }
-
-    async fn store_persistent_bitmaps(
-        &self,
-        bitmaps: Vec<crate::dirty::PersistentBitmap>,
-    ) -> Result<()> {
-        self.store_bitmaps(bitmaps).await
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
@@ -659,5 +639,40 @@ impl BlockDriver for Qcow2Driver {
 
     async fn close(&self) -> Result<()> {
         self.close_image().await
+    }
+}
+
+impl BackingFile for Qcow2Driver {
+    fn backing(&self) -> Option<&Attachment> {
+        self.backing.get()
+    }
+
+    fn set_backing(&self, backing: Attachment) -> Result<()> {
+        self.backing
+            .set(backing)
+            .map_err(|_| Error::invalid("The overlay already has a backing image"))
+    }
+}
+
+#[async_trait]
+impl BitmapStore for Qcow2Driver {
+    fn writable(&self) -> bool {
+        self.geo.v3 && !self.read_only
+    }
+
+    fn take_persistent_bitmaps(&self) -> Vec<crate::dirty::PersistentBitmap> {
+        std::mem::take(
+            &mut *self
+                .loaded_bitmaps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
+    async fn store_persistent_bitmaps(
+        &self,
+        bitmaps: Vec<crate::dirty::PersistentBitmap>,
+    ) -> Result<()> {
+        self.store_bitmaps(bitmaps).await
     }
 }
