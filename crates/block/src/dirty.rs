@@ -304,11 +304,6 @@ impl DirtyBitmap {
         out
     }
 
-    /// Marks the bitmap inconsistent (a persistent bitmap that was not saved cleanly).
-    pub fn set_inconsistent(&self) {
-        self.lock().inconsistent = true;
-    }
-
     /// Freezes the bitmap for a job: it becomes busy and a successor records writes
     /// from now on. Returns the bits at this instant.
     pub fn freeze(&self) -> Result<Bitmap> {

@@ -277,13 +277,6 @@ impl NodeGraph {
         self.state().nodes.keys().cloned().collect()
     }
 
-    /// The first user of a node, if it is in use.
-    pub fn user_of(&self, name: &str) -> Option<AttachUser> {
-        let mut state = self.state();
-        let node = state.nodes.get(name)?.clone();
-        state.first_user(&node)
-    }
-
     /// Every user of a node, including the users of the filters above it (a job on
     /// the node under a backup filter shows up here).
     pub fn users_of(&self, name: &str) -> Vec<AttachUser> {

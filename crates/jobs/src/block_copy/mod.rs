@@ -441,11 +441,6 @@ impl BlockCopy {
         &self.stats
     }
 
-    /// Clusters still to copy, in bytes (not counting data in hand).
-    pub fn dirty_bytes(&self) -> u64 {
-        self.lock().dirty.count_bytes()
-    }
-
     /// Why the snapshot is broken, if a `break-snapshot` copy-before-write failed.
     pub fn snapshot_error(&self) -> Option<String> {
         self.snapshot_error
