@@ -44,14 +44,14 @@ pub struct Error {
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
-// POSIX errno values the kinds map to (Linux numbering; NBD uses the same numbers).
-const EPERM: i32 = 1;
-const ENOENT: i32 = 2;
-const EIO: i32 = 5;
-const EBUSY: i32 = 16;
-const EINVAL: i32 = 22;
-const ENOSPC: i32 = 28;
-const ENOTSUP: i32 = 95;
+// The errno values the kinds map to, from libc (NBD's error codes use the same numbers).
+use libc::EBUSY;
+use libc::EINVAL;
+use libc::EIO;
+use libc::ENOENT;
+use libc::ENOSPC;
+use libc::ENOTSUP;
+use libc::EPERM;
 
 impl Error {
     /// An error of `kind` with a message (no underlying cause).
@@ -168,13 +168,18 @@ impl fmt::Display for Error {
     }
 }
 
-/// An OS error's text without Rust's " (os error N)" suffix, as QEMU prints it.
-fn io_message(source: &(dyn std::error::Error + 'static)) -> String {
-    let text = source.to_string();
+/// An OS error's text without Rust's " (os error N)" suffix, as QEMU prints it
+/// ("No space left on device"). The one place that knows Rust's format.
+pub fn os_error_text(error: &dyn std::fmt::Display) -> String {
+    let text = error.to_string();
     match text.find(" (os error ") {
         Some(at) => text[..at].to_string(),
         None => text,
     }
+}
+
+fn io_message(source: &(dyn std::error::Error + 'static)) -> String {
+    os_error_text(source)
 }
 
 /// The cause is already part of the message (QMP and NBD clients see one string), so

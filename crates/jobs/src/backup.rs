@@ -647,9 +647,5 @@ impl JobDriver for BackupJob {
 /// QEMU reports a failed job with the bare strerror text ("Input/output error").
 fn os_text(error: &Error) -> String {
     let errno = error.errno();
-    let text = std::io::Error::from_raw_os_error(errno).to_string();
-    match text.find(" (os error ") {
-        Some(at) => text[..at].to_string(),
-        None => text,
-    }
+    block::error::os_error_text(&std::io::Error::from_raw_os_error(errno))
 }

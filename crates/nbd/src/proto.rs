@@ -148,7 +148,8 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Largest option data we read during negotiation.
 pub const MAX_OPTION_LEN: u32 = 64 << 10;
 
-/// Error values on the wire (Linux numbering).
+/// Error values on the wire, fixed by the NBD protocol (proto.md, "Error values"): they
+/// match Linux errno numbers but are protocol constants, so they are not taken from libc.
 pub mod errno {
     /// Operation not permitted (write to a read-only export).
     pub const EPERM: u32 = 1;

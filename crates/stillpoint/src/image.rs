@@ -121,8 +121,7 @@ pub fn probe(path: &Path) -> anyhow::Result<Format> {
 }
 
 pub fn os_text(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    text.split(" (os error").next().unwrap_or(&text).to_string()
+    block::error::os_error_text(e)
 }
 
 /// Node options for an image file in `format`, named `name` (generated when None).

@@ -530,15 +530,10 @@ fn create(
         }
     }
     qcow2::create_file(file, &create).map_err(|e| {
+        // qemu-img's message ends before our parenthesised detail; the block error
+        // already left out the OS error number.
         let message = e.to_string();
-        anyhow::anyhow!(
-            "{}",
-            message
-                .replace(" (os error", "")
-                .split(" (")
-                .next()
-                .unwrap_or(&message)
-        )
+        anyhow::anyhow!("{}", message.split(" (").next().unwrap_or(&message))
     })?;
     // qemu-img prints the size asked for (the image holds whole sectors of it).
     let size = create.size;

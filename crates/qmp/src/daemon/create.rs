@@ -192,8 +192,7 @@ impl JobDriver for CreateJob {
                     .and_then(|f| f.set_len(size).map(|()| f))
                     .and_then(|f| f.sync_all());
                 file.map_err(|e| {
-                    let text = e.to_string();
-                    let text = text.split(" (os error").next().unwrap_or(&text).to_string();
+                    let text = block::error::os_error_text(&e);
                     format!("Could not create '{}': {text}", filename.display())
                 })
             })
