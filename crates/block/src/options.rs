@@ -148,14 +148,15 @@ pub struct SnapshotAccessOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdOptions {
     /// `server`: where to connect.
-    pub server: NbdServerAddress,
+    pub server: SocketAddress,
     /// `export`: the export name ("" by default).
     pub export: String,
 }
 
-/// QEMU's flat `SocketAddress` for NBD servers.
+/// QEMU's flat `SocketAddress`: where an NBD server listens or a client connects. The
+/// one address type of the daemon, the CLI and the NBD client.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NbdServerAddress {
+pub enum SocketAddress {
     /// `{"type":"unix","path":...}`
     Unix(PathBuf),
     /// `{"type":"inet","host":...,"port":...}`
@@ -165,6 +166,35 @@ pub enum NbdServerAddress {
         /// Port, a string in QEMU's schema.
         port: String,
     },
+}
+
+impl SocketAddress {
+    /// The members after `type` (`unix`: `path`; `inet`: `host`, `port`, a number or a
+    /// string), as `blockdev-add`'s `server`, `nbd-server-start`'s `addr` and
+    /// `--nbd-server addr.*` spell them.
+    pub fn parse(kind: &str, data: &mut Members) -> Result<Self> {
+        if kind == "unix" {
+            return Ok(SocketAddress::Unix(PathBuf::from(
+                data.required("path", Members::string)?,
+            )));
+        }
+        let host = data.required("host", Members::string)?;
+        let port = data.required("port", |m, k, v| match v {
+            Value::Number(n) => Ok(n.to_string()),
+            other => m.string(k, other),
+        })?;
+        Ok(SocketAddress::Inet { host, port })
+    }
+}
+
+impl std::fmt::Display for SocketAddress {
+    /// `unix:PATH` or `HOST:PORT`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SocketAddress::Unix(path) => write!(f, "unix:{}", path.display()),
+            SocketAddress::Inet { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
 }
 
 /// Which requests a rule applies to.
@@ -544,16 +574,7 @@ fn parse_nbd(m: &mut Members) -> Result<NbdOptions> {
     let server = m.required("server", |m, key, value| {
         let mut a = m.object(key, value)?;
         let kind = a.required("type", |a, k, v| a.enumeration(k, v, &["unix", "inet"]))?;
-        let address = if kind == "unix" {
-            NbdServerAddress::Unix(PathBuf::from(a.required("path", Members::string)?))
-        } else {
-            let host = a.required("host", Members::string)?;
-            let port = a.required("port", |a, k, v| match v {
-                Value::Number(n) => Ok(n.to_string()),
-                other => a.string(k, other),
-            })?;
-            NbdServerAddress::Inet { host, port }
-        };
+        let address = SocketAddress::parse(&kind, &mut a)?;
         a.finish()?;
         Ok(address)
     })?;

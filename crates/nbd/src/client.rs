@@ -20,7 +20,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
@@ -42,21 +41,9 @@ use tokio::io::AsyncWrite;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 
-use crate::proto::*;
+use block::options::SocketAddress;
 
-/// Where the server listens (QEMU's SocketAddress, flat form).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ServerAddress {
-    /// `{"type":"unix","path":...}`
-    Unix(PathBuf),
-    /// `{"type":"inet","host":...,"port":"10809"}`
-    Inet {
-        /// Host name or address.
-        host: String,
-        /// Port (QEMU passes it as a string).
-        port: String,
-    },
-}
+use crate::proto::*;
 
 type Boxed<T> = Box<T>;
 type Writer = Boxed<dyn AsyncWrite + Send + Unpin>;
@@ -192,21 +179,18 @@ fn named(name: &str) -> Vec<u8> {
 
 impl NbdClient {
     /// Connects to `address` and opens `export`.
-    pub async fn connect(address: &ServerAddress, export: &str) -> Result<Arc<Self>, Error> {
-        let describe = || match address {
-            ServerAddress::Unix(path) => format!("unix:{}", path.display()),
-            ServerAddress::Inet { host, port } => format!("{host}:{port}"),
-        };
+    pub async fn connect(address: &SocketAddress, export: &str) -> Result<Arc<Self>, Error> {
+        let describe = || address.to_string();
         let failed = |e| io_err(&format!("failed to connect to {}", describe()), e);
         let (reader, writer): (Boxed<dyn AsyncRead + Send + Unpin>, Writer) = match address {
-            ServerAddress::Unix(path) => {
+            SocketAddress::Unix(path) => {
                 let (r, w) = tokio::net::UnixStream::connect(path)
                     .await
                     .map_err(failed)?
                     .into_split();
                 (Box::new(r), Box::new(w))
             }
-            ServerAddress::Inet { host, port } => {
+            SocketAddress::Inet { host, port } => {
                 let stream = tokio::net::TcpStream::connect(format!("{host}:{port}"))
                     .await
                     .map_err(failed)?;
@@ -795,14 +779,7 @@ impl block::graph::ExternalDrivers for NbdDrivers {
         let block::options::DriverOptions::Nbd(nbd) = options else {
             return Err(Error::unsupported("not an nbd node"));
         };
-        let address = match &nbd.server {
-            block::options::NbdServerAddress::Unix(path) => ServerAddress::Unix(path.clone()),
-            block::options::NbdServerAddress::Inet { host, port } => ServerAddress::Inet {
-                host: host.clone(),
-                port: port.clone(),
-            },
-        };
-        let client = NbdClient::connect(&address, &nbd.export).await?;
+        let client = NbdClient::connect(&nbd.server, &nbd.export).await?;
         Ok(Box::new(NbdDriver::new(client)))
     }
 }

@@ -17,11 +17,11 @@ use anyhow::Context;
 use anyhow::bail;
 use block::IoBuf;
 use block::WriteFlags;
+use block::options::SocketAddress;
 use jobs::JobEvent;
 use jobs::JobStatus;
 use nbd::client::NbdClient;
 use nbd::client::NbdDriver;
-use nbd::client::ServerAddress;
 use qmp::Daemon;
 use serde_json::json;
 use testkit::Rng;
@@ -105,7 +105,7 @@ pub async fn run(dir: Option<PathBuf>, size_mib: u64, seed: u64) -> anyhow::Resu
     )
     .await?;
     let guest =
-        NbdDriver::new(NbdClient::connect(&ServerAddress::Unix(socket.clone()), "disk").await?);
+        NbdDriver::new(NbdClient::connect(&SocketAddress::Unix(socket.clone()), "disk").await?);
 
     let mut events = daemon.jobs.subscribe();
     let started = Instant::now();

@@ -24,6 +24,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use anyhow::bail;
+use block::options::SocketAddress;
 use clap::Parser;
 use clap::Subcommand;
 use clap::ValueEnum;
@@ -339,8 +340,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             handshake_limit,
         } => {
             let listen = match (socket, bind) {
-                (Some(path), _) => nbd_cmd::Listen::Unix(path),
-                (None, Some(addr)) => nbd_cmd::Listen::Tcp(addr),
+                (Some(path), _) => SocketAddress::Unix(path),
+                // HOST:PORT, or HOST alone for NBD's port 10809.
+                (None, Some(addr)) => match addr.rsplit_once(':') {
+                    Some((host, port)) => SocketAddress::Inet {
+                        host: host.to_string(),
+                        port: port.to_string(),
+                    },
+                    None => SocketAddress::Inet {
+                        host: addr,
+                        port: "10809".to_string(),
+                    },
+                },
                 (None, None) => bail!("give --socket PATH or --bind HOST:PORT"),
             };
             let limits = nbd::ServerLimits {

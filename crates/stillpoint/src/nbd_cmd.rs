@@ -5,11 +5,11 @@
 //! removes its socket and exits 0.
 
 use std::path::Path;
-use std::path::PathBuf;
 
 use anyhow::Context;
 use block::AttachUser;
 use block::NodeGraph;
+use block::options::SocketAddress;
 use nbd::Export;
 use nbd::NbdServer;
 use tokio::signal::unix::SignalKind;
@@ -18,20 +18,11 @@ use tokio::signal::unix::signal;
 use crate::image::Format;
 use crate::image::resolve_format;
 
-/// Where to listen.
-#[derive(Debug)]
-pub enum Listen {
-    /// A UNIX socket path.
-    Unix(PathBuf),
-    /// `HOST:PORT` (port 10809 when only a host is given).
-    Tcp(String),
-}
-
 /// How to serve an image.
 #[derive(Debug)]
 pub struct ServeOptions {
     /// Where to listen.
-    pub listen: Listen,
+    pub listen: SocketAddress,
     /// The image format; probed when None.
     pub format: Option<Format>,
     /// The export name.
@@ -71,7 +62,7 @@ pub async fn run(image: &Path, options: ServeOptions) -> anyhow::Result<()> {
 async fn serve(
     graph: &NodeGraph,
     image: &Path,
-    listen: Listen,
+    listen: SocketAddress,
     name: String,
     writable: bool,
     limits: nbd::ServerLimits,
@@ -91,18 +82,14 @@ async fn serve(
 
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let (serving, where_) = match &listen {
-        Listen::Unix(path) => {
+        SocketAddress::Unix(path) => {
             let listener = nbd::listener::bind_unix(path, nbd::listener::NBD_SOCKET_MODE)
                 .with_context(|| format!("cannot listen on '{}'", path.display()))?;
             let task = tokio::spawn(server.clone().serve_unix(listener));
             (task, format!("unix:{}", path.display()))
         }
-        Listen::Tcp(addr) => {
-            let addr = if addr.contains(':') {
-                addr.clone()
-            } else {
-                format!("{addr}:10809")
-            };
+        SocketAddress::Inet { .. } => {
+            let addr = listen.to_string();
             let listener = tokio::net::TcpListener::bind(&addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
@@ -121,7 +108,7 @@ async fn serve(
         _ = sigterm.recv() => {}
     }
     serving.abort();
-    if let Listen::Unix(path) = &listen {
+    if let SocketAddress::Unix(path) = &listen {
         std::fs::remove_file(path).ok();
     }
     flusher.flush().await.context("failed to flush the image")?;

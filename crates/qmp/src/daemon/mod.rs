@@ -17,7 +17,6 @@ mod nbd_commands;
 pub mod snapshot;
 mod transaction;
 
-pub use nbd_commands::Listen;
 pub use nbd_commands::nbd_server_limits;
 pub use nbd_commands::parse_flat_address;
 

@@ -8,6 +8,7 @@ use crate::error::QmpError;
 use crate::error::Reply;
 use crate::wire;
 use block::AttachUser;
+use block::options::SocketAddress;
 use block::qapi::Members;
 use nbd::Export;
 use nbd::NbdServer;
@@ -16,17 +17,7 @@ use nbd::ServerLimits;
 use nbd::server::RemoveError;
 use serde_json::Value;
 use serde_json::json;
-use std::path::PathBuf;
 use std::sync::Arc;
-
-/// Where the NBD server listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Listen {
-    /// A UNIX socket.
-    Unix(PathBuf),
-    /// `host:port`.
-    Inet(String),
-}
 
 /// `max-connections` and `handshake-max-seconds` of `nbd-server-start` (and of
 /// `--nbd-server`), with QEMU's defaults: no connection limit, 10 s.
@@ -42,7 +33,7 @@ pub fn nbd_server_limits(m: &mut Members) -> Result<ServerLimits, QmpError> {
 }
 
 /// QMP's nbd-server-start takes the legacy `{"type":..,"data":{..}}` address.
-pub(super) fn parse_legacy_address(mut a: Members) -> Result<Listen, QmpError> {
+pub(super) fn parse_legacy_address(mut a: Members) -> Result<SocketAddress, QmpError> {
     let kind = a.required("type", |m, k, v| m.enumeration(k, v, &["unix", "inet"]))?;
     let mut data = a.required("data", Members::object)?;
     a.finish()?;
@@ -50,18 +41,8 @@ pub(super) fn parse_legacy_address(mut a: Members) -> Result<Listen, QmpError> {
 }
 
 /// The flat form (`--nbd-server addr.type=unix,addr.path=...`) after `type`.
-pub fn parse_flat_address(kind: &str, data: &mut Members) -> Result<Listen, QmpError> {
-    let listen = if kind == "unix" {
-        Listen::Unix(PathBuf::from(data.required("path", Members::string)?))
-    } else {
-        let host = data.required("host", Members::string)?;
-        let port = data.required("port", |m, k, v| match v {
-            Value::Number(n) => Ok(n.to_string()),
-            other => m.string(k, other),
-        })?;
-        Listen::Inet(format!("{host}:{port}"))
-    };
-    Ok(listen)
+pub fn parse_flat_address(kind: &str, data: &mut Members) -> Result<SocketAddress, QmpError> {
+    Ok(SocketAddress::parse(kind, data)?)
 }
 
 impl Daemon {
@@ -159,14 +140,14 @@ impl Daemon {
     }
 
     /// Starts the NBD server on `listen` (shared by QMP and `--nbd-server`).
-    pub async fn start_nbd(&self, listen: Listen, limits: ServerLimits) -> Reply {
+    pub async fn start_nbd(&self, listen: SocketAddress, limits: ServerLimits) -> Reply {
         let mut running = self.nbd.lock().await;
         if running.is_some() {
             return Err(QmpError::generic("NBD server already running"));
         }
         let server = NbdServer::with_limits(limits);
         let (task, socket) = match listen {
-            Listen::Unix(path) => {
+            SocketAddress::Unix(path) => {
                 let listener = nbd::listener::bind_unix(&path, nbd::listener::NBD_SOCKET_MODE)
                     .map_err(|e| {
                         QmpError::generic(format!(
@@ -179,7 +160,8 @@ impl Daemon {
                     Some(path),
                 )
             }
-            Listen::Inet(addr) => {
+            SocketAddress::Inet { .. } => {
+                let addr = listen.to_string();
                 let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
                     QmpError::generic(format!("Failed to bind socket to {addr}: {e}"))
                 })?;
