@@ -2,6 +2,9 @@
 //!
 //! Everything here is seeded, so a failing test or a benchmark run reproduces exactly
 //! from its seed. No dependencies; besides the tests, `stillpoint demo` uses it.
+//! [`tools`] runs the external programs the tests take as oracles.
+
+pub mod tools;
 
 /// splitmix64: a tiny, fast, seeded generator (not for cryptography).
 #[derive(Debug, Clone)]

@@ -1,6 +1,6 @@
 //! Helpers shared by the CLI tests: running the binary and qemu-img, and seeded images.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)] // each test file uses a different part
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -25,30 +25,9 @@ pub fn qemu_img(args: &[&str]) -> Output {
         .expect("qemu-img is required for these tests (apt-get install qemu-utils)")
 }
 
-/// A path as the &str command lines want.
-pub fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Runs any program (qemu-img, qemu-io, nbdinfo...), which the tests require.
-pub fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is required for these tests: {e}"))
-}
-
-/// Runs a program that must succeed; returns its stdout.
-pub fn ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-    stdout(&out)
-}
+pub use testkit::tools::ok;
+pub use testkit::tools::path_str as s;
+pub use testkit::tools::run;
 
 /// Runs stillpoint, which must succeed; returns its stdout.
 pub fn ours(args: &[&str]) -> String {
