@@ -1,6 +1,18 @@
 //! Stillpoint's live backup engine: jobs, the block-copy engine, the copy-before-write
 //! filter and the backup job.
 //!
+//! # Files
+//!
+//! * [`job`]: the generic job (QEMU's state machine, verbs, events, the registry, grouped
+//!   completion); [`ratelimit`]: the speed limit.
+//! * [`block_copy`]: the engine that copies each cluster exactly once (state in
+//!   `mod.rs`, the copy-before-write path and staging area in `staging`, the background
+//!   pass in `worker`, snapshot reads in `snapshot_reads`).
+//! * [`copy_before_write`]: the filter that calls the engine before every guest write,
+//!   for backups and standalone (fleecing); [`cluster_size`]: the copy granularity both
+//!   use.
+//! * [`backup`]: the backup job (sync modes, bitmaps, completion), built from the above.
+//!
 //! # The invariant
 //!
 //! Every byte of the target equals the source as it was at the instant the job
