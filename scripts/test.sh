@@ -13,6 +13,9 @@ else
   cargo test --workspace --no-fail-fast
 fi
 
+# No import cycle between the top-level modules of any crate (the layering rule).
+python3 scripts/module_cycles.py
+
 # QMP compatibility: the same scenarios against qemu-storage-daemon and stillpoint
 # daemon through QEMU's own client library (uses the debug binary built above).
 cargo build -q -p stillpoint
