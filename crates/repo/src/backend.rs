@@ -1,0 +1,214 @@
+//! Where repository objects live: a write-once key-value store.
+//!
+//! Everything above this trait only creates whole objects that never change, reads
+//! them (whole or a byte range), lists them by prefix and deletes them, so an object
+//! store (S3) is only another implementation. Keys are `/`-separated ASCII paths
+//! (`packs/ab/ab12...`).
+
+use std::fs;
+use std::fs::File;
+use std::io::Read;
+use std::io::Seek;
+use std::io::SeekFrom;
+use std::io::Write;
+use std::ops::Range;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+
+use crate::error::Error;
+use crate::error::Result;
+
+/// A write-once object store.
+pub trait Backend: Send + Sync {
+    /// Stores `data` under `key` unless an object of that name exists; returns whether
+    /// it wrote. When it returns, the object is durable.
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> Result<bool>;
+
+    /// The object's bytes, or those in `range` of it.
+    fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Vec<u8>>;
+
+    /// Keys under `prefix` (which ends in `/`), in no particular order.
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+
+    /// Removes the object; a missing one is not an error.
+    fn delete(&self, key: &str) -> Result<()>;
+}
+
+/// A repository in a local directory. Each object is a file, written under a temporary
+/// name in `tmp/`, synced, then linked into place (a link fails if the name exists, so
+/// two writers of one object cannot clobber each other), and the directory is synced.
+#[derive(Debug)]
+pub struct LocalDir {
+    root: PathBuf,
+    counter: AtomicU64,
+}
+
+impl LocalDir {
+    /// The repository at `root` (which must exist).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        let valid = !key.is_empty()
+            && key.split('/').all(|part| {
+                !part.is_empty()
+                    && part != "."
+                    && part != ".."
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            });
+        if !valid {
+            return Err(Error::Invalid(format!("bad object key '{key}'")));
+        }
+        Ok(self.root.join(key))
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Backend for LocalDir {
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> Result<bool> {
+        let path = self.path(key)?;
+        if path.exists() {
+            return Ok(false);
+        }
+        let what = || format!("writing {key}");
+        let tmp_dir = self.root.join("tmp");
+        fs::create_dir_all(&tmp_dir).map_err(|e| Error::io(what(), e))?;
+        let tmp = tmp_dir.join(format!(
+            "{}-{}",
+            std::process::id(),
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = (|| {
+            let mut file = File::create(&tmp)?;
+            file.write_all(data)?;
+            file.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io(what(), e));
+        }
+        let dir = path.parent().expect("keys have a parent");
+        let linked = fs::create_dir_all(dir).and_then(|()| fs::hard_link(&tmp, &path));
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                sync_dir(dir).map_err(|e| Error::io(what(), e))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(Error::io(what(), e)),
+        }
+    }
+
+    fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Vec<u8>> {
+        let path = self.path(key)?;
+        let what = || format!("reading {key}");
+        let mut file = File::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound(format!("{key} is missing")),
+            _ => Error::io(what(), e),
+        })?;
+        match range {
+            None => {
+                let mut out = Vec::new();
+                file.read_to_end(&mut out)
+                    .map_err(|e| Error::io(what(), e))?;
+                Ok(out)
+            }
+            Some(range) => {
+                let len = range.end.saturating_sub(range.start) as usize;
+                let mut out = vec![0; len];
+                file.seek(SeekFrom::Start(range.start))
+                    .and_then(|_| file.read_exact(&mut out))
+                    .map_err(|e| match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof => Error::damaged(
+                            key,
+                            format!(
+                                "shorter than the {}..{} it should hold",
+                                range.start, range.end
+                            ),
+                        ),
+                        _ => Error::io(what(), e),
+                    })?;
+                Ok(out)
+            }
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let base = self.path(prefix.trim_end_matches('/'))?;
+        let mut out = Vec::new();
+        let mut stack = vec![(base, prefix.trim_end_matches('/').to_string())];
+        while let Some((dir, key)) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(format!("listing {key}"), e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::io(format!("listing {key}"), e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let child = format!("{key}/{name}");
+                let kind = entry
+                    .file_type()
+                    .map_err(|e| Error::io(format!("listing {key}"), e))?;
+                if kind.is_dir() {
+                    stack.push((entry.path(), child));
+                } else {
+                    out.push(child);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        match fs::remove_file(self.path(key)?) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("deleting {key}"), e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_are_written_once_read_by_range_listed_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalDir::new(dir.path());
+        assert!(b.put_if_absent("packs/ab/abc", b"hello world").unwrap());
+        assert!(!b.put_if_absent("packs/ab/abc", b"other").unwrap());
+        assert_eq!(b.get("packs/ab/abc", None).unwrap(), b"hello world");
+        assert_eq!(b.get("packs/ab/abc", Some(6..11)).unwrap(), b"world");
+        assert!(matches!(
+            b.get("packs/ab/abc", Some(6..20)),
+            Err(Error::Damaged { .. })
+        ));
+        assert!(matches!(b.get("packs/xx", None), Err(Error::NotFound(_))));
+        assert_eq!(b.list("packs/").unwrap(), vec!["packs/ab/abc".to_string()]);
+        assert!(b.list("snapshots/").unwrap().is_empty());
+        b.delete("packs/ab/abc").unwrap();
+        b.delete("packs/ab/abc").unwrap();
+        assert!(b.list("packs/").unwrap().is_empty());
+        assert!(b.put_if_absent("../escape", b"x").is_err());
+        assert!(
+            std::fs::read_dir(dir.path().join("tmp"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+    }
+}

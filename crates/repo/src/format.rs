@@ -1,0 +1,334 @@
+//! The bytes of repository objects (format version 1): chunk ids, blobs, packs with
+//! their own index, and snapshot manifests. Every parser checks lengths and digests
+//! before it trusts a field, so a damaged or hostile file is an error, never a panic
+//! and never wrong data.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::error::Error;
+use crate::error::Result;
+
+/// The repository format this code writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+const PACK_MAGIC: &[u8; 4] = b"SPPK";
+const INDEX_MAGIC: &[u8; 4] = b"SPIX";
+const MANIFEST_MAGIC: &[u8; 4] = b"SPSN";
+const INDEX_ENTRY: usize = 32 + 8 + 4 + 4 + 1;
+
+/// A chunk's id: the BLAKE3 digest of its plaintext. The all-zero id stands for an
+/// all-zero chunk, which is never stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    /// The id of an all-zero chunk (a hole on restore).
+    pub const ZERO: ChunkId = ChunkId([0; 32]);
+
+    /// The id of `data`, or [`ChunkId::ZERO`] when every byte is zero.
+    pub fn of(data: &[u8]) -> ChunkId {
+        if is_zero(data) {
+            ChunkId::ZERO
+        } else {
+            ChunkId(*blake3::hash(data).as_bytes())
+        }
+    }
+
+    /// Lower-case hex.
+    pub fn hex(&self) -> String {
+        hex(&self.0)
+    }
+}
+
+/// Whether every byte is zero.
+pub fn is_zero(data: &[u8]) -> bool {
+    let words = data.chunks_exact(8);
+    let tail = words.remainder();
+    tail.iter().all(|&b| b == 0)
+        && words
+            .into_iter()
+            .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How a blob is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Stored as it is.
+    None,
+    /// A zstd frame.
+    Zstd,
+}
+
+/// Where a chunk is: its pack, and its stored bytes in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobRef {
+    /// Offset of the stored bytes in the pack.
+    pub offset: u64,
+    /// Stored length.
+    pub stored_len: u32,
+    /// Plaintext length.
+    pub raw_len: u32,
+    /// How the bytes are stored.
+    pub codec: Compression,
+}
+
+/// Compresses `data` when that shrinks it.
+pub fn encode_blob(data: &[u8], compression: Compression) -> (Vec<u8>, Compression) {
+    if compression == Compression::Zstd
+        && let Ok(packed) = zstd::bulk::compress(data, 1)
+        && packed.len() < data.len()
+    {
+        return (packed, Compression::Zstd);
+    }
+    (data.to_vec(), Compression::None)
+}
+
+/// The plaintext of a stored blob, checked against the id it is filed under.
+pub fn decode_blob(key: &str, id: &ChunkId, blob: &BlobRef, stored: &[u8]) -> Result<Vec<u8>> {
+    let data = match blob.codec {
+        Compression::None => stored.to_vec(),
+        Compression::Zstd => {
+            zstd::bulk::decompress(stored, blob.raw_len as usize).map_err(|e| {
+                Error::damaged(key, format!("chunk {} does not decompress: {e}", id.hex()))
+            })?
+        }
+    };
+    if data.len() != blob.raw_len as usize || ChunkId::of(&data) != *id {
+        return Err(Error::damaged(
+            key,
+            format!("chunk {} does not match its id", id.hex()),
+        ));
+    }
+    Ok(data)
+}
+
+/// Builds one pack: blobs appended, then the index of what it holds.
+#[derive(Debug, Default)]
+pub struct PackBuilder {
+    bytes: Vec<u8>,
+    entries: Vec<(ChunkId, BlobRef)>,
+}
+
+impl PackBuilder {
+    /// An empty pack.
+    pub fn new() -> Self {
+        let mut bytes = Vec::with_capacity(1 << 20);
+        bytes.extend_from_slice(PACK_MAGIC);
+        bytes.push(FORMAT_VERSION as u8);
+        Self {
+            bytes,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Appends a chunk's stored bytes.
+    pub fn add(&mut self, id: ChunkId, stored: &[u8], raw_len: u32, codec: Compression) {
+        let blob = BlobRef {
+            offset: self.bytes.len() as u64,
+            stored_len: stored.len() as u32,
+            raw_len,
+            codec,
+        };
+        self.bytes.extend_from_slice(stored);
+        self.entries.push((id, blob));
+    }
+
+    /// Bytes so far.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether no chunk was added.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The finished pack, with its id and index object.
+    pub fn finish(mut self) -> FinishedPack {
+        let index = encode_index(&self.entries);
+        self.bytes.extend_from_slice(&index);
+        FinishedPack {
+            id: hex(blake3::hash(&self.bytes).as_bytes()),
+            bytes: self.bytes,
+            index,
+            entries: self.entries,
+        }
+    }
+}
+
+/// A pack ready to store.
+#[derive(Debug)]
+pub struct FinishedPack {
+    /// The BLAKE3 digest of the pack, in hex.
+    pub id: String,
+    /// The pack.
+    pub bytes: Vec<u8>,
+    /// Its index object: the same index bytes the pack ends with, so a lost index
+    /// object can be rebuilt from the pack.
+    pub index: Vec<u8>,
+    /// What it holds.
+    pub entries: Vec<(ChunkId, BlobRef)>,
+}
+
+fn encode_index(entries: &[(ChunkId, BlobRef)]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(4 + entries.len() * INDEX_ENTRY);
+    body.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (id, b) in entries {
+        body.extend_from_slice(&id.0);
+        body.extend_from_slice(&b.offset.to_le_bytes());
+        body.extend_from_slice(&b.stored_len.to_le_bytes());
+        body.extend_from_slice(&b.raw_len.to_le_bytes());
+        body.push(match b.codec {
+            Compression::None => 0,
+            Compression::Zstd => 1,
+        });
+    }
+    let digest = blake3::hash(&body);
+    let mut out = body;
+    let len = out.len() as u32;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(digest.as_bytes());
+    out.extend_from_slice(INDEX_MAGIC);
+    out
+}
+
+/// Parses an index (an index object, or the tail of a pack of `pack_len` bytes, whose
+/// blobs it must lie within).
+pub fn decode_index(
+    key: &str,
+    bytes: &[u8],
+    pack_len: Option<u64>,
+) -> Result<Vec<(ChunkId, BlobRef)>> {
+    let bad = |why: &str| Error::damaged(key, why.to_string());
+    if bytes.len() < 40 || &bytes[bytes.len() - 4..] != INDEX_MAGIC {
+        return Err(bad("no index trailer"));
+    }
+    let tail = bytes.len() - 40;
+    let body_len = u32::from_le_bytes(bytes[tail..tail + 4].try_into().unwrap()) as usize;
+    if body_len > tail {
+        return Err(bad("index length past the start of the file"));
+    }
+    let body = &bytes[tail - body_len..tail];
+    if blake3::hash(body).as_bytes() != &bytes[tail + 4..tail + 36] {
+        return Err(bad("index checksum mismatch"));
+    }
+    if body.len() < 4 {
+        return Err(bad("index too short"));
+    }
+    let count = u32::from_le_bytes(body[..4].try_into().unwrap()) as usize;
+    if body.len() != 4 + count * INDEX_ENTRY {
+        return Err(bad("index entry count does not match its length"));
+    }
+    let blobs_end = pack_len.map(|len| len - (bytes.len() - (tail - body_len)) as u64);
+    let mut out = Vec::with_capacity(count);
+    for e in body[4..].chunks_exact(INDEX_ENTRY) {
+        let id = ChunkId(e[..32].try_into().unwrap());
+        let blob = BlobRef {
+            offset: u64::from_le_bytes(e[32..40].try_into().unwrap()),
+            stored_len: u32::from_le_bytes(e[40..44].try_into().unwrap()),
+            raw_len: u32::from_le_bytes(e[44..48].try_into().unwrap()),
+            codec: match e[48] {
+                0 => Compression::None,
+                1 => Compression::Zstd,
+                _ => return Err(bad("unknown compression")),
+            },
+        };
+        let end = blob.offset.checked_add(u64::from(blob.stored_len));
+        if blob.offset < 5 || end.is_none() || blobs_end.is_some_and(|limit| end.unwrap() > limit) {
+            return Err(bad("blob outside the pack"));
+        }
+        out.push((id, blob));
+    }
+    Ok(out)
+}
+
+/// A snapshot's header: everything but its chunk list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// The snapshot's id (derived from its contents; set on read).
+    #[serde(skip)]
+    pub id: String,
+    /// The disk it is a snapshot of.
+    pub disk: String,
+    /// When the backup started, nanoseconds since the epoch (UTC): snapshots of one
+    /// disk in the same second still sort in the order they were taken.
+    pub time_ns: u64,
+    /// The disk's size in bytes.
+    pub size: u64,
+    /// Chunk size in bytes.
+    pub chunk_size: u64,
+    /// The snapshot it was based on, if any.
+    pub parent: Option<String>,
+    /// Bytes this snapshot added to the repository (compressed), when it was taken.
+    pub stored: u64,
+    /// The program that wrote it.
+    pub tool: String,
+}
+
+/// A snapshot manifest: magic, header length, the JSON header, then one 32-byte id per
+/// chunk of the disk (the zero id for an all-zero chunk), then the BLAKE3 digest of all
+/// of the above. The snapshot's id is the first 16 hex digits of that digest.
+pub fn encode_manifest(info: &SnapshotInfo, chunks: &[ChunkId]) -> (String, Vec<u8>) {
+    let header = serde_json::to_vec(info).expect("a header serializes");
+    let mut out = Vec::with_capacity(12 + header.len() + chunks.len() * 32 + 32);
+    out.extend_from_slice(MANIFEST_MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
+    for c in chunks {
+        out.extend_from_slice(&c.0);
+    }
+    let digest = blake3::hash(&out);
+    out.extend_from_slice(digest.as_bytes());
+    (hex(&digest.as_bytes()[..8]), out)
+}
+
+/// Parses a manifest filed under `id`.
+pub fn decode_manifest(key: &str, id: &str, bytes: &[u8]) -> Result<(SnapshotInfo, Vec<ChunkId>)> {
+    let bad = |why: String| Error::damaged(key, why);
+    if bytes.len() < 12 + 32 || &bytes[..4] != MANIFEST_MAGIC {
+        return Err(bad("not a snapshot manifest".into()));
+    }
+    let (body, digest) = bytes.split_at(bytes.len() - 32);
+    let actual = blake3::hash(body);
+    if actual.as_bytes() != digest || hex(&actual.as_bytes()[..8]) != id {
+        return Err(bad("checksum mismatch".into()));
+    }
+    let version = u32::from_le_bytes(body[4..8].try_into().unwrap());
+    if version != FORMAT_VERSION {
+        return Err(bad(format!(
+            "format version {version}, this stillpoint reads {FORMAT_VERSION}"
+        )));
+    }
+    let header_len = u32::from_le_bytes(body[8..12].try_into().unwrap()) as usize;
+    let header = body
+        .get(12..12 + header_len)
+        .ok_or_else(|| bad("header past the end".into()))?;
+    let mut info: SnapshotInfo =
+        serde_json::from_slice(header).map_err(|e| bad(format!("bad header: {e}")))?;
+    info.id = id.to_string();
+    let table = &body[12 + header_len..];
+    if !table.len().is_multiple_of(32)
+        || info.chunk_size == 0
+        || (table.len() / 32) as u64 != info.size.div_ceil(info.chunk_size)
+    {
+        return Err(bad("chunk list does not match the disk size".into()));
+    }
+    let chunks = table
+        .chunks_exact(32)
+        .map(|c| ChunkId(c.try_into().unwrap()))
+        .collect();
+    Ok((info, chunks))
+}
+
+/// The chunk -> location map built from index objects.
+pub type ChunkIndex = HashMap<ChunkId, (String, BlobRef)>;

@@ -1,0 +1,49 @@
+//! Stillpoint's backup repository: deduplicated, compressed snapshots of disks.
+//!
+//! **Status: the first slice.** Local directories, unencrypted repositories, full
+//! snapshots written from a whole disk, restore, listing and verify. Not yet: encryption,
+//! prune, GC and writer leases, stats, NBD access, incrementals from a bitmap, S3, a
+//! thread pool for hashing and compression, and a dedup index with bounded memory (the
+//! whole index is loaded today: about 100 bytes of memory per stored chunk).
+//!
+//! # Format, version 1
+//!
+//! A repository is a set of write-once objects ([`backend::Backend`]):
+//!
+//! * `config`: JSON: format `version`, `chunk_size` (a power of two, 64 KiB to 4 MiB,
+//!   chosen at init), `compression` (`zstd` or `none`), a random `id`.
+//! * A disk is cut into chunks of `chunk_size` bytes at fixed offsets (the last may be
+//!   short). A chunk's id is the BLAKE3 digest of its bytes; an all-zero chunk has the
+//!   all-zero id and is never stored (restore leaves a hole).
+//! * `packs/XX/ID`: immutable packs of about 32 MiB: `SPPK`, version byte, the stored
+//!   chunks back to back (zstd frames, or plain where zstd does not shrink them), then
+//!   the pack's index. ID is the BLAKE3 digest of the whole pack.
+//! * `index/ID`: a copy of pack ID's index, so opening a repository reads indexes, not
+//!   packs; a lost index object can be rebuilt from the pack's tail. An index is a count,
+//!   then per chunk its id, offset, stored length, plain length and codec (49 bytes),
+//!   then the body's length, its BLAKE3 digest and `SPIX`.
+//! * `snapshots/ID`: a manifest: `SPSN`, version, a JSON header (disk, time, size,
+//!   chunk size, parent, bytes stored, tool version; the time in nanoseconds), one 32-byte chunk id per chunk of
+//!   the disk, and the BLAKE3 digest of all that; ID is the first 16 hex digits of the
+//!   digest. Every snapshot is full: restore and verify never walk a chain.
+//!
+//! Commit order: a pack, then its index object, and after the last pack the manifest,
+//! so a snapshot is visible only when everything it names is durable; a crash leaves at
+//! most packs no snapshot names. Every object is written to a temporary name, synced,
+//! and linked into place (the local backend), never renamed over or appended to, so an
+//! object store can hold the same repository. Every read is checked: index digests,
+//! manifest digests, and each chunk's id after decompression. Damage is reported
+//! ([`error::Error::Damaged`]), never restored silently.
+
+pub mod backend;
+pub mod error;
+pub mod format;
+pub mod repository;
+
+pub use backend::Backend;
+pub use backend::LocalDir;
+pub use error::Error;
+pub use error::Result;
+pub use format::ChunkId;
+pub use format::Compression;
+pub use repository::Repository;

@@ -1,0 +1,419 @@
+//! A repository: its configuration, writing snapshots (dedup against what is stored,
+//! chunks packed), reading them back, listing and verifying them.
+
+use std::collections::HashMap;
+use std::collections::HashSet;
+use std::time::SystemTime;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::backend::Backend;
+use crate::error::Error;
+use crate::error::Result;
+use crate::format;
+use crate::format::ChunkId;
+use crate::format::ChunkIndex;
+use crate::format::Compression;
+use crate::format::PackBuilder;
+use crate::format::SnapshotInfo;
+
+/// Smallest and largest chunk sizes a repository may use.
+pub const CHUNK_SIZES: std::ops::RangeInclusive<u64> = (64 << 10)..=(4 << 20);
+
+/// The chunk size `repo init` chooses when none is given.
+pub const DEFAULT_CHUNK_SIZE: u64 = 256 << 10;
+
+/// A pack is written once it holds this much.
+pub const PACK_TARGET_BYTES: usize = 32 << 20;
+
+/// The repository's `config` object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// Format version ([`format::FORMAT_VERSION`]).
+    pub version: u32,
+    /// Chunk size in bytes, one for the whole repository.
+    pub chunk_size: u64,
+    /// How chunks are compressed.
+    pub compression: Compression,
+    /// Random id, told apart from other repositories.
+    pub id: String,
+}
+
+/// An open repository.
+pub struct Repository {
+    backend: Box<dyn Backend>,
+    config: Config,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn pack_key(id: &str) -> String {
+    format!("packs/{}/{id}", &id[..2])
+}
+
+impl Repository {
+    /// Creates a repository in `backend`, refusing one that already holds a repository.
+    pub fn init(
+        backend: Box<dyn Backend>,
+        chunk_size: u64,
+        compression: Compression,
+    ) -> Result<Self> {
+        if !chunk_size.is_power_of_two() || !CHUNK_SIZES.contains(&chunk_size) {
+            return Err(Error::Invalid(format!(
+                "chunk size {chunk_size} must be a power of two from 64K to 4M"
+            )));
+        }
+        let seed = format!(
+            "{:?}-{}-{}",
+            SystemTime::now(),
+            std::process::id(),
+            chunk_size
+        );
+        let config = Config {
+            version: format::FORMAT_VERSION,
+            chunk_size,
+            compression,
+            id: format::hex(&blake3::hash(seed.as_bytes()).as_bytes()[..16]),
+        };
+        let bytes = serde_json::to_vec_pretty(&config).expect("config serializes");
+        if !backend.put_if_absent("config", &bytes)? {
+            return Err(Error::Invalid("a repository exists there already".into()));
+        }
+        Ok(Self { backend, config })
+    }
+
+    /// Opens the repository in `backend`.
+    pub fn open(backend: Box<dyn Backend>) -> Result<Self> {
+        let bytes = backend.get("config", None).map_err(|e| match e {
+            Error::NotFound(_) => Error::NotFound("no repository there (no config)".into()),
+            other => other,
+        })?;
+        let config: Config =
+            serde_json::from_slice(&bytes).map_err(|e| Error::damaged("config", e.to_string()))?;
+        if config.version != format::FORMAT_VERSION {
+            return Err(Error::Invalid(format!(
+                "repository format {} (this stillpoint reads {})",
+                config.version,
+                format::FORMAT_VERSION
+            )));
+        }
+        if !config.chunk_size.is_power_of_two() || !CHUNK_SIZES.contains(&config.chunk_size) {
+            return Err(Error::damaged("config", "bad chunk size"));
+        }
+        Ok(Self { backend, config })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Where every stored chunk is, from the index objects.
+    pub fn load_index(&self) -> Result<ChunkIndex> {
+        let mut index = ChunkIndex::new();
+        for key in self.backend.list("index/")? {
+            let pack = key.trim_start_matches("index/").to_string();
+            let bytes = self.backend.get(&key, None)?;
+            for (id, blob) in format::decode_index(&key, &bytes, None)? {
+                index.insert(id, (pack.clone(), blob));
+            }
+        }
+        Ok(index)
+    }
+
+    /// A snapshot's header and chunk list.
+    pub fn read_snapshot(&self, id: &str) -> Result<(SnapshotInfo, Vec<ChunkId>)> {
+        let key = format!("snapshots/{id}");
+        let bytes = self.backend.get(&key, None).map_err(|e| match e {
+            Error::NotFound(_) => Error::NotFound(format!("no snapshot {id}")),
+            other => other,
+        })?;
+        format::decode_manifest(&key, id, &bytes)
+    }
+
+    /// Every snapshot, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let mut out = Vec::new();
+        for key in self.backend.list("snapshots/")? {
+            let id = key.trim_start_matches("snapshots/");
+            out.push(self.read_snapshot(id)?.0);
+        }
+        out.sort_by(|a, b| (a.time_ns, &a.id).cmp(&(b.time_ns, &b.id)));
+        Ok(out)
+    }
+
+    /// The snapshot `spec` names: an id, or a disk name for that disk's latest.
+    pub fn find_snapshot(&self, spec: &str) -> Result<SnapshotInfo> {
+        let all = self.snapshots()?;
+        if let Some(s) = all.iter().find(|s| s.id == spec) {
+            return Ok(s.clone());
+        }
+        all.into_iter().rfind(|s| s.disk == spec).ok_or_else(|| {
+            Error::NotFound(format!("no snapshot '{spec}' (neither an id nor a disk)"))
+        })
+    }
+
+    /// One chunk's plaintext, checked against its id.
+    pub fn read_chunk(&self, index: &ChunkIndex, id: &ChunkId) -> Result<Vec<u8>> {
+        let (pack, blob) = index
+            .get(id)
+            .ok_or_else(|| Error::NotFound(format!("chunk {} is in no pack", id.hex())))?;
+        let key = pack_key(pack);
+        let start = blob.offset;
+        let stored = self
+            .backend
+            .get(&key, Some(start..start + u64::from(blob.stored_len)))?;
+        format::decode_blob(&key, id, blob, &stored)
+    }
+
+    /// Starts a snapshot of `disk`, `size` bytes long; chunks are added in order.
+    pub fn writer(
+        &self,
+        disk: &str,
+        size: u64,
+        parent: Option<String>,
+    ) -> Result<SnapshotWriter<'_>> {
+        if disk.is_empty() || disk.contains('/') {
+            return Err(Error::Invalid(format!("bad disk name '{disk}'")));
+        }
+        Ok(SnapshotWriter {
+            repo: self,
+            index: self.load_index()?,
+            in_pack: HashSet::new(),
+            pack: PackBuilder::new(),
+            chunks: Vec::with_capacity(size.div_ceil(self.config.chunk_size) as usize),
+            info: SnapshotInfo {
+                id: String::new(),
+                disk: disk.to_string(),
+                time_ns: now_ns(),
+                size,
+                chunk_size: self.config.chunk_size,
+                parent,
+                stored: 0,
+                tool: format!("stillpoint {}", env!("CARGO_PKG_VERSION")),
+            },
+            stats: WriteStats::default(),
+        })
+    }
+
+    /// Checks snapshots (all when `ids` is empty): each manifest's digest, and every
+    /// pack holding one of their chunks read whole: its own index must match the index
+    /// object, and each chunk must decompress to bytes with its id. Returns, per
+    /// snapshot, the problems found (none for a sound one).
+    pub fn verify(&self, ids: &[String]) -> Result<Vec<(String, Vec<String>)>> {
+        let index = self.load_index()?;
+        let ids: Vec<String> = if ids.is_empty() {
+            let mut all: Vec<String> = self
+                .backend
+                .list("snapshots/")?
+                .into_iter()
+                .map(|k| k.trim_start_matches("snapshots/").to_string())
+                .collect();
+            all.sort();
+            all
+        } else {
+            ids.to_vec()
+        };
+        let mut manifests = Vec::new();
+        let mut wanted: HashMap<String, HashSet<ChunkId>> = HashMap::new();
+        let mut chunk_problem: HashMap<ChunkId, String> = HashMap::new();
+        for id in &ids {
+            let read = self.read_snapshot(id);
+            if let Ok((_, chunks)) = &read {
+                for c in chunks.iter().filter(|c| **c != ChunkId::ZERO) {
+                    match index.get(c) {
+                        Some((pack, _)) => {
+                            wanted.entry(pack.clone()).or_default().insert(*c);
+                        }
+                        None => {
+                            chunk_problem.insert(*c, format!("chunk {} is in no pack", c.hex()));
+                        }
+                    }
+                }
+            }
+            manifests.push(read);
+        }
+        for (pack, chunks) in &wanted {
+            let key = pack_key(pack);
+            let checked = self.backend.get(&key, None).and_then(|bytes| {
+                let own = format::decode_index(&key, &bytes, Some(bytes.len() as u64))?;
+                let filed = format::decode_index(
+                    &format!("index/{pack}"),
+                    &self.backend.get(&format!("index/{pack}"), None)?,
+                    None,
+                )?;
+                if own != filed || format::hex(blake3::hash(&bytes).as_bytes()) != *pack {
+                    return Err(Error::damaged(
+                        &key,
+                        "the pack does not match its id or index",
+                    ));
+                }
+                Ok(bytes)
+            });
+            match checked {
+                Err(e) => {
+                    for c in chunks {
+                        chunk_problem.insert(*c, e.to_string());
+                    }
+                }
+                Ok(bytes) => {
+                    for c in chunks {
+                        let (_, blob) = &index[c];
+                        let start = blob.offset as usize;
+                        let stored = &bytes[start..start + blob.stored_len as usize];
+                        if let Err(e) = format::decode_blob(&key, c, blob, stored) {
+                            chunk_problem.insert(*c, e.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (id, read) in ids.into_iter().zip(manifests) {
+            let mut problems = Vec::new();
+            match read {
+                Err(e) => problems.push(e.to_string()),
+                Ok((_, chunks)) => {
+                    for c in &chunks {
+                        if let Some(p) = chunk_problem.get(c)
+                            && !problems.contains(p)
+                        {
+                            problems.push(p.clone());
+                        }
+                    }
+                }
+            }
+            out.push((id, problems));
+        }
+        Ok(out)
+    }
+}
+
+/// What a snapshot writer did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Chunks given.
+    pub chunks: u64,
+    /// All-zero chunks (not stored).
+    pub zero_chunks: u64,
+    /// Chunks the repository had already.
+    pub deduplicated: u64,
+    /// New chunks stored.
+    pub new_chunks: u64,
+    /// Bytes of new chunks before compression.
+    pub new_bytes: u64,
+    /// Bytes written to packs (compressed).
+    pub stored_bytes: u64,
+}
+
+/// Writes one snapshot: chunks in disk order, then [`SnapshotWriter::commit`]. Until
+/// the commit nothing is visible; a writer dropped or failed leaves at most packs no
+/// snapshot names.
+pub struct SnapshotWriter<'r> {
+    repo: &'r Repository,
+    index: ChunkIndex,
+    in_pack: HashSet<ChunkId>,
+    pack: PackBuilder,
+    chunks: Vec<ChunkId>,
+    info: SnapshotInfo,
+    stats: WriteStats,
+}
+
+impl SnapshotWriter<'_> {
+    /// Adds the next chunk (the last may be short).
+    pub fn add_chunk(&mut self, data: &[u8]) -> Result<()> {
+        let expected = (self.info.size - self.chunks.len() as u64 * self.info.chunk_size)
+            .min(self.info.chunk_size);
+        if data.len() as u64 != expected {
+            return Err(Error::Invalid(format!(
+                "chunk {} has {} bytes, the disk needs {expected}",
+                self.chunks.len(),
+                data.len()
+            )));
+        }
+        let id = ChunkId::of(data);
+        self.stats.chunks += 1;
+        self.chunks.push(id);
+        if id == ChunkId::ZERO {
+            self.stats.zero_chunks += 1;
+            return Ok(());
+        }
+        if self.index.contains_key(&id) || self.in_pack.contains(&id) {
+            self.stats.deduplicated += 1;
+            return Ok(());
+        }
+        let (stored, codec) = format::encode_blob(data, self.repo.config.compression);
+        self.pack.add(id, &stored, data.len() as u32, codec);
+        self.in_pack.insert(id);
+        self.stats.new_chunks += 1;
+        self.stats.new_bytes += data.len() as u64;
+        self.stats.stored_bytes += stored.len() as u64;
+        if self.pack.len() >= PACK_TARGET_BYTES {
+            self.flush_pack()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the pack being filled, then its index object.
+    fn flush_pack(&mut self) -> Result<()> {
+        if self.pack.is_empty() {
+            return Ok(());
+        }
+        let pack = std::mem::take(&mut self.pack);
+        let format::FinishedPack {
+            id,
+            bytes,
+            index,
+            entries,
+        } = pack.finish();
+        self.repo.backend.put_if_absent(&pack_key(&id), &bytes)?;
+        self.repo
+            .backend
+            .put_if_absent(&format!("index/{id}"), &index)?;
+        for (chunk, blob) in entries {
+            self.in_pack.remove(&chunk);
+            self.index.insert(chunk, (id.clone(), blob));
+        }
+        self.pack = PackBuilder::new();
+        Ok(())
+    }
+
+    /// What was done so far.
+    pub fn stats(&self) -> WriteStats {
+        self.stats
+    }
+
+    /// Makes the snapshot durable and visible: the last pack and its index first, then
+    /// the manifest. Returns the snapshot's header (with its id).
+    pub fn commit(mut self) -> Result<(SnapshotInfo, WriteStats)> {
+        let expected = self.info.size.div_ceil(self.info.chunk_size);
+        if self.chunks.len() as u64 != expected {
+            return Err(Error::Invalid(format!(
+                "the snapshot has {} chunks, the disk {expected}",
+                self.chunks.len()
+            )));
+        }
+        self.flush_pack()?;
+        self.info.stored = self.stats.stored_bytes;
+        let (id, bytes) = format::encode_manifest(&self.info, &self.chunks);
+        self.repo
+            .backend
+            .put_if_absent(&format!("snapshots/{id}"), &bytes)?;
+        self.info.id = id;
+        Ok((self.info, self.stats))
+    }
+}
