@@ -170,7 +170,7 @@ fn a_flipped_byte_in_any_pack_index_or_manifest_is_detected() {
             bad[at] ^= 1 << rng.below(8);
             std::fs::write(&file, &bad).unwrap();
             let repo = open(dir.path());
-            let found = match repo.verify(&[snap.id.clone()]) {
+            let found = match repo.verify(std::slice::from_ref(&snap.id)) {
                 Ok(report) => !report[0].1.is_empty(),
                 Err(_) => true,
             };
