@@ -16,6 +16,7 @@ mod image;
 mod info;
 mod map;
 mod nbd_cmd;
+mod repo_cmd;
 mod size;
 
 use std::path::Path;
@@ -59,13 +60,63 @@ enum SyncArg {
 }
 
 #[derive(Debug, Subcommand)]
+enum RepoCommand {
+    /// Create a repository in DIR (created if missing, refused if it holds one).
+    Init {
+        /// The directory.
+        dir: PathBuf,
+        /// Chunk size: a power of two from 64K to 4M.
+        #[arg(long, default_value = "256K")]
+        chunk_size: String,
+        /// How chunks are stored.
+        #[arg(long, value_enum, default_value = "zstd")]
+        compression: CompressionArg,
+    },
+    /// List snapshots, oldest first.
+    Snapshots {
+        /// The repository.
+        dir: PathBuf,
+        /// Only this disk's.
+        #[arg(long)]
+        disk: Option<String>,
+        /// One JSON array of {id, disk, time, size, stored, parent}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read and check every chunk of the snapshots (all when none is named); exit 1
+    /// naming every damaged one.
+    Verify {
+        /// The repository.
+        dir: PathBuf,
+        /// Snapshot ids or disk names (a disk's latest).
+        snapshots: Vec<String>,
+        /// One JSON array of {id, ok, problems}.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CompressionArg {
+    Zstd,
+    None,
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Back up SOURCE to TARGET as SOURCE is at this instant (a live, point-in-time copy).
     Backup {
         /// The image to back up.
         source: PathBuf,
         /// Where to write the backup; created sparse with the source's size if missing.
-        target: PathBuf,
+        #[arg(required_unless_present = "repo", conflicts_with = "repo")]
+        target: Option<PathBuf>,
+        /// Back up into this repository (a full snapshot) instead of a target image.
+        #[arg(long, requires = "disk")]
+        repo: Option<PathBuf>,
+        /// With --repo: the disk's name in the repository.
+        #[arg(long, requires = "repo")]
+        disk: Option<String>,
         /// Source format (probed when omitted).
         #[arg(long, value_enum)]
         source_format: Option<Format>,
@@ -112,13 +163,22 @@ enum Command {
     /// Rebuild a full image from a backup chain: copy what CHAIN_TOP reads (through
     /// its backing files) to OUTPUT.
     Restore {
-        /// The newest backup of the chain (read as qcow2, its backing files followed).
+        /// The newest backup of the chain (read as qcow2, its backing files followed);
+        /// with --repo, the snapshot: an id, or a disk name for its latest.
         chain_top: PathBuf,
         /// The image to write (created raw when missing, or --target-format qcow2).
         output: PathBuf,
         /// Output format.
         #[arg(long, value_enum)]
         target_format: Option<Format>,
+        /// Restore a snapshot of this repository (into a new raw file).
+        #[arg(long)]
+        repo: Option<PathBuf>,
+    },
+    /// The backup repository: create, list, verify.
+    Repo {
+        #[command(subcommand)]
+        command: RepoCommand,
     },
     /// Create an image of SIZE bytes (512, 64K, 1M, 10G, 2T...); replaces an existing file.
     Create {
@@ -260,7 +320,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Backup {
             source,
+            repo: Some(repo),
+            disk: Some(disk),
+            source_format,
+            json,
+            ..
+        } => repo_cmd::backup(&source, source_format, &repo, &disk, json).await,
+        Command::Backup {
+            source,
             target,
+            repo: _,
+            disk: _,
             source_format,
             target_format,
             sync,
@@ -285,6 +355,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let cluster_size = cluster_size
                 .map(|c| size::parse_size(&c).context("invalid --cluster-size"))
                 .transpose()?;
+            let Some(target) = target else {
+                bail!("give a TARGET image, or --repo DIR --disk NAME");
+            };
             let sync = match sync {
                 SyncArg::Full => jobs::SyncMode::Full,
                 SyncArg::Top => jobs::SyncMode::Top,
@@ -371,6 +444,35 @@ async fn run(command: Command) -> anyhow::Result<()> {
             chain_top,
             output,
             target_format,
+            repo: Some(repo),
+        } => repo_cmd::restore(&repo, &chain_top.to_string_lossy(), &output, target_format),
+        Command::Repo { command } => match command {
+            RepoCommand::Init {
+                dir,
+                chunk_size,
+                compression,
+            } => {
+                let chunk_size = size::parse_size(&chunk_size).context("invalid --chunk-size")?;
+                let compression = match compression {
+                    CompressionArg::Zstd => repo::Compression::Zstd,
+                    CompressionArg::None => repo::Compression::None,
+                };
+                repo_cmd::init(&dir, chunk_size, compression)
+            }
+            RepoCommand::Snapshots { dir, disk, json } => {
+                repo_cmd::snapshots(&dir, disk.as_deref(), json)
+            }
+            RepoCommand::Verify {
+                dir,
+                snapshots,
+                json,
+            } => repo_cmd::verify(&dir, &snapshots, json),
+        },
+        Command::Restore {
+            chain_top,
+            output,
+            target_format,
+            repo: None,
         } => {
             // The input is a qcow2 backup chain by definition of the command, so its
             // format is given, not probed, and its backing files are followed.

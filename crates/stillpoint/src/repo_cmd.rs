@@ -1,0 +1,253 @@
+//! `stillpoint repo ...`, `backup --repo` and `restore --repo`: the CLI of the backup
+//! repository (`crates/repo`). One-line summaries, `--json` for scripts, exit 1 with
+//! one line on failure.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use anyhow::bail;
+use block::AttachUser;
+use block::IoBuf;
+use block::NodeGraph;
+use repo::ChunkId;
+use repo::Compression;
+use repo::LocalDir;
+use repo::Repository;
+use serde_json::json;
+
+use crate::image::Format;
+use crate::image::node_options;
+use crate::image::resolve_format;
+
+fn open(dir: &Path) -> anyhow::Result<Repository> {
+    Repository::open(Box::new(LocalDir::new(dir)))
+        .with_context(|| format!("cannot open the repository {}", dir.display()))
+}
+
+/// `repo init DIR`.
+pub fn init(dir: &Path, chunk_size: u64, compression: Compression) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let repo = Repository::init(Box::new(LocalDir::new(dir)), chunk_size, compression)
+        .with_context(|| format!("cannot create a repository in {}", dir.display()))?;
+    println!(
+        "created repository {} in {} (chunk size {}, compression {:?})",
+        repo.config().id,
+        dir.display(),
+        crate::info::human_size(chunk_size),
+        compression
+    );
+    Ok(())
+}
+
+/// `backup SOURCE --repo DIR --disk NAME`: a full snapshot of SOURCE as it is now
+/// (nobody else may write it: it is opened read-only).
+pub async fn backup(
+    source: &Path,
+    source_format: Option<Format>,
+    dir: &Path,
+    disk: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let repo = open(dir)?;
+    let format = resolve_format(source, source_format, "--source-format")?;
+    let graph = NodeGraph::new();
+    let top = graph.open(node_options(source, format, true, None)).await?;
+    let node = graph.attach(top.name(), AttachUser::Other("backup".into()))?;
+    let size = node.length();
+    let chunk = repo.config().chunk_size;
+    let parent = repo
+        .snapshots()?
+        .into_iter()
+        .rfind(|s| s.disk == disk)
+        .map(|s| s.id);
+    let mut writer = repo.writer(disk, size, parent.clone())?;
+    let mut read = 0u64;
+    let mut offset = 0u64;
+    while offset < size {
+        let len = chunk.min(size - offset);
+        // A range the image says reads as zeros is not read.
+        let extent = node.block_status(offset, len).await?;
+        if extent.status.zero && extent.length >= len {
+            writer.add_chunk(&vec![0; len as usize])?;
+        } else {
+            let buf = node.read(offset, IoBuf::zeroed(len as usize)).await?;
+            read += len;
+            writer.add_chunk(&buf)?;
+        }
+        offset += len;
+    }
+    drop(node);
+    graph.close_all().await?;
+    let (info, stats) = writer.commit()?;
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        let summary = json!({
+            "snapshot": info.id, "disk": info.disk, "size": size, "parent": parent,
+            "read": read, "new": stats.new_bytes, "stored": stats.stored_bytes,
+            "chunks": stats.chunks, "zero_chunks": stats.zero_chunks,
+            "deduplicated_chunks": stats.deduplicated, "new_chunks": stats.new_chunks,
+            "seconds": seconds,
+        });
+        println!("{summary}");
+    } else {
+        println!(
+            "snapshot {} of {disk}: {} read, {} new ({} stored), {} of {} chunks already \
+             in the repository, {} zero, {seconds:.2} s",
+            info.id,
+            crate::info::human_size(read),
+            crate::info::human_size(stats.new_bytes),
+            crate::info::human_size(stats.stored_bytes),
+            stats.deduplicated,
+            stats.chunks,
+            stats.zero_chunks
+        );
+    }
+    Ok(())
+}
+
+/// A time in nanoseconds since the epoch as UTC ISO 8601, to the second.
+fn iso_time(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    let (days, rest) = (secs / 86400, secs % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
+/// `repo snapshots DIR [--disk NAME] [--json]`.
+pub fn snapshots(dir: &Path, disk: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let repo = open(dir)?;
+    let list: Vec<_> = repo
+        .snapshots()?
+        .into_iter()
+        .filter(|s| disk.is_none_or(|d| s.disk == d))
+        .collect();
+    if json {
+        let out: Vec<_> = list
+            .iter()
+            .map(|s| {
+                json!({"id": s.id, "disk": s.disk, "time": iso_time(s.time_ns),
+                       "size": s.size, "stored": s.stored, "parent": s.parent})
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(out));
+        return Ok(());
+    }
+    println!(
+        "{:<16}  {:<20}  {:<20}  {:>10}  {:>10}",
+        "ID", "DISK", "TIME", "SIZE", "STORED"
+    );
+    for s in &list {
+        println!(
+            "{:<16}  {:<20}  {:<20}  {:>10}  {:>10}",
+            s.id,
+            s.disk,
+            iso_time(s.time_ns),
+            crate::info::human_size(s.size),
+            crate::info::human_size(s.stored)
+        );
+    }
+    Ok(())
+}
+
+/// `restore --repo DIR SNAPSHOT TARGET`: writes the snapshot to a new sparse raw file.
+pub fn restore(
+    dir: &Path,
+    spec: &str,
+    target: &PathBuf,
+    target_format: Option<Format>,
+) -> anyhow::Result<()> {
+    if target_format == Some(Format::Qcow2) {
+        bail!("restoring a repository snapshot into qcow2 is not implemented yet (raw only)");
+    }
+    let started = Instant::now();
+    let repo = open(dir)?;
+    let info = repo.find_snapshot(spec)?;
+    let (info, chunks) = repo.read_snapshot(&info.id)?;
+    let index = repo.load_index()?;
+    // A new file only: restoring over an existing one would destroy it before the
+    // snapshot is known to be readable.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(target)
+        .with_context(|| format!("cannot create {}", target.display()))?;
+    file.set_len(info.size)
+        .with_context(|| format!("cannot size {}", target.display()))?;
+    let mut written = 0u64;
+    for (i, id) in chunks.iter().enumerate() {
+        if *id == ChunkId::ZERO {
+            continue;
+        }
+        let data = repo.read_chunk(&index, id)?;
+        file.write_all_at(&data, i as u64 * info.chunk_size)
+            .with_context(|| format!("cannot write {}", target.display()))?;
+        written += data.len() as u64;
+    }
+    file.sync_all()
+        .with_context(|| format!("cannot flush {}", target.display()))?;
+    println!(
+        "restored snapshot {} of {} to {}: {} written, {} left as holes, {:.2} s",
+        info.id,
+        info.disk,
+        target.display(),
+        crate::info::human_size(written),
+        crate::info::human_size(info.size - written),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `repo verify DIR [SNAPSHOT...] [--json]`: exit 1 naming every damaged snapshot.
+pub fn verify(dir: &Path, specs: &[String], json: bool) -> anyhow::Result<()> {
+    let repo = open(dir)?;
+    let mut ids = Vec::new();
+    for spec in specs {
+        ids.push(repo.find_snapshot(spec)?.id);
+    }
+    let report = repo.verify(&ids)?;
+    let damaged: Vec<&str> = report
+        .iter()
+        .filter(|(_, problems)| !problems.is_empty())
+        .map(|(id, _)| id.as_str())
+        .collect();
+    if json {
+        let out: Vec<_> = report
+            .iter()
+            .map(
+                |(id, problems)| json!({"id": id, "ok": problems.is_empty(), "problems": problems}),
+            )
+            .collect();
+        println!("{}", serde_json::Value::Array(out));
+    } else {
+        for (id, problems) in &report {
+            if problems.is_empty() {
+                println!("{id}: ok");
+            }
+            for p in problems {
+                println!("{id}: {p}");
+            }
+        }
+    }
+    if !damaged.is_empty() {
+        bail!("damaged snapshots: {}", damaged.join(", "));
+    }
+    Ok(())
+}
