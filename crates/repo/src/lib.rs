@@ -1,8 +1,8 @@
 //! Stillpoint's backup repository: deduplicated, compressed snapshots of disks.
 //!
 //! **Status: the first slice.** Local directories, unencrypted repositories, full
-//! snapshots written from a whole disk, restore, listing and verify. Not yet: encryption,
-//! prune, GC and writer leases, stats, NBD access, incrementals from a bitmap, S3, a
+//! snapshots written from a whole disk, restore, listing, verify, retention ([`retention`],
+//! manifests only) and stats. Not yet: encryption, GC and writer leases, NBD access, incrementals from a bitmap, S3, a
 //! thread pool for hashing and compression, and a dedup index with bounded memory (the
 //! whole index is loaded today: about 100 bytes of memory per stored chunk).
 //!
@@ -39,6 +39,7 @@ pub mod backend;
 pub mod error;
 pub mod format;
 pub mod repository;
+pub mod retention;
 
 pub use backend::Backend;
 pub use backend::LocalDir;

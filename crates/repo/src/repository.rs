@@ -210,6 +210,34 @@ impl Repository {
         })
     }
 
+    /// Deletes the manifests of these snapshots. Their chunks stay in the packs until
+    /// a garbage collection (not implemented yet) removes what no snapshot names.
+    pub fn forget(&self, ids: &[String]) -> Result<()> {
+        for id in ids {
+            self.backend.delete(&format!("snapshots/{id}"))?;
+        }
+        Ok(())
+    }
+
+    /// What the repository holds.
+    pub fn stats(&self) -> Result<RepoStats> {
+        let index = self.load_index()?;
+        let snapshots = self.snapshots()?;
+        let packs: HashSet<&String> = index.values().map(|(pack, _)| pack).collect();
+        let mut stats = RepoStats {
+            snapshots: snapshots.len() as u64,
+            logical_bytes: snapshots.iter().map(|s| s.size).sum(),
+            chunks: index.len() as u64,
+            packs: packs.len() as u64,
+            ..RepoStats::default()
+        };
+        for (_, blob) in index.values() {
+            stats.chunk_bytes += u64::from(blob.raw_len);
+            stats.stored_bytes += u64::from(blob.stored_len);
+        }
+        Ok(stats)
+    }
+
     /// Checks snapshots (all when `ids` is empty): each manifest's digest, and every
     /// pack holding one of their chunks read whole: its own index must match the index
     /// object, and each chunk must decompress to bytes with its id. Returns, per
@@ -301,6 +329,23 @@ impl Repository {
         }
         Ok(out)
     }
+}
+
+/// `repo stats`: logical size against what is stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RepoStats {
+    /// Snapshots.
+    pub snapshots: u64,
+    /// Sum of the snapshots' disk sizes.
+    pub logical_bytes: u64,
+    /// Unique chunks stored.
+    pub chunks: u64,
+    /// Their plain size.
+    pub chunk_bytes: u64,
+    /// Their stored (compressed) size.
+    pub stored_bytes: u64,
+    /// Packs holding them.
+    pub packs: u64,
 }
 
 /// What a snapshot writer did.

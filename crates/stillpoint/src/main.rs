@@ -83,6 +83,43 @@ enum RepoCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Delete the snapshots no --keep-* rule keeps, per disk (UTC periods).
+    Prune {
+        /// The repository.
+        dir: PathBuf,
+        /// Only this disk's snapshots.
+        #[arg(long)]
+        disk: Option<String>,
+        /// Keep the newest N.
+        #[arg(long, default_value_t = 0)]
+        keep_last: usize,
+        /// Keep the newest snapshot of each of the last N hours that have one.
+        #[arg(long, default_value_t = 0)]
+        keep_hourly: usize,
+        /// ... days.
+        #[arg(long, default_value_t = 0)]
+        keep_daily: usize,
+        /// ... ISO weeks.
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: usize,
+        /// ... months.
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: usize,
+        /// ... years.
+        #[arg(long, default_value_t = 0)]
+        keep_yearly: usize,
+        /// Say what would go, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Logical bytes against stored bytes, chunks, packs.
+    Stats {
+        /// The repository.
+        dir: PathBuf,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Read and check every chunk of the snapshots (all when none is named); exit 1
     /// naming every damaged one.
     Verify {
@@ -175,7 +212,7 @@ enum Command {
         #[arg(long)]
         repo: Option<PathBuf>,
     },
-    /// The backup repository: create, list, verify.
+    /// The backup repository: create, list, prune, stats, verify.
     Repo {
         #[command(subcommand)]
         command: RepoCommand,
@@ -462,6 +499,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
             RepoCommand::Snapshots { dir, disk, json } => {
                 repo_cmd::snapshots(&dir, disk.as_deref(), json)
             }
+            RepoCommand::Prune {
+                dir,
+                disk,
+                keep_last,
+                keep_hourly,
+                keep_daily,
+                keep_weekly,
+                keep_monthly,
+                keep_yearly,
+                dry_run,
+            } => {
+                let policy = repo::retention::Policy {
+                    last: keep_last,
+                    hourly: keep_hourly,
+                    daily: keep_daily,
+                    weekly: keep_weekly,
+                    monthly: keep_monthly,
+                    yearly: keep_yearly,
+                };
+                repo_cmd::prune(&dir, disk.as_deref(), &policy, dry_run)
+            }
+            RepoCommand::Stats { dir, json } => repo_cmd::stats(&dir, json),
             RepoCommand::Verify {
                 dir,
                 snapshots,

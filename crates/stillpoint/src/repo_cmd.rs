@@ -112,17 +112,8 @@ pub async fn backup(
 /// A time in nanoseconds since the epoch as UTC ISO 8601, to the second.
 fn iso_time(ns: u64) -> String {
     let secs = ns / 1_000_000_000;
-    let (days, rest) = (secs / 86400, secs % 86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = repo::retention::civil((secs / 86400) as i64);
+    let rest = secs % 86400;
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
         rest / 3600,
@@ -249,5 +240,80 @@ pub fn verify(dir: &Path, specs: &[String], json: bool) -> anyhow::Result<()> {
     if !damaged.is_empty() {
         bail!("damaged snapshots: {}", damaged.join(", "));
     }
+    Ok(())
+}
+
+/// `repo prune DIR --keep-...`: deletes the snapshots no rule keeps (per disk).
+pub fn prune(
+    dir: &Path,
+    disk: Option<&str>,
+    policy: &repo::retention::Policy,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    if policy.is_empty() {
+        bail!("give at least one --keep-* rule (prune would delete every snapshot)");
+    }
+    let repo = open(dir)?;
+    let all: Vec<_> = repo
+        .snapshots()?
+        .into_iter()
+        .filter(|s| disk.is_none_or(|d| s.disk == d))
+        .collect();
+    let kept = repo::retention::keep(&all, policy);
+    let remove: Vec<String> = all
+        .iter()
+        .filter(|s| !kept.contains(&s.id))
+        .map(|s| s.id.clone())
+        .collect();
+    for s in &all {
+        let verdict = if kept.contains(&s.id) {
+            "keep"
+        } else if dry_run {
+            "would remove"
+        } else {
+            "remove"
+        };
+        println!(
+            "{verdict:<12}  {}  {:<20}  {}",
+            s.id,
+            s.disk,
+            iso_time(s.time_ns)
+        );
+    }
+    if !dry_run {
+        repo.forget(&remove)?;
+    }
+    println!(
+        "{} kept, {} {} (their data stays until a garbage collection, not implemented yet)",
+        kept.len(),
+        remove.len(),
+        if dry_run {
+            "would be removed"
+        } else {
+            "removed"
+        }
+    );
+    Ok(())
+}
+
+/// `repo stats DIR [--json]`.
+pub fn stats(dir: &Path, json: bool) -> anyhow::Result<()> {
+    let stats = open(dir)?.stats()?;
+    if json {
+        println!("{}", serde_json::to_value(stats)?);
+        return Ok(());
+    }
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    println!(
+        "{} snapshots of {} in all; {} unique chunks ({} plain, {} stored) in {} packs; \
+         logical / stored = {:.2}",
+        stats.snapshots,
+        crate::info::human_size(stats.logical_bytes),
+        stats.chunks,
+        crate::info::human_size(stats.chunk_bytes),
+        crate::info::human_size(stats.stored_bytes),
+        stats.packs,
+        ratio(stats.logical_bytes, stats.stored_bytes)
+    );
     Ok(())
 }

@@ -75,7 +75,7 @@ fn backups_into_a_repository_restore_identical_images_and_damage_fails_verify() 
         );
     }
     // Restoring over an existing file is refused; the file is untouched.
-    let existing = dir.path().join("restored0.raw");
+    let existing = dir.path().join("restored1.raw");
     let before = std::fs::read(&existing).unwrap();
     assert!(
         !stillpoint(&["restore", "--repo", repo, "d0", s(&existing)])
@@ -95,6 +95,34 @@ fn backups_into_a_repository_restore_identical_images_and_damage_fails_verify() 
     .unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 2);
     ours(&["repo", "verify", repo]);
+
+    // Stats, then prune to the newest snapshot of each disk.
+    let stats: serde_json::Value =
+        serde_json::from_str(&ours(&["repo", "stats", repo, "--json"])).unwrap();
+    assert_eq!(stats["snapshots"], 8);
+    assert!(stats["stored_bytes"].as_u64().unwrap() < stats["logical_bytes"].as_u64().unwrap());
+    let dry = ours(&["repo", "prune", repo, "--keep-last", "1", "--dry-run"]);
+    assert_eq!(dry.matches("would remove ").count(), 4, "{dry}");
+    assert!(
+        !stillpoint(&["repo", "prune", repo]).status.success(),
+        "no rule, no prune"
+    );
+    let count = |v: &str| {
+        serde_json::from_str::<serde_json::Value>(v)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(count(&ours(&["repo", "snapshots", repo, "--json"])), 8);
+    ours(&["repo", "prune", repo, "--keep-last", "1"]);
+    assert_eq!(count(&ours(&["repo", "snapshots", repo, "--json"])), 4);
+    snapshots.retain(|(id, _)| stillpoint(&["repo", "verify", repo, id]).status.success());
+    assert_eq!(
+        snapshots.len(),
+        4,
+        "the newest of each disk stays, verified"
+    );
 
     // Flip one byte in the middle of one pack: verify names the snapshots that use it
     // and exits 1; restore of such a snapshot fails rather than writing wrong data.
