@@ -392,8 +392,9 @@ pub fn repo_files(data: &[u8]) {
             sealed.extend_from_slice(&(body.len() as u32).to_le_bytes());
             sealed.extend_from_slice(blake3::hash(body).as_bytes());
             sealed.extend_from_slice(b"SPIX");
-            let pack_len = (which % 4 == 1).then(|| sealed.len() as u64 + 5 + u64::from(which));
-            let _ = format::decode_index("fuzz", &sealed, pack_len);
+            let blobs_end = (which % 4 == 1).then(|| 5 + u64::from(which));
+            let _ = format::decode_index("fuzz", &sealed, blobs_end);
+            let _ = format::pack_tail("fuzz", body, None);
             let _ = format::decode_index("fuzz", body, None);
         }
         // A manifest: magic, version, header length, header, chunk table; then digest.
@@ -423,7 +424,7 @@ pub fn repo_files(data: &[u8]) {
                 },
             };
             let id = format::ChunkId::of(body);
-            let _ = format::decode_blob("fuzz", &id, &blob, body);
+            let _ = format::decode_blob("fuzz", None, &id, &blob, body);
         }
     }
 }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde::Serialize;
 
+use crate::crypto::Keys;
 use crate::error::Error;
 use crate::error::Result;
 
@@ -17,6 +18,8 @@ pub const FORMAT_VERSION: u32 = 1;
 const PACK_MAGIC: &[u8; 4] = b"SPPK";
 const INDEX_MAGIC: &[u8; 4] = b"SPIX";
 const MANIFEST_MAGIC: &[u8; 4] = b"SPSN";
+/// Ends a pack whose index is sealed: the sealed index, its length, this magic.
+const SEALED_INDEX_MAGIC: &[u8; 4] = b"SPEX";
 const INDEX_ENTRY: usize = 32 + 8 + 4 + 4 + 1;
 
 /// A chunk's id: the BLAKE3 digest of its plaintext. The all-zero id stands for an
@@ -30,8 +33,15 @@ impl ChunkId {
 
     /// The id of `data`, or [`ChunkId::ZERO`] when every byte is zero.
     pub fn of(data: &[u8]) -> ChunkId {
+        ChunkId::keyed(None, data)
+    }
+
+    /// The id of `data` in a repository with `keys` (keyed BLAKE3), or without.
+    pub fn keyed(keys: Option<&Keys>, data: &[u8]) -> ChunkId {
         if is_zero(data) {
             ChunkId::ZERO
+        } else if let Some(keys) = keys {
+            ChunkId(keys.chunk_id(data))
         } else {
             ChunkId(*blake3::hash(data).as_bytes())
         }
@@ -92,8 +102,23 @@ pub fn encode_blob(data: &[u8], compression: Compression) -> (Vec<u8>, Compressi
     (data.to_vec(), Compression::None)
 }
 
-/// The plaintext of a stored blob, checked against the id it is filed under.
-pub fn decode_blob(key: &str, id: &ChunkId, blob: &BlobRef, stored: &[u8]) -> Result<Vec<u8>> {
+/// The plaintext of a stored blob (opened first when `keys` is given), checked against
+/// the id it is filed under.
+pub fn decode_blob(
+    key: &str,
+    keys: Option<&Keys>,
+    id: &ChunkId,
+    blob: &BlobRef,
+    stored: &[u8],
+) -> Result<Vec<u8>> {
+    let opened;
+    let stored = match keys {
+        Some(keys) => {
+            opened = keys.open(key, &id.0, stored)?;
+            &opened[..]
+        }
+        None => stored,
+    };
     let data = match blob.codec {
         Compression::None => stored.to_vec(),
         Compression::Zstd => {
@@ -102,7 +127,7 @@ pub fn decode_blob(key: &str, id: &ChunkId, blob: &BlobRef, stored: &[u8]) -> Re
             })?
         }
     };
-    if data.len() != blob.raw_len as usize || ChunkId::of(&data) != *id {
+    if data.len() != blob.raw_len as usize || ChunkId::keyed(keys, &data) != *id {
         return Err(Error::damaged(
             key,
             format!("chunk {} does not match its id", id.hex()),
@@ -153,9 +178,18 @@ impl PackBuilder {
     }
 
     /// The finished pack, with its id and index object.
-    pub fn finish(mut self) -> FinishedPack {
-        let index = encode_index(&self.entries);
-        self.bytes.extend_from_slice(&index);
+    pub fn finish(mut self, keys: Option<&Keys>) -> FinishedPack {
+        let mut index = encode_index(&self.entries);
+        match keys {
+            None => self.bytes.extend_from_slice(&index),
+            Some(keys) => {
+                index = keys.seal(b"index", &index);
+                self.bytes.extend_from_slice(&index);
+                self.bytes
+                    .extend_from_slice(&(index.len() as u32).to_le_bytes());
+                self.bytes.extend_from_slice(SEALED_INDEX_MAGIC);
+            }
+        }
         FinishedPack {
             id: hex(blake3::hash(&self.bytes).as_bytes()),
             bytes: self.bytes,
@@ -201,12 +235,50 @@ fn encode_index(entries: &[(ChunkId, BlobRef)]) -> Vec<u8> {
     out
 }
 
-/// Parses an index (an index object, or the tail of a pack of `pack_len` bytes, whose
-/// blobs it must lie within).
+/// A pack's own index (opened when `keys` is given) and where its blobs end.
+pub fn pack_tail(key: &str, pack: &[u8], keys: Option<&Keys>) -> Result<(Vec<u8>, u64)> {
+    let bad = |why: &str| Error::damaged(key, why.to_string());
+    match keys {
+        None => {
+            if pack.len() < 45 {
+                return Err(bad("too short for a pack"));
+            }
+            let tail = pack.len() - 40;
+            let body_len = u32::from_le_bytes(pack[tail..tail + 4].try_into().unwrap()) as usize;
+            let start = tail
+                .checked_sub(body_len)
+                .filter(|&s| s >= 5)
+                .ok_or_else(|| bad("index length past the start of the pack"))?;
+            Ok((pack[start..].to_vec(), start as u64))
+        }
+        Some(keys) => {
+            if pack.len() < 13 || &pack[pack.len() - 4..] != SEALED_INDEX_MAGIC {
+                return Err(bad("no sealed index trailer"));
+            }
+            let end = pack.len() - 8;
+            let sealed_len = u32::from_le_bytes(pack[end..end + 4].try_into().unwrap()) as usize;
+            let start = end
+                .checked_sub(sealed_len)
+                .filter(|&s| s >= 5)
+                .ok_or_else(|| bad("index length past the start of the pack"))?;
+            Ok((keys.open(key, b"index", &pack[start..end])?, start as u64))
+        }
+    }
+}
+
+/// An index object's plain bytes (opened when `keys` is given).
+pub fn open_index_object(key: &str, bytes: &[u8], keys: Option<&Keys>) -> Result<Vec<u8>> {
+    match keys {
+        None => Ok(bytes.to_vec()),
+        Some(keys) => keys.open(key, b"index", bytes),
+    }
+}
+
+/// Parses an index; its blobs must end by `blobs_end` (a pack's blob area) if given.
 pub fn decode_index(
     key: &str,
     bytes: &[u8],
-    pack_len: Option<u64>,
+    blobs_end: Option<u64>,
 ) -> Result<Vec<(ChunkId, BlobRef)>> {
     let bad = |why: &str| Error::damaged(key, why.to_string());
     if bytes.len() < 40 || &bytes[bytes.len() - 4..] != INDEX_MAGIC {
@@ -228,7 +300,6 @@ pub fn decode_index(
     if body.len() != 4 + count * INDEX_ENTRY {
         return Err(bad("index entry count does not match its length"));
     }
-    let blobs_end = pack_len.map(|len| len - (bytes.len() - (tail - body_len)) as u64);
     let mut out = Vec::with_capacity(count);
     for e in body[4..].chunks_exact(INDEX_ENTRY) {
         let id = ChunkId(e[..32].try_into().unwrap());
@@ -290,6 +361,27 @@ pub fn encode_manifest(info: &SnapshotInfo, chunks: &[ChunkId]) -> (String, Vec<
     let digest = blake3::hash(&out);
     out.extend_from_slice(digest.as_bytes());
     (hex(&digest.as_bytes()[..8]), out)
+}
+
+/// A manifest object's bytes: the manifest, sealed when `keys` is given.
+pub fn seal_manifest(manifest: Vec<u8>, keys: Option<&Keys>) -> Vec<u8> {
+    match keys {
+        None => manifest,
+        Some(keys) => keys.seal(b"snapshot", &manifest),
+    }
+}
+
+/// Parses a manifest object filed under `id` (opened first when `keys` is given).
+pub fn open_manifest(
+    key: &str,
+    id: &str,
+    bytes: &[u8],
+    keys: Option<&Keys>,
+) -> Result<(SnapshotInfo, Vec<ChunkId>)> {
+    match keys {
+        None => decode_manifest(key, id, bytes),
+        Some(keys) => decode_manifest(key, id, &keys.open(key, b"snapshot", bytes)?),
+    }
 }
 
 /// Parses a manifest filed under `id`.

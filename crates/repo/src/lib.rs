@@ -1,8 +1,8 @@
 //! Stillpoint's backup repository: deduplicated, compressed snapshots of disks.
 //!
-//! **Status: the first slice.** Local directories, unencrypted repositories, full
+//! **Status: the first slice.** Local directories, optional encryption ([`crypto`]), full
 //! snapshots written from a whole disk, restore, listing, verify, retention ([`retention`],
-//! manifests only) and stats. Not yet: encryption, GC and writer leases, NBD access, incrementals from a bitmap, S3, a
+//! manifests only) and stats. Not yet: GC and writer leases, NBD access, incrementals from a bitmap, S3, a
 //! thread pool for hashing and compression, and a dedup index with bounded memory (the
 //! whole index is loaded today: about 100 bytes of memory per stored chunk).
 //!
@@ -27,6 +27,11 @@
 //!   the disk, and the BLAKE3 digest of all that; ID is the first 16 hex digits of the
 //!   digest. Every snapshot is full: restore and verify never walk a chain.
 //!
+//! Encrypted repositories (`config` holds the wrapped master key): a stored chunk is
+//! sealed after compression, with its id as associated data; a pack ends with its
+//! sealed index, the sealed length and `SPEX` instead of the plain trailer; index
+//! objects and manifests are sealed whole; chunk ids are keyed BLAKE3. See [`crypto`].
+//!
 //! Commit order: a pack, then its index object, and after the last pack the manifest,
 //! so a snapshot is visible only when everything it names is durable; a crash leaves at
 //! most packs no snapshot names. Every object is written to a temporary name, synced,
@@ -36,6 +41,7 @@
 //! ([`error::Error::Damaged`]), never restored silently.
 
 pub mod backend;
+pub mod crypto;
 pub mod error;
 pub mod format;
 pub mod repository;

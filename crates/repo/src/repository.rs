@@ -9,6 +9,8 @@ use serde::Deserialize;
 use serde::Serialize;
 
 use crate::backend::Backend;
+use crate::crypto::KeyFile;
+use crate::crypto::Keys;
 use crate::error::Error;
 use crate::error::Result;
 use crate::format;
@@ -38,12 +40,16 @@ pub struct Config {
     pub compression: Compression,
     /// Random id, told apart from other repositories.
     pub id: String,
+    /// The wrapped master key of an encrypted repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<KeyFile>,
 }
 
 /// An open repository.
 pub struct Repository {
     backend: Box<dyn Backend>,
     config: Config,
+    keys: Option<Keys>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -66,11 +72,13 @@ fn pack_key(id: &str) -> String {
 }
 
 impl Repository {
-    /// Creates a repository in `backend`, refusing one that already holds a repository.
+    /// Creates a repository in `backend`, refusing one that already holds a repository;
+    /// encrypted with a new master key wrapped by `passphrase` when one is given.
     pub fn init(
         backend: Box<dyn Backend>,
         chunk_size: u64,
         compression: Compression,
+        passphrase: Option<&[u8]>,
     ) -> Result<Self> {
         if !chunk_size.is_power_of_two() || !CHUNK_SIZES.contains(&chunk_size) {
             return Err(Error::Invalid(format!(
@@ -83,21 +91,27 @@ impl Repository {
             std::process::id(),
             chunk_size
         );
+        let keys = passphrase.map(|_| Keys::generate());
         let config = Config {
             version: format::FORMAT_VERSION,
             chunk_size,
             compression,
             id: format::hex(&blake3::hash(seed.as_bytes()).as_bytes()[..16]),
+            encryption: keys.as_ref().zip(passphrase).map(|(k, p)| k.wrap(p)),
         };
         let bytes = serde_json::to_vec_pretty(&config).expect("config serializes");
         if !backend.put_if_absent("config", &bytes)? {
             return Err(Error::Invalid("a repository exists there already".into()));
         }
-        Ok(Self { backend, config })
+        Ok(Self {
+            backend,
+            config,
+            keys,
+        })
     }
 
-    /// Opens the repository in `backend`.
-    pub fn open(backend: Box<dyn Backend>) -> Result<Self> {
+    /// Opens the repository in `backend`; an encrypted one needs its passphrase.
+    pub fn open(backend: Box<dyn Backend>, passphrase: Option<&[u8]>) -> Result<Self> {
         let bytes = backend.get("config", None).map_err(|e| match e {
             Error::NotFound(_) => Error::NotFound("no repository there (no config)".into()),
             other => other,
@@ -114,7 +128,22 @@ impl Repository {
         if !config.chunk_size.is_power_of_two() || !CHUNK_SIZES.contains(&config.chunk_size) {
             return Err(Error::damaged("config", "bad chunk size"));
         }
-        Ok(Self { backend, config })
+        let keys = match (&config.encryption, passphrase) {
+            (None, _) => None,
+            (Some(file), Some(passphrase)) => Some(file.unwrap(passphrase)?),
+            (Some(_), None) => {
+                return Err(Error::Invalid(
+                    "the repository is encrypted: give its passphrase \
+                     (--passphrase-file or STILLPOINT_PASSPHRASE)"
+                        .into(),
+                ));
+            }
+        };
+        Ok(Self {
+            backend,
+            config,
+            keys,
+        })
     }
 
     /// The configuration.
@@ -128,6 +157,7 @@ impl Repository {
         for key in self.backend.list("index/")? {
             let pack = key.trim_start_matches("index/").to_string();
             let bytes = self.backend.get(&key, None)?;
+            let bytes = format::open_index_object(&key, &bytes, self.keys.as_ref())?;
             for (id, blob) in format::decode_index(&key, &bytes, None)? {
                 index.insert(id, (pack.clone(), blob));
             }
@@ -142,7 +172,7 @@ impl Repository {
             Error::NotFound(_) => Error::NotFound(format!("no snapshot {id}")),
             other => other,
         })?;
-        format::decode_manifest(&key, id, &bytes)
+        format::open_manifest(&key, id, &bytes, self.keys.as_ref())
     }
 
     /// Every snapshot, oldest first.
@@ -177,7 +207,7 @@ impl Repository {
         let stored = self
             .backend
             .get(&key, Some(start..start + u64::from(blob.stored_len)))?;
-        format::decode_blob(&key, id, blob, &stored)
+        format::decode_blob(&key, self.keys.as_ref(), id, blob, &stored)
     }
 
     /// Starts a snapshot of `disk`, `size` bytes long; chunks are added in order.
@@ -278,12 +308,16 @@ impl Repository {
         for (pack, chunks) in &wanted {
             let key = pack_key(pack);
             let checked = self.backend.get(&key, None).and_then(|bytes| {
-                let own = format::decode_index(&key, &bytes, Some(bytes.len() as u64))?;
-                let filed = format::decode_index(
-                    &format!("index/{pack}"),
-                    &self.backend.get(&format!("index/{pack}"), None)?,
-                    None,
+                let keys = self.keys.as_ref();
+                let (tail, blobs_end) = format::pack_tail(&key, &bytes, keys)?;
+                let own = format::decode_index(&key, &tail, Some(blobs_end))?;
+                let index_key = format!("index/{pack}");
+                let filed = format::open_index_object(
+                    &index_key,
+                    &self.backend.get(&index_key, None)?,
+                    keys,
                 )?;
+                let filed = format::decode_index(&index_key, &filed, None)?;
                 if own != filed || format::hex(blake3::hash(&bytes).as_bytes()) != *pack {
                     return Err(Error::damaged(
                         &key,
@@ -303,7 +337,9 @@ impl Repository {
                         let (_, blob) = &index[c];
                         let start = blob.offset as usize;
                         let stored = &bytes[start..start + blob.stored_len as usize];
-                        if let Err(e) = format::decode_blob(&key, c, blob, stored) {
+                        if let Err(e) =
+                            format::decode_blob(&key, self.keys.as_ref(), c, blob, stored)
+                        {
                             chunk_problem.insert(*c, e.to_string());
                         }
                     }
@@ -390,7 +426,7 @@ impl SnapshotWriter<'_> {
                 data.len()
             )));
         }
-        let id = ChunkId::of(data);
+        let id = ChunkId::keyed(self.repo.keys.as_ref(), data);
         self.stats.chunks += 1;
         self.chunks.push(id);
         if id == ChunkId::ZERO {
@@ -402,6 +438,12 @@ impl SnapshotWriter<'_> {
             return Ok(());
         }
         let (stored, codec) = format::encode_blob(data, self.repo.config.compression);
+        // Sealed after compression; the id is the associated data, so a blob cannot be
+        // passed off as another chunk.
+        let stored = match &self.repo.keys {
+            Some(keys) => keys.seal(&id.0, &stored),
+            None => stored,
+        };
         self.pack.add(id, &stored, data.len() as u32, codec);
         self.in_pack.insert(id);
         self.stats.new_chunks += 1;
@@ -424,7 +466,7 @@ impl SnapshotWriter<'_> {
             bytes,
             index,
             entries,
-        } = pack.finish();
+        } = pack.finish(self.repo.keys.as_ref());
         self.repo.backend.put_if_absent(&pack_key(&id), &bytes)?;
         self.repo
             .backend
@@ -455,6 +497,7 @@ impl SnapshotWriter<'_> {
         self.flush_pack()?;
         self.info.stored = self.stats.stored_bytes;
         let (id, bytes) = format::encode_manifest(&self.info, &self.chunks);
+        let bytes = format::seal_manifest(bytes, self.repo.keys.as_ref());
         self.repo
             .backend
             .put_if_absent(&format!("snapshots/{id}"), &bytes)?;

@@ -58,7 +58,11 @@ fn restore(repo: &Repository, id: &str) -> Vec<u8> {
 }
 
 fn open(dir: &std::path::Path) -> Repository {
-    Repository::open(Box::new(LocalDir::new(dir))).unwrap()
+    open_with(dir, None)
+}
+
+fn open_with(dir: &std::path::Path, passphrase: Option<&[u8]>) -> Repository {
+    Repository::open(Box::new(LocalDir::new(dir)), passphrase).unwrap()
 }
 
 #[test]
@@ -68,13 +72,15 @@ fn a_snapshot_restores_byte_for_byte_and_a_second_backup_stores_only_what_change
         Box::new(LocalDir::new(dir.path())),
         CHUNK,
         Compression::Zstd,
+        None,
     )
     .unwrap();
     assert!(
         Repository::init(
             Box::new(LocalDir::new(dir.path())),
             CHUNK,
-            Compression::Zstd
+            Compression::Zstd,
+            None
         )
         .is_err()
     );
@@ -126,6 +132,7 @@ fn a_writer_refuses_chunks_of_the_wrong_size_and_an_unfinished_snapshot_is_not_v
         Box::new(LocalDir::new(dir.path())),
         CHUNK,
         Compression::None,
+        None,
     )
     .unwrap();
     let mut w = repo.writer("d", 3 * CHUNK, None).unwrap();
@@ -137,19 +144,25 @@ fn a_writer_refuses_chunks_of_the_wrong_size_and_an_unfinished_snapshot_is_not_v
     w.add_chunk(&vec![1; CHUNK as usize]).unwrap();
     assert!(w.commit().is_err(), "two chunks are missing");
     assert!(
-        Repository::init(Box::new(LocalDir::new(dir.path())), 3000, Compression::None).is_err()
+        Repository::init(
+            Box::new(LocalDir::new(dir.path())),
+            3000,
+            Compression::None,
+            None
+        )
+        .is_err()
     );
 }
 
 /// Flips one byte in the middle of every object under `prefix` in turn; each time,
 /// reading or verifying must report damage, and putting the byte back heals it.
-#[test]
-fn a_flipped_byte_in_any_pack_index_or_manifest_is_detected() {
+fn flipped_bytes_are_detected(passphrase: Option<&[u8]>) {
     let dir = tempfile::tempdir().unwrap();
     let repo = Repository::init(
         Box::new(LocalDir::new(dir.path())),
         CHUNK,
         Compression::Zstd,
+        passphrase,
     )
     .unwrap();
     let data = disk(7, 12, 0);
@@ -161,6 +174,8 @@ fn a_flipped_byte_in_any_pack_index_or_manifest_is_detected() {
         }
     }
     assert!(files.len() >= 3);
+    // Opened once: it reads every object afresh on each verify.
+    let reopened = open_with(dir.path(), passphrase);
     let mut rng = Rng(3);
     for file in files {
         let original = std::fs::read(&file).unwrap();
@@ -169,16 +184,75 @@ fn a_flipped_byte_in_any_pack_index_or_manifest_is_detected() {
             let at = rng.below(bad.len() as u64) as usize;
             bad[at] ^= 1 << rng.below(8);
             std::fs::write(&file, &bad).unwrap();
-            let repo = open(dir.path());
-            let found = match repo.verify(std::slice::from_ref(&snap.id)) {
+            let found = match reopened.verify(std::slice::from_ref(&snap.id)) {
                 Ok(report) => !report[0].1.is_empty(),
                 Err(_) => true,
             };
             assert!(found, "a flip at {at} of {} went unnoticed", file.display());
         }
         std::fs::write(&file, &original).unwrap();
-        assert_eq!(restore(&open(dir.path()), &snap.id), data);
+        assert_eq!(restore(&reopened, &snap.id), data);
     }
+}
+
+#[test]
+fn a_flipped_byte_in_any_pack_index_or_manifest_is_detected() {
+    flipped_bytes_are_detected(None);
+}
+
+#[test]
+fn a_flipped_byte_in_an_encrypted_repository_is_detected_too() {
+    flipped_bytes_are_detected(Some(b"correct horse"));
+}
+
+#[test]
+fn an_encrypted_repository_needs_its_passphrase_and_shows_no_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let pass: &[u8] = b"correct horse";
+    let repo = Repository::init(
+        Box::new(LocalDir::new(dir.path())),
+        CHUNK,
+        Compression::None,
+        Some(pass),
+    )
+    .unwrap();
+    // Text that would show in a plain pack.
+    let data = "a secret line of the guest's disk\n".repeat(2 * CHUNK as usize / 34 + 1);
+    let data = &data.as_bytes()[..2 * CHUNK as usize];
+    let (snap, _) = backup(&repo, "vm1", data);
+    for file in walk(dir.path()) {
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(
+            !bytes.windows(10).any(|w| w == b"a secret l"),
+            "{} shows plaintext",
+            file.display()
+        );
+        assert!(
+            !bytes.windows(3).any(|w| w == b"vm1") || file.ends_with("config"),
+            "{} names the disk",
+            file.display()
+        );
+    }
+    let no = Repository::open(Box::new(LocalDir::new(dir.path())), None).unwrap_err();
+    assert!(no.to_string().contains("encrypted"), "{no}");
+    let wrong = Repository::open(Box::new(LocalDir::new(dir.path())), Some(b"wrong")).unwrap_err();
+    assert_eq!(wrong.to_string(), "wrong passphrase");
+    let repo = open_with(dir.path(), Some(pass));
+    assert_eq!(restore(&repo, &snap.id), data);
+    // The same data in a plain repository gets other ids: ids are keyed.
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = Repository::init(
+        Box::new(LocalDir::new(plain_dir.path())),
+        CHUNK,
+        Compression::None,
+        None,
+    )
+    .unwrap();
+    backup(&plain, "vm1", data);
+    let (_, enc_chunks) = repo.read_snapshot(&snap.id).unwrap();
+    let plain_snap = plain.snapshots().unwrap().remove(0);
+    let (_, plain_chunks) = plain.read_snapshot(&plain_snap.id).unwrap();
+    assert_ne!(enc_chunks[0], plain_chunks[0]);
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -65,17 +65,29 @@ enum RepoCommand {
     Init {
         /// The directory.
         dir: PathBuf,
+        /// The passphrase of an encrypted repository: this file's first line (else
+        /// the STILLPOINT_PASSPHRASE environment variable).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
         /// Chunk size: a power of two from 64K to 4M.
         #[arg(long, default_value = "256K")]
         chunk_size: String,
         /// How chunks are stored.
         #[arg(long, value_enum, default_value = "zstd")]
         compression: CompressionArg,
+        /// Encrypt everything stored (XChaCha20-Poly1305, keyed ids; the master key is
+        /// wrapped with the passphrase by Argon2id).
+        #[arg(long)]
+        encrypt: bool,
     },
     /// List snapshots, oldest first.
     Snapshots {
         /// The repository.
         dir: PathBuf,
+        /// The passphrase of an encrypted repository: this file's first line (else
+        /// the STILLPOINT_PASSPHRASE environment variable).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
         /// Only this disk's.
         #[arg(long)]
         disk: Option<String>,
@@ -87,6 +99,10 @@ enum RepoCommand {
     Prune {
         /// The repository.
         dir: PathBuf,
+        /// The passphrase of an encrypted repository: this file's first line (else
+        /// the STILLPOINT_PASSPHRASE environment variable).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
         /// Only this disk's snapshots.
         #[arg(long)]
         disk: Option<String>,
@@ -116,6 +132,10 @@ enum RepoCommand {
     Stats {
         /// The repository.
         dir: PathBuf,
+        /// The passphrase of an encrypted repository: this file's first line (else
+        /// the STILLPOINT_PASSPHRASE environment variable).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
         /// One JSON object.
         #[arg(long)]
         json: bool,
@@ -125,6 +145,10 @@ enum RepoCommand {
     Verify {
         /// The repository.
         dir: PathBuf,
+        /// The passphrase of an encrypted repository: this file's first line (else
+        /// the STILLPOINT_PASSPHRASE environment variable).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
         /// Snapshot ids or disk names (a disk's latest).
         snapshots: Vec<String>,
         /// One JSON array of {id, ok, problems}.
@@ -154,6 +178,10 @@ enum Command {
         /// With --repo: the disk's name in the repository.
         #[arg(long, requires = "repo")]
         disk: Option<String>,
+        /// The passphrase of an encrypted repository: this file's first line (else
+        /// the STILLPOINT_PASSPHRASE environment variable).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
         /// Source format (probed when omitted).
         #[arg(long, value_enum)]
         source_format: Option<Format>,
@@ -211,6 +239,10 @@ enum Command {
         /// Restore a snapshot of this repository (into a new raw file).
         #[arg(long)]
         repo: Option<PathBuf>,
+        /// The passphrase of an encrypted repository: this file's first line (else
+        /// the STILLPOINT_PASSPHRASE environment variable).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
     },
     /// The backup repository: create, list, prune, stats, verify.
     Repo {
@@ -361,13 +393,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
             disk: Some(disk),
             source_format,
             json,
+            passphrase_file,
             ..
-        } => repo_cmd::backup(&source, source_format, &repo, &disk, json).await,
+        } => {
+            repo_cmd::backup(
+                &source,
+                source_format,
+                &repo,
+                passphrase_file.as_deref(),
+                &disk,
+                json,
+            )
+            .await
+        }
         Command::Backup {
             source,
             target,
             repo: _,
             disk: _,
+            passphrase_file: _,
             source_format,
             target_format,
             sync,
@@ -482,25 +526,44 @@ async fn run(command: Command) -> anyhow::Result<()> {
             output,
             target_format,
             repo: Some(repo),
-        } => repo_cmd::restore(&repo, &chain_top.to_string_lossy(), &output, target_format),
+            passphrase_file,
+        } => repo_cmd::restore(
+            &repo,
+            passphrase_file.as_deref(),
+            &chain_top.to_string_lossy(),
+            &output,
+            target_format,
+        ),
         Command::Repo { command } => match command {
             RepoCommand::Init {
                 dir,
+                passphrase_file,
                 chunk_size,
                 compression,
+                encrypt,
             } => {
                 let chunk_size = size::parse_size(&chunk_size).context("invalid --chunk-size")?;
                 let compression = match compression {
                     CompressionArg::Zstd => repo::Compression::Zstd,
                     CompressionArg::None => repo::Compression::None,
                 };
-                repo_cmd::init(&dir, chunk_size, compression)
+                repo_cmd::init(
+                    &dir,
+                    chunk_size,
+                    compression,
+                    encrypt,
+                    passphrase_file.as_deref(),
+                )
             }
-            RepoCommand::Snapshots { dir, disk, json } => {
-                repo_cmd::snapshots(&dir, disk.as_deref(), json)
-            }
+            RepoCommand::Snapshots {
+                dir,
+                passphrase_file,
+                disk,
+                json,
+            } => repo_cmd::snapshots(&dir, passphrase_file.as_deref(), disk.as_deref(), json),
             RepoCommand::Prune {
                 dir,
+                passphrase_file,
                 disk,
                 keep_last,
                 keep_hourly,
@@ -518,20 +581,32 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     monthly: keep_monthly,
                     yearly: keep_yearly,
                 };
-                repo_cmd::prune(&dir, disk.as_deref(), &policy, dry_run)
+                repo_cmd::prune(
+                    &dir,
+                    passphrase_file.as_deref(),
+                    disk.as_deref(),
+                    &policy,
+                    dry_run,
+                )
             }
-            RepoCommand::Stats { dir, json } => repo_cmd::stats(&dir, json),
+            RepoCommand::Stats {
+                dir,
+                passphrase_file,
+                json,
+            } => repo_cmd::stats(&dir, passphrase_file.as_deref(), json),
             RepoCommand::Verify {
                 dir,
+                passphrase_file,
                 snapshots,
                 json,
-            } => repo_cmd::verify(&dir, &snapshots, json),
+            } => repo_cmd::verify(&dir, passphrase_file.as_deref(), &snapshots, json),
         },
         Command::Restore {
             chain_top,
             output,
             target_format,
             repo: None,
+            passphrase_file: _,
         } => {
             // The input is a qcow2 backup chain by definition of the command, so its
             // format is given, not probed, and its backing files are followed.

@@ -22,22 +22,64 @@ use crate::image::Format;
 use crate::image::node_options;
 use crate::image::resolve_format;
 
-fn open(dir: &Path) -> anyhow::Result<Repository> {
-    Repository::open(Box::new(LocalDir::new(dir)))
+/// The passphrase: the first line of `file`, else `STILLPOINT_PASSPHRASE`, else none.
+fn passphrase(file: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>> {
+    let pass = match file {
+        Some(file) => {
+            let text = std::fs::read(file)
+                .with_context(|| format!("cannot read the passphrase file {}", file.display()))?;
+            let line = text
+                .split(|&b| b == b'\n')
+                .next()
+                .unwrap_or_default()
+                .to_vec();
+            Some(line)
+        }
+        None => std::env::var_os("STILLPOINT_PASSPHRASE").map(|p| p.into_encoded_bytes()),
+    };
+    if pass.as_ref().is_some_and(|p| p.is_empty()) {
+        bail!("the passphrase is empty");
+    }
+    Ok(pass)
+}
+
+fn open(dir: &Path, pass_file: Option<&Path>) -> anyhow::Result<Repository> {
+    let pass = passphrase(pass_file)?;
+    Repository::open(Box::new(LocalDir::new(dir)), pass.as_deref())
         .with_context(|| format!("cannot open the repository {}", dir.display()))
 }
 
-/// `repo init DIR`.
-pub fn init(dir: &Path, chunk_size: u64, compression: Compression) -> anyhow::Result<()> {
+/// `repo init DIR`, encrypted with `--encrypt`.
+pub fn init(
+    dir: &Path,
+    chunk_size: u64,
+    compression: Compression,
+    encrypt: bool,
+    pass_file: Option<&Path>,
+) -> anyhow::Result<()> {
+    let pass = if encrypt {
+        let Some(pass) = passphrase(pass_file)? else {
+            bail!("--encrypt needs a passphrase: --passphrase-file FILE or STILLPOINT_PASSPHRASE");
+        };
+        Some(pass)
+    } else {
+        None
+    };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let repo = Repository::init(Box::new(LocalDir::new(dir)), chunk_size, compression)
-        .with_context(|| format!("cannot create a repository in {}", dir.display()))?;
+    let repo = Repository::init(
+        Box::new(LocalDir::new(dir)),
+        chunk_size,
+        compression,
+        pass.as_deref(),
+    )
+    .with_context(|| format!("cannot create a repository in {}", dir.display()))?;
     println!(
-        "created repository {} in {} (chunk size {}, compression {:?})",
+        "created repository {} in {} (chunk size {}, compression {:?}{})",
         repo.config().id,
         dir.display(),
         crate::info::human_size(chunk_size),
-        compression
+        compression,
+        if encrypt { ", encrypted" } else { "" }
     );
     Ok(())
 }
@@ -48,11 +90,12 @@ pub async fn backup(
     source: &Path,
     source_format: Option<Format>,
     dir: &Path,
+    pass_file: Option<&Path>,
     disk: &str,
     json: bool,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let repo = open(dir)?;
+    let repo = open(dir, pass_file)?;
     let format = resolve_format(source, source_format, "--source-format")?;
     let graph = NodeGraph::new();
     let top = graph.open(node_options(source, format, true, None)).await?;
@@ -123,8 +166,13 @@ fn iso_time(ns: u64) -> String {
 }
 
 /// `repo snapshots DIR [--disk NAME] [--json]`.
-pub fn snapshots(dir: &Path, disk: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let repo = open(dir)?;
+pub fn snapshots(
+    dir: &Path,
+    pass_file: Option<&Path>,
+    disk: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let repo = open(dir, pass_file)?;
     let list: Vec<_> = repo
         .snapshots()?
         .into_iter()
@@ -161,6 +209,7 @@ pub fn snapshots(dir: &Path, disk: Option<&str>, json: bool) -> anyhow::Result<(
 /// `restore --repo DIR SNAPSHOT TARGET`: writes the snapshot to a new sparse raw file.
 pub fn restore(
     dir: &Path,
+    pass_file: Option<&Path>,
     spec: &str,
     target: &PathBuf,
     target_format: Option<Format>,
@@ -169,7 +218,7 @@ pub fn restore(
         bail!("restoring a repository snapshot into qcow2 is not implemented yet (raw only)");
     }
     let started = Instant::now();
-    let repo = open(dir)?;
+    let repo = open(dir, pass_file)?;
     let info = repo.find_snapshot(spec)?;
     let (info, chunks) = repo.read_snapshot(&info.id)?;
     let index = repo.load_index()?;
@@ -207,8 +256,13 @@ pub fn restore(
 }
 
 /// `repo verify DIR [SNAPSHOT...] [--json]`: exit 1 naming every damaged snapshot.
-pub fn verify(dir: &Path, specs: &[String], json: bool) -> anyhow::Result<()> {
-    let repo = open(dir)?;
+pub fn verify(
+    dir: &Path,
+    pass_file: Option<&Path>,
+    specs: &[String],
+    json: bool,
+) -> anyhow::Result<()> {
+    let repo = open(dir, pass_file)?;
     let mut ids = Vec::new();
     for spec in specs {
         ids.push(repo.find_snapshot(spec)?.id);
@@ -246,6 +300,7 @@ pub fn verify(dir: &Path, specs: &[String], json: bool) -> anyhow::Result<()> {
 /// `repo prune DIR --keep-...`: deletes the snapshots no rule keeps (per disk).
 pub fn prune(
     dir: &Path,
+    pass_file: Option<&Path>,
     disk: Option<&str>,
     policy: &repo::retention::Policy,
     dry_run: bool,
@@ -253,7 +308,7 @@ pub fn prune(
     if policy.is_empty() {
         bail!("give at least one --keep-* rule (prune would delete every snapshot)");
     }
-    let repo = open(dir)?;
+    let repo = open(dir, pass_file)?;
     let all: Vec<_> = repo
         .snapshots()?
         .into_iter()
@@ -297,8 +352,8 @@ pub fn prune(
 }
 
 /// `repo stats DIR [--json]`.
-pub fn stats(dir: &Path, json: bool) -> anyhow::Result<()> {
-    let stats = open(dir)?.stats()?;
+pub fn stats(dir: &Path, pass_file: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let stats = open(dir, pass_file)?.stats()?;
     if json {
         println!("{}", serde_json::to_value(stats)?);
         return Ok(());

@@ -228,3 +228,68 @@ fn a_backup_killed_at_any_point_leaves_the_repository_consistent() {
         std::fs::remove_file(&restored).unwrap();
     }
 }
+
+#[test]
+fn an_encrypted_repository_takes_its_passphrase_from_a_file_or_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let repo = s(&repo);
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "correct horse battery\n").unwrap();
+    let pass = s(&pass);
+    let refused = stillpoint(&["repo", "init", repo, "--encrypt"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("--passphrase-file"),
+        "{}",
+        stderr(&refused)
+    );
+    ours(&["repo", "init", repo, "--encrypt", "--passphrase-file", pass]);
+    let disk = dir.path().join("disk.raw");
+    let size = seeded_image(&disk, 5);
+    // The environment variable works as the file does (the newline is not part of it).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stillpoint"))
+        .args(["backup", s(&disk), "--repo", repo, "--disk", "vm", "--json"])
+        .env("STILLPOINT_PASSPHRASE", "correct horse battery")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let no = stillpoint(&["repo", "snapshots", repo]);
+    assert!(!no.status.success());
+    assert!(stderr(&no).contains("encrypted"), "{}", stderr(&no));
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "battery staple").unwrap();
+    let bad = stillpoint(&["repo", "verify", repo, "--passphrase-file", s(&wrong)]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("wrong passphrase"),
+        "{}",
+        stderr(&bad)
+    );
+    ours(&["repo", "verify", repo, "--passphrase-file", pass]);
+    let restored = dir.path().join("restored.raw");
+    ours(&[
+        "restore",
+        "--repo",
+        repo,
+        "--passphrase-file",
+        pass,
+        "vm",
+        s(&restored),
+    ]);
+    let same = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-q",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            s(&disk),
+            s(&restored),
+        ],
+    );
+    assert!(same.status.success());
+    assert_eq!(std::fs::metadata(&restored).unwrap().len(), sectors(size));
+}
