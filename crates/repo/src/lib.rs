@@ -2,7 +2,8 @@
 //!
 //! **Status: the first slice.** Local directories, optional encryption ([`crypto`]), full
 //! snapshots written from a whole disk, restore, listing, verify, retention ([`retention`],
-//! manifests only) and stats. Not yet: GC and writer leases, NBD access, incrementals from a bitmap, S3, a
+//! manifests only), garbage collection with writer leases ([`gc`]) and stats. Not yet:
+//! repacking mostly-dead packs, NBD access, incrementals from a bitmap, S3, a
 //! thread pool for hashing and compression, and a dedup index with bounded memory (the
 //! whole index is loaded today: about 100 bytes of memory per stored chunk).
 //!
@@ -44,6 +45,7 @@ pub mod backend;
 pub mod crypto;
 pub mod error;
 pub mod format;
+pub mod gc;
 pub mod repository;
 pub mod retention;
 

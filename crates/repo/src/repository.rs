@@ -19,6 +19,7 @@ use crate::format::ChunkIndex;
 use crate::format::Compression;
 use crate::format::PackBuilder;
 use crate::format::SnapshotInfo;
+use crate::gc::Lease;
 
 /// Smallest and largest chunk sizes a repository may use.
 pub const CHUNK_SIZES: std::ops::RangeInclusive<u64> = (64 << 10)..=(4 << 20);
@@ -60,14 +61,14 @@ impl std::fmt::Debug for Repository {
     }
 }
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
 
-fn pack_key(id: &str) -> String {
+pub(crate) fn pack_key(id: &str) -> String {
     format!("packs/{}/{id}", &id[..2])
 }
 
@@ -146,6 +147,11 @@ impl Repository {
         })
     }
 
+    /// The storage under the repository.
+    pub(crate) fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
@@ -220,7 +226,10 @@ impl Repository {
         if disk.is_empty() || disk.contains('/') {
             return Err(Error::Invalid(format!("bad disk name '{disk}'")));
         }
+        // The lease first, then the index: a collection cannot start between the two.
+        let lease = self.lease()?;
         Ok(SnapshotWriter {
+            _lease: lease,
             repo: self,
             index: self.load_index()?,
             in_pack: HashSet::new(),
@@ -241,7 +250,7 @@ impl Repository {
     }
 
     /// Deletes the manifests of these snapshots. Their chunks stay in the packs until
-    /// a garbage collection (not implemented yet) removes what no snapshot names.
+    /// a garbage collection ([`Repository::gc`]) removes what no snapshot names.
     pub fn forget(&self, ids: &[String]) -> Result<()> {
         for id in ids {
             self.backend.delete(&format!("snapshots/{id}"))?;
@@ -405,6 +414,7 @@ pub struct WriteStats {
 /// the commit nothing is visible; a writer dropped or failed leaves at most packs no
 /// snapshot names.
 pub struct SnapshotWriter<'r> {
+    _lease: Lease<'r>,
     repo: &'r Repository,
     index: ChunkIndex,
     in_pack: HashSet<ChunkId>,
@@ -412,6 +422,15 @@ pub struct SnapshotWriter<'r> {
     chunks: Vec<ChunkId>,
     info: SnapshotInfo,
     stats: WriteStats,
+}
+
+impl std::fmt::Debug for SnapshotWriter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotWriter")
+            .field("disk", &self.info.disk)
+            .field("chunks", &self.chunks.len())
+            .finish()
+    }
 }
 
 impl SnapshotWriter<'_> {

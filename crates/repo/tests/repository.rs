@@ -267,3 +267,61 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn gc_deletes_what_no_snapshot_names_and_never_runs_beside_a_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repository::init(
+        Box::new(LocalDir::new(dir.path())),
+        CHUNK,
+        Compression::Zstd,
+        None,
+    )
+    .unwrap();
+    let a_data = disk(21, 9, 0);
+    // Nothing in common with a's (the text chunks of disk() repeat across seeds).
+    let b_data = Rng(22).bytes(9 * CHUNK as usize);
+    let (a, _) = backup(&repo, "a", &a_data);
+    let (b, _) = backup(&repo, "b", &b_data);
+    let packs_before = walk(&dir.path().join("packs")).len();
+    assert_eq!(packs_before, 2);
+
+    // A writer in progress blocks a collection; a collection in progress blocks writers.
+    let writer = repo.writer("c", CHUNK, None).unwrap();
+    let refused = repo.gc().unwrap_err();
+    assert!(
+        refused.to_string().contains("a backup is writing"),
+        "{refused}"
+    );
+    drop(writer);
+    std::fs::write(dir.path().join("gc"), "1").unwrap();
+    let refused = repo.writer("c", CHUNK, None).unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("garbage collection is running"),
+        "{refused}"
+    );
+    assert!(repo.gc().is_err(), "a second collection");
+    std::fs::remove_file(dir.path().join("gc")).unwrap();
+    assert!(
+        walk(&dir.path().join("leases")).is_empty(),
+        "refused writers leave no lease"
+    );
+
+    // Nothing to delete while both snapshots live.
+    assert_eq!(repo.gc().unwrap().deleted_packs, 0);
+    // A lease left by a writer that died long ago does not block.
+    std::fs::write(dir.path().join("leases/1-1-dead"), "1").unwrap();
+    repo.forget(std::slice::from_ref(&a.id)).unwrap();
+    let stats = repo.gc().unwrap();
+    assert_eq!((stats.packs, stats.deleted_packs), (2, 1));
+    assert!(walk(&dir.path().join("leases")).is_empty());
+    assert_eq!(walk(&dir.path().join("packs")).len(), 1);
+    assert_eq!(walk(&dir.path().join("index")).len(), 1);
+    assert!(repo.verify(&[]).unwrap().iter().all(|(_, p)| p.is_empty()));
+    assert_eq!(restore(&repo, &b.id), b_data);
+    // The same data backed up again is stored again (its old pack is gone).
+    let (_, stats) = backup(&repo, "a", &a_data);
+    assert!(stats.new_chunks > 0);
+}

@@ -128,6 +128,15 @@ enum RepoCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Delete the packs no snapshot names (refused while a backup writes).
+    Gc {
+        /// The repository.
+        dir: PathBuf,
+        /// The passphrase of an encrypted repository: this file's first line (else
+        /// the STILLPOINT_PASSPHRASE environment variable).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
     /// Logical bytes against stored bytes, chunks, packs.
     Stats {
         /// The repository.
@@ -244,7 +253,7 @@ enum Command {
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
     },
-    /// The backup repository: create, list, prune, stats, verify.
+    /// The backup repository: create, list, prune, collect garbage, stats, verify.
     Repo {
         #[command(subcommand)]
         command: RepoCommand,
@@ -589,6 +598,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     dry_run,
                 )
             }
+            RepoCommand::Gc {
+                dir,
+                passphrase_file,
+            } => repo_cmd::gc(&dir, passphrase_file.as_deref()),
             RepoCommand::Stats {
                 dir,
                 passphrase_file,

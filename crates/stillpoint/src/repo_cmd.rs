@@ -339,7 +339,7 @@ pub fn prune(
         repo.forget(&remove)?;
     }
     println!(
-        "{} kept, {} {} (their data stays until a garbage collection, not implemented yet)",
+        "{} kept, {} {} (`repo gc` frees the space only they used)",
         kept.len(),
         remove.len(),
         if dry_run {
@@ -369,6 +369,16 @@ pub fn stats(dir: &Path, pass_file: Option<&Path>, json: bool) -> anyhow::Result
         crate::info::human_size(stats.stored_bytes),
         stats.packs,
         ratio(stats.logical_bytes, stats.stored_bytes)
+    );
+    Ok(())
+}
+
+/// `repo gc DIR`.
+pub fn gc(dir: &Path, pass_file: Option<&Path>) -> anyhow::Result<()> {
+    let stats = open(dir, pass_file)?.gc()?;
+    println!(
+        "garbage collection: {} packs, {} deleted (no snapshot named them), {} index objects deleted",
+        stats.packs, stats.deleted_packs, stats.deleted_indexes
     );
     Ok(())
 }

@@ -117,6 +117,8 @@ fn backups_into_a_repository_restore_identical_images_and_damage_fails_verify() 
     assert_eq!(count(&ours(&["repo", "snapshots", repo, "--json"])), 8);
     ours(&["repo", "prune", repo, "--keep-last", "1"]);
     assert_eq!(count(&ours(&["repo", "snapshots", repo, "--json"])), 4);
+    let gc = ours(&["repo", "gc", repo]);
+    assert!(gc.starts_with("garbage collection: "), "{gc}");
     snapshots.retain(|(id, _)| stillpoint(&["repo", "verify", repo, id]).status.success());
     assert_eq!(
         snapshots.len(),
