@@ -3,7 +3,8 @@
 //! **Status: the first slice.** Local directories, optional encryption ([`crypto`]), full
 //! snapshots written from a whole disk, restore, listing, verify, retention ([`retention`],
 //! manifests only), garbage collection with writer leases ([`gc`]) and stats. Not yet:
-//! repacking mostly-dead packs, NBD access, incrementals from a bitmap, S3, a
+//! repacking mostly-dead packs (`stillpoint nbd --repo` serves a snapshot through a
+//! driver in the CLI crate), incrementals from a bitmap, S3, a
 //! thread pool for hashing and compression, and a dedup index with bounded memory (the
 //! whole index is loaded today: about 100 bytes of memory per stored chunk).
 //!

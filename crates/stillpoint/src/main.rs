@@ -17,6 +17,7 @@ mod info;
 mod map;
 mod nbd_cmd;
 mod repo_cmd;
+mod repo_node;
 mod size;
 
 use std::path::Path;
@@ -319,7 +320,18 @@ enum Command {
     /// Serve an image over NBD until SIGINT/SIGTERM (like qemu-nbd).
     Nbd {
         /// The image.
-        image: PathBuf,
+        #[arg(required_unless_present = "repo", conflicts_with = "repo")]
+        image: Option<PathBuf>,
+        /// Serve a snapshot of this repository, read-only, instead of an image.
+        #[arg(long, requires = "snapshot")]
+        repo: Option<PathBuf>,
+        /// With --repo: the snapshot (an id, or a disk name for its latest).
+        #[arg(long, requires = "repo")]
+        snapshot: Option<String>,
+        /// The passphrase of an encrypted repository: this file's first line (else
+        /// the STILLPOINT_PASSPHRASE environment variable).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
         /// Listen on this UNIX socket.
         #[arg(long, conflicts_with = "bind", required_unless_present = "bind")]
         socket: Option<PathBuf>,
@@ -494,6 +506,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Nbd {
             image,
+            repo,
+            snapshot,
+            passphrase_file,
             socket,
             bind,
             format,
@@ -528,7 +543,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 writable,
                 limits,
             };
-            nbd_cmd::run(&image, options).await
+            match (image, repo, snapshot) {
+                (_, Some(repo), Some(snapshot)) => {
+                    if options.writable {
+                        bail!("a repository snapshot is served read-only (no --writable)");
+                    }
+                    let repo = repo_cmd::open(&repo, passphrase_file.as_deref())?;
+                    let id = repo.find_snapshot(&snapshot)?.id;
+                    let driver = repo_node::SnapshotDriver::open(std::sync::Arc::new(repo), &id)?;
+                    nbd_cmd::run_driver(&format!("snapshot {id}"), Box::new(driver), options).await
+                }
+                (Some(image), _, _) => nbd_cmd::run(&image, options).await,
+                _ => bail!("give an IMAGE, or --repo DIR --snapshot SNAPSHOT"),
+            }
         }
         Command::Restore {
             chain_top,

@@ -52,16 +52,46 @@ pub async fn run(image: &Path, options: ServeOptions) -> anyhow::Result<()> {
             Some("disk"),
         ))
         .await?;
-    let result = serve(&graph, image, listen, name, writable, limits).await;
+    let result = serve(
+        &graph,
+        &image.display().to_string(),
+        listen,
+        name,
+        writable,
+        limits,
+    )
+    .await;
     // Close on every exit (a failed bind included), so a qcow2 image is left clean.
     let closed = graph.close_all().await;
     result?;
     closed.context("failed to close the image")
 }
 
+/// Serves a node over a driver built elsewhere (a repository snapshot), read-only.
+pub async fn run_driver(
+    what: &str,
+    driver: Box<dyn block::BlockDriver>,
+    options: ServeOptions,
+) -> anyhow::Result<()> {
+    let graph = NodeGraph::new();
+    graph.add_driver("disk", driver, true).await?;
+    let result = serve(
+        &graph,
+        what,
+        options.listen,
+        options.name,
+        false,
+        options.limits,
+    )
+    .await;
+    let closed = graph.close_all().await;
+    result?;
+    closed.context("failed to close the node")
+}
+
 async fn serve(
     graph: &NodeGraph,
-    image: &Path,
+    what: &str,
     listen: SocketAddress,
     name: String,
     writable: bool,
@@ -99,8 +129,7 @@ async fn serve(
         }
     };
     eprintln!(
-        "stillpoint: serving '{}' as NBD export '{name}' ({}) on {where_}",
-        image.display(),
+        "stillpoint: serving '{what}' as NBD export '{name}' ({}) on {where_}",
         if writable { "writable" } else { "read-only" }
     );
     tokio::select! {

@@ -43,7 +43,8 @@ fn passphrase(file: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>> {
     Ok(pass)
 }
 
-fn open(dir: &Path, pass_file: Option<&Path>) -> anyhow::Result<Repository> {
+/// Opens the repository in `dir`, with the passphrase if one is given.
+pub fn open(dir: &Path, pass_file: Option<&Path>) -> anyhow::Result<Repository> {
     let pass = passphrase(pass_file)?;
     Repository::open(Box::new(LocalDir::new(dir)), pass.as_deref())
         .with_context(|| format!("cannot open the repository {}", dir.display()))

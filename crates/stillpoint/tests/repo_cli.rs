@@ -295,3 +295,73 @@ fn an_encrypted_repository_takes_its_passphrase_from_a_file_or_the_environment()
     assert!(same.status.success());
     assert_eq!(std::fs::metadata(&restored).unwrap().len(), sectors(size));
 }
+
+/// A snapshot served read-only over NBD reads as the image did, zero chunks show as
+/// holes, and writes are refused.
+#[test]
+fn a_snapshot_is_served_over_nbd_as_the_image_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let repo = s(&repo);
+    ours(&["repo", "init", repo, "--chunk-size", "64K"]);
+    let disk = dir.path().join("disk.raw");
+    let mut data = Rng(9).bytes(1 << 20);
+    data.extend(vec![0u8; 1 << 20]);
+    data.extend(Rng(10).bytes(65536 + 4096));
+    std::fs::write(&disk, &data).unwrap();
+    ours(&["backup", s(&disk), "--repo", repo, "--disk", "vm"]);
+    let socket = dir.path().join("nbd.sock");
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_stillpoint"))
+            .args([
+                "nbd",
+                "--repo",
+                repo,
+                "--snapshot",
+                "vm",
+                "--socket",
+                s(&socket),
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..500 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let same = run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", s(&disk), &uri],
+    );
+    assert!(same.status.success(), "{}", stdout(&same));
+    let map: serde_json::Value = serde_json::from_str(&ok(
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", &uri],
+    ))
+    .unwrap();
+    let holes: Vec<_> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == false)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(holes, vec![(1 << 20, 1 << 20)], "{map}");
+    let write = run("qemu-io", &["-f", "raw", "-c", "write 0 4k", &uri]);
+    assert!(
+        !write.status.success()
+            || stderr(&write).contains("failed")
+            || stdout(&write).contains("failed")
+    );
+}

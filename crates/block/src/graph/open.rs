@@ -83,6 +83,38 @@ pub(super) fn check_child_writable(
 }
 
 impl NodeGraph {
+    /// Adds a node named `name` over a driver built elsewhere (a read-only view of a
+    /// repository snapshot, say), with the default policy and `read_only`.
+    pub async fn add_driver(
+        &self,
+        name: &str,
+        driver: Box<dyn BlockDriver>,
+        read_only: bool,
+    ) -> Result<Arc<Node>> {
+        validate_node_name(name)?;
+        let _reconfigure = self.reconfigure.lock().await;
+        let node = Arc::new(Node {
+            name: name.to_string(),
+            implicit: false,
+            implicit_children: Vec::new(),
+            policy: NodePolicy {
+                read_only,
+                ..NodePolicy::default()
+            },
+            growable: Default::default(),
+            bitmaps: Mutex::new(Vec::new()),
+            filter_owner: None,
+            demoted: Default::default(),
+            driver,
+        });
+        let mut state = self.state();
+        if state.nodes.contains_key(name) {
+            return Err(duplicate(name));
+        }
+        state.nodes.insert(name.to_string(), node.clone());
+        Ok(node)
+    }
+
     pub(super) fn open_node<'a>(
         &'a self,
         options: BlockdevOptions,
