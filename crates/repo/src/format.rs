@@ -146,7 +146,13 @@ pub struct PackBuilder {
 impl PackBuilder {
     /// An empty pack.
     pub fn new() -> Self {
-        let mut bytes = Vec::with_capacity(1 << 20);
+        Self::reusing(Vec::new())
+    }
+
+    /// An empty pack in the buffer of a finished one: its pages are already mapped, so
+    /// filling it again costs no page faults.
+    pub fn reusing(mut bytes: Vec<u8>) -> Self {
+        bytes.clear();
         bytes.extend_from_slice(PACK_MAGIC);
         bytes.push(FORMAT_VERSION as u8);
         Self {

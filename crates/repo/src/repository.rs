@@ -393,6 +393,28 @@ pub struct RepoStats {
     pub packs: u64,
 }
 
+/// `f` over `items` on every core the machine has (scoped threads, contiguous slices),
+/// results in order.
+fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len());
+    if threads <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let per = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = items
+            .chunks(per)
+            .map(|part| scope.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| h.join().expect("a chunk worker panicked"))
+            .collect()
+    })
+}
+
 /// What a snapshot writer did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteStats {
@@ -436,40 +458,59 @@ impl std::fmt::Debug for SnapshotWriter<'_> {
 impl SnapshotWriter<'_> {
     /// Adds the next chunk (the last may be short).
     pub fn add_chunk(&mut self, data: &[u8]) -> Result<()> {
-        let expected = (self.info.size - self.chunks.len() as u64 * self.info.chunk_size)
-            .min(self.info.chunk_size);
-        if data.len() as u64 != expected {
-            return Err(Error::Invalid(format!(
-                "chunk {} has {} bytes, the disk needs {expected}",
-                self.chunks.len(),
-                data.len()
-            )));
+        self.add_chunks(&[data])
+    }
+
+    /// Adds the next chunks, in order. Their ids, and then the compression and sealing
+    /// of those the repository lacks, are computed on all cores (scoped threads); the
+    /// dedup decisions and the packing stay in order.
+    pub fn add_chunks(&mut self, chunks: &[&[u8]]) -> Result<()> {
+        for (n, data) in chunks.iter().enumerate() {
+            let at = self.chunks.len() as u64 + n as u64;
+            let expected = self
+                .info
+                .size
+                .saturating_sub(at * self.info.chunk_size)
+                .min(self.info.chunk_size);
+            if data.len() as u64 != expected || expected == 0 {
+                return Err(Error::Invalid(format!(
+                    "chunk {at} has {} bytes, the disk needs {expected}",
+                    data.len()
+                )));
+            }
         }
-        let id = ChunkId::keyed(self.repo.keys.as_ref(), data);
-        self.stats.chunks += 1;
-        self.chunks.push(id);
-        if id == ChunkId::ZERO {
-            self.stats.zero_chunks += 1;
-            return Ok(());
+        let keys = self.repo.keys.as_ref();
+        let ids = parallel_map(chunks, |data| ChunkId::keyed(keys, data));
+        let mut new = Vec::new();
+        for (data, id) in chunks.iter().zip(&ids) {
+            self.stats.chunks += 1;
+            self.chunks.push(*id);
+            if *id == ChunkId::ZERO {
+                self.stats.zero_chunks += 1;
+            } else if self.index.contains_key(id) || !self.in_pack.insert(*id) {
+                self.stats.deduplicated += 1;
+            } else {
+                new.push((*id, *data));
+            }
         }
-        if self.index.contains_key(&id) || self.in_pack.contains(&id) {
-            self.stats.deduplicated += 1;
-            return Ok(());
-        }
-        let (stored, codec) = format::encode_blob(data, self.repo.config.compression);
-        // Sealed after compression; the id is the associated data, so a blob cannot be
-        // passed off as another chunk.
-        let stored = match &self.repo.keys {
-            Some(keys) => keys.seal(&id.0, &stored),
-            None => stored,
-        };
-        self.pack.add(id, &stored, data.len() as u32, codec);
-        self.in_pack.insert(id);
-        self.stats.new_chunks += 1;
-        self.stats.new_bytes += data.len() as u64;
-        self.stats.stored_bytes += stored.len() as u64;
-        if self.pack.len() >= PACK_TARGET_BYTES {
-            self.flush_pack()?;
+        let compression = self.repo.config.compression;
+        let encoded = parallel_map(&new, |(id, data)| {
+            let (stored, codec) = format::encode_blob(data, compression);
+            // Sealed after compression; the id is the associated data, so a blob
+            // cannot be passed off as another chunk.
+            match keys {
+                Some(keys) => (keys.seal(&id.0, &stored), codec),
+                None => (stored, codec),
+            }
+        });
+        for ((id, data), (stored, codec)) in new.iter().zip(encoded) {
+            self.pack.add(*id, &stored, data.len() as u32, codec);
+            self.stats.new_chunks += 1;
+            self.stats.new_bytes += data.len() as u64;
+            self.stats.stored_bytes += stored.len() as u64;
+            if self.pack.len() >= PACK_TARGET_BYTES {
+                self.flush_pack()?;
+            }
         }
         Ok(())
     }
@@ -494,7 +535,7 @@ impl SnapshotWriter<'_> {
             self.in_pack.remove(&chunk);
             self.index.insert(chunk, (id.clone(), blob));
         }
-        self.pack = PackBuilder::new();
+        self.pack = PackBuilder::reusing(bytes);
         Ok(())
     }
 

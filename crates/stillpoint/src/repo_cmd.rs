@@ -111,17 +111,28 @@ pub async fn backup(
     let mut writer = repo.writer(disk, size, parent.clone())?;
     let mut read = 0u64;
     let mut offset = 0u64;
+    // Reads of several chunks at a time (each read and block-status query is a trip
+    // through the blocking pool), into one buffer reused throughout: fresh large
+    // allocations cost a page fault per page.
+    let batch = chunk.max(4 << 20);
+    let zeros = vec![0u8; batch as usize];
+    let mut buf = IoBuf::zeroed(batch as usize);
     while offset < size {
-        let len = chunk.min(size - offset);
+        let len = batch.min(size - offset);
         // A range the image says reads as zeros is not read.
         let extent = node.block_status(offset, len).await?;
-        if extent.status.zero && extent.length >= len {
-            writer.add_chunk(&vec![0; len as usize])?;
+        let data: &[u8] = if extent.status.zero && extent.length >= len {
+            &zeros[..len as usize]
         } else {
-            let buf = node.read(offset, IoBuf::zeroed(len as usize)).await?;
+            if buf.len() as u64 != len {
+                buf = IoBuf::zeroed(len as usize);
+            }
+            buf = node.read(offset, buf).await?;
             read += len;
-            writer.add_chunk(&buf)?;
-        }
+            &buf
+        };
+        let pieces: Vec<&[u8]> = data.chunks(chunk as usize).collect();
+        writer.add_chunks(&pieces)?;
         offset += len;
     }
     drop(node);
