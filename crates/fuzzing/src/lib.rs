@@ -402,7 +402,7 @@ pub fn repo_files(data: &[u8]) {
             let mut sealed = body.to_vec();
             let digest = blake3::hash(&sealed);
             sealed.extend_from_slice(digest.as_bytes());
-            let id = format::hex(&digest.as_bytes()[..8]);
+            let id = repo::hex::hex(&digest.as_bytes()[..8]);
             if let Ok((info, chunks)) = format::decode_manifest("fuzz", &id, &sealed) {
                 let (again, bytes) = format::encode_manifest(&info, &chunks);
                 let (info2, chunks2) = format::decode_manifest("fuzz", &again, &bytes)

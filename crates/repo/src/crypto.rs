@@ -20,7 +20,8 @@ use serde::Serialize;
 
 use crate::error::Error;
 use crate::error::Result;
-use crate::format::hex;
+use crate::hex::hex;
+use crate::hex::unhex;
 
 const NONCE: usize = 24;
 /// Argon2id cost: memory in KiB, passes, lanes.
@@ -171,16 +172,6 @@ fn open_with(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
     XChaCha20Poly1305::new(key.into())
         .decrypt(XNonce::from_slice(nonce), Payload { msg: body, aad })
         .ok()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]

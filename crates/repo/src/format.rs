@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::crypto::Keys;
 use crate::error::Error;
 use crate::error::Result;
+use crate::hex::hex;
 
 /// The repository format this code writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -61,11 +62,6 @@ pub fn is_zero(data: &[u8]) -> bool {
         && words
             .into_iter()
             .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
-}
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How a blob is stored.

@@ -2,7 +2,7 @@
 //!
 //! **Status: the first slice.** Local directories, optional encryption ([`crypto`]), full
 //! snapshots written from a whole disk, restore, listing, verify, retention ([`retention`],
-//! manifests only), garbage collection with writer leases ([`gc`]) and stats. Not yet:
+//! manifests only), garbage collection with writer leases ([`repository::gc`]) and stats. Not yet:
 //! repacking mostly-dead packs (`stillpoint nbd --repo` serves a snapshot through a
 //! driver in the CLI crate), incrementals from a bitmap, S3, a
 //! thread pool for hashing and compression, and a dedup index with bounded memory (the
@@ -46,7 +46,7 @@ pub mod backend;
 pub mod crypto;
 pub mod error;
 pub mod format;
-pub mod gc;
+pub mod hex;
 pub mod repository;
 pub mod retention;
 

@@ -16,11 +16,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use super::Repository;
+use super::now_ns;
+use super::pack_key;
 use crate::error::Error;
 use crate::error::Result;
-use crate::repository::Repository;
-use crate::repository::now_ns;
-use crate::repository::pack_key;
 
 /// How long a lease counts without its writer finishing.
 pub const LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -56,7 +56,7 @@ impl Repository {
         let key = format!(
             "leases/{start}-{}-{}",
             std::process::id(),
-            crate::format::hex(&crate::crypto::random::<4>())
+            crate::hex::hex(&crate::crypto::random::<4>())
         );
         self.backend()
             .put_if_absent(&key, start.to_string().as_bytes())?;

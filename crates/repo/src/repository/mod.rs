@@ -1,6 +1,8 @@
 //! A repository: its configuration, writing snapshots (dedup against what is stored,
 //! chunks packed), reading them back, listing and verifying them.
 
+pub mod gc;
+
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::time::SystemTime;
@@ -8,6 +10,7 @@ use std::time::SystemTime;
 use serde::Deserialize;
 use serde::Serialize;
 
+use self::gc::Lease;
 use crate::backend::Backend;
 use crate::crypto::KeyFile;
 use crate::crypto::Keys;
@@ -19,7 +22,6 @@ use crate::format::ChunkIndex;
 use crate::format::Compression;
 use crate::format::PackBuilder;
 use crate::format::SnapshotInfo;
-use crate::gc::Lease;
 
 /// Smallest and largest chunk sizes a repository may use.
 pub const CHUNK_SIZES: std::ops::RangeInclusive<u64> = (64 << 10)..=(4 << 20);
@@ -97,7 +99,7 @@ impl Repository {
             version: format::FORMAT_VERSION,
             chunk_size,
             compression,
-            id: format::hex(&blake3::hash(seed.as_bytes()).as_bytes()[..16]),
+            id: crate::hex::hex(&blake3::hash(seed.as_bytes()).as_bytes()[..16]),
             encryption: keys.as_ref().zip(passphrase).map(|(k, p)| k.wrap(p)),
         };
         let bytes = serde_json::to_vec_pretty(&config).expect("config serializes");
@@ -327,7 +329,7 @@ impl Repository {
                     keys,
                 )?;
                 let filed = format::decode_index(&index_key, &filed, None)?;
-                if own != filed || format::hex(blake3::hash(&bytes).as_bytes()) != *pack {
+                if own != filed || crate::hex::hex(blake3::hash(&bytes).as_bytes()) != *pack {
                     return Err(Error::damaged(
                         &key,
                         "the pack does not match its id or index",
