@@ -57,6 +57,16 @@ fn restore(repo: &Repository, id: &str) -> Vec<u8> {
     out
 }
 
+/// A new repository in `dir`.
+fn init(
+    dir: &std::path::Path,
+    chunk: u64,
+    compression: Compression,
+    passphrase: Option<&[u8]>,
+) -> repo::Result<Repository> {
+    Repository::init(Box::new(LocalDir::new(dir)), chunk, compression, passphrase)
+}
+
 fn open(dir: &std::path::Path) -> Repository {
     open_with(dir, None)
 }
@@ -68,22 +78,8 @@ fn open_with(dir: &std::path::Path, passphrase: Option<&[u8]>) -> Repository {
 #[test]
 fn a_snapshot_restores_byte_for_byte_and_a_second_backup_stores_only_what_changed() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = Repository::init(
-        Box::new(LocalDir::new(dir.path())),
-        CHUNK,
-        Compression::Zstd,
-        None,
-    )
-    .unwrap();
-    assert!(
-        Repository::init(
-            Box::new(LocalDir::new(dir.path())),
-            CHUNK,
-            Compression::Zstd,
-            None
-        )
-        .is_err()
-    );
+    let repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
+    assert!(init(dir.path(), CHUNK, Compression::Zstd, None).is_err());
     let first = disk(1, 30, 4097);
     let (a, stats) = backup(&repo, "vm1", &first);
     assert_eq!(stats.chunks, 31);
@@ -128,13 +124,7 @@ fn a_snapshot_restores_byte_for_byte_and_a_second_backup_stores_only_what_change
 #[test]
 fn a_writer_refuses_chunks_of_the_wrong_size_and_an_unfinished_snapshot_is_not_visible() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = Repository::init(
-        Box::new(LocalDir::new(dir.path())),
-        CHUNK,
-        Compression::None,
-        None,
-    )
-    .unwrap();
+    let repo = init(dir.path(), CHUNK, Compression::None, None).unwrap();
     let mut w = repo.writer("d", 3 * CHUNK, None).unwrap();
     assert!(w.add_chunk(&[1; 100]).is_err());
     w.add_chunk(&vec![1; CHUNK as usize]).unwrap();
@@ -143,28 +133,14 @@ fn a_writer_refuses_chunks_of_the_wrong_size_and_an_unfinished_snapshot_is_not_v
     let mut w = repo.writer("d", 3 * CHUNK, None).unwrap();
     w.add_chunk(&vec![1; CHUNK as usize]).unwrap();
     assert!(w.commit().is_err(), "two chunks are missing");
-    assert!(
-        Repository::init(
-            Box::new(LocalDir::new(dir.path())),
-            3000,
-            Compression::None,
-            None
-        )
-        .is_err()
-    );
+    assert!(init(dir.path(), 3000, Compression::None, None).is_err());
 }
 
 /// Flips one byte in the middle of every object under `prefix` in turn; each time,
 /// reading or verifying must report damage, and putting the byte back heals it.
 fn flipped_bytes_are_detected(passphrase: Option<&[u8]>) {
     let dir = tempfile::tempdir().unwrap();
-    let repo = Repository::init(
-        Box::new(LocalDir::new(dir.path())),
-        CHUNK,
-        Compression::Zstd,
-        passphrase,
-    )
-    .unwrap();
+    let repo = init(dir.path(), CHUNK, Compression::Zstd, passphrase).unwrap();
     let data = disk(7, 12, 0);
     let (snap, _) = backup(&repo, "vm1", &data);
     let mut files = Vec::new();
@@ -209,13 +185,7 @@ fn a_flipped_byte_in_an_encrypted_repository_is_detected_too() {
 fn an_encrypted_repository_needs_its_passphrase_and_shows_no_plaintext() {
     let dir = tempfile::tempdir().unwrap();
     let pass: &[u8] = b"correct horse";
-    let repo = Repository::init(
-        Box::new(LocalDir::new(dir.path())),
-        CHUNK,
-        Compression::None,
-        Some(pass),
-    )
-    .unwrap();
+    let repo = init(dir.path(), CHUNK, Compression::None, Some(pass)).unwrap();
     // Text that would show in a plain pack.
     let data = "a secret line of the guest's disk\n".repeat(2 * CHUNK as usize / 34 + 1);
     let data = &data.as_bytes()[..2 * CHUNK as usize];
@@ -241,13 +211,7 @@ fn an_encrypted_repository_needs_its_passphrase_and_shows_no_plaintext() {
     assert_eq!(restore(&repo, &snap.id), data);
     // The same data in a plain repository gets other ids: ids are keyed.
     let plain_dir = tempfile::tempdir().unwrap();
-    let plain = Repository::init(
-        Box::new(LocalDir::new(plain_dir.path())),
-        CHUNK,
-        Compression::None,
-        None,
-    )
-    .unwrap();
+    let plain = init(plain_dir.path(), CHUNK, Compression::None, None).unwrap();
     backup(&plain, "vm1", data);
     let (_, enc_chunks) = repo.read_snapshot(&snap.id).unwrap();
     let plain_snap = plain.snapshots().unwrap().remove(0);
@@ -271,13 +235,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn gc_deletes_what_no_snapshot_names_and_never_runs_beside_a_writer() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = Repository::init(
-        Box::new(LocalDir::new(dir.path())),
-        CHUNK,
-        Compression::Zstd,
-        None,
-    )
-    .unwrap();
+    let repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
     let a_data = disk(21, 9, 0);
     // Nothing in common with a's (the text chunks of disk() repeat across seeds).
     let b_data = Rng(22).bytes(9 * CHUNK as usize);

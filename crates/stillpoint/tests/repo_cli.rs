@@ -5,6 +5,14 @@ mod common;
 
 use common::*;
 
+/// qemu-img's verdict on two raw images (or NBD URIs): identical or not.
+fn raw_compare(a: &str, b: &str) -> std::process::Output {
+    run(
+        "qemu-img",
+        &["compare", "-q", "-f", "raw", "-F", "raw", a, b],
+    )
+}
+
 #[test]
 fn backups_into_a_repository_restore_identical_images_and_damage_fails_verify() {
     let dir = tempfile::tempdir().unwrap();
@@ -55,19 +63,7 @@ fn backups_into_a_repository_restore_identical_images_and_damage_fails_verify() 
     for (i, (id, image)) in snapshots.iter().enumerate() {
         let restored = dir.path().join(format!("restored{i}.raw"));
         ours(&["restore", "--repo", repo, id, s(&restored)]);
-        let same = run(
-            "qemu-img",
-            &[
-                "compare",
-                "-q",
-                "-f",
-                "raw",
-                "-F",
-                "raw",
-                s(image),
-                s(&restored),
-            ],
-        );
+        let same = raw_compare(s(image), s(&restored));
         assert!(
             same.status.success(),
             "snapshot {id} differs from {}",
@@ -213,19 +209,7 @@ fn a_backup_killed_at_any_point_leaves_the_repository_consistent() {
             .to_string();
         let restored = dir.path().join(format!("r{round}.raw"));
         ours(&["restore", "--repo", repo, &id, s(&restored)]);
-        let same = run(
-            "qemu-img",
-            &[
-                "compare",
-                "-q",
-                "-f",
-                "raw",
-                "-F",
-                "raw",
-                s(&disk),
-                s(&restored),
-            ],
-        );
+        let same = raw_compare(s(&disk), s(&restored));
         assert!(same.status.success(), "round {round}");
         std::fs::remove_file(&restored).unwrap();
     }
@@ -279,19 +263,7 @@ fn an_encrypted_repository_takes_its_passphrase_from_a_file_or_the_environment()
         "vm",
         s(&restored),
     ]);
-    let same = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-q",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            s(&disk),
-            s(&restored),
-        ],
-    );
+    let same = raw_compare(s(&disk), s(&restored));
     assert!(same.status.success());
     assert_eq!(std::fs::metadata(&restored).unwrap().len(), sectors(size));
 }
