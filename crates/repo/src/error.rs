@@ -6,12 +6,13 @@ use std::io;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The backend could not read or write (a full disk, permissions, a dead server).
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Io {
         /// What was being done ("writing packs/ab/abcd.pack").
         what: String,
-        /// The cause.
-        source: io::Error,
+        /// The cause, part of the message (not a separate source, or reporters that
+        /// print the chain would say it twice).
+        cause: io::Error,
     },
     /// A repository file is damaged: it does not parse, or its content does not match
     /// its id or checksum. Never restored silently.
@@ -34,10 +35,10 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
+    pub(crate) fn io(what: impl Into<String>, cause: io::Error) -> Self {
         Error::Io {
             what: what.into(),
-            source,
+            cause,
         }
     }
 

@@ -337,3 +337,81 @@ fn a_snapshot_is_served_over_nbd_as_the_image_was() {
             || stdout(&write).contains("failed")
     );
 }
+
+/// A repository on a full filesystem: the backup fails with the OS's words, and the
+/// snapshot taken before still lists, verifies and restores. Needs root for the tmpfs;
+/// without it the test says so and checks nothing.
+#[test]
+fn a_backup_into_a_full_filesystem_fails_clearly_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = dir.path().join("fs");
+    std::fs::create_dir(&fs).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs", s(&fs)])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(fs.clone());
+    let repo = fs.join("repo");
+    let repo = s(&repo);
+    ours(&[
+        "repo",
+        "init",
+        repo,
+        "--chunk-size",
+        "64K",
+        "--compression",
+        "none",
+    ]);
+    let small = dir.path().join("small.raw");
+    let mut rng = Rng(31);
+    std::fs::write(&small, rng.bytes(1 << 20)).unwrap();
+    let first = ours(&[
+        "backup",
+        s(&small),
+        "--repo",
+        repo,
+        "--disk",
+        "small",
+        "--json",
+    ]);
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let big = dir.path().join("big.raw");
+    std::fs::write(&big, rng.bytes(16 << 20)).unwrap();
+    let failed = stillpoint(&["backup", s(&big), "--repo", repo, "--disk", "big"]);
+    assert!(!failed.status.success());
+    assert!(
+        stderr(&failed).contains("No space left on device"),
+        "{}",
+        stderr(&failed)
+    );
+    assert_eq!(stderr(&failed).lines().count(), 1, "{}", stderr(&failed));
+    assert_eq!(
+        stderr(&failed).matches("No space left").count(),
+        1,
+        "{}",
+        stderr(&failed)
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(&ours(&["repo", "snapshots", repo, "--json"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    ours(&["repo", "verify", repo]);
+    let restored = dir.path().join("restored.raw");
+    ours(&[
+        "restore",
+        "--repo",
+        repo,
+        first["snapshot"].as_str().unwrap(),
+        s(&restored),
+    ]);
+    assert!(raw_compare(s(&small), s(&restored)).status.success());
+}
