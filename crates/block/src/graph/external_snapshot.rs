@@ -67,6 +67,9 @@ impl NodeGraph {
     /// `blockdev-snapshot`: `overlay` (opened without a backing node, used by nobody)
     /// takes `node` as its backing node and its place (see the module note).
     pub async fn snapshot_onto(&self, node: &str, overlay: &str) -> Result<()> {
+        // One structural change from the checks to the move: a filter (a backup
+        // starting) cannot go in above the node between them.
+        let _reconfigure = self.reconfigure.lock().await;
         self.check_snapshot_base(node)?;
         let (below, top) = {
             let mut state = self.state();
@@ -108,9 +111,8 @@ impl NodeGraph {
     }
 
     /// Moves every user that follows `below` to `top` (already backed by `below`),
-    /// drained, and makes `below` read-only.
-    pub async fn append(&self, top: &Arc<Node>, below: &Arc<Node>) {
-        let _reconfigure = self.reconfigure.lock().await;
+    /// drained, and makes `below` read-only. The caller holds the reconfiguration lock.
+    async fn append(&self, top: &Arc<Node>, below: &Arc<Node>) {
         // Everything that follows `below` moves, the overlay's own link to it excepted
         // (QEMU's bdrv_append moves every other parent too).
         let own_link = |slot: &super::Slot| matches!(&slot.user, AttachUser::Parent { parent, .. } if parent == top.name());
