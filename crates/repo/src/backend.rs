@@ -71,6 +71,74 @@ impl LocalDir {
     }
 }
 
+/// Objects at least this large (packs) are written with `O_DIRECT`.
+const DIRECT_MIN: usize = 1 << 20;
+
+/// The alignment `O_DIRECT` needs on the filesystems we support.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Writes `data` to a new file at `path` and syncs it. Large objects bypass the page
+/// cache: they are synced at once anyway, and on this VM a buffered write and fsync
+/// of 1 GiB took 3.5 s where `O_DIRECT` took 0.8 s (the copy into the page cache was
+/// the packer's main cost). Filesystems without `O_DIRECT` (tmpfs) get a plain write.
+fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    if data.len() >= DIRECT_MIN {
+        match write_direct(path, data) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let _ = fs::remove_file(path);
+            }
+            done => return done,
+        }
+    }
+    let mut file = File::create(path)?;
+    file.write_all(data)?;
+    file.sync_all()
+}
+
+thread_local! {
+    /// A staging buffer for direct writes, kept per thread (a pack writer reuses it).
+    static STAGING: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn write_direct(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    const PIECE: usize = 8 << 20;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)?;
+    let aligned = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+    STAGING.with(|staging| -> std::io::Result<()> {
+        let mut staging = staging.borrow_mut();
+        if staging.len() < PIECE + DIRECT_ALIGN {
+            *staging = vec![0; PIECE + DIRECT_ALIGN];
+        }
+        // An aligned window of a plain vector: no unsafe allocation needed.
+        let skew = staging.as_ptr().align_offset(DIRECT_ALIGN);
+        let window = &mut staging[skew..skew + PIECE];
+        for (n, piece) in data[..aligned].chunks(PIECE).enumerate() {
+            window[..piece.len()].copy_from_slice(piece);
+            file.write_all_at(&window[..piece.len()], (n * PIECE) as u64)?;
+        }
+        Ok(())
+    })?;
+    if aligned < data.len() {
+        // The unaligned tail through the page cache: drop O_DIRECT on the descriptor.
+        let fd = file.as_raw_fd();
+        // SAFETY: fcntl on a descriptor this function owns, with integer arguments.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        file.write_all_at(&data[aligned..], aligned as u64)?;
+    }
+    file.sync_all()
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -89,11 +157,7 @@ impl Backend for LocalDir {
             std::process::id(),
             self.counter.fetch_add(1, Ordering::Relaxed)
         ));
-        let written = (|| {
-            let mut file = File::create(&tmp)?;
-            file.write_all(data)?;
-            file.sync_all()
-        })();
+        let written = write_synced(&tmp, data);
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
             return Err(Error::io(what(), e));

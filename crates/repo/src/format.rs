@@ -3,8 +3,6 @@
 //! before it trusts a field, so a damaged or hostile file is an error, never a panic
 //! and never wrong data.
 
-use std::collections::HashMap;
-
 use serde::Deserialize;
 use serde::Serialize;
 
@@ -423,6 +421,3 @@ pub fn decode_manifest(key: &str, id: &str, bytes: &[u8]) -> Result<(SnapshotInf
         .collect();
     Ok((info, chunks))
 }
-
-/// The chunk -> location map built from index objects.
-pub type ChunkIndex = HashMap<ChunkId, (String, BlobRef)>;

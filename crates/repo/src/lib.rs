@@ -43,6 +43,7 @@
 //! ([`error::Error::Damaged`]), never restored silently.
 
 pub mod backend;
+pub mod chunk_index;
 pub mod crypto;
 pub mod error;
 pub mod format;
@@ -52,6 +53,7 @@ pub mod retention;
 
 pub use backend::Backend;
 pub use backend::LocalDir;
+pub use chunk_index::ChunkIndex;
 pub use error::Error;
 pub use error::Result;
 pub use format::ChunkId;

@@ -233,7 +233,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 #[test]
-fn gc_deletes_what_no_snapshot_names_and_never_runs_beside_a_writer() {
+fn gc_condemns_then_deletes_and_a_backup_running_beside_it_stays_complete() {
     let dir = tempfile::tempdir().unwrap();
     let repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
     let a_data = disk(21, 9, 0);
@@ -241,45 +241,83 @@ fn gc_deletes_what_no_snapshot_names_and_never_runs_beside_a_writer() {
     let b_data = Rng(22).bytes(9 * CHUNK as usize);
     let (a, _) = backup(&repo, "a", &a_data);
     let (b, _) = backup(&repo, "b", &b_data);
-    let packs_before = walk(&dir.path().join("packs")).len();
-    assert_eq!(packs_before, 2);
-
-    // A writer in progress blocks a collection; a collection in progress blocks writers.
-    let writer = repo.writer("c", CHUNK, None).unwrap();
-    let refused = repo.gc().unwrap_err();
-    assert!(
-        refused.to_string().contains("a backup is writing"),
-        "{refused}"
-    );
-    drop(writer);
-    std::fs::write(dir.path().join("gc"), "1").unwrap();
-    let refused = repo.writer("c", CHUNK, None).unwrap_err();
-    assert!(
-        refused
-            .to_string()
-            .contains("garbage collection is running"),
-        "{refused}"
-    );
-    assert!(repo.gc().is_err(), "a second collection");
-    std::fs::remove_file(dir.path().join("gc")).unwrap();
-    assert!(
-        walk(&dir.path().join("leases")).is_empty(),
-        "refused writers leave no lease"
+    assert_eq!(walk(&dir.path().join("packs")).len(), 2);
+    assert_eq!(
+        repo.gc().unwrap().condemned_packs,
+        0,
+        "both packs are named"
     );
 
-    // Nothing to delete while both snapshots live.
-    assert_eq!(repo.gc().unwrap().deleted_packs, 0);
-    // A lease left by a writer that died long ago does not block.
-    std::fs::write(dir.path().join("leases/1-1-dead"), "1").unwrap();
+    // A backup that starts before the collection deduplicates against a's pack, which
+    // no snapshot names any more; the collections while it runs must not delete it.
     repo.forget(std::slice::from_ref(&a.id)).unwrap();
+    let mut writer = repo.writer("c", a_data.len() as u64, None).unwrap();
+    for chunk in a_data.chunks(CHUNK as usize) {
+        writer.add_chunk(chunk).unwrap();
+    }
+    let first = repo.gc().unwrap();
+    assert_eq!((first.condemned_packs, first.deleted_packs), (1, 0));
+    let second = repo.gc().unwrap();
+    assert_eq!((second.deferred_packs, second.deleted_packs), (1, 0));
+    let (c, stats) = writer.commit().unwrap();
+    assert_eq!(stats.new_chunks, 0, "every chunk was deduplicated");
+    let third = repo.gc().unwrap();
+    assert_eq!(third.deleted_packs, 0, "c names the condemned pack: kept");
+    assert_eq!(restore(&repo, &c.id), a_data);
+    assert!(repo.verify(&[]).unwrap().iter().all(|(_, p)| p.is_empty()));
+
+    // Unreferenced again: condemned by one collection, deleted by the next; a lease
+    // left by a writer that died long ago does not hold that up.
+    std::fs::write(dir.path().join("leases/1-1-dead"), "1").unwrap();
+    repo.forget(std::slice::from_ref(&c.id)).unwrap();
+    assert_eq!(repo.gc().unwrap().condemned_packs, 1);
     let stats = repo.gc().unwrap();
     assert_eq!((stats.packs, stats.deleted_packs), (2, 1));
     assert!(walk(&dir.path().join("leases")).is_empty());
     assert_eq!(walk(&dir.path().join("packs")).len(), 1);
     assert_eq!(walk(&dir.path().join("index")).len(), 1);
-    assert!(repo.verify(&[]).unwrap().iter().all(|(_, p)| p.is_empty()));
     assert_eq!(restore(&repo, &b.id), b_data);
-    // The same data backed up again is stored again (its old pack is gone).
-    let (_, stats) = backup(&repo, "a", &a_data);
-    assert!(stats.new_chunks > 0);
+
+    // A writer that starts after a condemnation stores the chunks again rather than
+    // depend on a pack about to go.
+    repo.forget(std::slice::from_ref(&b.id)).unwrap();
+    assert_eq!(repo.gc().unwrap().condemned_packs, 1);
+    let (b2, stats) = backup(&repo, "b", &b_data);
+    assert_eq!(stats.new_chunks, 9);
+    assert_eq!(repo.gc().unwrap().deleted_packs, 1);
+    assert_eq!(restore(&repo, &b2.id), b_data);
+    assert!(repo.verify(&[]).unwrap().iter().all(|(_, p)| p.is_empty()));
+
+    // Two collections never run at once.
+    std::fs::write(dir.path().join("gc"), "1").unwrap();
+    assert!(repo.gc().is_err(), "a second collection");
+}
+
+#[test]
+fn gc_repacks_a_mostly_dead_pack_and_the_snapshot_still_restores() {
+    for passphrase in [None, Some(&b"pw"[..])] {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = init(dir.path(), CHUNK, Compression::Zstd, passphrase).unwrap();
+        let old = Rng(31).bytes(8 * CHUNK as usize);
+        let mut new = old.clone();
+        new[2 * CHUNK as usize..].copy_from_slice(&Rng(32).bytes(6 * CHUNK as usize));
+        let (s1, _) = backup(&repo, "d", &old);
+        let (s2, _) = backup(&repo, "d", &new);
+        repo.forget(std::slice::from_ref(&s1.id)).unwrap();
+        let stats = repo.gc().unwrap();
+        assert_eq!(
+            (stats.repacked_packs, stats.new_packs, stats.condemned_packs),
+            (1, 1, 1),
+            "{stats:?}"
+        );
+        assert_eq!(restore(&repo, &s2.id), new);
+        let stats = repo.gc().unwrap();
+        assert_eq!(stats.deleted_packs, 1, "{stats:?}");
+        assert_eq!(walk(&dir.path().join("packs")).len(), 2);
+        let repo = open_with(dir.path(), passphrase);
+        assert_eq!(restore(&repo, &s2.id), new);
+        assert!(repo.verify(&[]).unwrap().iter().all(|(_, p)| p.is_empty()));
+        let stored = repo.stats().unwrap();
+        assert_eq!(stored.chunks, 8, "only the live chunks remain");
+    }
 }

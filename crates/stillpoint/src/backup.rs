@@ -110,7 +110,7 @@ fn format_of(path: &Path, format: Option<Format>, flag: &str) -> anyhow::Result<
 
 /// Creates an empty target of `len` bytes: a sparse raw file or a fresh qcow2 image,
 /// optionally backed by the previous backup of a chain.
-fn create_target(
+pub(crate) fn create_target(
     path: &Path,
     format: Format,
     len: u64,

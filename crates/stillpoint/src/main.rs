@@ -246,7 +246,7 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum)]
         target_format: Option<Format>,
-        /// Restore a snapshot of this repository (into a new raw file).
+        /// Restore a snapshot of this repository (into a new raw or qcow2 image).
         #[arg(long)]
         repo: Option<PathBuf>,
         /// The passphrase of an encrypted repository: this file's first line (else
@@ -563,13 +563,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             target_format,
             repo: Some(repo),
             passphrase_file,
-        } => repo_cmd::restore(
-            &repo,
-            passphrase_file.as_deref(),
-            &chain_top.to_string_lossy(),
-            &output,
-            target_format,
-        ),
+        } => {
+            repo_cmd::restore(
+                &repo,
+                passphrase_file.as_deref(),
+                &chain_top.to_string_lossy(),
+                &output,
+                target_format,
+            )
+            .await
+        }
         Command::Repo { command } => match command {
             RepoCommand::Init {
                 dir,

@@ -2,9 +2,9 @@
 //! repository (`crates/repo`). One-line summaries, `--json` for scripts, exit 1 with
 //! one line on failure.
 
-use std::os::unix::fs::FileExt;
+use std::io::IsTerminal;
 use std::path::Path;
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -12,13 +12,15 @@ use anyhow::bail;
 use block::AttachUser;
 use block::IoBuf;
 use block::NodeGraph;
-use repo::ChunkId;
+use indicatif::ProgressBar;
+use indicatif::ProgressStyle;
 use repo::Compression;
 use repo::LocalDir;
 use repo::Repository;
 use serde_json::json;
 
 use crate::image::Format;
+use crate::image::ImageFormat;
 use crate::image::node_options;
 use crate::image::resolve_format;
 
@@ -99,7 +101,7 @@ pub async fn backup(
     let repo = open(dir, pass_file)?;
     let format = resolve_format(source, source_format, "--source-format")?;
     let graph = NodeGraph::new();
-    let top = graph.open(node_options(source, format, true, None)).await?;
+    let top = open_direct(&graph, node_options(source, format, true, None)).await?;
     let node = graph.attach(top.name(), AttachUser::Other("backup".into()))?;
     let size = node.length();
     let chunk = repo.config().chunk_size;
@@ -109,31 +111,32 @@ pub async fn backup(
         .rfind(|s| s.disk == disk)
         .map(|s| s.id);
     let mut writer = repo.writer(disk, size, parent.clone())?;
+    let bar = progress_bar(size, json);
     let mut read = 0u64;
     let mut offset = 0u64;
     // Reads of several chunks at a time (each read and block-status query is a trip
-    // through the blocking pool), into one buffer reused throughout: fresh large
-    // allocations cost a page fault per page.
+    // through the blocking pool), handed to the writer's threads whole: the next read
+    // runs while they hash, compress and store this one.
     let batch = chunk.max(4 << 20);
-    let zeros = vec![0u8; batch as usize];
-    let mut buf = IoBuf::zeroed(batch as usize);
     while offset < size {
         let len = batch.min(size - offset);
+        let first = offset / chunk;
         // A range the image says reads as zeros is not read.
         let extent = node.block_status(offset, len).await?;
-        let data: &[u8] = if extent.status.zero && extent.length >= len {
-            &zeros[..len as usize]
+        if extent.status.zero && extent.length >= len {
+            writer.add_zeros_at(first, len.div_ceil(chunk))?;
         } else {
-            if buf.len() as u64 != len {
-                buf = IoBuf::zeroed(len as usize);
-            }
-            buf = node.read(offset, buf).await?;
+            let buf = node.read(offset, IoBuf::zeroed(len as usize)).await?;
             read += len;
-            &buf
-        };
-        let pieces: Vec<&[u8]> = data.chunks(chunk as usize).collect();
-        writer.add_chunks(&pieces)?;
+            writer.add_at(first, buf)?;
+        }
         offset += len;
+        if let Some(bar) = &bar {
+            bar.set_position(offset);
+        }
+    }
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
     }
     drop(node);
     graph.close_all().await?;
@@ -218,53 +221,157 @@ pub fn snapshots(
     Ok(())
 }
 
-/// `restore --repo DIR SNAPSHOT TARGET`: writes the snapshot to a new sparse raw file.
-pub fn restore(
+/// Opens an image with `cache.direct` where its filesystem allows, else buffered. A
+/// backup reads every byte once and a restore writes every byte once and syncs: the
+/// page cache would only cost a copy (and evict what the host had cached); on this VM
+/// a buffered write and sync of 1 GiB took 3.5 s, a direct one 0.8 s.
+async fn open_direct(
+    graph: &NodeGraph,
+    mut options: block::options::BlockdevOptions,
+) -> anyhow::Result<Arc<block::Node>> {
+    options.cache.direct = Some(true);
+    match graph.open(options.clone()).await {
+        Ok(node) => Ok(node),
+        Err(e) if e.to_string().contains("cache.direct") => {
+            options.cache.direct = None;
+            Ok(graph.open(options).await?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A progress bar on stderr when it is a terminal (and the output is not JSON).
+fn progress_bar(total: u64, json: bool) -> Option<ProgressBar> {
+    (!json && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    })
+}
+
+/// Bytes copied per request in a restore: many chunks, so one request reads several
+/// packs' ranges in parallel.
+const RESTORE_STEP: u64 = 32 << 20;
+
+/// `restore --repo DIR SNAPSHOT TARGET`: a copy, through the block layer, from the
+/// snapshot's read-only node to a new sparse raw file or qcow2 image. All-zero chunks
+/// are holes in the snapshot's block status and are not written; the next range is
+/// read while the last one is written.
+pub async fn restore(
     dir: &Path,
     pass_file: Option<&Path>,
     spec: &str,
-    target: &PathBuf,
+    target: &Path,
     target_format: Option<Format>,
 ) -> anyhow::Result<()> {
-    if target_format == Some(Format::Qcow2) {
-        bail!("restoring a repository snapshot into qcow2 is not implemented yet (raw only)");
-    }
     let started = Instant::now();
     let repo = open(dir, pass_file)?;
     let info = repo.find_snapshot(spec)?;
-    let (info, chunks) = repo.read_snapshot(&info.id)?;
-    let index = repo.load_index()?;
-    // A new file only: restoring over an existing one would destroy it before the
+    // A new image only: restoring over an existing one would destroy it before the
     // snapshot is known to be readable.
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(target)
-        .with_context(|| format!("cannot create {}", target.display()))?;
-    file.set_len(info.size)
-        .with_context(|| format!("cannot size {}", target.display()))?;
-    let mut written = 0u64;
-    for (i, id) in chunks.iter().enumerate() {
-        if *id == ChunkId::ZERO {
-            continue;
-        }
-        let data = repo.read_chunk(&index, id)?;
-        file.write_all_at(&data, i as u64 * info.chunk_size)
-            .with_context(|| format!("cannot write {}", target.display()))?;
-        written += data.len() as u64;
+    if target.exists() {
+        bail!("{} exists: restore writes a new image", target.display());
     }
-    file.sync_all()
-        .with_context(|| format!("cannot flush {}", target.display()))?;
+    let format = target_format.unwrap_or(Format::Raw);
+    let driver = crate::repo_node::SnapshotDriver::open(Arc::new(repo), &info.id)?;
+    let size = info.size;
+    crate::backup::create_target(target, format, size, None)?;
+    let copied = copy_snapshot(Box::new(driver), target, format, size).await;
+    if copied.is_err() {
+        let _ = std::fs::remove_file(target);
+    }
+    let written = copied?;
     println!(
-        "restored snapshot {} of {} to {}: {} written, {} left as holes, {:.2} s",
+        "restored snapshot {} of {} to {} ({}): {} written, {} left as holes, {:.2} s",
         info.id,
         info.disk,
         target.display(),
+        match format {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        },
         crate::info::human_size(written),
-        crate::info::human_size(info.size - written),
+        crate::info::human_size(size - written),
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Copies what `snapshot` reads into the image at `target`; returns the bytes written.
+async fn copy_snapshot(
+    snapshot: Box<dyn block::BlockDriver>,
+    target: &Path,
+    format: Format,
+    size: u64,
+) -> anyhow::Result<u64> {
+    let graph = NodeGraph::new();
+    let copied = async {
+        graph.add_driver("snapshot", snapshot, true).await?;
+        let image = ImageFormat::given(format);
+        open_direct(&graph, node_options(target, image, false, Some("target"))).await?;
+        let from = graph.attach("snapshot", AttachUser::Other("restore".into()))?;
+        let to = graph.attach("target", AttachUser::Other("restore".into()))?;
+        let bar = progress_bar(size, false);
+        let mut written = 0u64;
+        let mut offset = 0u64;
+        let mut pending: Option<(u64, IoBuf)> = None;
+        loop {
+            // The next range holding data, skipping holes.
+            let mut next = None;
+            while offset < size && next.is_none() {
+                let extent = from
+                    .block_status(offset, RESTORE_STEP.min(size - offset))
+                    .await?;
+                if !extent.status.zero {
+                    next = Some((offset, extent.length));
+                }
+                offset += extent.length;
+            }
+            let read = async {
+                match next {
+                    Some((at, len)) => from
+                        .read(at, IoBuf::zeroed(len as usize))
+                        .await
+                        .map(|buf| Some((at, buf))),
+                    None => Ok(None),
+                }
+            };
+            let write = async {
+                match pending.take() {
+                    Some((at, buf)) => to
+                        .write(at, buf, block::WriteFlags::default())
+                        .await
+                        .map(|buf| buf.len() as u64),
+                    None => Ok(0),
+                }
+            };
+            let (read, write) = tokio::join!(read, write);
+            written += write?;
+            pending = read?;
+            if let Some(bar) = &bar {
+                bar.set_position(offset);
+            }
+            if pending.is_none() {
+                break;
+            }
+        }
+        to.flush().await?;
+        if let Some(bar) = &bar {
+            bar.finish_and_clear();
+        }
+        anyhow::Ok(written)
+    }
+    .await;
+    // Closing writes a qcow2 target's metadata and marks it clean.
+    let closed = graph.close_all().await;
+    let written = copied?;
+    closed.context("cannot close the restored image")?;
+    Ok(written)
 }
 
 /// `repo verify DIR [SNAPSHOT...] [--json]`: exit 1 naming every damaged snapshot.

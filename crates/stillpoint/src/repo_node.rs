@@ -1,8 +1,10 @@
 //! A repository snapshot as a read-only block driver, so the block layer (and the NBD
 //! server over it) reads a snapshot like any image: `stillpoint nbd --repo`. All-zero
 //! chunks are holes in block status. Chunks are read, opened and checked on the
-//! blocking pool; the last one read is kept, so small sequential reads fetch each
-//! chunk once.
+//! blocking pool. A read covering several whole chunks fetches them at once (the
+//! repository coalesces neighbours in a pack and reads packs on several threads:
+//! restore and `qemu-img convert` read this way); for the chunks a read covers in part,
+//! the last one read is kept, so small sequential reads fetch each chunk once.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -17,8 +19,8 @@ use block::Result;
 use block::Status;
 use block::WriteFlags;
 use repo::ChunkId;
+use repo::ChunkIndex;
 use repo::Repository;
-use repo::format::ChunkIndex;
 
 /// One snapshot, read-only.
 pub struct SnapshotDriver {
@@ -81,9 +83,41 @@ impl BlockDriver for SnapshotDriver {
     }
 
     async fn read(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
+        let end = offset + buf.len() as u64;
+        let chunk_end = |i: u64| ((i + 1) * self.chunk_size).min(self.size);
+        // The chunks wholly inside the read, fetched together when there are several.
+        let first = offset.div_ceil(self.chunk_size);
+        let mut last = end / self.chunk_size;
+        if end == self.size {
+            last = self.chunks.len() as u64;
+        }
+        let whole = if last > first + 1 {
+            let (from, to) = (first * self.chunk_size, chunk_end(last - 1));
+            let (repo, index) = (self.repo.clone(), self.index.clone());
+            let ids = self.chunks[first as usize..last as usize].to_vec();
+            let chunk_size = self.chunk_size as usize;
+            let at = (from - offset) as usize;
+            buf = tokio::task::spawn_blocking(move || {
+                let area = &mut buf[at..at + (to - from) as usize];
+                let wanted = ids.into_iter().zip(area.chunks_mut(chunk_size)).collect();
+                repo.read_chunks_into(&index, wanted).map(|()| buf)
+            })
+            .await
+            .map_err(|e| Error::new(ErrorKind::Io, format!("read task failed: {e}")))?
+            .map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
+            Some(from..to)
+        } else {
+            None
+        };
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
+            if let Some(whole) = &whole
+                && whole.contains(&at)
+            {
+                done += (whole.end - at) as usize;
+                continue;
+            }
             let i = (at / self.chunk_size) as usize;
             let within = (at % self.chunk_size) as usize;
             let chunk_len = (self.size - i as u64 * self.chunk_size).min(self.chunk_size) as usize;

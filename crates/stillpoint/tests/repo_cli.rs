@@ -69,6 +69,29 @@ fn backups_into_a_repository_restore_identical_images_and_damage_fails_verify() 
             "snapshot {id} differs from {}",
             image.display()
         );
+        // Into qcow2 as well, through the same block-layer copy.
+        let qcow2 = dir.path().join(format!("restored{i}.qcow2"));
+        let out = ours(&[
+            "restore",
+            "--repo",
+            repo,
+            id,
+            s(&qcow2),
+            "--target-format",
+            "qcow2",
+        ]);
+        assert!(out.contains("(qcow2)"), "{out}");
+        let same = std::process::Command::new("qemu-img")
+            .args(["compare", "-q", "-f", "raw", "-F", "qcow2", s(image), s(&qcow2)])
+            .status()
+            .unwrap();
+        assert!(same.success(), "snapshot {id} in qcow2 differs");
+        let check = std::process::Command::new("qemu-img")
+            .args(["check", "-q", s(&qcow2)])
+            .status()
+            .unwrap();
+        assert!(check.success(), "qemu-img check of the restored qcow2");
+        std::fs::remove_file(&qcow2).unwrap();
     }
     // Restoring over an existing file is refused; the file is untouched.
     let existing = dir.path().join("restored1.raw");
@@ -161,6 +184,7 @@ fn backups_into_a_repository_restore_identical_images_and_damage_fails_verify() 
     let restore = stillpoint(&["restore", "--repo", repo, bad[0], s(&target)]);
     assert!(!restore.status.success());
     assert!(stderr(&restore).contains("damaged"), "{}", stderr(&restore));
+    assert!(!target.exists(), "a failed restore leaves no half image");
 }
 
 /// A backup killed (SIGKILL) at seeded points leaves every earlier snapshot sound and

@@ -1,29 +1,60 @@
-//! Garbage collection, and the leases that keep it from racing a backup.
+//! Garbage collection beside running backups: packs are *condemned* by one collection
+//! and deleted by a later one, and writer leases say when that is safe.
 //!
-//! Every snapshot writer holds a *lease* (`leases/ID`, its start time) from before it
-//! loads the index until it has committed or given up. A garbage collection first
-//! writes the `gc` marker, then lists the leases: it runs only when none is live, and a
-//! writer, after writing its lease, gives up if it sees the marker. Each side writes
-//! before it looks, so one of them always sees the other: a backup can never dedup
-//! against a pack that a collection is deleting, nor commit a snapshot naming one. A
-//! lease older than [`LEASE_TTL`] belongs to a writer that died and no longer counts.
+//! Every snapshot writer holds a *lease* (`leases/ID`, holding its start time) from
+//! before it loads the index until it has committed or given up. A collection:
 //!
-//! The collection deletes every pack no snapshot names (its index object first, so a
-//! crash in between leaves a pack without an index, which the next collection finds
-//! unreferenced too, never an index naming a missing pack), and index objects whose
-//! pack is gone. Not yet: repacking packs that are mostly dead.
+//! 1. Works out which packs the snapshots name, and how many of each pack's stored
+//!    bytes they use (a chunk stored twice counts for the copy lookups prefer).
+//! 2. Deletes the packs of earlier condemnations (`condemned/T-R`, a list of packs
+//!    condemned at time T) that are still unreferenced, but only when no live lease
+//!    started before T plus [`CONDEMN_MARGIN`]: such a writer may have deduplicated
+//!    against them before they were condemned and may yet commit a snapshot naming
+//!    them. A condemned pack a snapshot names again is kept (and no longer condemned).
+//!    A list whose writers still run is left for the next collection.
+//! 3. Repacks packs whose used bytes are less than [`REPACK_BELOW`] of them: their
+//!    live blobs are checked and copied as they are (still compressed and sealed, a
+//!    blob does not depend on its pack) into new packs, and the old packs condemned.
+//! 4. Condemns every other pack no snapshot names, in a new list.
+//!
+//! Writers never deduplicate against condemned packs ([`crate::ChunkIndex`]), so a
+//! writer that starts after a condemnation cannot come to depend on what the next
+//! collection deletes. [`CONDEMN_MARGIN`] covers the time between reading the clock
+//! and the list being visible, and clocks of hosts that share a repository being a
+//! little apart. A lease older than [`LEASE_TTL`] belongs to a writer that died and no
+//! longer counts (a backup running longer than that is not protected: not yet renewed).
+//!
+//! Deleting a pack deletes its index object first, so a crash in between leaves a pack
+//! without an index (unreferenced, condemned by the next collection), never an index
+//! naming a missing pack. Two collections do not run at once (the `gc` object).
 
+use std::collections::HashMap;
 use std::collections::HashSet;
 use std::time::Duration;
+
+use serde::Deserialize;
+use serde::Serialize;
 
 use super::Repository;
 use super::now_ns;
 use super::pack_key;
+use super::writer::WriteStats;
+use super::writer::store_pack;
 use crate::error::Error;
 use crate::error::Result;
+use crate::format;
+use crate::format::ChunkId;
+use crate::format::PackBuilder;
 
 /// How long a lease counts without its writer finishing.
 pub const LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Writers whose lease started up to this long after a condemnation still hold up the
+/// deletion of what it condemned.
+pub const CONDEMN_MARGIN: Duration = Duration::from_secs(300);
+
+/// A pack whose snapshots use less than this share of its stored bytes is repacked.
+pub const REPACK_BELOW: f64 = 0.5;
 
 /// A writer's claim on the repository; deleted when dropped.
 #[derive(Debug)]
@@ -38,19 +69,55 @@ impl Drop for Lease<'_> {
     }
 }
 
+/// A `condemned/...` object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Condemnation {
+    /// When the packs were condemned, in nanoseconds since the epoch.
+    pub time_ns: u64,
+    /// The packs' ids.
+    pub packs: Vec<String>,
+}
+
+/// Parses a condemnation list.
+pub fn decode_condemnation(key: &str, bytes: &[u8]) -> Result<Condemnation> {
+    let list: Condemnation =
+        serde_json::from_slice(bytes).map_err(|e| Error::damaged(key, e.to_string()))?;
+    let hex64 = |p: &String| p.len() == 64 && p.bytes().all(|b| b.is_ascii_hexdigit());
+    if !list.packs.iter().all(hex64) {
+        return Err(Error::damaged(key, "a pack id that is not 64 hex digits"));
+    }
+    Ok(list)
+}
+
 /// What a collection did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GcStats {
     /// Packs in the repository before.
     pub packs: u64,
-    /// Packs deleted (no snapshot named a chunk in them).
+    /// Packs deleted (condemned by an earlier collection, still unreferenced).
     pub deleted_packs: u64,
     /// Index objects deleted (their pack was deleted, or missing).
     pub deleted_indexes: u64,
+    /// Packs condemned now, to be deleted by a later collection.
+    pub condemned_packs: u64,
+    /// Condemned packs kept for now: a backup that started before their condemnation
+    /// still runs.
+    pub deferred_packs: u64,
+    /// Mostly-dead packs whose live chunks were copied into new packs.
+    pub repacked_packs: u64,
+    /// New packs those copies went into.
+    pub new_packs: u64,
+    /// Stored bytes of the packs deleted.
+    pub freed_bytes: u64,
+}
+
+struct PackUse {
+    total: u64,
+    live: u64,
 }
 
 impl Repository {
-    /// Takes a writer's lease; refused while a collection runs.
+    /// Takes a writer's lease.
     pub fn lease(&self) -> Result<Lease<'_>> {
         let start = now_ns();
         let key = format!(
@@ -60,17 +127,57 @@ impl Repository {
         );
         self.backend()
             .put_if_absent(&key, start.to_string().as_bytes())?;
-        let lease = Lease { repo: self, key };
-        match self.backend().get("gc", None) {
-            Ok(_) => Err(Error::Invalid(
-                "a garbage collection is running on this repository; try again when it ends".into(),
-            )),
-            Err(Error::NotFound(_)) => Ok(lease),
-            Err(e) => Err(e),
-        }
+        Ok(Lease { repo: self, key })
     }
 
-    /// Deletes what no snapshot names; refused while a writer holds a live lease.
+    /// The condemnation lists, with their keys.
+    pub fn condemnations(&self) -> Result<Vec<(String, Condemnation)>> {
+        let mut out = Vec::new();
+        for key in self.backend().list("condemned/")? {
+            match self.backend().get(&key, None) {
+                Ok(bytes) => out.push((key.clone(), decode_condemnation(&key, &bytes)?)),
+                // Deleted by a collection since the listing.
+                Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every pack some condemnation names.
+    pub(crate) fn condemned_packs(&self) -> Result<HashSet<String>> {
+        Ok(self
+            .condemnations()?
+            .into_iter()
+            .flat_map(|(_, c)| c.packs)
+            .collect())
+    }
+
+    /// Start times of the live leases; expired ones are deleted.
+    fn live_lease_starts(&self, now: u64) -> Result<Vec<u64>> {
+        let backend = self.backend();
+        let mut starts = Vec::new();
+        for key in backend.list("leases/")? {
+            let start = match backend.get(&key, None) {
+                Ok(bytes) => String::from_utf8(bytes)
+                    .ok()
+                    .and_then(|t| t.trim().parse::<u64>().ok()),
+                Err(Error::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            match start {
+                Some(start) if now.saturating_sub(start) > LEASE_TTL.as_nanos() as u64 => {
+                    backend.delete(&key)?;
+                }
+                // An unreadable lease counts as started now: the safe side.
+                _ => starts.push(start.unwrap_or(now)),
+            }
+        }
+        Ok(starts)
+    }
+
+    /// Deletes what no snapshot names (condemned by an earlier collection) and repacks
+    /// mostly-dead packs; safe while backups run.
     pub fn gc(&self) -> Result<GcStats> {
         let backend = self.backend();
         if !backend.put_if_absent("gc", now_ns().to_string().as_bytes())? {
@@ -88,62 +195,143 @@ impl Repository {
     fn collect(&self) -> Result<GcStats> {
         let backend = self.backend();
         let now = now_ns();
-        for key in backend.list("leases/")? {
-            let start = backend
-                .get(&key, None)
-                .ok()
-                .and_then(|b| String::from_utf8(b).ok())
-                .and_then(|t| t.trim().parse::<u64>().ok());
-            match start {
-                Some(start) if now.saturating_sub(start) > LEASE_TTL.as_nanos() as u64 => {
-                    // A writer that died long ago.
-                    backend.delete(&key)?;
-                }
-                _ => {
-                    let age = start.map(|s| now.saturating_sub(s) / 1_000_000_000);
-                    return Err(Error::Invalid(format!(
-                        "a backup is writing to this repository (lease {key}, started {} s \
-                         ago); run the garbage collection when no backup runs (the lease of \
-                         a backup that died counts for 24 h; delete it if none runs)",
-                        age.map_or("?".to_string(), |a| a.to_string())
-                    )));
-                }
-            }
-        }
-        let index = self.load_index()?;
-        let mut live: HashSet<&str> = HashSet::new();
+        let mut stats = GcStats::default();
+        let mut usage: HashMap<String, PackUse> = HashMap::new();
+        let index = self.load_index_with(|pack, entries| {
+            usage.insert(
+                pack.to_string(),
+                PackUse {
+                    total: entries.iter().map(|(_, b)| u64::from(b.stored_len)).sum(),
+                    live: 0,
+                },
+            );
+        })?;
+        // Which chunks the snapshots name, and so which packs and how much of each.
+        let mut named: HashSet<ChunkId> = HashSet::new();
         for snapshot in self.snapshots()? {
             let (_, chunks) = self.read_snapshot(&snapshot.id)?;
-            for c in &chunks {
-                if let Some((pack, _)) = index.get(c) {
-                    live.insert(pack);
+            for c in chunks {
+                if c != ChunkId::ZERO
+                    && named.insert(c)
+                    && let Some((pack, blob)) = index.get(&c)
+                    && let Some(u) = usage.get_mut(pack)
+                {
+                    u.live += u64::from(blob.stored_len);
                 }
             }
         }
-        let mut stats = GcStats::default();
+        let live = |pack: &str| usage.get(pack).is_some_and(|u| u.live > 0);
         let packs: Vec<String> = backend
             .list("packs/")?
             .into_iter()
             .filter_map(|k| k.rsplit('/').next().map(str::to_string))
             .collect();
         stats.packs = packs.len() as u64;
-        for pack in &packs {
-            if live.contains(pack.as_str()) {
+        let present: HashSet<&str> = packs.iter().map(String::as_str).collect();
+
+        // Earlier condemnations: delete what is still dead, unless a writer that
+        // started before (or just after) the condemnation still runs.
+        let starts = self.live_lease_starts(now)?;
+        let mut still_condemned: HashSet<String> = HashSet::new();
+        for (key, list) in self.condemnations()? {
+            let horizon = list.time_ns + CONDEMN_MARGIN.as_nanos() as u64;
+            if starts.iter().any(|&s| s < horizon) {
+                stats.deferred_packs += list.packs.len() as u64;
+                still_condemned.extend(list.packs);
                 continue;
             }
-            // The index first: never an index naming a missing pack.
-            backend.delete(&format!("index/{pack}"))?;
-            backend.delete(&pack_key(pack))?;
-            stats.deleted_packs += 1;
-            stats.deleted_indexes += 1;
+            for pack in &list.packs {
+                if live(pack) {
+                    continue;
+                }
+                // The index first: never an index naming a missing pack.
+                backend.delete(&format!("index/{pack}"))?;
+                if present.contains(pack.as_str()) {
+                    stats.freed_bytes += usage.get(pack).map_or(0, |u| u.total);
+                    backend.delete(&pack_key(pack))?;
+                    stats.deleted_packs += 1;
+                }
+                stats.deleted_indexes += 1;
+            }
+            backend.delete(&key)?;
         }
-        let present: HashSet<&String> = packs.iter().collect();
+        // Index objects whose pack is gone (a crash between the two deletions).
         for key in backend.list("index/")? {
-            let pack = key.trim_start_matches("index/").to_string();
-            if !present.contains(&pack) && !live.contains(pack.as_str()) {
+            let pack = key.trim_start_matches("index/");
+            if !present.contains(pack) && !still_condemned.contains(pack) {
                 backend.delete(&key)?;
                 stats.deleted_indexes += 1;
             }
+        }
+
+        // Mostly-dead packs: copy their live blobs, then condemn them with the dead.
+        let mut condemn: Vec<String> = Vec::new();
+        let sparse: HashSet<&str> = usage
+            .iter()
+            .filter(|(pack, u)| {
+                u.live > 0
+                    && (u.live as f64) < REPACK_BELOW * u.total as f64
+                    && present.contains(pack.as_str())
+                    && !still_condemned.contains(pack.as_str())
+            })
+            .map(|(pack, _)| pack.as_str())
+            .collect();
+        if !sparse.is_empty() {
+            let mut moved: HashMap<&str, Vec<ChunkId>> = HashMap::new();
+            for c in &named {
+                if let Some((pack, _)) = index.get(c)
+                    && let Some(&p) = sparse.get(pack)
+                {
+                    moved.entry(p).or_default().push(*c);
+                }
+            }
+            let mut pack = PackBuilder::new();
+            let mut written = WriteStats::default();
+            let mut sources: Vec<&str> = moved.keys().copied().collect();
+            sources.sort();
+            for source in sources {
+                let key = pack_key(source);
+                let whole = backend.get(&key, None)?;
+                for c in &moved[source] {
+                    let (_, blob) = index.get(c).expect("filed above");
+                    let at = blob.offset as usize;
+                    let stored = whole
+                        .get(at..at + blob.stored_len as usize)
+                        .ok_or_else(|| Error::damaged(&key, "shorter than its index says"))?;
+                    // Checked before it is copied: damage is never carried on.
+                    format::decode_blob(&key, self.keys.as_ref(), c, &blob, stored)?;
+                    pack.add(*c, stored, blob.raw_len, blob.codec);
+                    if pack.len() >= super::PACK_TARGET_BYTES {
+                        pack = store_pack(backend, self.keys.as_ref(), pack, &mut written)?;
+                    }
+                }
+                stats.repacked_packs += 1;
+                condemn.push(source.to_string());
+            }
+            if !pack.is_empty() {
+                store_pack(backend, self.keys.as_ref(), pack, &mut written)?;
+            }
+            stats.new_packs = written.packs;
+        }
+        for pack in &packs {
+            if !live(pack) && !still_condemned.contains(pack) {
+                condemn.push(pack.clone());
+            }
+        }
+        if !condemn.is_empty() {
+            condemn.sort();
+            condemn.dedup();
+            stats.condemned_packs = condemn.len() as u64;
+            let time_ns = now_ns();
+            let list = Condemnation {
+                time_ns,
+                packs: condemn,
+            };
+            let key = format!(
+                "condemned/{time_ns}-{}",
+                crate::hex::hex(&crate::crypto::random::<4>())
+            );
+            backend.put_if_absent(&key, &serde_json::to_vec(&list).expect("serializes"))?;
         }
         Ok(stats)
     }

@@ -2,25 +2,28 @@
 //! chunks packed), reading them back, listing and verifying them.
 
 pub mod gc;
+mod read;
+pub mod writer;
 
 use std::collections::HashMap;
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Deserialize;
 use serde::Serialize;
 
-use self::gc::Lease;
+pub use self::writer::SnapshotWriter;
+pub use self::writer::WriteStats;
 use crate::backend::Backend;
+use crate::chunk_index::ChunkIndex;
 use crate::crypto::KeyFile;
 use crate::crypto::Keys;
 use crate::error::Error;
 use crate::error::Result;
 use crate::format;
 use crate::format::ChunkId;
-use crate::format::ChunkIndex;
 use crate::format::Compression;
-use crate::format::PackBuilder;
 use crate::format::SnapshotInfo;
 
 /// Smallest and largest chunk sizes a repository may use.
@@ -50,7 +53,7 @@ pub struct Config {
 
 /// An open repository.
 pub struct Repository {
-    backend: Box<dyn Backend>,
+    backend: Arc<dyn Backend>,
     config: Config,
     keys: Option<Keys>,
 }
@@ -107,7 +110,7 @@ impl Repository {
             return Err(Error::Invalid("a repository exists there already".into()));
         }
         Ok(Self {
-            backend,
+            backend: Arc::from(backend),
             config,
             keys,
         })
@@ -143,7 +146,7 @@ impl Repository {
             }
         };
         Ok(Self {
-            backend,
+            backend: Arc::from(backend),
             config,
             keys,
         })
@@ -159,17 +162,32 @@ impl Repository {
         &self.config
     }
 
-    /// Where every stored chunk is, from the index objects.
+    /// Where every stored chunk is, from the index objects; chunks in packs a
+    /// collection has condemned are found only where no other copy exists.
     pub fn load_index(&self) -> Result<ChunkIndex> {
+        self.load_index_with(|_, _| {})
+    }
+
+    /// [`Repository::load_index`], showing `each` every pack's entries as they load.
+    pub(crate) fn load_index_with(
+        &self,
+        mut each: impl FnMut(&str, &[(ChunkId, format::BlobRef)]),
+    ) -> Result<ChunkIndex> {
         let mut index = ChunkIndex::new();
         for key in self.backend.list("index/")? {
-            let pack = key.trim_start_matches("index/").to_string();
+            let pack = key.trim_start_matches("index/");
             let bytes = self.backend.get(&key, None)?;
             let bytes = format::open_index_object(&key, &bytes, self.keys.as_ref())?;
-            for (id, blob) in format::decode_index(&key, &bytes, None)? {
-                index.insert(id, (pack.clone(), blob));
+            let entries = format::decode_index(&key, &bytes, None)?;
+            if !index.load_pack(pack, &entries) {
+                return Err(Error::damaged(&key, "a blob offset past 4 GiB"));
             }
+            each(pack, &entries);
         }
+        for pack in self.condemned_packs()? {
+            index.condemn(&pack);
+        }
+        index.finish_loading();
         Ok(index)
     }
 
@@ -215,7 +233,7 @@ impl Repository {
         let stored = self
             .backend
             .get(&key, Some(start..start + u64::from(blob.stored_len)))?;
-        format::decode_blob(&key, self.keys.as_ref(), id, blob, &stored)
+        format::decode_blob(&key, self.keys.as_ref(), id, &blob, &stored)
     }
 
     /// Starts a snapshot of `disk`, `size` bytes long; chunks are added in order.
@@ -228,27 +246,21 @@ impl Repository {
         if disk.is_empty() || disk.contains('/') {
             return Err(Error::Invalid(format!("bad disk name '{disk}'")));
         }
-        // The lease first, then the index: a collection cannot start between the two.
+        // The lease first, then the index: a collection that condemns packs after the
+        // lease's start waits for it before deleting them.
         let lease = self.lease()?;
-        Ok(SnapshotWriter {
-            _lease: lease,
-            repo: self,
-            index: self.load_index()?,
-            in_pack: HashSet::new(),
-            pack: PackBuilder::new(),
-            chunks: Vec::with_capacity(size.div_ceil(self.config.chunk_size) as usize),
-            info: SnapshotInfo {
-                id: String::new(),
-                disk: disk.to_string(),
-                time_ns: now_ns(),
-                size,
-                chunk_size: self.config.chunk_size,
-                parent,
-                stored: 0,
-                tool: format!("stillpoint {}", env!("CARGO_PKG_VERSION")),
-            },
-            stats: WriteStats::default(),
-        })
+        let index = self.load_index()?;
+        let info = SnapshotInfo {
+            id: String::new(),
+            disk: disk.to_string(),
+            time_ns: now_ns(),
+            size,
+            chunk_size: self.config.chunk_size,
+            parent,
+            stored: 0,
+            tool: format!("stillpoint {}", env!("CARGO_PKG_VERSION")),
+        };
+        Ok(SnapshotWriter::start(self, lease, index, info))
     }
 
     /// Deletes the manifests of these snapshots. Their chunks stay in the packs until
@@ -264,7 +276,7 @@ impl Repository {
     pub fn stats(&self) -> Result<RepoStats> {
         let index = self.load_index()?;
         let snapshots = self.snapshots()?;
-        let packs: HashSet<&String> = index.values().map(|(pack, _)| pack).collect();
+        let packs: HashSet<&str> = index.iter().map(|(_, pack, _)| pack).collect();
         let mut stats = RepoStats {
             snapshots: snapshots.len() as u64,
             logical_bytes: snapshots.iter().map(|s| s.size).sum(),
@@ -272,7 +284,7 @@ impl Repository {
             packs: packs.len() as u64,
             ..RepoStats::default()
         };
-        for (_, blob) in index.values() {
+        for (_, _, blob) in index.iter() {
             stats.chunk_bytes += u64::from(blob.raw_len);
             stats.stored_bytes += u64::from(blob.stored_len);
         }
@@ -306,7 +318,7 @@ impl Repository {
                 for c in chunks.iter().filter(|c| **c != ChunkId::ZERO) {
                     match index.get(c) {
                         Some((pack, _)) => {
-                            wanted.entry(pack.clone()).or_default().insert(*c);
+                            wanted.entry(pack.to_string()).or_default().insert(*c);
                         }
                         None => {
                             chunk_problem.insert(*c, format!("chunk {} is in no pack", c.hex()));
@@ -345,11 +357,11 @@ impl Repository {
                 }
                 Ok(bytes) => {
                     for c in chunks {
-                        let (_, blob) = &index[c];
+                        let (_, blob) = index.get(c).expect("filed above");
                         let start = blob.offset as usize;
                         let stored = &bytes[start..start + blob.stored_len as usize];
                         if let Err(e) =
-                            format::decode_blob(&key, self.keys.as_ref(), c, blob, stored)
+                            format::decode_blob(&key, self.keys.as_ref(), c, &blob, stored)
                         {
                             chunk_problem.insert(*c, e.to_string());
                         }
@@ -393,177 +405,4 @@ pub struct RepoStats {
     pub stored_bytes: u64,
     /// Packs holding them.
     pub packs: u64,
-}
-
-/// `f` over `items` on every core the machine has (scoped threads, contiguous slices),
-/// results in order.
-fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(items.len());
-    if threads <= 1 {
-        return items.iter().map(&f).collect();
-    }
-    let per = items.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let parts: Vec<_> = items
-            .chunks(per)
-            .map(|part| scope.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
-            .collect();
-        parts
-            .into_iter()
-            .flat_map(|h| h.join().expect("a chunk worker panicked"))
-            .collect()
-    })
-}
-
-/// What a snapshot writer did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct WriteStats {
-    /// Chunks given.
-    pub chunks: u64,
-    /// All-zero chunks (not stored).
-    pub zero_chunks: u64,
-    /// Chunks the repository had already.
-    pub deduplicated: u64,
-    /// New chunks stored.
-    pub new_chunks: u64,
-    /// Bytes of new chunks before compression.
-    pub new_bytes: u64,
-    /// Bytes written to packs (compressed).
-    pub stored_bytes: u64,
-}
-
-/// Writes one snapshot: chunks in disk order, then [`SnapshotWriter::commit`]. Until
-/// the commit nothing is visible; a writer dropped or failed leaves at most packs no
-/// snapshot names.
-pub struct SnapshotWriter<'r> {
-    _lease: Lease<'r>,
-    repo: &'r Repository,
-    index: ChunkIndex,
-    in_pack: HashSet<ChunkId>,
-    pack: PackBuilder,
-    chunks: Vec<ChunkId>,
-    info: SnapshotInfo,
-    stats: WriteStats,
-}
-
-impl std::fmt::Debug for SnapshotWriter<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SnapshotWriter")
-            .field("disk", &self.info.disk)
-            .field("chunks", &self.chunks.len())
-            .finish()
-    }
-}
-
-impl SnapshotWriter<'_> {
-    /// Adds the next chunk (the last may be short).
-    pub fn add_chunk(&mut self, data: &[u8]) -> Result<()> {
-        self.add_chunks(&[data])
-    }
-
-    /// Adds the next chunks, in order. Their ids, and then the compression and sealing
-    /// of those the repository lacks, are computed on all cores (scoped threads); the
-    /// dedup decisions and the packing stay in order.
-    pub fn add_chunks(&mut self, chunks: &[&[u8]]) -> Result<()> {
-        for (n, data) in chunks.iter().enumerate() {
-            let at = self.chunks.len() as u64 + n as u64;
-            let expected = self
-                .info
-                .size
-                .saturating_sub(at * self.info.chunk_size)
-                .min(self.info.chunk_size);
-            if data.len() as u64 != expected || expected == 0 {
-                return Err(Error::Invalid(format!(
-                    "chunk {at} has {} bytes, the disk needs {expected}",
-                    data.len()
-                )));
-            }
-        }
-        let keys = self.repo.keys.as_ref();
-        let ids = parallel_map(chunks, |data| ChunkId::keyed(keys, data));
-        let mut new = Vec::new();
-        for (data, id) in chunks.iter().zip(&ids) {
-            self.stats.chunks += 1;
-            self.chunks.push(*id);
-            if *id == ChunkId::ZERO {
-                self.stats.zero_chunks += 1;
-            } else if self.index.contains_key(id) || !self.in_pack.insert(*id) {
-                self.stats.deduplicated += 1;
-            } else {
-                new.push((*id, *data));
-            }
-        }
-        let compression = self.repo.config.compression;
-        let encoded = parallel_map(&new, |(id, data)| {
-            let (stored, codec) = format::encode_blob(data, compression);
-            // Sealed after compression; the id is the associated data, so a blob
-            // cannot be passed off as another chunk.
-            match keys {
-                Some(keys) => (keys.seal(&id.0, &stored), codec),
-                None => (stored, codec),
-            }
-        });
-        for ((id, data), (stored, codec)) in new.iter().zip(encoded) {
-            self.pack.add(*id, &stored, data.len() as u32, codec);
-            self.stats.new_chunks += 1;
-            self.stats.new_bytes += data.len() as u64;
-            self.stats.stored_bytes += stored.len() as u64;
-            if self.pack.len() >= PACK_TARGET_BYTES {
-                self.flush_pack()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes the pack being filled, then its index object.
-    fn flush_pack(&mut self) -> Result<()> {
-        if self.pack.is_empty() {
-            return Ok(());
-        }
-        let pack = std::mem::take(&mut self.pack);
-        let format::FinishedPack {
-            id,
-            bytes,
-            index,
-            entries,
-        } = pack.finish(self.repo.keys.as_ref());
-        self.repo.backend.put_if_absent(&pack_key(&id), &bytes)?;
-        self.repo
-            .backend
-            .put_if_absent(&format!("index/{id}"), &index)?;
-        for (chunk, blob) in entries {
-            self.in_pack.remove(&chunk);
-            self.index.insert(chunk, (id.clone(), blob));
-        }
-        self.pack = PackBuilder::reusing(bytes);
-        Ok(())
-    }
-
-    /// What was done so far.
-    pub fn stats(&self) -> WriteStats {
-        self.stats
-    }
-
-    /// Makes the snapshot durable and visible: the last pack and its index first, then
-    /// the manifest. Returns the snapshot's header (with its id).
-    pub fn commit(mut self) -> Result<(SnapshotInfo, WriteStats)> {
-        let expected = self.info.size.div_ceil(self.info.chunk_size);
-        if self.chunks.len() as u64 != expected {
-            return Err(Error::Invalid(format!(
-                "the snapshot has {} chunks, the disk {expected}",
-                self.chunks.len()
-            )));
-        }
-        self.flush_pack()?;
-        self.info.stored = self.stats.stored_bytes;
-        let (id, bytes) = format::encode_manifest(&self.info, &self.chunks);
-        let bytes = format::seal_manifest(bytes, self.repo.keys.as_ref());
-        self.repo
-            .backend
-            .put_if_absent(&format!("snapshots/{id}"), &bytes)?;
-        self.info.id = id;
-        Ok((self.info, self.stats))
-    }
 }

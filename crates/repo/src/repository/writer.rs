@@ -1,0 +1,433 @@
+//! Writing one snapshot, as a pipeline: the caller hands over chunks (in any order, by
+//! position), worker threads (one per core) compute ids, decide dedup and compress and
+//! seal what is new, and one packer thread appends the blobs to packs and stores each
+//! full pack with its index object. The caller is never held by hashing or by storage
+//! except when the bounded queues are full, so reading the disk, the CPU work and the
+//! writes overlap; memory stays at a few batches plus one pack.
+//!
+//! Dedup decisions are made once per id: a worker claims a new id in a shared set
+//! before it encodes it, so two workers meeting the same chunk store it once. The
+//! repository's index, loaded when the writer starts, is read-only here; ids in packs a
+//! collection condemned are not deduplicated against ([`super::gc`]).
+
+use std::collections::HashSet;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use super::PACK_TARGET_BYTES;
+use super::Repository;
+use super::gc::Lease;
+use super::pack_key;
+use crate::backend::Backend;
+use crate::chunk_index::ChunkIndex;
+use crate::crypto::Keys;
+use crate::error::Error;
+use crate::error::Result;
+use crate::format;
+use crate::format::ChunkId;
+use crate::format::Compression;
+use crate::format::PackBuilder;
+use crate::format::SnapshotInfo;
+
+/// What a snapshot writer did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Chunks given.
+    pub chunks: u64,
+    /// All-zero chunks (not stored).
+    pub zero_chunks: u64,
+    /// Chunks the repository had already.
+    pub deduplicated: u64,
+    /// New chunks stored.
+    pub new_chunks: u64,
+    /// Bytes of new chunks before compression.
+    pub new_bytes: u64,
+    /// Bytes written to packs (compressed).
+    pub stored_bytes: u64,
+    /// Packs written.
+    pub packs: u64,
+}
+
+/// Bytes a caller hands over: a `Vec<u8>`, a block-layer buffer, anything owned.
+pub type ChunkBytes = Box<dyn Deref<Target = [u8]> + Send>;
+
+enum Job {
+    Data { first: u64, data: ChunkBytes },
+    Zeros { first: u64, count: u64 },
+}
+
+struct Blob {
+    id: ChunkId,
+    stored: Vec<u8>,
+    raw_len: u32,
+    codec: Compression,
+}
+
+struct Encoded {
+    first: u64,
+    ids: Vec<ChunkId>,
+    blobs: Vec<Blob>,
+    zero: u64,
+    deduplicated: u64,
+}
+
+/// What the worker threads share.
+struct Shared {
+    index: ChunkIndex,
+    claimed: Mutex<HashSet<ChunkId>>,
+    keys: Option<Keys>,
+    compression: Compression,
+    chunk_size: usize,
+    /// Set when the packer failed: callers stop at once.
+    failed: AtomicBool,
+    /// Bytes the workers have taken in (for progress).
+    taken: AtomicU64,
+}
+
+/// The packer's result.
+struct Packed {
+    chunks: Vec<ChunkId>,
+    stats: WriteStats,
+}
+
+/// Writes one snapshot: chunks by position ([`SnapshotWriter::add_at`]) or in order
+/// ([`SnapshotWriter::add_chunks`]), then [`SnapshotWriter::commit`]. Until the commit
+/// nothing is visible; a writer dropped or failed leaves at most packs no snapshot
+/// names (a collection deletes them, or the next backup's dedup uses them).
+pub struct SnapshotWriter<'r> {
+    _lease: Lease<'r>,
+    repo: &'r Repository,
+    info: SnapshotInfo,
+    next: u64,
+    jobs: Option<mpsc::SyncSender<Job>>,
+    workers: Vec<JoinHandle<()>>,
+    packer: Option<JoinHandle<Result<Packed>>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SnapshotWriter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotWriter")
+            .field("disk", &self.info.disk)
+            .field("next", &self.next)
+            .finish()
+    }
+}
+
+impl<'r> SnapshotWriter<'r> {
+    pub(super) fn start(
+        repo: &'r Repository,
+        lease: Lease<'r>,
+        index: ChunkIndex,
+        info: SnapshotInfo,
+    ) -> Self {
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let shared = Arc::new(Shared {
+            index,
+            claimed: Mutex::new(HashSet::new()),
+            keys: repo.keys.clone(),
+            compression: repo.config.compression,
+            chunk_size: info.chunk_size as usize,
+            failed: AtomicBool::new(false),
+            taken: AtomicU64::new(0),
+        });
+        let (jobs, job_queue) = mpsc::sync_channel::<Job>(2 * workers);
+        let (done, done_queue) = mpsc::sync_channel::<Encoded>(2 * workers);
+        let job_queue = Arc::new(Mutex::new(job_queue));
+        let workers = (0..workers)
+            .map(|n| {
+                let (shared, job_queue, done) = (shared.clone(), job_queue.clone(), done.clone());
+                std::thread::Builder::new()
+                    .name(format!("repo-chunk-{n}"))
+                    .spawn(move || encode_jobs(&shared, &job_queue, &done))
+                    .expect("a chunk worker starts")
+            })
+            .collect();
+        drop(done);
+        let chunk_count = info.size.div_ceil(info.chunk_size) as usize;
+        let packer = {
+            let (backend, shared) = (repo.backend.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name("repo-packer".into())
+                .spawn(move || {
+                    let result = pack_blobs(&*backend, &shared, chunk_count, &done_queue);
+                    if result.is_err() {
+                        shared.failed.store(true, Ordering::SeqCst);
+                    }
+                    result
+                })
+                .expect("the packer starts")
+        };
+        Self {
+            _lease: lease,
+            repo,
+            info,
+            next: 0,
+            jobs: Some(jobs),
+            workers,
+            packer: Some(packer),
+            shared,
+        }
+    }
+
+    /// Hands over the chunks from position `first` on: `data` is a whole number of
+    /// chunks, or ends at the end of the disk. Each position is given once.
+    pub fn add_at<B>(&mut self, first: u64, data: B) -> Result<()>
+    where
+        B: Deref<Target = [u8]> + Send + 'static,
+    {
+        let chunk = self.info.chunk_size;
+        let start = first.checked_mul(chunk);
+        let end = start.and_then(|s| s.checked_add(data.len() as u64));
+        let fits = match (start, end) {
+            (Some(start), Some(end)) => {
+                start < self.info.size
+                    && end <= self.info.size
+                    && !data.is_empty()
+                    && (data.len() as u64 % chunk == 0 || end == self.info.size)
+            }
+            _ => false,
+        };
+        if !fits {
+            return Err(Error::Invalid(format!(
+                "{} bytes at chunk {first} do not fit a disk of {} bytes in chunks of {chunk}",
+                data.len(),
+                self.info.size
+            )));
+        }
+        self.send(Job::Data {
+            first,
+            data: Box::new(data),
+        })
+    }
+
+    /// Marks `count` chunks from `first` on as all zeros, without their bytes.
+    pub fn add_zeros_at(&mut self, first: u64, count: u64) -> Result<()> {
+        let chunks = self.info.size.div_ceil(self.info.chunk_size);
+        if count == 0 || first.checked_add(count).is_none_or(|end| end > chunks) {
+            return Err(Error::Invalid(format!(
+                "zero chunks {first}+{count} past the disk's {chunks}"
+            )));
+        }
+        self.send(Job::Zeros { first, count })
+    }
+
+    /// Adds the next chunks in disk order (each a whole chunk, the last may be short).
+    pub fn add_chunks(&mut self, chunks: &[&[u8]]) -> Result<()> {
+        for data in chunks {
+            self.add_at(self.next, data.to_vec())?;
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// Adds the next chunk (the last may be short).
+    pub fn add_chunk(&mut self, data: &[u8]) -> Result<()> {
+        self.add_chunks(&[data])
+    }
+
+    fn send(&mut self, job: Job) -> Result<()> {
+        if self.shared.failed.load(Ordering::SeqCst) {
+            return Err(self.failure());
+        }
+        let sent = self.jobs.as_ref().map(|jobs| jobs.send(job));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            _ => Err(self.failure()),
+        }
+    }
+
+    /// The packer's error, once it has failed.
+    fn failure(&mut self) -> Error {
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        match self.packer.take().map(JoinHandle::join) {
+            Some(Ok(Err(e))) => e,
+            Some(Err(_)) => Error::Invalid("the packer thread panicked".into()),
+            _ => Error::Invalid("the snapshot writer has failed".into()),
+        }
+    }
+
+    /// Bytes handed to the workers so far.
+    pub fn bytes_taken(&self) -> u64 {
+        self.shared.taken.load(Ordering::Relaxed)
+    }
+
+    /// Makes the snapshot durable and visible: every pack and its index first, then
+    /// the manifest. Returns the snapshot's header (with its id).
+    pub fn commit(mut self) -> Result<(SnapshotInfo, WriteStats)> {
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            w.join()
+                .map_err(|_| Error::Invalid("a chunk worker panicked".into()))?;
+        }
+        let packed = match self.packer.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result?,
+            _ => return Err(Error::Invalid("the packer thread panicked".into())),
+        };
+        let Packed { chunks, stats } = packed;
+        let given = stats.chunks;
+        if given != chunks.len() as u64 {
+            return Err(Error::Invalid(format!(
+                "the snapshot has {given} chunks, the disk {}",
+                chunks.len()
+            )));
+        }
+        let mut info = self.info.clone();
+        info.stored = stats.stored_bytes;
+        let (id, bytes) = format::encode_manifest(&info, &chunks);
+        let bytes = format::seal_manifest(bytes, self.repo.keys.as_ref());
+        self.repo
+            .backend
+            .put_if_absent(&format!("snapshots/{id}"), &bytes)?;
+        info.id = id;
+        Ok((info, stats))
+    }
+}
+
+impl Drop for SnapshotWriter<'_> {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        if let Some(p) = self.packer.take() {
+            let _ = p.join();
+        }
+    }
+}
+
+/// A worker: ids, dedup claims, compression and sealing, job after job.
+fn encode_jobs(
+    shared: &Shared,
+    jobs: &Mutex<mpsc::Receiver<Job>>,
+    done: &mpsc::SyncSender<Encoded>,
+) {
+    loop {
+        let job = match jobs.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+            Ok(job) => job,
+            Err(_) => return,
+        };
+        let encoded = match job {
+            Job::Zeros { first, count } => Encoded {
+                first,
+                ids: vec![ChunkId::ZERO; count as usize],
+                blobs: Vec::new(),
+                zero: count,
+                deduplicated: 0,
+            },
+            Job::Data { first, data } => encode(shared, first, &data),
+        };
+        if done.send(encoded).is_err() {
+            return;
+        }
+    }
+}
+
+fn encode(shared: &Shared, first: u64, data: &[u8]) -> Encoded {
+    shared.taken.fetch_add(data.len() as u64, Ordering::Relaxed);
+    let keys = shared.keys.as_ref();
+    let mut out = Encoded {
+        first,
+        ids: Vec::with_capacity(data.len().div_ceil(shared.chunk_size)),
+        blobs: Vec::new(),
+        zero: 0,
+        deduplicated: 0,
+    };
+    for chunk in data.chunks(shared.chunk_size) {
+        let id = ChunkId::keyed(keys, chunk);
+        out.ids.push(id);
+        if id == ChunkId::ZERO {
+            out.zero += 1;
+            continue;
+        }
+        let known = shared.index.contains_live(&id)
+            || !shared
+                .claimed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id);
+        if known {
+            out.deduplicated += 1;
+            continue;
+        }
+        let (stored, codec) = format::encode_blob(chunk, shared.compression);
+        // Sealed after compression; the id is the associated data, so a blob cannot
+        // be passed off as another chunk.
+        let stored = match keys {
+            Some(keys) => keys.seal(&id.0, &stored),
+            None => stored,
+        };
+        out.blobs.push(Blob {
+            id,
+            stored,
+            raw_len: chunk.len() as u32,
+            codec,
+        });
+    }
+    out
+}
+
+/// The packer: blobs into packs, each full pack stored with its index object, the
+/// chunk list filled in by position.
+fn pack_blobs(
+    backend: &dyn Backend,
+    shared: &Shared,
+    chunk_count: usize,
+    done: &mpsc::Receiver<Encoded>,
+) -> Result<Packed> {
+    let mut chunks = vec![ChunkId::ZERO; chunk_count];
+    let mut given = vec![false; chunk_count];
+    let mut stats = WriteStats::default();
+    let mut pack = PackBuilder::new();
+    let keys = shared.keys.as_ref();
+    for encoded in done {
+        for (n, id) in encoded.ids.iter().enumerate() {
+            let at = encoded.first as usize + n;
+            if std::mem::replace(&mut given[at], true) {
+                return Err(Error::Invalid(format!("chunk {at} was given twice")));
+            }
+            chunks[at] = *id;
+        }
+        stats.chunks += encoded.ids.len() as u64;
+        stats.zero_chunks += encoded.zero;
+        stats.deduplicated += encoded.deduplicated;
+        for blob in encoded.blobs {
+            pack.add(blob.id, &blob.stored, blob.raw_len, blob.codec);
+            stats.new_chunks += 1;
+            stats.new_bytes += u64::from(blob.raw_len);
+            stats.stored_bytes += blob.stored.len() as u64;
+            if pack.len() >= PACK_TARGET_BYTES {
+                pack = store_pack(backend, keys, pack, &mut stats)?;
+            }
+        }
+    }
+    if !pack.is_empty() {
+        store_pack(backend, keys, pack, &mut stats)?;
+    }
+    Ok(Packed { chunks, stats })
+}
+
+/// Stores a pack, then its index object; returns an empty pack in the same buffer.
+pub(super) fn store_pack(
+    backend: &dyn Backend,
+    keys: Option<&Keys>,
+    pack: PackBuilder,
+    stats: &mut WriteStats,
+) -> Result<PackBuilder> {
+    let format::FinishedPack {
+        id, bytes, index, ..
+    } = pack.finish(keys);
+    backend.put_if_absent(&pack_key(&id), &bytes)?;
+    backend.put_if_absent(&format!("index/{id}"), &index)?;
+    stats.packs += 1;
+    Ok(PackBuilder::reusing(bytes))
+}
