@@ -82,7 +82,16 @@ fn backups_into_a_repository_restore_identical_images_and_damage_fails_verify() 
         ]);
         assert!(out.contains("(qcow2)"), "{out}");
         let same = std::process::Command::new("qemu-img")
-            .args(["compare", "-q", "-f", "raw", "-F", "qcow2", s(image), s(&qcow2)])
+            .args([
+                "compare",
+                "-q",
+                "-f",
+                "raw",
+                "-F",
+                "qcow2",
+                s(image),
+                s(&qcow2),
+            ])
             .status()
             .unwrap();
         assert!(same.success(), "snapshot {id} in qcow2 differs");

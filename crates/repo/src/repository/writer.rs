@@ -190,7 +190,7 @@ impl<'r> SnapshotWriter<'r> {
                 start < self.info.size
                     && end <= self.info.size
                     && !data.is_empty()
-                    && (data.len() as u64 % chunk == 0 || end == self.info.size)
+                    && ((data.len() as u64).is_multiple_of(chunk) || end == self.info.size)
             }
             _ => false,
         };
