@@ -321,3 +321,60 @@ fn gc_repacks_a_mostly_dead_pack_and_the_snapshot_still_restores() {
         assert_eq!(stored.chunks, 8, "only the live chunks remain");
     }
 }
+
+#[test]
+fn verify_new_reads_only_packs_written_since_the_last_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
+    let (a, _) = backup(&repo, "a", &Rng(41).bytes(5 * CHUNK as usize));
+    let first = repo.verify_with(&[], true).unwrap();
+    assert_eq!((first.packs_read, first.packs_skipped), (1, 0));
+    let a_pack = walk(&dir.path().join("packs"));
+    let (b, _) = backup(&repo, "b", &Rng(42).bytes(5 * CHUNK as usize));
+    let b_pack: Vec<_> = walk(&dir.path().join("packs"))
+        .into_iter()
+        .filter(|p| !a_pack.contains(p))
+        .collect();
+    let second = repo.verify_with(&[], true).unwrap();
+    assert_eq!((second.packs_read, second.packs_skipped), (1, 1));
+    let third = repo.verify_with(&[], true).unwrap();
+    assert_eq!((third.packs_read, third.packs_skipped), (0, 2));
+    assert_eq!(walk(&dir.path().join("verified")).len(), 1, "one list kept");
+
+    // Damage in a pack verified before: --new does not read it, a full verify finds it.
+    let flip = |path: &std::path::Path| {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(path, bytes).unwrap();
+    };
+    flip(&a_pack[0]);
+    let quick = repo.verify_with(&[], true).unwrap();
+    assert!(quick.snapshots.iter().all(|(_, p)| p.is_empty()));
+    let full = repo.verify_with(&[], false).unwrap();
+    let bad: Vec<&str> = full
+        .snapshots
+        .iter()
+        .filter(|(_, p)| !p.is_empty())
+        .map(|(id, _)| id.as_str())
+        .collect();
+    assert_eq!(bad, vec![a.id.as_str()]);
+    // A pack found damaged is not recorded sound: --new reads it again and fails.
+    let again = repo.verify_with(&[], true).unwrap();
+    assert_eq!(again.packs_read, 1);
+    assert!(!again.snapshots.iter().all(|(_, p)| p.is_empty()));
+
+    // A new pack damaged before its first verify is read by --new.
+    let (c, _) = backup(&repo, "c", &Rng(43).bytes(5 * CHUNK as usize));
+    let c_pack: Vec<_> = walk(&dir.path().join("packs"))
+        .into_iter()
+        .filter(|p| !a_pack.contains(p) && !b_pack.contains(p))
+        .collect();
+    flip(&c_pack[0]);
+    let quick = repo.verify_with(std::slice::from_ref(&c.id), true).unwrap();
+    assert!(!quick.snapshots[0].1.is_empty(), "{quick:?}");
+    assert!(
+        repo.verify(std::slice::from_ref(&b.id)).unwrap()[0]
+            .1
+            .is_empty()
+    );
+}

@@ -161,6 +161,10 @@ enum RepoCommand {
         passphrase_file: Option<PathBuf>,
         /// Snapshot ids or disk names (a disk's latest).
         snapshots: Vec<String>,
+        /// Read only packs written since the last verify (manifests and chunk lists
+        /// are still all checked); without it every pack is read again.
+        #[arg(long)]
+        new: bool,
         /// One JSON array of {id, ok, problems}.
         #[arg(long)]
         json: bool,
@@ -641,8 +645,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 dir,
                 passphrase_file,
                 snapshots,
+                new,
                 json,
-            } => repo_cmd::verify(&dir, passphrase_file.as_deref(), &snapshots, json),
+            } => repo_cmd::verify(&dir, passphrase_file.as_deref(), &snapshots, new, json),
         },
         Command::Restore {
             chain_top,

@@ -379,14 +379,17 @@ pub fn verify(
     dir: &Path,
     pass_file: Option<&Path>,
     specs: &[String],
+    only_new: bool,
     json: bool,
 ) -> anyhow::Result<()> {
+    let started = Instant::now();
     let repo = open(dir, pass_file)?;
     let mut ids = Vec::new();
     for spec in specs {
         ids.push(repo.find_snapshot(spec)?.id);
     }
-    let report = repo.verify(&ids)?;
+    let full = repo.verify_with(&ids, only_new)?;
+    let report = &full.snapshots;
     let damaged: Vec<&str> = report
         .iter()
         .filter(|(_, problems)| !problems.is_empty())
@@ -401,7 +404,7 @@ pub fn verify(
             .collect();
         println!("{}", serde_json::Value::Array(out));
     } else {
-        for (id, problems) in &report {
+        for (id, problems) in report {
             if problems.is_empty() {
                 println!("{id}: ok");
             }
@@ -409,6 +412,14 @@ pub fn verify(
                 println!("{id}: {p}");
             }
         }
+        println!(
+            "verified {} snapshots: {} packs read ({}), {} skipped as verified before, {:.2} s",
+            report.len(),
+            full.packs_read,
+            crate::info::human_size(full.bytes_read),
+            full.packs_skipped,
+            started.elapsed().as_secs_f64()
+        );
     }
     if !damaged.is_empty() {
         bail!("damaged snapshots: {}", damaged.join(", "));

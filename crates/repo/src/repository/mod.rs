@@ -3,9 +3,9 @@
 
 pub mod gc;
 mod read;
+pub mod verify;
 pub mod writer;
 
-use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -289,104 +289,6 @@ impl Repository {
             stats.stored_bytes += u64::from(blob.stored_len);
         }
         Ok(stats)
-    }
-
-    /// Checks snapshots (all when `ids` is empty): each manifest's digest, and every
-    /// pack holding one of their chunks read whole: its own index must match the index
-    /// object, and each chunk must decompress to bytes with its id. Returns, per
-    /// snapshot, the problems found (none for a sound one).
-    pub fn verify(&self, ids: &[String]) -> Result<Vec<(String, Vec<String>)>> {
-        let index = self.load_index()?;
-        let ids: Vec<String> = if ids.is_empty() {
-            let mut all: Vec<String> = self
-                .backend
-                .list("snapshots/")?
-                .into_iter()
-                .map(|k| k.trim_start_matches("snapshots/").to_string())
-                .collect();
-            all.sort();
-            all
-        } else {
-            ids.to_vec()
-        };
-        let mut manifests = Vec::new();
-        let mut wanted: HashMap<String, HashSet<ChunkId>> = HashMap::new();
-        let mut chunk_problem: HashMap<ChunkId, String> = HashMap::new();
-        for id in &ids {
-            let read = self.read_snapshot(id);
-            if let Ok((_, chunks)) = &read {
-                for c in chunks.iter().filter(|c| **c != ChunkId::ZERO) {
-                    match index.get(c) {
-                        Some((pack, _)) => {
-                            wanted.entry(pack.to_string()).or_default().insert(*c);
-                        }
-                        None => {
-                            chunk_problem.insert(*c, format!("chunk {} is in no pack", c.hex()));
-                        }
-                    }
-                }
-            }
-            manifests.push(read);
-        }
-        for (pack, chunks) in &wanted {
-            let key = pack_key(pack);
-            let checked = self.backend.get(&key, None).and_then(|bytes| {
-                let keys = self.keys.as_ref();
-                let (tail, blobs_end) = format::pack_tail(&key, &bytes, keys)?;
-                let own = format::decode_index(&key, &tail, Some(blobs_end))?;
-                let index_key = format!("index/{pack}");
-                let filed = format::open_index_object(
-                    &index_key,
-                    &self.backend.get(&index_key, None)?,
-                    keys,
-                )?;
-                let filed = format::decode_index(&index_key, &filed, None)?;
-                if own != filed || crate::hex::hex(blake3::hash(&bytes).as_bytes()) != *pack {
-                    return Err(Error::damaged(
-                        &key,
-                        "the pack does not match its id or index",
-                    ));
-                }
-                Ok(bytes)
-            });
-            match checked {
-                Err(e) => {
-                    for c in chunks {
-                        chunk_problem.insert(*c, e.to_string());
-                    }
-                }
-                Ok(bytes) => {
-                    for c in chunks {
-                        let (_, blob) = index.get(c).expect("filed above");
-                        let start = blob.offset as usize;
-                        let stored = &bytes[start..start + blob.stored_len as usize];
-                        if let Err(e) =
-                            format::decode_blob(&key, self.keys.as_ref(), c, &blob, stored)
-                        {
-                            chunk_problem.insert(*c, e.to_string());
-                        }
-                    }
-                }
-            }
-        }
-        let mut out = Vec::new();
-        for (id, read) in ids.into_iter().zip(manifests) {
-            let mut problems = Vec::new();
-            match read {
-                Err(e) => problems.push(e.to_string()),
-                Ok((_, chunks)) => {
-                    for c in &chunks {
-                        if let Some(p) = chunk_problem.get(c)
-                            && !problems.contains(p)
-                        {
-                            problems.push(p.clone());
-                        }
-                    }
-                }
-            }
-            out.push((id, problems));
-        }
-        Ok(out)
     }
 }
 
