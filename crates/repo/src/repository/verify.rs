@@ -46,6 +46,9 @@ pub fn decode_verified(key: &str, bytes: &[u8]) -> Result<Verified> {
     Ok(list)
 }
 
+/// One pack's check: its id, the bytes read, and each bad chunk's problem.
+type PackCheck = (String, u64, Vec<(ChunkId, String)>);
+
 /// What a verify found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VerifyReport {
@@ -115,7 +118,7 @@ impl Repository {
             }
         }
         let queue = Mutex::new(packs);
-        let results: Mutex<Vec<(String, u64, Vec<(ChunkId, String)>)>> = Mutex::new(Vec::new());
+        let results: Mutex<Vec<PackCheck>> = Mutex::new(Vec::new());
         let threads = READ_THREADS.min(queue.lock().map_or(0, |q| q.len())).max(1);
         std::thread::scope(|scope| {
             for _ in 0..threads {
