@@ -196,6 +196,11 @@ impl Repository {
         let backend = self.backend();
         let now = now_ns();
         let mut stats = GcStats::default();
+        // The leases before the snapshots: a writer whose lease is gone by now has
+        // committed (or given up) before, so its snapshot is in the listing below.
+        // The other order would miss a snapshot committed between the two and delete
+        // its packs.
+        let starts = self.live_lease_starts(now)?;
         let mut usage: HashMap<String, PackUse> = HashMap::new();
         let index = self.load_index_with(|pack, entries| {
             usage.insert(
@@ -209,7 +214,12 @@ impl Repository {
         // Which chunks the snapshots name, and so which packs and how much of each.
         let mut named: HashSet<ChunkId> = HashSet::new();
         for snapshot in self.snapshots()? {
-            let (_, chunks) = self.read_snapshot(&snapshot.id)?;
+            let chunks = match self.read_snapshot(&snapshot.id) {
+                Ok((_, chunks)) => chunks,
+                // Forgotten since the listing: it names nothing any more.
+                Err(Error::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
             for c in chunks {
                 if c != ChunkId::ZERO
                     && named.insert(c)
@@ -231,10 +241,9 @@ impl Repository {
 
         // Earlier condemnations: delete what is still dead, unless a writer that
         // started before (or just after) the condemnation still runs.
-        let starts = self.live_lease_starts(now)?;
         let mut still_condemned: HashSet<String> = HashSet::new();
         for (key, list) in self.condemnations()? {
-            let horizon = list.time_ns + CONDEMN_MARGIN.as_nanos() as u64;
+            let horizon = list.time_ns + self.condemn_margin.as_nanos() as u64;
             if starts.iter().any(|&s| s < horizon) {
                 stats.deferred_packs += list.packs.len() as u64;
                 still_condemned.extend(list.packs);
@@ -255,10 +264,20 @@ impl Repository {
             }
             backend.delete(&key)?;
         }
-        // Index objects whose pack is gone (a crash between the two deletions).
-        for key in backend.list("index/")? {
+        // Index objects whose pack is gone (a crash between the two deletions). The
+        // indexes are listed before the packs are listed again: a writer stores a pack
+        // before its index, so an index seen first whose pack is not in the later
+        // listing is an orphan, while one of a pack stored since the first listing
+        // is not mistaken for one.
+        let indexes = backend.list("index/")?;
+        let packs_now: HashSet<String> = backend
+            .list("packs/")?
+            .into_iter()
+            .filter_map(|k| k.rsplit('/').next().map(str::to_string))
+            .collect();
+        for key in indexes {
             let pack = key.trim_start_matches("index/");
-            if !present.contains(pack) && !still_condemned.contains(pack) {
+            if !packs_now.contains(pack) && !still_condemned.contains(pack) {
                 backend.delete(&key)?;
                 stats.deleted_indexes += 1;
             }

@@ -56,6 +56,7 @@ pub struct Repository {
     backend: Arc<dyn Backend>,
     config: Config,
     keys: Option<Keys>,
+    condemn_margin: std::time::Duration,
 }
 
 impl std::fmt::Debug for Repository {
@@ -113,6 +114,7 @@ impl Repository {
             backend: Arc::from(backend),
             config,
             keys,
+            condemn_margin: gc::CONDEMN_MARGIN,
         })
     }
 
@@ -149,7 +151,15 @@ impl Repository {
             backend: Arc::from(backend),
             config,
             keys,
+            condemn_margin: gc::CONDEMN_MARGIN,
         })
+    }
+
+    /// Sets how long after a condemnation a writer's start still holds up the deletion
+    /// ([`gc::CONDEMN_MARGIN`] by default). Shorter is safe only where every writer
+    /// shares this host's clock and objects are visible within the margin (tests).
+    pub fn set_condemn_margin(&mut self, margin: std::time::Duration) {
+        self.condemn_margin = margin;
     }
 
     /// The storage under the repository.
@@ -176,7 +186,12 @@ impl Repository {
         let mut index = ChunkIndex::new();
         for key in self.backend.list("index/")? {
             let pack = key.trim_start_matches("index/");
-            let bytes = self.backend.get(&key, None)?;
+            let bytes = match self.backend.get(&key, None) {
+                Ok(bytes) => bytes,
+                // A collection deleted it (and its pack) since the listing.
+                Err(Error::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
             let bytes = format::open_index_object(&key, &bytes, self.keys.as_ref())?;
             let entries = format::decode_index(&key, &bytes, None)?;
             if !index.load_pack(pack, &entries) {
@@ -206,7 +221,12 @@ impl Repository {
         let mut out = Vec::new();
         for key in self.backend.list("snapshots/")? {
             let id = key.trim_start_matches("snapshots/");
-            out.push(self.read_snapshot(id)?.0);
+            match self.read_snapshot(id) {
+                Ok((info, _)) => out.push(info),
+                // Forgotten (pruned) since the listing.
+                Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         out.sort_by(|a, b| (a.time_ns, &a.id).cmp(&(b.time_ns, &b.id)));
         Ok(out)

@@ -72,7 +72,8 @@ impl Repository {
     /// found sound when `only_new`; records the packs found sound.
     pub fn verify_with(&self, ids: &[String], only_new: bool) -> Result<VerifyReport> {
         let index = self.load_index()?;
-        let ids: Vec<String> = if ids.is_empty() {
+        let listed = ids.is_empty();
+        let ids: Vec<String> = if listed {
             let mut all: Vec<String> = self
                 .backend
                 .list("snapshots/")?
@@ -93,8 +94,14 @@ impl Repository {
         let mut manifests = Vec::new();
         let mut wanted: HashMap<String, HashSet<ChunkId>> = HashMap::new();
         let mut chunk_problem: HashMap<ChunkId, String> = HashMap::new();
-        for id in &ids {
-            let read = self.read_snapshot(id);
+        let mut kept = Vec::new();
+        for id in ids {
+            let read = self.read_snapshot(&id);
+            if listed && matches!(read, Err(Error::NotFound(_))) {
+                // Listed, then forgotten by a prune: not a damaged snapshot.
+                continue;
+            }
+            kept.push(id);
             if let Ok((_, chunks)) = &read {
                 for c in chunks.iter().filter(|c| **c != ChunkId::ZERO) {
                     match index.get(c) {
@@ -147,7 +154,7 @@ impl Repository {
             }
             chunk_problem.extend(problems);
         }
-        for (id, read) in ids.into_iter().zip(manifests) {
+        for (id, read) in kept.into_iter().zip(manifests) {
             let mut problems = Vec::new();
             match read {
                 Err(e) => problems.push(e.to_string()),
