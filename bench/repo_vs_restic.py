@@ -16,8 +16,13 @@ Reported per tool: seconds (median over rounds, with the range), repository byte
 after each backup, the second backup's growth in percent, and the peak RSS of each
 step. restic and borg come from Debian (`apt-get install restic borgbackup`).
 
+With `--unique`, the data segments are fresh random bytes instead of copies of one
+64 MiB pool at odd byte offsets: the default image rewards content-defined chunking
+(restic, borg find the shifted copies, fixed disk-aligned chunks cannot), the unique
+one shows the tools on data no chunker can deduplicate.
+
 Usage: cargo build --release -p stillpoint &&
-       python3 bench/repo_vs_restic.py [--size 2G] [--rounds 1] [--chunk-size 256K] [--dir DIR]
+       python3 bench/repo_vs_restic.py [--size 2G] [--rounds 1] [--chunk-size 256K] [--dir DIR] [--unique]
 """
 
 import argparse
@@ -54,6 +59,24 @@ def du(path):
         for f in files:
             total += os.lstat(os.path.join(d, f)).st_blocks * 512
     return total
+
+
+def make_unique_image(path, size, seed):
+    """The layout of backup_vs_qsd's mixed image, every data segment fresh random bytes."""
+    mib = 1 << 20
+    rng = random.Random(seed)
+    segments = size // (4 * mib)
+    kinds = ["data", "data", "zero", "hole"] * (segments // 4 + 1)
+    rng.shuffle(kinds)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i in range(segments):
+            if kinds[i] == "hole":
+                continue
+            f.seek(i * 4 * mib)
+            f.write(bytes(4 * mib) if kinds[i] == "zero" else rng.randbytes(4 * mib))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def churn(path, size, seed, fraction=0.01, block=64 << 10):
@@ -113,6 +136,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--chunk-size", default="256K")
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--unique", action="store_true", help="data segments of fresh random bytes")
     args = ap.parse_args()
     size = common.parse_size(args.size)
     for tool in ("restic", "borg"):
@@ -123,8 +147,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="stillpoint-repo-bench-", dir=args.dir)
     try:
         original = os.path.join(tmp, "original.raw")
-        print(f"making a {size >> 20} MiB image (half data, quarter zeros, quarter holes) in {tmp}")
-        common.make_image(original, size, 1)
+        kind = "unique" if args.unique else "pool-copies"
+        print(f"making a {size >> 20} MiB image (half data ({kind}), quarter zeros, quarter holes) in {tmp}")
+        if args.unique:
+            make_unique_image(original, size, 1)
+        else:
+            common.make_image(original, size, 1)
         results = {}
         names = ["stillpoint", "restic", "borg"]
         for r in range(args.rounds):
@@ -159,7 +187,7 @@ def main():
             values = [x[key] for x in results[name]]
             return statistics.median(values), min(values), max(values)
 
-        print(f"\n{size >> 20} MiB mixed image, encrypted repositories, {args.rounds} round(s), "
+        print(f"\n{size >> 20} MiB mixed image ({kind} data), encrypted repositories, {args.rounds} round(s), "
               f"stillpoint chunk size {args.chunk_size}")
         print(f"{'tool':12} {'full s':>8} {'second s':>9} {'restore s':>10} {'repo MiB':>9} {'growth':>7}"
               f" {'RSS MiB':>8}  restored")

@@ -24,6 +24,8 @@ use crate::hex::hex;
 use crate::hex::unhex;
 
 const NONCE: usize = 24;
+/// Bytes of the Poly1305 tag after the ciphertext.
+const TAG: usize = 16;
 /// Argon2id cost: memory in KiB, passes, lanes.
 const KDF_MEMORY_KIB: u32 = 64 << 10;
 const KDF_PASSES: u32 = 3;
@@ -79,6 +81,37 @@ impl Keys {
                 "authentication failed (damaged, or not this repository's)",
             )
         })
+    }
+
+    /// [`Keys::open`] without copying: decrypts `sealed` where it lies and returns the
+    /// plaintext, a slice of it (the nonce and tag cut off).
+    pub fn open_in_place<'a>(
+        &self,
+        key: &str,
+        aad: &[u8],
+        sealed: &'a mut [u8],
+    ) -> Result<&'a mut [u8]> {
+        use chacha20poly1305::aead::AeadInPlace;
+        let damaged = || {
+            Error::damaged(
+                key,
+                "authentication failed (damaged, or not this repository's)",
+            )
+        };
+        if sealed.len() < NONCE + TAG {
+            return Err(damaged());
+        }
+        let (nonce, rest) = sealed.split_at_mut(NONCE);
+        let (body, tag) = rest.split_at_mut(rest.len() - TAG);
+        XChaCha20Poly1305::new((&self.seal).into())
+            .decrypt_in_place_detached(
+                XNonce::from_slice(nonce),
+                aad,
+                body,
+                chacha20poly1305::Tag::from_slice(tag),
+            )
+            .map_err(|_| damaged())?;
+        Ok(body)
     }
 
     /// The master key wrapped with `passphrase`, for `config`.
@@ -165,7 +198,7 @@ fn seal_with(key: &[u8; 32], aad: &[u8], plain: &[u8]) -> Vec<u8> {
 }
 
 fn open_with(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
-    if sealed.len() < NONCE + 16 {
+    if sealed.len() < NONCE + TAG {
         return None;
     }
     let (nonce, body) = sealed.split_at(NONCE);

@@ -130,6 +130,44 @@ pub fn decode_blob(
     Ok(data)
 }
 
+/// [`decode_blob`] into the chunk's place: `stored` is opened where it lies (so it is
+/// changed) and the plaintext lands in `out`, which must be the chunk's length. No
+/// allocation: what restore and large reads use.
+pub fn decode_blob_into(
+    key: &str,
+    keys: Option<&Keys>,
+    id: &ChunkId,
+    blob: &BlobRef,
+    stored: &mut [u8],
+    out: &mut [u8],
+) -> Result<()> {
+    let stored: &[u8] = match keys {
+        Some(keys) => keys.open_in_place(key, &id.0, stored)?,
+        None => stored,
+    };
+    let bad = |why: String| Error::damaged(key, format!("chunk {} {why}", id.hex()));
+    if out.len() != blob.raw_len as usize {
+        return Err(bad(format!(
+            "holds {} bytes where {} are wanted",
+            blob.raw_len,
+            out.len()
+        )));
+    }
+    match blob.codec {
+        Compression::None if stored.len() == out.len() => out.copy_from_slice(stored),
+        Compression::None => return Err(bad("does not match its id".into())),
+        Compression::Zstd => match zstd::bulk::decompress_to_buffer(stored, out) {
+            Ok(n) if n == out.len() => {}
+            Ok(_) => return Err(bad("does not match its id".into())),
+            Err(e) => return Err(bad(format!("does not decompress: {e}"))),
+        },
+    }
+    if ChunkId::keyed(keys, out) != *id {
+        return Err(bad("does not match its id".into()));
+    }
+    Ok(())
+}
+
 /// Builds one pack: blobs appended, then the index of what it holds.
 #[derive(Debug, Default)]
 pub struct PackBuilder {

@@ -256,7 +256,10 @@ fn progress_bar(total: u64, json: bool) -> Option<ProgressBar> {
 
 /// Bytes copied per request in a restore: many chunks, so one request reads several
 /// packs' ranges in parallel.
-const RESTORE_STEP: u64 = 32 << 20;
+const RESTORE_STEP: u64 = 16 << 20;
+
+/// Ranges read ahead of the one being written.
+const READS_AHEAD: usize = 3;
 
 /// `restore --repo DIR SNAPSHOT TARGET`: a copy, through the block layer, from the
 /// snapshot's read-only node to a new sparse raw file or qcow2 image. All-zero chunks
@@ -302,6 +305,13 @@ pub async fn restore(
     Ok(())
 }
 
+/// A range read for a restore, and the data extents in it to write.
+struct Batch {
+    start: u64,
+    buf: IoBuf,
+    extents: Vec<(u64, u64)>,
+}
+
 /// Copies what `snapshot` reads into the image at `target`; returns the bytes written.
 async fn copy_snapshot(
     snapshot: Box<dyn block::BlockDriver>,
@@ -314,50 +324,60 @@ async fn copy_snapshot(
         graph.add_driver("snapshot", snapshot, true).await?;
         let image = ImageFormat::given(format);
         open_direct(&graph, node_options(target, image, false, Some("target"))).await?;
-        let from = graph.attach("snapshot", AttachUser::Other("restore".into()))?;
+        let from = Arc::new(graph.attach("snapshot", AttachUser::Other("restore".into()))?);
         let to = graph.attach("target", AttachUser::Other("restore".into()))?;
         let bar = progress_bar(size, false);
         let mut written = 0u64;
         let mut offset = 0u64;
-        let mut pending: Option<(u64, IoBuf)> = None;
+        let mut reads: std::collections::VecDeque<tokio::task::JoinHandle<block::Result<Batch>>> =
+            std::collections::VecDeque::new();
         loop {
-            // The next range holding data, skipping holes.
-            let mut next = None;
-            while offset < size && next.is_none() {
-                let extent = from
-                    .block_status(offset, RESTORE_STEP.min(size - offset))
-                    .await?;
-                if !extent.status.zero {
-                    next = Some((offset, extent.length));
+            // Keep READS_AHEAD ranges being read while one is written. A range is the
+            // data extents of the next RESTORE_STEP bytes, read as one request (its
+            // all-zero chunks cost a memset, its data chunks come from their packs in
+            // parallel) and written extent by extent, so holes stay holes.
+            while reads.len() < READS_AHEAD && offset < size {
+                let mut extents = Vec::new();
+                let step_end = (offset + RESTORE_STEP).min(size);
+                while offset < step_end {
+                    let extent = from.block_status(offset, step_end - offset).await?;
+                    if !extent.status.zero {
+                        extents.push((offset, extent.length));
+                    }
+                    offset += extent.length;
                 }
-                offset += extent.length;
+                let (Some(&(start, _)), Some(&(last, last_len))) =
+                    (extents.first(), extents.last())
+                else {
+                    continue;
+                };
+                let from = from.clone();
+                reads.push_back(tokio::spawn(async move {
+                    let len = (last + last_len - start) as usize;
+                    let buf = from.read(start, IoBuf::zeroed(len)).await?;
+                    Ok(Batch {
+                        start,
+                        buf,
+                        extents,
+                    })
+                }));
             }
-            let read = async {
-                match next {
-                    Some((at, len)) => from
-                        .read(at, IoBuf::zeroed(len as usize))
-                        .await
-                        .map(|buf| Some((at, buf))),
-                    None => Ok(None),
-                }
-            };
-            let write = async {
-                match pending.take() {
-                    Some((at, buf)) => to
-                        .write(at, buf, block::WriteFlags::default())
-                        .await
-                        .map(|buf| buf.len() as u64),
-                    None => Ok(0),
-                }
-            };
-            let (read, write) = tokio::join!(read, write);
-            written += write?;
-            pending = read?;
-            if let Some(bar) = &bar {
-                bar.set_position(offset);
-            }
-            if pending.is_none() {
+            let Some(next) = reads.pop_front() else {
                 break;
+            };
+            let batch = next.await.context("a restore read task failed")??;
+            for &(at, len) in &batch.extents {
+                let from = (at - batch.start) as usize;
+                let piece = if batch.extents.len() == 1 {
+                    batch.buf.clone()
+                } else {
+                    IoBuf::from_slice(&batch.buf[from..from + len as usize])
+                };
+                to.write(at, piece, block::WriteFlags::default()).await?;
+                written += len;
+            }
+            if let Some(bar) = &bar {
+                bar.set_position(batch.start + batch.buf.len() as u64);
             }
         }
         to.flush().await?;

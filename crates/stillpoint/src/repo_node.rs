@@ -30,6 +30,9 @@ pub struct SnapshotDriver {
     size: u64,
     chunk_size: u64,
     last: Mutex<Option<(usize, Arc<Vec<u8>>)>>,
+    /// Held while the snapshot is open: a collection does not delete packs condemned
+    /// meanwhile (a repack's old copies, which the loaded index may still point at).
+    _lease: repo::repository::gc::Lease,
 }
 
 impl std::fmt::Debug for SnapshotDriver {
@@ -43,6 +46,7 @@ impl std::fmt::Debug for SnapshotDriver {
 impl SnapshotDriver {
     /// The snapshot `id` of `repo`.
     pub fn open(repo: Arc<Repository>, id: &str) -> repo::Result<Self> {
+        let lease = repo.lease()?;
         let (info, chunks) = repo.read_snapshot(id)?;
         let index = Arc::new(repo.load_index()?);
         Ok(Self {
@@ -52,6 +56,7 @@ impl SnapshotDriver {
             size: info.size,
             chunk_size: info.chunk_size,
             last: Mutex::new(None),
+            _lease: lease,
         })
     }
 

@@ -56,16 +56,21 @@ pub const CONDEMN_MARGIN: Duration = Duration::from_secs(300);
 /// A pack whose snapshots use less than this share of its stored bytes is repacked.
 pub const REPACK_BELOW: f64 = 0.5;
 
-/// A writer's claim on the repository; deleted when dropped.
-#[derive(Debug)]
-pub struct Lease<'r> {
-    repo: &'r Repository,
+/// A writer's (or a long reader's) claim on the repository; deleted when dropped.
+pub struct Lease {
+    backend: std::sync::Arc<dyn crate::backend::Backend>,
     key: String,
 }
 
-impl Drop for Lease<'_> {
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("key", &self.key).finish()
+    }
+}
+
+impl Drop for Lease {
     fn drop(&mut self) {
-        let _ = self.repo.backend().delete(&self.key);
+        let _ = self.backend.delete(&self.key);
     }
 }
 
@@ -117,8 +122,10 @@ struct PackUse {
 }
 
 impl Repository {
-    /// Takes a writer's lease.
-    pub fn lease(&self) -> Result<Lease<'_>> {
+    /// Takes a lease: until it is dropped (or [`LEASE_TTL`] has passed), no collection
+    /// deletes packs condemned after its start. Writers take one before they load the
+    /// index; so does a snapshot served over NBD, whose index stays loaded.
+    pub fn lease(&self) -> Result<Lease> {
         let start = now_ns();
         let key = format!(
             "leases/{start}-{}-{}",
@@ -127,7 +134,10 @@ impl Repository {
         );
         self.backend()
             .put_if_absent(&key, start.to_string().as_bytes())?;
-        Ok(Lease { repo: self, key })
+        Ok(Lease {
+            backend: self.backend.clone(),
+            key,
+        })
     }
 
     /// The condemnation lists, with their keys.

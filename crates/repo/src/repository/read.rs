@@ -21,7 +21,7 @@ use crate::format::ChunkId;
 pub const COALESCE_GAP: u64 = 256 << 10;
 
 /// The longest range read with one request.
-pub const MAX_RANGE: u64 = 16 << 20;
+pub const MAX_RANGE: u64 = 4 << 20;
 
 /// Threads reading ranges.
 pub const READ_THREADS: usize = 4;
@@ -128,12 +128,20 @@ impl Repository {
 
     fn read_range(&self, range: RangeRead<'_>) -> Result<()> {
         let key = pack_key(&range.pack);
-        let bytes = self.backend.get(&key, Some(range.start..range.end))?;
+        let mut bytes = self.backend.get(&key, Some(range.start..range.end))?;
+        // A chunk wanted at two places is opened once; the second place copies it.
+        let mut done: Option<(ChunkId, &[u8])> = None;
         for t in range.targets {
+            if let Some((id, data)) = done
+                && id == t.id
+            {
+                t.out.copy_from_slice(data);
+                continue;
+            }
             let at = (t.blob.offset - range.start) as usize;
-            let stored = &bytes[at..at + t.blob.stored_len as usize];
-            let data = format::decode_blob(&key, self.keys.as_ref(), &t.id, &t.blob, stored)?;
-            t.out.copy_from_slice(&data);
+            let stored = &mut bytes[at..at + t.blob.stored_len as usize];
+            format::decode_blob_into(&key, self.keys.as_ref(), &t.id, &t.blob, stored, t.out)?;
+            done = Some((t.id, &*t.out));
         }
         Ok(())
     }

@@ -101,7 +101,7 @@ struct Packed {
 /// nothing is visible; a writer dropped or failed leaves at most packs no snapshot
 /// names (a collection deletes them, or the next backup's dedup uses them).
 pub struct SnapshotWriter<'r> {
-    _lease: Lease<'r>,
+    _lease: Lease,
     repo: &'r Repository,
     info: SnapshotInfo,
     next: u64,
@@ -123,7 +123,7 @@ impl std::fmt::Debug for SnapshotWriter<'_> {
 impl<'r> SnapshotWriter<'r> {
     pub(super) fn start(
         repo: &'r Repository,
-        lease: Lease<'r>,
+        lease: Lease,
         index: ChunkIndex,
         info: SnapshotInfo,
     ) -> Self {
