@@ -3,14 +3,17 @@
 
 The image: bench/backup_vs_qsd.py's seeded mixed raw image (SIZE, 2 GiB by default:
 half data, a quarter written zeros, a quarter holes, in 4 MiB segments). For each tool,
-in turn and alternating across ROUNDS, with the image evicted from the page cache
-before each timed step:
+in turn and alternating across ROUNDS, starting cold at each timed step:
 
 1. a fresh, encrypted repository (stillpoint `repo init --encrypt`, restic's default,
    borg `repokey-blake2`) and a full backup;
 2. 1% of the disk rewritten in seeded random 64 KiB blocks, and a second backup (no
    dirty bitmap: every tool reads the whole disk);
 3. a restore of the second snapshot into a new file, compared with the image.
+
+Before each step the page cache is dropped (root) or the image's and repositories'
+files evicted; a backup's time includes a `sync` after it (what it left dirty), a
+restore is reported both as the tool's own time and with a `sync` after it.
 
 Reported per tool: seconds (median over rounds, with the range), repository bytes
 after each backup, the second backup's growth in percent, and the peak RSS of each
@@ -51,6 +54,30 @@ def run(argv, env=None, cwd=None):
         if proc.returncode != 0:
             raise RuntimeError(f"{argv[0]} failed: {proc.stderr.strip()[-500:]}")
         return took, int(rss.read().strip().splitlines()[-1]) / 1024
+
+
+def drop_caches(*paths):
+    """Every step starts cold: the whole page cache dropped when we may (root), else
+    the image's and the repositories' files evicted one by one."""
+    subprocess.run(["sync"], check=True)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return
+    except OSError:
+        pass
+    for path in paths:
+        targets = [path] if os.path.isfile(path) else [
+            os.path.join(d, f) for d, _, files in os.walk(path) for f in files]
+        for t in targets:
+            common.evict(t)
+
+
+def timed_sync():
+    """Seconds a `sync` takes: what a tool left dirty in the page cache."""
+    start = time.monotonic()
+    subprocess.run(["sync"], check=True)
+    return time.monotonic() - start
 
 
 def du(path):
@@ -162,25 +189,31 @@ def main():
                 image = os.path.join(tmp, "disk.raw")
                 subprocess.run(["cp", "--sparse=always", original, image], check=True)
                 tool.init()
-                common.evict(image)
+                drop_caches(image, tool.repo)
                 full, full_rss = tool.backup(image, 1)
+                full += timed_sync()
                 after_full = du(tool.repo)
                 churn(image, size, 7 + r)
-                common.evict(image)
+                drop_caches(image, tool.repo)
                 second, second_rss = tool.backup(image, 2)
+                second += timed_sync()
                 after_second = du(tool.repo)
                 out_dir = os.path.join(tmp, f"restore-{name}")
                 shutil.rmtree(out_dir, ignore_errors=True)
+                drop_caches(image, tool.repo)
                 (restore, restore_rss), restored = tool.restore(out_dir, "disk.raw")
+                restore_sync = restore + timed_sync()
                 same = common.identical(image, restored)
                 res = results.setdefault(name, [])
-                res.append(dict(full=full, second=second, restore=restore, after_full=after_full,
+                res.append(dict(full=full, second=second, restore=restore, restore_sync=restore_sync,
+                                after_full=after_full,
                                 after_second=after_second, same=same,
                                 rss=max(full_rss, second_rss, restore_rss)))
                 shutil.rmtree(out_dir, ignore_errors=True)
                 shutil.rmtree(tool.repo, ignore_errors=True)
                 os.unlink(image)
-                print(f"  round {r + 1} {name}: full {full:.2f} s, second {second:.2f} s, restore {restore:.2f} s,"
+                print(f"  round {r + 1} {name}: full {full:.2f} s, second {second:.2f} s, restore {restore:.2f} s"
+                      f" ({restore_sync:.2f} s with sync),"
                       f" repo {after_full >> 20} -> {after_second >> 20} MiB, identical {same}", flush=True)
 
         def med(name, key):
@@ -189,20 +222,26 @@ def main():
 
         print(f"\n{size >> 20} MiB mixed image ({kind} data), encrypted repositories, {args.rounds} round(s), "
               f"stillpoint chunk size {args.chunk_size}")
-        print(f"{'tool':12} {'full s':>8} {'second s':>9} {'restore s':>10} {'repo MiB':>9} {'growth':>7}"
-              f" {'RSS MiB':>8}  restored")
+        print(f"{'tool':12} {'full s':>8} {'second s':>9} {'restore s':>10} {'+sync s':>8} {'repo MiB':>9}"
+              f" {'growth':>7} {'RSS MiB':>8}  restored")
         for name in names:
             full, second, restore = med(name, "full")[0], med(name, "second")[0], med(name, "restore")[0]
+            restore_sync = med(name, "restore_sync")[0]
             af, as_ = med(name, "after_full")[0], med(name, "after_second")[0]
             growth = 100 * (as_ - af) / af if af else 0
             rss = max(x["rss"] for x in results[name])
             same = all(x["same"] for x in results[name])
-            print(f"{name:12} {full:8.2f} {second:9.2f} {restore:10.2f} {af / 2**20:9.0f} {growth:6.1f}%"
+            print(f"{name:12} {full:8.2f} {second:9.2f} {restore:10.2f} {restore_sync:8.2f} {af / 2**20:9.0f} {growth:6.1f}%"
                   f" {rss:8.0f}  {'identical' if same else 'DIFFERENT'}")
         sp, rs = results["stillpoint"], results["restic"]
         ratio = lambda key: statistics.median(x[key] for x in sp) / statistics.median(x[key] for x in rs)
         print(f"\nstillpoint / restic: full {ratio('full'):.2f} (goal <= 0.5), restore {ratio('restore'):.2f}"
-              f" (goal <= 0.5), repository after the full {ratio('after_full'):.2f} (goal <= 1)")
+              f" ({ratio('restore_sync'):.2f} with sync; goal <= 0.5), second {ratio('second'):.2f},"
+              f" repository after the full {ratio('after_full'):.2f} (goal <= 1)")
+        for name in names:
+            spread = lambda key: "%.2f-%.2f" % med(name, key)[1:]
+            print(f"  {name}: full {spread('full')}, second {spread('second')}, restore {spread('restore')},"
+                  f" restore+sync {spread('restore_sync')} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
