@@ -184,7 +184,11 @@ fn read_direct(path: &Path, range: &Range<u64>) -> std::io::Result<Option<Vec<u8
     if got < lead + len {
         return Ok(None);
     }
-    Ok(Some(window[lead..lead + len].to_vec()))
+    // The range moved to the front of the vector it was read into: no second buffer.
+    let from = skew + lead;
+    staging.copy_within(from..from + len, 0);
+    staging.truncate(len);
+    Ok(Some(staging))
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {

@@ -256,10 +256,10 @@ fn progress_bar(total: u64, json: bool) -> Option<ProgressBar> {
 
 /// Bytes copied per request in a restore: many chunks, so one request reads several
 /// packs' ranges in parallel.
-const RESTORE_STEP: u64 = 16 << 20;
+const RESTORE_STEP: u64 = 8 << 20;
 
-/// Ranges read ahead of the one being written.
-const READS_AHEAD: usize = 3;
+/// Bytes of data being read ahead of the extent being written.
+const READ_AHEAD: u64 = 32 << 20;
 
 /// `restore --repo DIR SNAPSHOT TARGET`: a copy, through the block layer, from the
 /// snapshot's read-only node to a new sparse raw file or qcow2 image. All-zero chunks
@@ -305,13 +305,6 @@ pub async fn restore(
     Ok(())
 }
 
-/// A range read for a restore, and the data extents in it to write.
-struct Batch {
-    start: u64,
-    buf: IoBuf,
-    extents: Vec<(u64, u64)>,
-}
-
 /// Copies what `snapshot` reads into the image at `target`; returns the bytes written.
 async fn copy_snapshot(
     snapshot: Box<dyn block::BlockDriver>,
@@ -329,55 +322,42 @@ async fn copy_snapshot(
         let bar = progress_bar(size, false);
         let mut written = 0u64;
         let mut offset = 0u64;
-        let mut reads: std::collections::VecDeque<tokio::task::JoinHandle<block::Result<Batch>>> =
-            std::collections::VecDeque::new();
+        let mut reads: std::collections::VecDeque<(
+            u64,
+            tokio::task::JoinHandle<block::Result<IoBuf>>,
+        )> = std::collections::VecDeque::new();
+        let mut ahead = 0u64;
         loop {
-            // Keep READS_AHEAD ranges being read while one is written. A range is the
-            // data extents of the next RESTORE_STEP bytes, read as one request (its
-            // all-zero chunks cost a memset, its data chunks come from their packs in
-            // parallel) and written extent by extent, so holes stay holes.
-            while reads.len() < READS_AHEAD && offset < size {
-                let mut extents = Vec::new();
-                let step_end = (offset + RESTORE_STEP).min(size);
-                while offset < step_end {
-                    let extent = from.block_status(offset, step_end - offset).await?;
-                    if !extent.status.zero {
-                        extents.push((offset, extent.length));
-                    }
-                    offset += extent.length;
-                }
-                let (Some(&(start, _)), Some(&(last, last_len))) =
-                    (extents.first(), extents.last())
-                else {
+            // Keep up to READ_AHEAD bytes of data extents being read while one is
+            // written. Each extent (at most RESTORE_STEP) is one request: its chunks
+            // come from their packs in parallel, and its buffer is written as it is,
+            // so holes stay holes and nothing is copied.
+            while ahead < READ_AHEAD && offset < size {
+                let extent = from
+                    .block_status(offset, RESTORE_STEP.min(size - offset))
+                    .await?;
+                let (at, len) = (offset, extent.length);
+                offset += len;
+                if extent.status.zero {
                     continue;
-                };
+                }
                 let from = from.clone();
-                reads.push_back(tokio::spawn(async move {
-                    let len = (last + last_len - start) as usize;
-                    let buf = from.read(start, IoBuf::zeroed(len)).await?;
-                    Ok(Batch {
-                        start,
-                        buf,
-                        extents,
-                    })
-                }));
+                ahead += len;
+                reads.push_back((
+                    at,
+                    tokio::spawn(async move { from.read(at, IoBuf::zeroed(len as usize)).await }),
+                ));
             }
-            let Some(next) = reads.pop_front() else {
+            let Some((at, next)) = reads.pop_front() else {
                 break;
             };
-            let batch = next.await.context("a restore read task failed")??;
-            for &(at, len) in &batch.extents {
-                let from = (at - batch.start) as usize;
-                let piece = if batch.extents.len() == 1 {
-                    batch.buf.clone()
-                } else {
-                    IoBuf::from_slice(&batch.buf[from..from + len as usize])
-                };
-                to.write(at, piece, block::WriteFlags::default()).await?;
-                written += len;
-            }
+            let buf = next.await.context("a restore read task failed")??;
+            let len = buf.len() as u64;
+            ahead -= len;
+            to.write(at, buf, block::WriteFlags::default()).await?;
+            written += len;
             if let Some(bar) = &bar {
-                bar.set_position(batch.start + batch.buf.len() as u64);
+                bar.set_position(at + len);
             }
         }
         to.flush().await?;
