@@ -29,6 +29,7 @@ Usage: cargo build --release -p stillpoint &&
 """
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -164,10 +165,13 @@ def main():
     ap.add_argument("--chunk-size", default="256K")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--unique", action="store_true", help="data segments of fresh random bytes")
+    ap.add_argument("--tools", default="stillpoint,restic,borg",
+                    help="comma-separated; stillpoint alone for a chunk-size sweep")
     args = ap.parse_args()
     size = common.parse_size(args.size)
-    for tool in ("restic", "borg"):
-        if shutil.which(tool) is None:
+    names = args.tools.split(",")
+    for tool in names:
+        if tool != "stillpoint" and shutil.which(tool) is None:
             sys.exit(f"{tool} is needed: apt-get install restic borgbackup")
     if not os.path.exists(common.STILLPOINT):
         sys.exit("build first: cargo build --release -p stillpoint")
@@ -181,9 +185,8 @@ def main():
         else:
             common.make_image(original, size, 1)
         results = {}
-        names = ["stillpoint", "restic", "borg"]
         for r in range(args.rounds):
-            order = names[r % 3:] + names[:r % 3]
+            order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
                 tool = Tool(name, tmp, args.chunk_size)
                 image = os.path.join(tmp, "disk.raw")
@@ -198,6 +201,11 @@ def main():
                 second, second_rss = tool.backup(image, 2)
                 second += timed_sync()
                 after_second = du(tool.repo)
+                chunks = None
+                if name == "stillpoint":
+                    out = subprocess.run([common.STILLPOINT, "repo", "stats", tool.repo, "--json"], env=tool.env,
+                                         check=True, capture_output=True, text=True).stdout
+                    chunks = json.loads(out)["chunks"]
                 out_dir = os.path.join(tmp, f"restore-{name}")
                 shutil.rmtree(out_dir, ignore_errors=True)
                 drop_caches(image, tool.repo)
@@ -207,7 +215,7 @@ def main():
                 res = results.setdefault(name, [])
                 res.append(dict(full=full, second=second, restore=restore, restore_sync=restore_sync,
                                 after_full=after_full,
-                                after_second=after_second, same=same,
+                                after_second=after_second, same=same, chunks=chunks,
                                 rss=max(full_rss, second_rss, restore_rss)))
                 shutil.rmtree(out_dir, ignore_errors=True)
                 shutil.rmtree(tool.repo, ignore_errors=True)
@@ -233,6 +241,12 @@ def main():
             same = all(x["same"] for x in results[name])
             print(f"{name:12} {full:8.2f} {second:9.2f} {restore:10.2f} {restore_sync:8.2f} {af / 2**20:9.0f} {growth:6.1f}%"
                   f" {rss:8.0f}  {'identical' if same else 'DIFFERENT'}")
+        if "stillpoint" in results:
+            chunks = statistics.median(x["chunks"] for x in results["stillpoint"])
+            print(f"stillpoint: {chunks:.0f} stored chunks after the second backup, an index of"
+                  f" {chunks * 48 / 2**20:.1f} MiB in memory (48 bytes each)")
+        if "stillpoint" not in results or "restic" not in results:
+            return
         sp, rs = results["stillpoint"], results["restic"]
         ratio = lambda key: statistics.median(x[key] for x in sp) / statistics.median(x[key] for x in rs)
         print(f"\nstillpoint / restic: full {ratio('full'):.2f} (goal <= 0.5), restore {ratio('restore'):.2f}"

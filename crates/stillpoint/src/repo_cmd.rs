@@ -505,10 +505,21 @@ pub fn stats(dir: &Path, pass_file: Option<&Path>, json: bool) -> anyhow::Result
 
 /// `repo gc DIR`.
 pub fn gc(dir: &Path, pass_file: Option<&Path>) -> anyhow::Result<()> {
+    let started = Instant::now();
     let stats = open(dir, pass_file)?.gc()?;
     println!(
-        "garbage collection: {} packs, {} deleted (no snapshot named them), {} index objects deleted",
-        stats.packs, stats.deleted_packs, stats.deleted_indexes
+        "garbage collection: {} packs; {} deleted ({} freed), {} index objects deleted; \
+         {} repacked into {} new; {} condemned now (deleted by the next collection); \
+         {} held back while backups that started before their condemnation run; {:.2} s",
+        stats.packs,
+        stats.deleted_packs,
+        crate::info::human_size(stats.freed_bytes),
+        stats.deleted_indexes,
+        stats.repacked_packs,
+        stats.new_packs,
+        stats.condemned_packs,
+        stats.deferred_packs,
+        started.elapsed().as_secs_f64()
     );
     Ok(())
 }
