@@ -489,3 +489,42 @@ fn concurrent_backups_prune_and_gc_keep_every_surviving_snapshot_whole() {
         );
     }
 }
+
+#[test]
+fn a_renewed_lease_holds_up_deletion_for_a_long_backup_and_a_stale_one_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
+    let (a, _) = backup(&repo, "a", &Rng(51).bytes(3 * CHUNK as usize));
+    repo.forget(std::slice::from_ref(&a.id)).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let two_days = 2 * 86_400 * 1_000_000_000u64;
+    // A backup that started two days ago and renewed its lease just now.
+    let lease = dir.path().join("leases/1-1-long");
+    std::fs::write(&lease, format!("{} {now}", now - two_days)).unwrap();
+    assert_eq!(repo.gc().unwrap().condemned_packs, 1);
+    let held = repo.gc().unwrap();
+    assert_eq!((held.deferred_packs, held.deleted_packs), (1, 0));
+    // Not seen for two days: its holder died.
+    std::fs::write(&lease, format!("{} {}", now - two_days, now - two_days)).unwrap();
+    assert_eq!(repo.gc().unwrap().deleted_packs, 1);
+    assert!(!lease.exists());
+
+    // Renewing writes a new object with the same start and drops the old one.
+    let start = |p: &std::path::Path| {
+        let text = std::fs::read_to_string(p).unwrap();
+        text.split_whitespace().next().unwrap().to_string()
+    };
+    let mut held = repo.lease().unwrap();
+    let before = walk(&dir.path().join("leases"));
+    let started = start(&before[0]);
+    held.renew().unwrap();
+    let after = walk(&dir.path().join("leases"));
+    assert_eq!(after.len(), 1);
+    assert_ne!(before, after);
+    assert_eq!(start(&after[0]), started);
+    drop(held);
+    assert!(walk(&dir.path().join("leases")).is_empty());
+}

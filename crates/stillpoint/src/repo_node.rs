@@ -32,7 +32,7 @@ pub struct SnapshotDriver {
     last: Mutex<Option<(usize, Arc<Vec<u8>>)>>,
     /// Held while the snapshot is open: a collection does not delete packs condemned
     /// meanwhile (a repack's old copies, which the loaded index may still point at).
-    _lease: repo::repository::gc::Lease,
+    lease: Mutex<repo::repository::gc::Lease>,
 }
 
 impl std::fmt::Debug for SnapshotDriver {
@@ -56,7 +56,7 @@ impl SnapshotDriver {
             size: info.size,
             chunk_size: info.chunk_size,
             last: Mutex::new(None),
-            _lease: lease,
+            lease: Mutex::new(lease),
         })
     }
 
@@ -88,6 +88,13 @@ impl BlockDriver for SnapshotDriver {
     }
 
     async fn read(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
+        // Renewed (rarely: once an hour) as the export is read. A failure to renew is
+        // not the reader's error: the read goes on, and the lease is tried again.
+        let _ = self
+            .lease
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keep_alive();
         let end = offset + buf.len() as u64;
         let chunk_end = |i: u64| ((i + 1) * self.chunk_size).min(self.size);
         // The chunks wholly inside the read, fetched together when there are several.

@@ -21,8 +21,8 @@
 //! writer that starts after a condemnation cannot come to depend on what the next
 //! collection deletes. [`CONDEMN_MARGIN`] covers the time between reading the clock
 //! and the list being visible, and clocks of hosts that share a repository being a
-//! little apart. A lease older than [`LEASE_TTL`] belongs to a writer that died and no
-//! longer counts (a backup running longer than that is not protected: not yet renewed).
+//! little apart. A lease not renewed for [`LEASE_TTL`] belongs to a writer that died and
+//! no longer counts; holders renew theirs every [`LEASE_RENEW`] as they work.
 //!
 //! Deleting a pack deletes its index object first, so a crash in between leaves a pack
 //! without an index (unreferenced, condemned by the next collection), never an index
@@ -56,10 +56,61 @@ pub const CONDEMN_MARGIN: Duration = Duration::from_secs(300);
 /// A pack whose snapshots use less than this share of its stored bytes is repacked.
 pub const REPACK_BELOW: f64 = 0.5;
 
+/// How often a holder renews its lease (well inside [`LEASE_TTL`]).
+pub const LEASE_RENEW: Duration = Duration::from_secs(3600);
+
+/// A lease's content: its start and when its holder was last seen, in nanoseconds
+/// (`START SEEN`; a lease written by the first slice holds `START` alone).
+fn parse_lease(bytes: &[u8]) -> Option<(u64, u64)> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut parts = text.split_whitespace();
+    let start = parts.next()?.parse::<u64>().ok()?;
+    let seen = match parts.next() {
+        Some(seen) => seen.parse::<u64>().ok()?,
+        None => start,
+    };
+    Some((start, seen.max(start)))
+}
+
 /// A writer's (or a long reader's) claim on the repository; deleted when dropped.
+/// It counts for [`LEASE_TTL`] after its holder was last seen: holders call
+/// [`Lease::keep_alive`] as they work, which renews it every [`LEASE_RENEW`], so a
+/// backup of many hours stays protected while one that died stops counting.
 pub struct Lease {
     backend: std::sync::Arc<dyn crate::backend::Backend>,
     key: String,
+    start: u64,
+    renewed: std::time::Instant,
+}
+
+impl Lease {
+    /// Renews the lease if [`LEASE_RENEW`] has passed since it was written: a new
+    /// object with the same start and the time now, then the old one deleted (objects
+    /// are written once; there is always one).
+    pub fn keep_alive(&mut self) -> Result<()> {
+        if self.renewed.elapsed() < LEASE_RENEW {
+            return Ok(());
+        }
+        self.renew()
+    }
+
+    /// Renews the lease now.
+    pub fn renew(&mut self) -> Result<()> {
+        let key = lease_key(self.start);
+        let content = format!("{} {}", self.start, now_ns());
+        self.backend.put_if_absent(&key, content.as_bytes())?;
+        let old = std::mem::replace(&mut self.key, key);
+        self.renewed = std::time::Instant::now();
+        self.backend.delete(&old)
+    }
+}
+
+fn lease_key(start: u64) -> String {
+    format!(
+        "leases/{start}-{}-{}",
+        std::process::id(),
+        crate::hex::hex(&crate::crypto::random::<4>())
+    )
 }
 
 impl std::fmt::Debug for Lease {
@@ -127,16 +178,14 @@ impl Repository {
     /// index; so does a snapshot served over NBD, whose index stays loaded.
     pub fn lease(&self) -> Result<Lease> {
         let start = now_ns();
-        let key = format!(
-            "leases/{start}-{}-{}",
-            std::process::id(),
-            crate::hex::hex(&crate::crypto::random::<4>())
-        );
+        let key = lease_key(start);
         self.backend()
-            .put_if_absent(&key, start.to_string().as_bytes())?;
+            .put_if_absent(&key, format!("{start} {start}").as_bytes())?;
         Ok(Lease {
             backend: self.backend.clone(),
             key,
+            start,
+            renewed: std::time::Instant::now(),
         })
     }
 
@@ -168,19 +217,18 @@ impl Repository {
         let backend = self.backend();
         let mut starts = Vec::new();
         for key in backend.list("leases/")? {
-            let start = match backend.get(&key, None) {
-                Ok(bytes) => String::from_utf8(bytes)
-                    .ok()
-                    .and_then(|t| t.trim().parse::<u64>().ok()),
+            let times = match backend.get(&key, None) {
+                Ok(bytes) => parse_lease(&bytes),
                 Err(Error::NotFound(_)) => continue,
                 Err(e) => return Err(e),
             };
-            match start {
-                Some(start) if now.saturating_sub(start) > LEASE_TTL.as_nanos() as u64 => {
+            match times {
+                Some((_, seen)) if now.saturating_sub(seen) > LEASE_TTL.as_nanos() as u64 => {
                     backend.delete(&key)?;
                 }
+                Some((start, _)) => starts.push(start),
                 // An unreadable lease counts as started now: the safe side.
-                _ => starts.push(start.unwrap_or(now)),
+                None => starts.push(now),
             }
         }
         Ok(starts)

@@ -101,7 +101,7 @@ struct Packed {
 /// nothing is visible; a writer dropped or failed leaves at most packs no snapshot
 /// names (a collection deletes them, or the next backup's dedup uses them).
 pub struct SnapshotWriter<'r> {
-    _lease: Lease,
+    lease: Lease,
     repo: &'r Repository,
     info: SnapshotInfo,
     next: u64,
@@ -165,7 +165,7 @@ impl<'r> SnapshotWriter<'r> {
                 .expect("the packer starts")
         };
         Self {
-            _lease: lease,
+            lease,
             repo,
             info,
             next: 0,
@@ -236,6 +236,7 @@ impl<'r> SnapshotWriter<'r> {
         if self.shared.failed.load(Ordering::SeqCst) {
             return Err(self.failure());
         }
+        self.lease.keep_alive()?;
         let sent = self.jobs.as_ref().map(|jobs| jobs.send(job));
         match sent {
             Some(Ok(())) => Ok(()),
