@@ -363,6 +363,22 @@ fn a_snapshot_is_served_over_nbd_as_the_image_was() {
         .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
         .collect();
     assert_eq!(holes, vec![(1 << 20, 1 << 20)], "{map}");
+    // libnbd's view: nbdinfo's map of base:allocation shows the same hole, and nbdcopy
+    // pulls the same bytes.
+    let nbd_map = ok("nbdinfo", &["--map", &uri]);
+    let holes: Vec<(u64, u64)> = nbd_map
+        .lines()
+        .filter(|l| l.contains("hole"))
+        .map(|l| {
+            let mut f = l.split_whitespace();
+            let start = f.next().unwrap().parse().unwrap();
+            (start, f.next().unwrap().parse().unwrap())
+        })
+        .collect();
+    assert_eq!(holes, vec![(1 << 20, 1 << 20)], "{nbd_map}");
+    let copied = dir.path().join("nbdcopy.raw");
+    ok("nbdcopy", &[&uri, s(&copied)]);
+    assert_eq!(std::fs::read(&copied).unwrap(), std::fs::read(&disk).unwrap());
     let write = run("qemu-io", &["-f", "raw", "-c", "write 0 4k", &uri]);
     assert!(
         !write.status.success()
