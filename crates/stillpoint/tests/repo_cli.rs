@@ -378,7 +378,10 @@ fn a_snapshot_is_served_over_nbd_as_the_image_was() {
     assert_eq!(holes, vec![(1 << 20, 1 << 20)], "{nbd_map}");
     let copied = dir.path().join("nbdcopy.raw");
     ok("nbdcopy", &[&uri, s(&copied)]);
-    assert_eq!(std::fs::read(&copied).unwrap(), std::fs::read(&disk).unwrap());
+    assert_eq!(
+        std::fs::read(&copied).unwrap(),
+        std::fs::read(&disk).unwrap()
+    );
     let write = run("qemu-io", &["-f", "raw", "-c", "write 0 4k", &uri]);
     assert!(
         !write.status.success()

@@ -31,7 +31,9 @@
 //! any background work. So a guest write pays for one source read of its clusters, and
 //! waits for at most one in-flight source read of a background chunk: never for the
 //! target, and never behind the background queue. The background copy keeps at most
-//! `workers` requests in flight on the source.
+//! `workers` requests in flight on the source, and only [`guest::BUSY_DEPTH`] while
+//! guest requests are passing through the filter ([`guest`]), so a copy-before-write
+//! read or a guest read queues behind fewer background reads.
 //!
 //! Staged data reaches the target before the job completes. If a target write fails
 //! after the guest write that staged it was acknowledged, the data stays staged and the
@@ -51,6 +53,7 @@
 //! `worker` the background pass and every target write; `snapshot_reads` the reads a
 //! standalone filter's `snapshot-access` node makes.
 
+pub mod guest;
 mod snapshot_reads;
 mod staging;
 mod worker;
@@ -309,6 +312,8 @@ pub struct BlockCopy {
     /// Chunk-sized buffers for reuse: allocating and faulting in fresh memory for every
     /// chunk doubled the kernel time of a backup.
     buffers: Mutex<Vec<IoBuf>>,
+    /// Guest requests through the filter, so the background pass gives way to them.
+    guest: guest::GuestActivity,
 }
 
 fn round_down(v: u64, to: u64) -> u64 {
@@ -362,7 +367,13 @@ impl BlockCopy {
             progress,
             stats: Arc::new(CopyStats::default()),
             buffers: Mutex::new(Vec::new()),
+            guest: guest::GuestActivity::default(),
         })
+    }
+
+    /// Counts a guest request (through the filter) while the guard lives.
+    pub fn guest_request(&self) -> guest::GuestRequest<'_> {
+        self.guest.request()
     }
 
     /// A buffer of `len` bytes, reused when a free one is big enough (a copy-before-write

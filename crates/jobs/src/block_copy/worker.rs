@@ -10,6 +10,7 @@ use super::PassControl;
 use super::PassEnd;
 use super::Payload;
 use super::Work;
+use super::guest;
 use super::round_down;
 use crate::job::IoOperation;
 use crate::ratelimit::RateLimit;
@@ -128,6 +129,16 @@ impl BlockCopy {
                     && !state.dirty.is_empty()
             };
             let chunk = self.options.chunk_size;
+            if peek_background && !self.guest.may_start_background() {
+                // The guest is busy and a background copy is in flight: wait for it to
+                // end, for staged work, or for the guest to go quiet.
+                tokio::select! {
+                    _ = changed => {}
+                    _ = tokio::time::sleep(guest::QUIET) => {}
+                    _ = control.stopped.notified() => return Ok(()),
+                }
+                continue;
+            }
             if peek_background {
                 // Take the speed limit's budget for a whole chunk before claiming, so a
                 // throttled worker never holds a claim (and a guest write) while it
@@ -156,7 +167,11 @@ impl BlockCopy {
             match work {
                 Work::Write(chunk) => self.write_chunk(chunk).await?,
                 Work::Copy { id, start, end } => {
-                    self.copy_chunk(id, start, end, &control.rate).await?;
+                    self.guest.background.fetch_add(1, Ordering::Relaxed);
+                    let copied = self.copy_chunk(id, start, end, &control.rate).await;
+                    self.guest.background.fetch_sub(1, Ordering::Relaxed);
+                    self.changed.notify_waiters();
+                    copied?;
                 }
                 Work::Idle { complete: true } => return Ok(()),
                 Work::Idle { complete: false } => {
