@@ -20,6 +20,10 @@ pub const QUIET: Duration = Duration::from_millis(2);
 /// Background copies in flight while the guest is busy.
 pub const BUSY_DEPTH: usize = 1;
 
+/// While the guest is busy, background requests are the chunk size divided by this
+/// (but at least a cluster).
+pub const BUSY_CHUNK_DIVISOR: u64 = 4;
+
 /// Guest requests seen by the filter, and the background copies in flight.
 #[derive(Debug)]
 pub struct GuestActivity {

@@ -92,10 +92,17 @@ impl BlockCopy {
             return Work::Write(chunk);
         }
         if control.background && !state.dirty.is_empty() {
+            // Smaller background requests while the guest is busy: its reads and
+            // copy-before-write reads queue behind less.
+            let max = if self.guest.busy() {
+                (self.options.chunk_size / guest::BUSY_CHUNK_DIVISOR).max(self.options.cluster_size)
+            } else {
+                self.options.chunk_size
+            };
             let found = state
                 .dirty
-                .next_dirty_area(state.cursor, self.options.chunk_size)
-                .or_else(|| state.dirty.next_dirty_area(0, self.options.chunk_size));
+                .next_dirty_area(state.cursor, max)
+                .or_else(|| state.dirty.next_dirty_area(0, max));
             if let Some((start, len)) = found {
                 let reading = state.claim(start, start + len);
                 let id = reading.id;
