@@ -13,8 +13,9 @@ source evicted from the page cache before every run; the median wall time is rep
 * physical limits: `cp --sparse=always` and `qemu-img convert`, each followed by an
   fsync of the target.
 
-Then guest write latency: QD1 random 4 KiB writes to (a copy of) the source, alone and
-during a full-speed backup: through the NBD export of `stillpoint daemon` and of
+Then guest latency: QD1 random 4 KiB writes and reads, alternating, to (a copy of) the
+source, alone and during a full-speed backup (and how long the backup took under that
+load): through the NBD export of `stillpoint daemon` and of
 qemu-storage-daemon (same options, same python3-libnbd client), and Stillpoint in
 process for reference.
 
@@ -256,15 +257,27 @@ def qsd_latency(tmp, src, tgt, ops, program=("qemu-storage-daemon",)):
             h.pwrite(buf, offset)
             return (time.perf_counter() - t) * 1e6
 
-        alone = [one() for _ in range(ops)]
+        def one_read():
+            offset = rng.randrange(size // 4096) * 4096
+            t = time.perf_counter()
+            h.pread(4096, offset)
+            return (time.perf_counter() - t) * 1e6
+
+        # Writes and reads alternate, as in bench-backup-latency.
+        alone, alone_reads = [], []
+        for _ in range(ops):
+            alone.append(one())
+            alone_reads.append(one_read())
         start = time.monotonic()
         qmp.cmd("blockdev-backup", **{"job-id": "j"}, device="src", target="tgt", sync="full")
-        during = []
+        during, during_reads = [], []
         while not qmp.seen("BLOCK_JOB_COMPLETED"):
             during.append(one())
+            during_reads.append(one_read())
         took = time.monotonic() - start
         h.shutdown()
         return {"alone": percentiles(alone), "during_backup": percentiles(during),
+                "reads_alone": percentiles(alone_reads), "reads_during_backup": percentiles(during_reads),
                 "backup_seconds": took}
     finally:
         stop_qsd(proc, qmp)
@@ -338,7 +351,8 @@ def main():
         print(f"\nratio stillpoint / qemu-storage-daemon = "
               f"{statistics.median(times['stillpoint backup']) / qsd:.2f} (goal <= 0.80)")
 
-        print("\nguest QD1 random 4 KiB write latency on the source, alone and during a full-speed backup")
+        print("\nguest QD1 random 4 KiB writes and reads (alternating) on the source, alone and during a"
+              " full-speed backup; backup s = the backup's time under that load")
         lat_src = os.path.join(tmp, "latency-source.img")
         rows = []
         daemon = (STILLPOINT, "daemon")
@@ -353,11 +367,15 @@ def main():
                 fresh_target(tgt, size)
                 result = qsd_latency(tmp, lat_src, tgt, args.ops, fn)
             rows.append((name, result))
-        print(f"{'':<28}{'alone p50':>10}{'p99':>9}{'during p50':>12}{'p99':>10}{'max':>10}{'p99 x':>8}")
-        for name, r in rows:
-            a, d = r["alone"], r["during_backup"]
-            print(f"{name:<28}{a['p50_us']:>8.0f}us{a['p99_us']:>7.0f}us{d['p50_us']:>10.0f}us"
-                  f"{d['p99_us']:>8.0f}us{d['max_us']:>8.0f}us{d['p99_us'] / a['p99_us']:>8.1f}")
+        for kind, alone_key, during_key in [("writes", "alone", "during_backup"),
+                                            ("reads", "reads_alone", "reads_during_backup")]:
+            print(f"{kind:<28}{'alone p50':>10}{'p99':>9}{'during p50':>12}{'p99':>10}{'max':>10}{'p99 x':>8}"
+                  f"{'backup s':>10}")
+            for name, r in rows:
+                a, d = r[alone_key], r[during_key]
+                print(f"{name:<28}{a['p50_us']:>8.0f}us{a['p99_us']:>7.0f}us{d['p50_us']:>10.0f}us"
+                      f"{d['p99_us']:>8.0f}us{d['max_us']:>8.0f}us{d['p99_us'] / a['p99_us']:>8.1f}"
+                      f"{r['backup_seconds']:>10.2f}")
         print("(p99 x = p99 during the backup / p99 alone; goal <= 3.0. The two NBD rows use the"
               " same libnbd client against each daemon started with the same options)")
     finally:
