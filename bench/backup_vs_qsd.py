@@ -51,10 +51,12 @@ def parse_size(text):
     return int(text)
 
 
-def make_image(path, size, seed):
-    """Half random data, a quarter written zeros, a quarter holes, in 4 MiB segments."""
+def make_image(path, size, seed, unique=False):
+    """Half random data, a quarter written zeros, a quarter holes, in 4 MiB segments.
+    The data segments are copies of one 64 MiB pool at random offsets, or with
+    `unique` fresh random bytes each (nothing for a deduplicating chunker to find)."""
     rng = random.Random(seed)
-    pool = rng.randbytes(64 * MIB)
+    pool = None if unique else rng.randbytes(64 * MIB)
     segments = size // (4 * MIB)
     kinds = ["data", "data", "zero", "hole"] * (segments // 4 + 1)
     rng.shuffle(kinds)
@@ -67,6 +69,8 @@ def make_image(path, size, seed):
             f.seek(i * 4 * MIB)
             if kind == "zero":
                 f.write(bytes(4 * MIB))
+            elif unique:
+                f.write(rng.randbytes(4 * MIB))
             else:
                 at = rng.randrange(0, len(pool) - 4 * MIB)
                 f.write(pool[at:at + 4 * MIB])

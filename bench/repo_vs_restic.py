@@ -89,24 +89,6 @@ def du(path):
     return total
 
 
-def make_unique_image(path, size, seed):
-    """The layout of backup_vs_qsd's mixed image, every data segment fresh random bytes."""
-    mib = 1 << 20
-    rng = random.Random(seed)
-    segments = size // (4 * mib)
-    kinds = ["data", "data", "zero", "hole"] * (segments // 4 + 1)
-    rng.shuffle(kinds)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for i in range(segments):
-            if kinds[i] == "hole":
-                continue
-            f.seek(i * 4 * mib)
-            f.write(bytes(4 * mib) if kinds[i] == "zero" else rng.randbytes(4 * mib))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def churn(path, size, seed, fraction=0.01, block=64 << 10):
     rng = random.Random(seed)
     with open(path, "r+b") as f:
@@ -180,10 +162,7 @@ def main():
         original = os.path.join(tmp, "original.raw")
         kind = "unique" if args.unique else "pool-copies"
         print(f"making a {size >> 20} MiB image (half data ({kind}), quarter zeros, quarter holes) in {tmp}")
-        if args.unique:
-            make_unique_image(original, size, 1)
-        else:
-            common.make_image(original, size, 1)
+        common.make_image(original, size, 1, unique=args.unique)
         results = {}
         for r in range(args.rounds):
             order = names[r % len(names):] + names[:r % len(names)]

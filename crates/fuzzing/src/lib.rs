@@ -384,25 +384,15 @@ pub fn repo_files(data: &[u8]) {
     let Some((&which, body)) = data.split_first() else {
         return;
     };
-    // The JSON lists a collection and a verify keep (first byte 0xF0 and up): what
-    // parses must name only well-formed pack ids and encode back to a list that parses.
+    // The JSON lists a collection and a verify keep (first byte 0xF0 and up; one
+    // format for both): what parses must name only well-formed pack ids and encode
+    // back to a list that parses.
     if which >= 0xF0 {
-        if which & 1 == 0 {
-            if let Ok(list) = repo::repository::gc::decode_condemnation("fuzz", body) {
-                assert!(list.packs.iter().all(|p| p.len() == 64));
-                let again = serde_json::to_vec(&list).expect("serializes");
-                assert_eq!(
-                    repo::repository::gc::decode_condemnation("fuzz", &again).ok(),
-                    Some(list)
-                );
-            }
-        } else if let Ok(list) = repo::repository::verify::decode_verified("fuzz", body) {
+        use repo::repository::pack_list::decode_pack_list;
+        if let Ok(list) = decode_pack_list("fuzz", body) {
             assert!(list.packs.iter().all(|p| p.len() == 64));
             let again = serde_json::to_vec(&list).expect("serializes");
-            assert_eq!(
-                repo::repository::verify::decode_verified("fuzz", &again).ok(),
-                Some(list)
-            );
+            assert_eq!(decode_pack_list("fuzz", &again).ok(), Some(list));
         }
         return;
     }

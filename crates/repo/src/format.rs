@@ -21,6 +21,9 @@ const MANIFEST_MAGIC: &[u8; 4] = b"SPSN";
 const SEALED_INDEX_MAGIC: &[u8; 4] = b"SPEX";
 const INDEX_ENTRY: usize = 32 + 8 + 4 + 4 + 1;
 
+/// The largest chunk a repository holds (its largest chunk size).
+pub const MAX_CHUNK: u64 = 4 << 20;
+
 /// A chunk's id: the BLAKE3 digest of its plaintext. The all-zero id stands for an
 /// all-zero chunk, which is never stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -105,29 +108,18 @@ pub fn decode_blob(
     blob: &BlobRef,
     stored: &[u8],
 ) -> Result<Vec<u8>> {
-    let opened;
-    let stored = match keys {
-        Some(keys) => {
-            opened = keys.open(key, &id.0, stored)?;
-            &opened[..]
-        }
-        None => stored,
-    };
-    let data = match blob.codec {
-        Compression::None => stored.to_vec(),
-        Compression::Zstd => {
-            zstd::bulk::decompress(stored, blob.raw_len as usize).map_err(|e| {
-                Error::damaged(key, format!("chunk {} does not decompress: {e}", id.hex()))
-            })?
-        }
-    };
-    if data.len() != blob.raw_len as usize || ChunkId::keyed(keys, &data) != *id {
+    // No chunk is larger than the largest chunk size: a bigger plain length is damage,
+    // not a reason to allocate it.
+    if u64::from(blob.raw_len) > MAX_CHUNK {
         return Err(Error::damaged(
             key,
-            format!("chunk {} does not match its id", id.hex()),
+            format!("chunk {} claims {} bytes", id.hex(), blob.raw_len),
         ));
     }
-    Ok(data)
+    let mut stored = stored.to_vec();
+    let mut out = vec![0; blob.raw_len as usize];
+    decode_blob_into(key, keys, id, blob, &mut stored, &mut out)?;
+    Ok(out)
 }
 
 /// [`decode_blob`] into the chunk's place: `stored` is opened where it lies (so it is

@@ -94,6 +94,20 @@ impl BackupArgs {
     }
 }
 
+/// A progress bar on stderr when it is a terminal (and the output is not JSON).
+pub(crate) fn progress_bar(total: u64, json: bool) -> Option<ProgressBar> {
+    (!json && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    })
+}
+
 /// Background request size of the one-shot CLI. The daemon keeps 512 KiB requests so a
 /// guest write waits less behind them; here nobody writes the source, and 2 MiB
 /// requests measured faster (bench/RESULTS.md, "qcow2").
@@ -305,16 +319,7 @@ async fn run_on(
         }
     };
 
-    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
-        let bar = ProgressBar::new(job.progress().1);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-            )
-            .expect("valid template"),
-        );
-        bar
-    });
+    let bar = progress_bar(job.progress().1, args.json);
     let mut last_line = Instant::now();
     let mut outcome: Option<Result<(), String>> = None;
     let mut interrupted = false;

@@ -2,7 +2,6 @@
 //! repository (`crates/repo`). One-line summaries, `--json` for scripts, exit 1 with
 //! one line on failure.
 
-use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,8 +11,6 @@ use anyhow::bail;
 use block::AttachUser;
 use block::IoBuf;
 use block::NodeGraph;
-use indicatif::ProgressBar;
-use indicatif::ProgressStyle;
 use repo::Compression;
 use repo::LocalDir;
 use repo::Repository;
@@ -111,7 +108,7 @@ pub async fn backup(
         .rfind(|s| s.disk == disk)
         .map(|s| s.id);
     let mut writer = repo.writer(disk, size, parent.clone())?;
-    let bar = progress_bar(size, json);
+    let bar = crate::backup::progress_bar(size, json);
     let mut read = 0u64;
     let mut offset = 0u64;
     // Reads of several chunks at a time (each read and block-status query is a trip
@@ -180,6 +177,18 @@ fn iso_time(ns: u64) -> String {
     )
 }
 
+/// The snapshots of `disk` (all when none is given), oldest first.
+fn snapshots_of(
+    repo: &Repository,
+    disk: Option<&str>,
+) -> anyhow::Result<Vec<repo::format::SnapshotInfo>> {
+    Ok(repo
+        .snapshots()?
+        .into_iter()
+        .filter(|s| disk.is_none_or(|d| s.disk == d))
+        .collect())
+}
+
 /// `repo snapshots DIR [--disk NAME] [--json]`.
 pub fn snapshots(
     dir: &Path,
@@ -188,11 +197,7 @@ pub fn snapshots(
     json: bool,
 ) -> anyhow::Result<()> {
     let repo = open(dir, pass_file)?;
-    let list: Vec<_> = repo
-        .snapshots()?
-        .into_iter()
-        .filter(|s| disk.is_none_or(|d| s.disk == d))
-        .collect();
+    let list = snapshots_of(&repo, disk)?;
     if json {
         let out: Vec<_> = list
             .iter()
@@ -238,20 +243,6 @@ async fn open_direct(
         }
         Err(e) => Err(e.into()),
     }
-}
-
-/// A progress bar on stderr when it is a terminal (and the output is not JSON).
-fn progress_bar(total: u64, json: bool) -> Option<ProgressBar> {
-    (!json && std::io::stderr().is_terminal()).then(|| {
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-            )
-            .expect("valid template"),
-        );
-        bar
-    })
 }
 
 /// Bytes copied per request in a restore: many chunks, so one request reads several
@@ -319,7 +310,7 @@ async fn copy_snapshot(
         open_direct(&graph, node_options(target, image, false, Some("target"))).await?;
         let from = Arc::new(graph.attach("snapshot", AttachUser::Other("restore".into()))?);
         let to = graph.attach("target", AttachUser::Other("restore".into()))?;
-        let bar = progress_bar(size, false);
+        let bar = crate::backup::progress_bar(size, false);
         let mut written = 0u64;
         let mut offset = 0u64;
         let mut reads: std::collections::VecDeque<(
@@ -439,11 +430,7 @@ pub fn prune(
         bail!("give at least one --keep-* rule (prune would delete every snapshot)");
     }
     let repo = open(dir, pass_file)?;
-    let all: Vec<_> = repo
-        .snapshots()?
-        .into_iter()
-        .filter(|s| disk.is_none_or(|d| s.disk == d))
-        .collect();
+    let all = snapshots_of(&repo, disk)?;
     let kept = repo::retention::keep(&all, policy);
     let remove: Vec<String> = all
         .iter()

@@ -32,12 +32,10 @@ use std::collections::HashMap;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde::Serialize;
-
 use super::Repository;
 use super::now_ns;
 use super::pack_key;
+use super::pack_list::PackList;
 use super::writer::WriteStats;
 use super::writer::store_pack;
 use crate::error::Error;
@@ -125,26 +123,6 @@ impl Drop for Lease {
     }
 }
 
-/// A `condemned/...` object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Condemnation {
-    /// When the packs were condemned, in nanoseconds since the epoch.
-    pub time_ns: u64,
-    /// The packs' ids.
-    pub packs: Vec<String>,
-}
-
-/// Parses a condemnation list.
-pub fn decode_condemnation(key: &str, bytes: &[u8]) -> Result<Condemnation> {
-    let list: Condemnation =
-        serde_json::from_slice(bytes).map_err(|e| Error::damaged(key, e.to_string()))?;
-    let hex64 = |p: &String| p.len() == 64 && p.bytes().all(|b| b.is_ascii_hexdigit());
-    if !list.packs.iter().all(hex64) {
-        return Err(Error::damaged(key, "a pack id that is not 64 hex digits"));
-    }
-    Ok(list)
-}
-
 /// What a collection did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GcStats {
@@ -190,17 +168,8 @@ impl Repository {
     }
 
     /// The condemnation lists, with their keys.
-    pub fn condemnations(&self) -> Result<Vec<(String, Condemnation)>> {
-        let mut out = Vec::new();
-        for key in self.backend().list("condemned/")? {
-            match self.backend().get(&key, None) {
-                Ok(bytes) => out.push((key.clone(), decode_condemnation(&key, &bytes)?)),
-                // Deleted by a collection since the listing.
-                Err(Error::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(out)
+    pub fn condemnations(&self) -> Result<Vec<(String, PackList)>> {
+        self.pack_lists("condemned/")
     }
 
     /// Every pack some condemnation names.
@@ -289,11 +258,7 @@ impl Repository {
             }
         }
         let live = |pack: &str| usage.get(pack).is_some_and(|u| u.live > 0);
-        let packs: Vec<String> = backend
-            .list("packs/")?
-            .into_iter()
-            .filter_map(|k| k.rsplit('/').next().map(str::to_string))
-            .collect();
+        let packs = self.pack_ids()?;
         stats.packs = packs.len() as u64;
         let present: HashSet<&str> = packs.iter().map(String::as_str).collect();
 
@@ -328,11 +293,7 @@ impl Repository {
         // listing is an orphan, while one of a pack stored since the first listing
         // is not mistaken for one.
         let indexes = backend.list("index/")?;
-        let packs_now: HashSet<String> = backend
-            .list("packs/")?
-            .into_iter()
-            .filter_map(|k| k.rsplit('/').next().map(str::to_string))
-            .collect();
+        let packs_now: HashSet<String> = self.pack_ids()?.into_iter().collect();
         for key in indexes {
             let pack = key.trim_start_matches("index/");
             if !packs_now.contains(pack) && !still_condemned.contains(pack) {
@@ -399,16 +360,7 @@ impl Repository {
             condemn.sort();
             condemn.dedup();
             stats.condemned_packs = condemn.len() as u64;
-            let time_ns = now_ns();
-            let list = Condemnation {
-                time_ns,
-                packs: condemn,
-            };
-            let key = format!(
-                "condemned/{time_ns}-{}",
-                crate::hex::hex(&crate::crypto::random::<4>())
-            );
-            backend.put_if_absent(&key, &serde_json::to_vec(&list).expect("serializes"))?;
+            self.write_pack_list("condemned/", condemn)?;
         }
         Ok(stats)
     }

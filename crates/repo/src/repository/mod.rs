@@ -2,6 +2,7 @@
 //! chunks packed), reading them back, listing and verifying them.
 
 pub mod gc;
+pub mod pack_list;
 mod read;
 pub mod verify;
 pub mod writer;
@@ -27,7 +28,7 @@ use crate::format::Compression;
 use crate::format::SnapshotInfo;
 
 /// Smallest and largest chunk sizes a repository may use.
-pub const CHUNK_SIZES: std::ops::RangeInclusive<u64> = (64 << 10)..=(4 << 20);
+pub const CHUNK_SIZES: std::ops::RangeInclusive<u64> = (64 << 10)..=format::MAX_CHUNK;
 
 /// The chunk size `repo init` chooses when none is given.
 pub const DEFAULT_CHUNK_SIZE: u64 = 256 << 10;

@@ -13,38 +13,15 @@ use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use serde::Deserialize;
-use serde::Serialize;
-
 use super::Repository;
-use super::now_ns;
 use super::pack_key;
+use super::pack_list::PackList;
 use super::read::READ_THREADS;
 use crate::chunk_index::ChunkIndex;
 use crate::error::Error;
 use crate::error::Result;
 use crate::format;
 use crate::format::ChunkId;
-
-/// A `verified/...` object: packs a verify found sound.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Verified {
-    /// When, in nanoseconds since the epoch.
-    pub time_ns: u64,
-    /// The packs' ids.
-    pub packs: Vec<String>,
-}
-
-/// Parses a verified list.
-pub fn decode_verified(key: &str, bytes: &[u8]) -> Result<Verified> {
-    let list: Verified =
-        serde_json::from_slice(bytes).map_err(|e| Error::damaged(key, e.to_string()))?;
-    let hex64 = |p: &String| p.len() == 64 && p.bytes().all(|b| b.is_ascii_hexdigit());
-    if !list.packs.iter().all(hex64) {
-        return Err(Error::damaged(key, "a pack id that is not 64 hex digits"));
-    }
-    Ok(list)
-}
 
 /// One pack's check: its id, the bytes read, and each bad chunk's problem.
 type PackCheck = (String, u64, Vec<(ChunkId, String)>);
@@ -85,7 +62,7 @@ impl Repository {
         } else {
             ids.to_vec()
         };
-        let earlier = self.verified_lists()?;
+        let earlier = self.pack_lists("verified/")?;
         let known_sound: HashSet<&str> = earlier
             .iter()
             .flat_map(|(_, v)| v.packs.iter().map(String::as_str))
@@ -219,36 +196,19 @@ impl Repository {
         (bytes.len() as u64, problems)
     }
 
-    fn verified_lists(&self) -> Result<Vec<(String, Verified)>> {
-        let mut out = Vec::new();
-        for key in self.backend.list("verified/")? {
-            match self.backend.get(&key, None) {
-                Ok(bytes) => out.push((key.clone(), decode_verified(&key, &bytes)?)),
-                Err(Error::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(out)
-    }
-
     /// One list of every pack found sound (earlier lists' packs that still exist and
     /// were not found `damaged` now, and `sound`), written before the earlier lists
     /// are deleted.
     fn record_sound(
         &self,
-        earlier: &[(String, Verified)],
+        earlier: &[(String, PackList)],
         sound: Vec<String>,
         damaged: &HashSet<String>,
     ) -> Result<()> {
         if sound.is_empty() && damaged.is_empty() {
             return Ok(());
         }
-        let present: HashSet<String> = self
-            .backend
-            .list("packs/")?
-            .into_iter()
-            .filter_map(|k| k.rsplit('/').next().map(str::to_string))
-            .collect();
+        let present: HashSet<String> = self.pack_ids()?.into_iter().collect();
         let mut packs: Vec<String> = earlier
             .iter()
             .flat_map(|(_, v)| v.packs.iter().cloned())
@@ -257,14 +217,7 @@ impl Repository {
             .collect();
         packs.sort();
         packs.dedup();
-        let time_ns = now_ns();
-        let key = format!(
-            "verified/{time_ns}-{}",
-            crate::hex::hex(&crate::crypto::random::<4>())
-        );
-        let list = Verified { time_ns, packs };
-        self.backend
-            .put_if_absent(&key, &serde_json::to_vec(&list).expect("serializes"))?;
+        self.write_pack_list("verified/", packs)?;
         for (old, _) in earlier {
             self.backend.delete(old)?;
         }
