@@ -4,7 +4,9 @@
 //! `bench/backup_vs_qsd.py` also measures the same through the daemon's NBD export.
 //!
 //! `bench-backup-latency SOURCE TARGET [--ops N]` writes to SOURCE (use a scratch copy)
-//! and backs it up to TARGET (created sparse). Prints one JSON object: latency
+//! and backs it up to TARGET (created sparse). `BENCH_DIRECT_SOURCE=1` and
+//! `BENCH_DIRECT_TARGET=1` open them with `cache.direct` (a guest with `cache=none`);
+//! `BENCH_WORKERS` and `BENCH_CHUNK` set the job's `x-perf` workers and chunk. Prints one JSON object: latency
 //! percentiles in microseconds for both phases, and the backup's wall time.
 //! Driven by `bench/backup_vs_qsd.py`, which runs the same measurement against
 //! qemu-storage-daemon.
@@ -78,9 +80,11 @@ async fn main() {
     let graph = Arc::new(NodeGraph::new());
     let mut src = BlockdevOptions::raw_file(&source, false);
     src.node_name = Some("src".into());
+    src.cache.direct = std::env::var("BENCH_DIRECT_SOURCE").ok().map(|v| v == "1");
     graph.add(src).await.unwrap();
     let mut tgt = BlockdevOptions::raw_file(&target, false);
     tgt.node_name = Some("tgt".into());
+    tgt.cache.direct = std::env::var("BENCH_DIRECT_TARGET").ok().map(|v| v == "1");
     tgt.discard = Some(block::options::DiscardMode::Unmap);
     graph.add(tgt).await.unwrap();
     let disk = graph

@@ -480,6 +480,11 @@ async fn prepare_backup(
         sparse_block: target_cluster.max(4096),
         standalone: false,
         cbw_timeout: None,
+        // Fragments need a background pass that copies every dirty cluster (not none,
+        // not top) and a target that takes sub-cluster writes as they are.
+        partial_cbw: matches!(options.sync, SyncMode::Full | SyncMode::Bitmap)
+            && !options.compress
+            && target_cluster.max(4096) < cluster,
     };
     let progress = job.progress_meter().clone();
     let engine: Arc<Mutex<Option<Arc<BlockCopy>>>> = Arc::new(Mutex::new(None));

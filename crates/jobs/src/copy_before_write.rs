@@ -100,6 +100,8 @@ pub fn standalone(
         standalone: true,
         cbw_timeout: (options.cbw_timeout > 0)
             .then(|| std::time::Duration::from_secs(options.cbw_timeout)),
+        // Snapshot reads would have to merge fragments: whole clusters only.
+        partial_cbw: false,
     };
     let copy = BlockCopy::new(
         file,

@@ -1,5 +1,6 @@
 //! The invariant, under stress: while a backup runs, several writers hammer the source
-//! with writes, write-zeroes and discards (512 B to 1 MiB, unaligned, overlapping);
+//! with writes, write-zeroes and discards (512 B to 1 MiB, half of them under 16 KiB,
+//! unaligned, overlapping);
 //! afterwards the target equals the source as it was when the job started, and the
 //! source equals every write applied.
 //!
@@ -65,6 +66,7 @@ impl RangeLocks {
 struct Outcome {
     cbw_bytes: u64,
     spilled_bytes: u64,
+    fragment_bytes: u64,
 }
 
 async fn run_seed(seed: u64) -> Outcome {
@@ -107,7 +109,10 @@ async fn run_seed(seed: u64) -> Outcome {
         writers.push(tokio::spawn(async move {
             for _ in 0..12 {
                 let offset = rng.below(size);
-                let len = (512 + rng.below(1 << 20)).min(size - offset);
+                // Half of them small, so many cover only part of a cluster (the
+                // partial copy-before-write path).
+                let max = if rng.below(2) == 0 { 16 << 10 } else { 1 << 20 };
+                let len = (512 + rng.below(max)).min(size - offset);
                 let end = offset + len;
                 locks.lock(offset, end).await;
                 match rng.below(5) {
@@ -181,19 +186,21 @@ async fn run_seed(seed: u64) -> Outcome {
     Outcome {
         cbw_bytes: stats.cbw_bytes.load(Ordering::Relaxed),
         spilled_bytes: stats.spilled_bytes.load(Ordering::Relaxed),
+        fragment_bytes: stats.fragment_bytes.load(Ordering::Relaxed),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_equals_the_snapshot_while_writers_hammer_the_source() {
     let seeds = common::seeds(200);
-    let (mut cbw, mut spilled) = (0, 0);
+    let (mut cbw, mut spilled, mut fragments) = (0, 0, 0);
     for &seed in &seeds {
         let outcome = tokio::spawn(run_seed(seed)).await;
         match outcome {
             Ok(o) => {
                 cbw += o.cbw_bytes;
                 spilled += o.spilled_bytes;
+                fragments += o.fragment_bytes;
             }
             Err(panic) => {
                 eprintln!("FAILED seed {seed}; reproduce with STILLPOINT_SEED={seed}");
@@ -212,6 +219,11 @@ async fn target_equals_the_snapshot_while_writers_hammer_the_source() {
         assert!(
             spilled > 0,
             "nothing spilled to the scratch file in {} seeds",
+            seeds.len()
+        );
+        assert!(
+            fragments > 0,
+            "no partial copy-before-write in {} seeds",
             seeds.len()
         );
     }

@@ -284,7 +284,13 @@ fn gc_condemns_then_deletes_and_a_backup_running_beside_it_stays_complete() {
     assert_eq!(repo.gc().unwrap().condemned_packs, 1);
     let (b2, stats) = backup(&repo, "b", &b_data);
     assert_eq!(stats.new_chunks, 9);
-    assert_eq!(repo.gc().unwrap().deleted_packs, 1);
+    // Packs are named by their content: when the writer's threads happened to pack
+    // the chunks in the same order as b's, b2's pack *is* the condemned one, and b2
+    // names it, so it stays. (Known gap: a collection between such a store and its
+    // commit would delete it; see the README.)
+    let b2_packs: Vec<_> = walk(&dir.path().join("packs"));
+    let kept = usize::from(b2_packs.len() == 1);
+    assert_eq!(repo.gc().unwrap().deleted_packs as usize, 1 - kept);
     assert_eq!(restore(&repo, &b2.id), b_data);
     assert!(repo.verify(&[]).unwrap().iter().all(|(_, p)| p.is_empty()));
 

@@ -40,6 +40,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -71,6 +72,10 @@ pub struct FileDriver {
     file: Arc<File>,
     /// A buffered descriptor for requests O_DIRECT cannot take (unaligned ones).
     buffered: Option<Arc<File>>,
+    /// For a buffered file: an O_DIRECT descriptor of the same open file for
+    /// [`read_uncached`](BlockDriver::read_uncached), opened at its first use (`None`
+    /// inside when the filesystem refuses O_DIRECT).
+    uncached: OnceLock<Option<Arc<File>>>,
     /// Current size; grows when a growable file is written past its end.
     length: AtomicU64,
     /// Writes may extend the file (set for the `file` child of a format that allocates,
@@ -154,12 +159,39 @@ impl FileDriver {
             path: path.to_path_buf(),
             file: Arc::new(file),
             buffered,
+            uncached: OnceLock::new(),
             length: AtomicU64::new(length),
             growable: AtomicBool::new(false),
             read_only,
             block_device,
             sync: SyncTracker::new(),
         })
+    }
+
+    /// The descriptor for bulk reads of a buffered file: the same file opened again
+    /// (through `/proc/self/fd`, so it is the same file even if its path changed),
+    /// with readahead off (`POSIX_FADV_RANDOM` is per open file, so the guest's own
+    /// descriptor keeps its readahead).
+    fn uncached_fd(&self) -> Option<Arc<File>> {
+        self.uncached
+            .get_or_init(|| {
+                let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                let file = match File::open(&path) {
+                    Ok(file) => file,
+                    Err(e) => {
+                        tracing::debug!(
+                            "'{}': bulk reads with readahead ({e})",
+                            self.path.display()
+                        );
+                        return None;
+                    }
+                };
+                // SAFETY: fadvise on a descriptor we own; integer arguments only.
+                let rc =
+                    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+                (rc == 0).then(|| Arc::new(file))
+            })
+            .clone()
     }
 
     /// Whether the file ended up open read-only (asked for, or `auto-read-only`).
@@ -376,6 +408,29 @@ impl BlockDriver for FileDriver {
         }
         let result = blocking(move || {
             let r = pread_full(&file, &mut buf[cached..], offset + cached as u64);
+            Ok((buf, r))
+        })
+        .await?;
+        match result {
+            (buf, Ok(())) => Ok(buf),
+            (_, Err(e)) => Err(self.io_error("read", offset, e)),
+        }
+    }
+
+    async fn read_uncached(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
+        // A file opened with cache.direct reads past the cache already.
+        let file = match self
+            .buffered
+            .is_none()
+            .then(|| self.uncached_fd())
+            .flatten()
+        {
+            Some(file) => file,
+            None => return self.read(offset, buf).await,
+        };
+        self.check("read", offset, buf.len() as u64)?;
+        let result = blocking(move || {
+            let r = pread_full(&file, &mut buf, offset);
             Ok((buf, r))
         })
         .await?;

@@ -156,6 +156,12 @@ impl Attachment {
         self.node().read(offset, buf).await
     }
 
+    /// See [`Node::read_uncached`].
+    pub async fn read_uncached(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let _in_flight = self.slot.gate.read().await;
+        self.node().read_uncached(offset, buf).await
+    }
+
     /// See [`Node::write`].
     pub async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
         let _in_flight = self.slot.gate.read().await;

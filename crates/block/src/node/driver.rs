@@ -147,6 +147,14 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     /// Reads `buf.len()` bytes at `offset` into `buf` and returns it.
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf>;
 
+    /// A bulk read (a backup's background pass) that should neither trigger the host's
+    /// readahead nor fill its page cache, so a guest's requests on the same disk do not
+    /// queue behind megabytes it never asked for and keep their cached data. Same
+    /// result as [`read`](Self::read), which the default calls.
+    async fn read_uncached(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.read(offset, buf).await
+    }
+
     /// Writes `buf` at `offset` and returns the buffer for reuse.
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf>;
 

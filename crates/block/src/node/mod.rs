@@ -303,6 +303,16 @@ impl Node {
         self.driver.read(offset, buf).await
     }
 
+    /// [`read`](Self::read), bypassing the host page cache where the driver can
+    /// (see [`BlockDriver::read_uncached`](crate::node::driver::BlockDriver::read_uncached)).
+    pub async fn read_uncached(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        check_request("read", offset, buf.len() as u64, self.length())?;
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+        self.driver.read_uncached(offset, buf).await
+    }
+
     /// Writes `buf` at `offset`; all-zero buffers become write-zeroes when the node
     /// has `detect-zeroes` set.
     pub async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {

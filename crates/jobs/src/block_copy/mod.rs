@@ -31,9 +31,15 @@
 //! any background work. So a guest write pays for one source read of its clusters, and
 //! waits for at most one in-flight source read of a background chunk: never for the
 //! target, and never behind the background queue. The background copy keeps at most
-//! `workers` requests in flight on the source, and only [`guest::BUSY_DEPTH`] while
-//! guest requests are passing through the filter ([`guest`]), so a copy-before-write
-//! read or a guest read queues behind fewer background reads.
+//! `workers` requests in flight on the source, read without readahead; while guest
+//! requests are passing through the filter it keeps [`guest::BUSY_DEPTH`], with pauses
+//! between them ([`guest`]), so a copy-before-write read or a guest read rarely queues
+//! behind a background read at all.
+//!
+//! Where the target takes writes smaller than a cluster (a file), a guest write that
+//! covers only part of an uncopied cluster saves just its own range's old data (a
+//! fragment, see [`fragments`]), and the cluster is copied around it later: a 4 KiB
+//! write reads 4 KiB of old data instead of the whole cluster.
 //!
 //! Staged data reaches the target before the job completes. If a target write fails
 //! after the guest write that staged it was acknowledged, the data stays staged and the
@@ -53,6 +59,7 @@
 //! `worker` the background pass and every target write; `snapshot_reads` the reads a
 //! standalone filter's `snapshot-access` node makes.
 
+mod fragments;
 pub mod guest;
 mod snapshot_reads;
 mod staging;
@@ -129,6 +136,11 @@ pub struct BlockCopyOptions {
     /// How long a copy-before-write may take before it counts as failed (ETIMEDOUT);
     /// the copy itself goes on in the background.
     pub cbw_timeout: Option<std::time::Duration>,
+    /// A guest write over part of a cluster saves only its own range (a fragment) and
+    /// the background copies the rest later. Only for a job whose background pass
+    /// copies every dirty cluster (not sync=none or top) into a target that takes
+    /// writes smaller than a cluster uncompressed (`sparse_block` below the cluster).
+    pub partial_cbw: bool,
 }
 
 /// A copy that failed in the background.
@@ -162,6 +174,8 @@ pub struct CopyStats {
     pub cbw_bytes: AtomicU64,
     /// Bytes that went through the scratch file.
     pub spilled_bytes: AtomicU64,
+    /// Bytes of `cbw_bytes` saved as fragments (part of a cluster; see [`fragments`]).
+    pub fragment_bytes: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -181,6 +195,9 @@ struct Chunk {
     /// Zeros in the payload are written as zeros even where the target already reads
     /// zeros without allocating them (see `unallocated_may_stay_sparse`).
     record_zeros: bool,
+    /// Bytes of job progress the chunk accounts for once on the target: whole clusters,
+    /// or nothing for a fragment (its cluster counts when the rest is copied).
+    progress: u64,
 }
 
 #[derive(Debug)]
@@ -212,6 +229,8 @@ struct CopyState {
     next_id: u64,
     /// Where the background scan resumes.
     cursor: u64,
+    /// Old data saved for parts of dirty clusters.
+    fragments: fragments::Fragments,
 }
 
 impl CopyState {
@@ -360,6 +379,7 @@ impl BlockCopy {
                 staged_memory: 0,
                 next_id: 0,
                 cursor: 0,
+                fragments: fragments::Fragments::default(),
             }),
             changed: Notify::new(),
             scratch: Mutex::new(None),
@@ -401,6 +421,53 @@ impl BlockCopy {
                 pool.push(buf);
             }
         }
+    }
+
+    /// Whole clusters' worth of progress for `len` bytes of claimed run.
+    fn cluster_progress(&self, len: u64) -> u64 {
+        len.div_ceil(self.options.cluster_size) * self.options.cluster_size
+    }
+
+    /// The pieces of a claimed run in hand (zeros or memory) that the target still
+    /// needs: all of it, or the gaps its clusters' fragments (`holes`) leave. The first
+    /// piece carries the run's progress; a run the fragments cover whole is counted
+    /// here.
+    fn around_fragments(&self, chunk: Chunk, holes: &[(u64, u64)]) -> Vec<Chunk> {
+        if holes.is_empty() {
+            return vec![chunk];
+        }
+        let mut progress = chunk.progress;
+        let pieces: Vec<Chunk> = fragments::gaps(chunk.offset, chunk.offset + chunk.len, holes)
+            .into_iter()
+            .map(|(start, end)| {
+                let payload = match &chunk.payload {
+                    Payload::Memory(buf) => {
+                        let from = (start - chunk.offset) as usize;
+                        let to = (end - chunk.offset) as usize;
+                        Payload::Memory(IoBuf::from_slice(&buf[from..to]))
+                    }
+                    Payload::Zero => Payload::Zero,
+                    Payload::Scratch { .. } => {
+                        unreachable!("runs are split around fragments before they spill")
+                    }
+                };
+                Chunk {
+                    offset: start,
+                    len: end - start,
+                    payload,
+                    staged_memory: false,
+                    record_zeros: chunk.record_zeros,
+                    progress: std::mem::take(&mut progress),
+                }
+            })
+            .collect();
+        if let Payload::Memory(buf) = chunk.payload {
+            self.return_buffer(buf);
+        }
+        if progress > 0 {
+            self.progress.add_done(progress);
+        }
+        pieces
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CopyState> {

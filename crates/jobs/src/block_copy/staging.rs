@@ -7,6 +7,7 @@ use super::Chunk;
 use super::OnCbwError;
 use super::Payload;
 use super::Scratch;
+use super::fragments;
 use super::round_down;
 use block::Error;
 use block::ErrorKind;
@@ -14,6 +15,15 @@ use block::IoBuf;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+
+/// A claim of one cluster for the parts of it a guest write needs saved.
+struct PartialClaim {
+    id: u64,
+    /// The cluster, claimed whole while the parts are read.
+    cluster: (u64, u64),
+    /// The parts to save: inside the guest's range, outside earlier fragments.
+    needed: Vec<(u64, u64)>,
+}
 
 impl BlockCopy {
     /// Copy-before-write: makes sure the point-in-time data of every cluster touched
@@ -31,13 +41,15 @@ impl BlockCopy {
             .div_ceil(cluster)
             .saturating_mul(cluster)
             .min(self.len);
+        let guest = (offset, offset.saturating_add(len).min(self.len));
         let saved = match self.options.cbw_timeout {
-            None => self.save_old_data(start, end).await,
+            None => self.save_old_data(start, end, guest).await,
             Some(limit) => {
                 // In a task of its own, so a copy that outlives the limit still
                 // finishes (and releases its claims) after the guest write gave up.
                 let engine = self.clone();
-                let copy = tokio::spawn(async move { engine.save_old_data(start, end).await });
+                let copy =
+                    tokio::spawn(async move { engine.save_old_data(start, end, guest).await });
                 match tokio::time::timeout(limit, copy).await {
                     Ok(Ok(result)) => result,
                     Ok(Err(join)) => Err(Error::new(
@@ -66,18 +78,26 @@ impl BlockCopy {
     }
 
     /// Claims the dirty clusters of `[start, end)` and saves their old data; waits for
-    /// copies of the range others have in flight.
-    pub(super) async fn save_old_data(&self, start: u64, end: u64) -> Result<(), Error> {
+    /// copies of the range others have in flight. `guest` is the range the guest
+    /// writes: with partial copy-before-write, a cluster it covers only in part gets
+    /// just that part saved (a fragment) and stays dirty.
+    pub(super) async fn save_old_data(
+        &self,
+        start: u64,
+        end: u64,
+        guest: (u64, u64),
+    ) -> Result<(), Error> {
         loop {
-            let (claims, other) = {
+            let (claims, partial, other) = {
                 let mut state = self.lock();
+                let (whole, partial) = self.partial_claims(&mut state, start, end, guest);
                 let mut claims = Vec::new();
-                let mut at = start;
-                while let Some((o, l)) = state.dirty.next_dirty_area(at, end - at) {
-                    if o >= end {
+                let mut at = whole.0;
+                while let Some((o, l)) = state.dirty.next_dirty_area(at, whole.1 - at) {
+                    if o >= whole.1 {
                         break;
                     }
-                    let l = l.min(end - o);
+                    let l = l.min(whole.1 - o);
                     let reading = state.claim(o, o + l);
                     claims.push((reading.id, o, o + l));
                     state.reading.push(reading);
@@ -86,23 +106,40 @@ impl BlockCopy {
                 let other = state
                     .reading
                     .iter()
-                    .find(|r| r.start < end && start < r.end && !claims.iter().any(|c| c.0 == r.id))
+                    .find(|r| {
+                        r.start < end
+                            && start < r.end
+                            && !claims.iter().any(|c| c.0 == r.id)
+                            && !partial.iter().any(|p: &PartialClaim| p.id == r.id)
+                    })
                     .map(|r| r.done.clone());
-                (claims, other)
+                (claims, partial, other)
             };
-            for (i, &(id, o, e)) in claims.iter().enumerate() {
-                if let Err(error) = self.stage(id, o, e).await {
-                    // Release the claims not staged yet: their old data is still on
-                    // the source, so they simply become dirty again.
+            let mut failed = None;
+            for p in &partial {
+                if failed.is_some() {
+                    // Not read: the cluster's old data is still on the source.
                     let mut state = self.lock();
-                    for &(id, o, e) in &claims[i + 1..] {
-                        state.dirty.set(o, e - o);
-                        state.finish_reading(id);
-                    }
-                    drop(state);
-                    self.changed.notify_waiters();
-                    return Err(error);
+                    state.dirty.set(p.cluster.0, p.cluster.1 - p.cluster.0);
+                    state.finish_reading(p.id);
+                } else if let Err(error) = self.stage_fragments(p).await {
+                    failed = Some(error);
                 }
+            }
+            for &(id, o, e) in &claims {
+                if failed.is_some() {
+                    let mut state = self.lock();
+                    state.dirty.set(o, e - o);
+                    state.finish_reading(id);
+                } else if let Err(error) = self.stage(id, o, e).await {
+                    failed = Some(error);
+                }
+            }
+            if let Some(error) = failed {
+                // Claims not staged were released above: they simply became dirty
+                // again.
+                self.changed.notify_waiters();
+                return Err(error);
             }
             let Some(done) = other else {
                 return Ok(());
@@ -110,6 +147,68 @@ impl BlockCopy {
             self.wait_ended(&done, |s| &s.reading).await;
             // Re-check: the other read may have failed and left its clusters dirty.
         }
+    }
+
+    /// With partial copy-before-write, claims the (at most two) clusters at the ends
+    /// of `[start, end)` that the guest's range covers only in part, for the parts no
+    /// fragment has saved yet. Returns the range left for whole-cluster claims, and the
+    /// partial claims.
+    fn partial_claims(
+        &self,
+        state: &mut super::CopyState,
+        start: u64,
+        end: u64,
+        guest: (u64, u64),
+    ) -> ((u64, u64), Vec<PartialClaim>) {
+        let mut whole = (start, end);
+        let mut partial = Vec::new();
+        if !self.options.partial_cbw
+            || state.fragments.clusters() >= fragments::MAX_FRAGMENTED_CLUSTERS
+        {
+            return (whole, partial);
+        }
+        let cluster = self.options.cluster_size;
+        // Fragments are whole target blocks (the unit of zero detection).
+        let block = self.options.sparse_block;
+        let g = (
+            round_down(guest.0, block),
+            guest.1.div_ceil(block).saturating_mul(block).min(self.len),
+        );
+        let first = start;
+        let last = round_down(end - 1, cluster);
+        let ends: &[u64] = if first == last {
+            &[first]
+        } else {
+            &[first, last]
+        };
+        for &c in ends {
+            let c_end = (c + cluster).min(self.len);
+            if g.0 <= c && c_end <= g.1 {
+                continue; // covered whole: its old data is read whole
+            }
+            // An end cluster covered in part: never claimed whole for this write.
+            if c == whole.0 {
+                whole.0 = c_end.min(whole.1);
+            }
+            if c_end == whole.1 {
+                whole.1 = c.max(whole.0);
+            }
+            if !state.dirty.get(c) {
+                continue; // copied already, or claimed (waited for as `other`)
+            }
+            let needed = state.fragments.missing(c, g.0.max(c), g.1.min(c_end));
+            if needed.is_empty() {
+                continue; // saved by an earlier write
+            }
+            let reading = state.claim(c, c_end);
+            partial.push(PartialClaim {
+                id: reading.id,
+                cluster: (c, c_end),
+                needed,
+            });
+            state.reading.push(reading);
+        }
+        (whole, partial)
     }
 
     pub(super) fn cbw_failed(&self, error: Error) -> Result<(), Error> {
@@ -132,6 +231,50 @@ impl BlockCopy {
         }
     }
 
+    /// Reads the old data of a partial claim's ranges, stages each as a chunk of its
+    /// own (counting no progress: the cluster counts when the rest is copied), notes
+    /// them as fragments, and gives the cluster back to the dirty set.
+    async fn stage_fragments(&self, claim: &PartialClaim) -> Result<(), Error> {
+        let mut chunks = Vec::with_capacity(claim.needed.len());
+        let mut read = Ok(());
+        for &(s, e) in &claim.needed {
+            match self.read_and_park(s, e - s, 0, &[]).await {
+                Ok(parked) => chunks.extend(parked),
+                Err(error) => {
+                    read = Err(error);
+                    break;
+                }
+            }
+        }
+        let (c, c_end) = claim.cluster;
+        if let Err(error) = read {
+            // Nothing noted: the cluster's old data (outside older fragments) is still
+            // on the source.
+            for chunk in chunks {
+                self.unpark(chunk).await;
+            }
+            let mut state = self.lock();
+            state.dirty.set(c, c_end - c);
+            state.finish_reading(claim.id);
+            drop(state);
+            self.changed.notify_waiters();
+            return Err(error);
+        }
+        let bytes: u64 = chunks.iter().map(|c| c.len).sum();
+        let mut state = self.lock();
+        state.fragments.add(c, &claim.needed);
+        state.staged.extend(chunks);
+        state.dirty.set(c, c_end - c);
+        state.finish_reading(claim.id);
+        drop(state);
+        self.changed.notify_waiters();
+        self.stats.cbw_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.stats
+            .fragment_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Reads the old data of a claimed run and parks it in the staging area (or, for
     /// a standalone filter, writes it to the target).
     pub(super) async fn stage(&self, id: u64, start: u64, end: u64) -> Result<(), Error> {
@@ -139,44 +282,20 @@ impl BlockCopy {
             return self.copy_through(id, start, end).await;
         }
         let len = end - start;
-        let staged = async {
-            let buf = self.source.read(start, IoBuf::zeroed(len as usize)).await?;
-            if buf.is_zero() {
-                return Ok(Payload::Zero);
-            }
-            let in_memory = {
-                let mut state = self.lock();
-                if state.staged_memory + len as usize <= self.options.staging_memory {
-                    state.staged_memory += len as usize;
-                    true
-                } else {
-                    false
-                }
-            };
-            if in_memory {
-                Ok(Payload::Memory(buf))
-            } else {
-                let at = self.spill(buf).await?;
-                self.stats.spilled_bytes.fetch_add(len, Ordering::Relaxed);
-                Ok(Payload::Scratch { at })
-            }
-        }
-        .await;
+        // Stable while the run is claimed.
+        let holes = self.lock().fragments.within(start, end);
+        let staged = self
+            .read_and_park(start, len, self.cluster_progress(len), &holes)
+            .await;
         let mut state = self.lock();
         match staged {
-            Ok(payload) => {
-                let staged_memory = matches!(payload, Payload::Memory(_));
-                // Old data saved before a guest write: its zeros are recorded.
-                state.staged.push_back(Chunk {
-                    offset: start,
-                    len,
-                    payload,
-                    staged_memory,
-                    record_zeros: true,
-                });
+            Ok(chunks) => {
+                let bytes: u64 = chunks.iter().map(|c| c.len).sum();
+                state.fragments.remove_within(start, end);
+                state.staged.extend(chunks);
                 state.finish_reading(id);
                 drop(state);
-                self.stats.cbw_bytes.fetch_add(len, Ordering::Relaxed);
+                self.stats.cbw_bytes.fetch_add(bytes, Ordering::Relaxed);
                 self.changed.notify_waiters();
                 Ok(())
             }
@@ -187,6 +306,81 @@ impl BlockCopy {
                 self.changed.notify_waiters();
                 Err(error)
             }
+        }
+    }
+
+    /// Reads `[start, start + len)` from the source and parks the parts its
+    /// fragments (`holes`) leave, as staged chunks; the first carries `progress`.
+    async fn read_and_park(
+        &self,
+        start: u64,
+        len: u64,
+        progress: u64,
+        holes: &[(u64, u64)],
+    ) -> Result<Vec<Chunk>, Error> {
+        let buf = self.source.read(start, IoBuf::zeroed(len as usize)).await?;
+        // Old data saved before a guest write: its zeros are recorded.
+        let chunk = Chunk {
+            offset: start,
+            len,
+            payload: if buf.is_zero() {
+                Payload::Zero
+            } else {
+                Payload::Memory(buf)
+            },
+            staged_memory: false,
+            record_zeros: true,
+            progress,
+        };
+        let mut parked = Vec::new();
+        for piece in self.around_fragments(chunk, holes) {
+            match self.park(piece).await {
+                Ok(piece) => parked.push(piece),
+                Err(error) => {
+                    for piece in parked {
+                        self.unpark(piece).await;
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        Ok(parked)
+    }
+
+    /// Keeps a staged chunk's data in memory, up to the staging bound, or else in the
+    /// scratch file.
+    async fn park(&self, mut chunk: Chunk) -> Result<Chunk, Error> {
+        if !matches!(chunk.payload, Payload::Memory(_)) {
+            return Ok(chunk);
+        }
+        let len = chunk.len as usize;
+        {
+            let mut state = self.lock();
+            if state.staged_memory + len <= self.options.staging_memory {
+                state.staged_memory += len;
+                chunk.staged_memory = true;
+                return Ok(chunk);
+            }
+        }
+        let Payload::Memory(buf) = std::mem::replace(&mut chunk.payload, Payload::Zero) else {
+            unreachable!("checked above");
+        };
+        let at = self.spill(buf).await?;
+        self.stats
+            .spilled_bytes
+            .fetch_add(chunk.len, Ordering::Relaxed);
+        chunk.payload = Payload::Scratch { at };
+        Ok(chunk)
+    }
+
+    /// Gives back what a parked chunk holds (its share of the memory bound, its place
+    /// in the scratch file) when it is dropped unwritten.
+    async fn unpark(&self, chunk: Chunk) {
+        if chunk.staged_memory {
+            self.lock().staged_memory -= chunk.len as usize;
+        }
+        if let Payload::Scratch { .. } = chunk.payload {
+            self.release_scratch().await;
         }
     }
 
@@ -211,6 +405,7 @@ impl BlockCopy {
                 payload,
                 staged_memory: false,
                 record_zeros: true,
+                progress: 0,
             };
             let written = self.write_payload(&chunk).await;
             if let Payload::Memory(buf) = chunk.payload {
@@ -232,8 +427,7 @@ impl BlockCopy {
         self.stats
             .zero_bytes
             .fetch_add(len - data, Ordering::Relaxed);
-        self.progress
-            .add_done(len.div_ceil(self.options.cluster_size) * self.options.cluster_size);
+        self.progress.add_done(self.cluster_progress(len));
         Ok(())
     }
 

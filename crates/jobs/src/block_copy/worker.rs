@@ -22,6 +22,7 @@ use block::ZeroFlags;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
@@ -92,13 +93,7 @@ impl BlockCopy {
             return Work::Write(chunk);
         }
         if control.background && !state.dirty.is_empty() {
-            // Smaller background requests while the guest is busy: its reads and
-            // copy-before-write reads queue behind less.
-            let max = if self.guest.busy() {
-                (self.options.chunk_size / guest::BUSY_CHUNK_DIVISOR).max(self.options.cluster_size)
-            } else {
-                self.options.chunk_size
-            };
+            let max = self.options.chunk_size;
             let found = state
                 .dirty
                 .next_dirty_area(state.cursor, max)
@@ -175,7 +170,18 @@ impl BlockCopy {
                 Work::Write(chunk) => self.write_chunk(chunk).await?,
                 Work::Copy { id, start, end } => {
                     self.guest.background.fetch_add(1, Ordering::Relaxed);
+                    let began = Instant::now();
                     let copied = self.copy_chunk(id, start, end, &control.rate).await;
+                    if copied.is_ok()
+                        && let Some(pause) = self.guest.pause_after(began.elapsed())
+                        && !pause.is_zero()
+                    {
+                        // The slot stays taken: the guest has the disk to itself.
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = control.stopped.notified() => {}
+                        }
+                    }
                     self.guest.background.fetch_sub(1, Ordering::Relaxed);
                     self.changed.notify_waiters();
                     copied?;
@@ -260,7 +266,13 @@ impl BlockCopy {
         let payload = if known_zero {
             Payload::Zero
         } else {
-            match self.source.read(start, self.take_buffer(len)).await {
+            // Past the page cache: no readahead for the guest to queue behind, and the
+            // guest's cached data stays.
+            match self
+                .source
+                .read_uncached(start, self.take_buffer(len))
+                .await
+            {
                 Ok(buf) if buf.is_zero() => {
                     self.return_buffer(buf);
                     Payload::Zero
@@ -279,20 +291,34 @@ impl BlockCopy {
                 }
             }
         };
-        {
-            let mut state = self.lock();
-            state.finish_reading(id);
-            state.writing += 1;
-        }
-        self.changed.notify_waiters();
-        self.write_chunk(Chunk {
+        let chunk = Chunk {
             offset: start,
             len,
             payload,
             staged_memory: false,
             record_zeros,
-        })
-        .await
+            progress: self.cluster_progress(len),
+        };
+        let pieces = {
+            let mut state = self.lock();
+            // The run is copied now: its fragments' ranges are left alone (their old
+            // data is staged or on the target already) and the notes go.
+            let holes = state.fragments.within(start, end);
+            state.fragments.remove_within(start, end);
+            let pieces = self.around_fragments(chunk, &holes);
+            state.finish_reading(id);
+            state.writing += pieces.len();
+            pieces
+        };
+        self.changed.notify_waiters();
+        let mut first_error = None;
+        for piece in pieces {
+            // A failed piece waits in the retry queue; the others still go.
+            if let Err(error) = self.write_chunk(piece).await {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Writes a chunk in hand to the target; on failure it goes to the retry queue.
@@ -300,6 +326,7 @@ impl BlockCopy {
     pub(super) async fn write_chunk(&self, chunk: Chunk) -> Result<(), CopyError> {
         let result = self.write_payload(&chunk).await;
         let spilled = matches!(chunk.payload, Payload::Scratch { .. });
+        let progress = chunk.progress;
         let (offset_len, failure) = {
             let mut state = self.lock();
             state.writing -= 1;
@@ -334,8 +361,7 @@ impl BlockCopy {
         self.stats
             .zero_bytes
             .fetch_add(len - data, Ordering::Relaxed);
-        self.progress
-            .add_done(len.div_ceil(self.options.cluster_size) * self.options.cluster_size);
+        self.progress.add_done(progress);
         Ok(())
     }
 
