@@ -173,6 +173,21 @@ impl PackBuilder {
         Self::reusing(Vec::new())
     }
 
+    /// The same blobs as `finished`, after `pad` zero bytes: the same content under
+    /// another name (packs are named by their digest), for when that name is taken by
+    /// a pack about to be deleted. Readers find blobs by their offsets, so the padding
+    /// is never read.
+    pub fn padded(finished: &FinishedPack, pad: usize) -> Self {
+        let mut again = Self::new();
+        again.bytes.resize(again.bytes.len() + pad, 0);
+        for (id, blob) in &finished.entries {
+            let at = blob.offset as usize;
+            let stored = &finished.bytes[at..at + blob.stored_len as usize];
+            again.add(*id, stored, blob.raw_len, blob.codec);
+        }
+        again
+    }
+
     /// An empty pack in the buffer of a finished one: its pages are already mapped, so
     /// filling it again costs no page faults.
     pub fn reusing(mut bytes: Vec<u8>) -> Self {

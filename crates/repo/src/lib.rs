@@ -22,7 +22,9 @@
 //!   all-zero id and is never stored (restore leaves a hole).
 //! * `packs/XX/ID`: immutable packs of about 32 MiB: `SPPK`, version byte, the stored
 //!   chunks back to back (zstd frames, or plain where zstd does not shrink them), then
-//!   the pack's index. ID is the BLAKE3 digest of the whole pack.
+//!   the pack's index. ID is the BLAKE3 digest of the whole pack. Readers find chunks
+//!   by the index's offsets only: a writer that must not reuse a condemned pack's name
+//!   puts zero bytes before the chunks to make another.
 //! * `index/ID`: a copy of pack ID's index, so opening a repository reads indexes, not
 //!   packs; a lost index object can be rebuilt from the pack's tail. An index is a count,
 //!   then per chunk its id, offset, stored length, plain length and codec (49 bytes),

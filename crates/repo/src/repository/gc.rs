@@ -340,14 +340,26 @@ impl Repository {
                     format::decode_blob(&key, self.keys.as_ref(), c, &blob, stored)?;
                     pack.add(*c, stored, blob.raw_len, blob.codec);
                     if pack.len() >= super::PACK_TARGET_BYTES {
-                        pack = store_pack(backend, self.keys.as_ref(), pack, &mut written)?;
+                        pack = store_pack(
+                            backend,
+                            self.keys.as_ref(),
+                            pack,
+                            &still_condemned,
+                            &mut written,
+                        )?;
                     }
                 }
                 stats.repacked_packs += 1;
                 condemn.push(source.to_string());
             }
             if !pack.is_empty() {
-                store_pack(backend, self.keys.as_ref(), pack, &mut written)?;
+                store_pack(
+                    backend,
+                    self.keys.as_ref(),
+                    pack,
+                    &still_condemned,
+                    &mut written,
+                )?;
             }
             stats.new_packs = written.packs;
         }

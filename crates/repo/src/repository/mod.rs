@@ -271,6 +271,7 @@ impl Repository {
         // lease's start waits for it before deleting them.
         let lease = self.lease()?;
         let index = self.load_index()?;
+        let condemned = self.condemned_packs()?;
         let info = SnapshotInfo {
             id: String::new(),
             disk: disk.to_string(),
@@ -281,7 +282,7 @@ impl Repository {
             stored: 0,
             tool: format!("stillpoint {}", env!("CARGO_PKG_VERSION")),
         };
-        Ok(SnapshotWriter::start(self, lease, index, info))
+        Ok(SnapshotWriter::start(self, lease, index, condemned, info))
     }
 
     /// Deletes the manifests of these snapshots. Their chunks stay in the packs until

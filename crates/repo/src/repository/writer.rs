@@ -80,6 +80,9 @@ struct Encoded {
 /// What the worker threads share.
 struct Shared {
     index: ChunkIndex,
+    /// Packs condemned when the writer started: never relied on, not even by name
+    /// ([`store_pack`]).
+    condemned: HashSet<String>,
     claimed: Mutex<HashSet<ChunkId>>,
     keys: Option<Keys>,
     compression: Compression,
@@ -125,11 +128,13 @@ impl<'r> SnapshotWriter<'r> {
         repo: &'r Repository,
         lease: Lease,
         index: ChunkIndex,
+        condemned: HashSet<String>,
         info: SnapshotInfo,
     ) -> Self {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let shared = Arc::new(Shared {
             index,
+            condemned,
             claimed: Mutex::new(HashSet::new()),
             keys: repo.keys.clone(),
             compression: repo.config.compression,
@@ -407,26 +412,45 @@ fn pack_blobs(
             stats.new_bytes += u64::from(blob.raw_len);
             stats.stored_bytes += blob.stored.len() as u64;
             if pack.len() >= PACK_TARGET_BYTES {
-                pack = store_pack(backend, keys, pack, &mut stats)?;
+                pack = store_pack(backend, keys, pack, &shared.condemned, &mut stats)?;
             }
         }
     }
     if !pack.is_empty() {
-        store_pack(backend, keys, pack, &mut stats)?;
+        store_pack(backend, keys, pack, &shared.condemned, &mut stats)?;
     }
     Ok(Packed { chunks, stats })
 }
 
 /// Stores a pack, then its index object; returns an empty pack in the same buffer.
+///
+/// Packs are named by their digest, so the same blobs in the same order (an unencrypted
+/// repository backing up data it held before) make a pack that may already exist. If
+/// that existing pack is `condemned` (by a collection this writer's lease does not hold
+/// up), relying on it would lose it at the next collection: the pack is stored under
+/// another name instead, with padding in front of its blobs.
 pub(super) fn store_pack(
     backend: &dyn Backend,
     keys: Option<&Keys>,
     pack: PackBuilder,
+    condemned: &HashSet<String>,
     stats: &mut WriteStats,
 ) -> Result<PackBuilder> {
+    let mut finished = pack.finish(keys);
+    let mut pad = 0;
+    while condemned.contains(&finished.id) {
+        pad += 1;
+        if pad > 64 {
+            return Err(Error::Invalid(format!(
+                "pack {} and 64 padded variants of it are all condemned",
+                finished.id
+            )));
+        }
+        finished = PackBuilder::padded(&finished, pad).finish(keys);
+    }
     let format::FinishedPack {
         id, bytes, index, ..
-    } = pack.finish(keys);
+    } = finished;
     backend.put_if_absent(&pack_key(&id), &bytes)?;
     backend.put_if_absent(&format!("index/{id}"), &index)?;
     stats.packs += 1;
