@@ -6,7 +6,8 @@
 //! `bench-backup-latency SOURCE TARGET [--ops N]` writes to SOURCE (use a scratch copy)
 //! and backs it up to TARGET (created sparse). `BENCH_DIRECT_SOURCE=1` and
 //! `BENCH_DIRECT_TARGET=1` open them with `cache.direct` (a guest with `cache=none`);
-//! `BENCH_WORKERS` and `BENCH_CHUNK` set the job's `x-perf` workers and chunk. Prints one JSON object: latency
+//! `BENCH_WORKERS` and `BENCH_CHUNK` set the job's `x-perf` workers and chunk;
+//! `BENCH_HOT_MIB=N` keeps the guest's requests in N MiB in the middle of the disk. Prints one JSON object: latency
 //! percentiles in microseconds for both phases, and the backup's wall time.
 //! Driven by `bench/backup_vs_qsd.py`, which runs the same measurement against
 //! qemu-storage-daemon.
@@ -41,17 +42,31 @@ fn percentiles(mut samples: Vec<f64>) -> serde_json::Value {
     })
 }
 
+/// The blocks the guest touches: all of the disk, or with `BENCH_HOT_MIB=N` only N MiB
+/// in its middle (a guest with locality, as a database's is).
+#[derive(Clone, Copy)]
+struct Region {
+    first: u64,
+    blocks: u64,
+}
+
+impl Region {
+    fn pick(&self, rng: &mut Rng) -> u64 {
+        (self.first + rng.next_u64() % self.blocks) * 4096
+    }
+}
+
 /// One QD1 random 4 KiB read; returns its latency in microseconds.
-async fn one_read(disk: &Attachment, rng: &mut Rng, blocks: u64, buf: IoBuf) -> (f64, IoBuf) {
-    let offset = (rng.next_u64() % blocks) * 4096;
+async fn one_read(disk: &Attachment, rng: &mut Rng, blocks: Region, buf: IoBuf) -> (f64, IoBuf) {
+    let offset = blocks.pick(rng);
     let start = Instant::now();
     let buf = disk.read(offset, buf).await.expect("guest read");
     (start.elapsed().as_secs_f64() * 1e6, buf)
 }
 
 /// One QD1 random 4 KiB write; returns its latency in microseconds.
-async fn one_write(disk: &Attachment, rng: &mut Rng, blocks: u64, buf: IoBuf) -> (f64, IoBuf) {
-    let offset = (rng.next_u64() % blocks) * 4096;
+async fn one_write(disk: &Attachment, rng: &mut Rng, blocks: Region, buf: IoBuf) -> (f64, IoBuf) {
+    let offset = blocks.pick(rng);
     let start = Instant::now();
     let buf = disk
         .write(offset, buf, WriteFlags::default())
@@ -90,7 +105,19 @@ async fn main() {
     let disk = graph
         .attach("src", AttachUser::Other("guest".into()))
         .unwrap();
-    let blocks = size / 4096;
+    let blocks = match std::env::var("BENCH_HOT_MIB")
+        .ok()
+        .and_then(|m| m.parse::<u64>().ok())
+    {
+        Some(mib) => Region {
+            first: size / 2 / 4096,
+            blocks: (mib << 20) / 4096,
+        },
+        None => Region {
+            first: 0,
+            blocks: size / 4096,
+        },
+    };
     let mut rng = Rng(42);
     let mut buf = IoBuf::from_slice(&[0x5a; 4096]);
 
