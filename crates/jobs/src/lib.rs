@@ -6,8 +6,9 @@
 //! * [`job`]: the generic job (QEMU's state machine, verbs, events, the registry, grouped
 //!   completion); [`ratelimit`]: the speed limit.
 //! * [`block_copy`]: the engine that copies each cluster exactly once (state in
-//!   `mod.rs`, the copy-before-write path and staging area in `staging`, the background
-//!   pass in `worker`, snapshot reads in `snapshot_reads`).
+//!   `mod.rs`, the copy-before-write path and staging area in `staging`, old data saved
+//!   for part of a cluster in `fragments`, the background pass in `worker` and how it
+//!   gives way to the guest in `guest`, snapshot reads in `snapshot_reads`).
 //! * [`copy_before_write`]: the filter that calls the engine before every guest write,
 //!   for backups and standalone (fleecing); [`cluster_size`]: the copy granularity both
 //!   use.
@@ -35,8 +36,9 @@
 //! * The point in time is the filter's insertion: the graph drains in-flight requests,
 //!   retargets every attachment of the source to the filter, and the copy bitmap starts
 //!   all dirty. Every later write passes the filter.
-//! * A cluster leaves the bitmap exactly once (its claim); only a failed source read
-//!   puts it back. A guest write waits only for source *reads* of its clusters (its own
+//! * A cluster leaves the bitmap exactly once for good (its claim); only a failed source
+//!   read puts it back, and a partial copy-before-write, which saves just the guest's
+//!   blocks of it (a fragment, never written over later) and leaves the rest to copy. A guest write waits only for source *reads* of its clusters (its own
 //!   or a background one in flight), never for the target: old data it displaces is
 //!   parked in the bounded staging area and written by the job's workers, ahead of the
 //!   background copy (see [`block_copy`]).
