@@ -304,7 +304,7 @@ impl Node {
     }
 
     /// [`read`](Self::read), bypassing the host page cache where the driver can
-    /// (see [`BlockDriver::read_uncached`](crate::node::driver::BlockDriver::read_uncached)).
+    /// (see [`BlockDriver::read_uncached`]).
     pub async fn read_uncached(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         check_request("read", offset, buf.len() as u64, self.length())?;
         if buf.is_empty() {

@@ -38,7 +38,7 @@
 //!
 //! Where the target takes writes smaller than a cluster (a file), a guest write that
 //! covers only part of an uncopied cluster saves just its own range's old data (a
-//! fragment, see [`fragments`]), and the cluster is copied around it later: a 4 KiB
+//! fragment, see `fragments`), and the cluster is copied around it later: a 4 KiB
 //! write reads 4 KiB of old data instead of the whole cluster.
 //!
 //! Staged data reaches the target before the job completes. If a target write fails
@@ -174,7 +174,7 @@ pub struct CopyStats {
     pub cbw_bytes: AtomicU64,
     /// Bytes that went through the scratch file.
     pub spilled_bytes: AtomicU64,
-    /// Bytes of `cbw_bytes` saved as fragments (part of a cluster; see [`fragments`]).
+    /// Bytes of `cbw_bytes` saved as fragments (part of a cluster; see `fragments`).
     pub fragment_bytes: AtomicU64,
 }
 
