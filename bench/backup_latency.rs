@@ -7,7 +7,9 @@
 //! and backs it up to TARGET (created sparse). `BENCH_DIRECT_SOURCE=1` and
 //! `BENCH_DIRECT_TARGET=1` open them with `cache.direct` (a guest with `cache=none`);
 //! `BENCH_WORKERS` and `BENCH_CHUNK` set the job's `x-perf` workers and chunk;
-//! `BENCH_HOT_MIB=N` keeps the guest's requests in N MiB in the middle of the disk. Prints one JSON object: latency
+//! `BENCH_HOT_MIB=N` keeps the guest's requests in N MiB in the middle of the disk;
+//! `BENCH_RUNTIME=current` runs on one runtime thread, as the daemon does (the default
+//! is two worker threads). Prints one JSON object: latency
 //! percentiles in microseconds for both phases, and the backup's wall time.
 //! Driven by `bench/backup_vs_qsd.py`, which runs the same measurement against
 //! qemu-storage-daemon.
@@ -75,8 +77,22 @@ async fn one_write(disk: &Attachment, rng: &mut Rng, blocks: Region, buf: IoBuf)
     (start.elapsed().as_secs_f64() * 1e6, buf)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
+    // `BENCH_RUNTIME=current`: one runtime thread, as `stillpoint daemon` runs.
+    let runtime = if std::env::var("BENCH_RUNTIME").is_ok_and(|r| r == "current") {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    };
+    runtime.expect("the runtime starts").block_on(measure());
+}
+
+async fn measure() {
     let mut args = std::env::args().skip(1);
     let source = PathBuf::from(args.next().expect("usage: SOURCE TARGET [--ops N]"));
     let target = PathBuf::from(args.next().expect("usage: SOURCE TARGET [--ops N]"));
