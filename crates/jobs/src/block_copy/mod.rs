@@ -245,6 +245,13 @@ impl CopyState {
         }
     }
 
+    /// Ends a claim that copied nothing (a failed read, a claim never read, a partial
+    /// copy-before-write): its clusters are dirty again.
+    fn unclaim(&mut self, id: u64, start: u64, end: u64) {
+        self.dirty.set(start, end - start);
+        self.finish_reading(id);
+    }
+
     /// Ends a read: removes the range and wakes whoever waits on it.
     fn finish_reading(&mut self, id: u64) {
         if let Some(i) = self.reading.iter().position(|r| r.id == id) {

@@ -99,7 +99,8 @@ impl BlockCopy {
                     }
                     let l = l.min(whole.1 - o);
                     let reading = state.claim(o, o + l);
-                    claims.push((reading.id, o, o + l));
+                    // Fragments stay as they are while the run is claimed.
+                    claims.push((reading.id, o, o + l, state.fragments.within(o, o + l)));
                     state.reading.push(reading);
                     at = o + l;
                 }
@@ -119,19 +120,15 @@ impl BlockCopy {
             for p in &partial {
                 if failed.is_some() {
                     // Not read: the cluster's old data is still on the source.
-                    let mut state = self.lock();
-                    state.dirty.set(p.cluster.0, p.cluster.1 - p.cluster.0);
-                    state.finish_reading(p.id);
+                    self.lock().unclaim(p.id, p.cluster.0, p.cluster.1);
                 } else if let Err(error) = self.stage_fragments(p).await {
                     failed = Some(error);
                 }
             }
-            for &(id, o, e) in &claims {
+            for (id, o, e, holes) in claims {
                 if failed.is_some() {
-                    let mut state = self.lock();
-                    state.dirty.set(o, e - o);
-                    state.finish_reading(id);
-                } else if let Err(error) = self.stage(id, o, e).await {
+                    self.lock().unclaim(id, o, e);
+                } else if let Err(error) = self.stage(id, o, e, &holes).await {
                     failed = Some(error);
                 }
             }
@@ -253,10 +250,7 @@ impl BlockCopy {
             for chunk in chunks {
                 self.unpark(chunk).await;
             }
-            let mut state = self.lock();
-            state.dirty.set(c, c_end - c);
-            state.finish_reading(claim.id);
-            drop(state);
+            self.lock().unclaim(claim.id, c, c_end);
             self.changed.notify_waiters();
             return Err(error);
         }
@@ -264,8 +258,8 @@ impl BlockCopy {
         let mut state = self.lock();
         state.fragments.add(c, &claim.needed);
         state.staged.extend(chunks);
-        state.dirty.set(c, c_end - c);
-        state.finish_reading(claim.id);
+        // The rest of the cluster is still to copy.
+        state.unclaim(claim.id, c, c_end);
         drop(state);
         self.changed.notify_waiters();
         self.stats.cbw_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -277,15 +271,20 @@ impl BlockCopy {
 
     /// Reads the old data of a claimed run and parks it in the staging area (or, for
     /// a standalone filter, writes it to the target).
-    pub(super) async fn stage(&self, id: u64, start: u64, end: u64) -> Result<(), Error> {
+    /// `holes` are the run's fragments, found when it was claimed.
+    pub(super) async fn stage(
+        &self,
+        id: u64,
+        start: u64,
+        end: u64,
+        holes: &[(u64, u64)],
+    ) -> Result<(), Error> {
         if self.options.standalone {
             return self.copy_through(id, start, end).await;
         }
         let len = end - start;
-        // Stable while the run is claimed.
-        let holes = self.lock().fragments.within(start, end);
         let staged = self
-            .read_and_park(start, len, self.cluster_progress(len), &holes)
+            .read_and_park(start, len, self.cluster_progress(len), holes)
             .await;
         let mut state = self.lock();
         match staged {
@@ -300,8 +299,7 @@ impl BlockCopy {
                 Ok(())
             }
             Err(error) => {
-                state.dirty.set(start, len);
-                state.finish_reading(id);
+                state.unclaim(id, start, end);
                 drop(state);
                 self.changed.notify_waiters();
                 Err(error)
@@ -416,9 +414,10 @@ impl BlockCopy {
         .await;
         let mut state = self.lock();
         if copied.is_err() {
-            state.dirty.set(start, len);
+            state.unclaim(id, start, end);
+        } else {
+            state.finish_reading(id);
         }
-        state.finish_reading(id);
         drop(state);
         self.changed.notify_waiters();
         let data = copied?;

@@ -279,10 +279,7 @@ impl BlockCopy {
                 }
                 Ok(buf) => Payload::Memory(buf),
                 Err(error) => {
-                    let mut state = self.lock();
-                    state.dirty.set(start, len);
-                    state.finish_reading(id);
-                    drop(state);
+                    self.lock().unclaim(id, start, end);
                     self.changed.notify_waiters();
                     return Err(CopyError {
                         operation: IoOperation::Read,

@@ -325,6 +325,16 @@ impl Repository {
             }
             let mut pack = PackBuilder::new();
             let mut written = WriteStats::default();
+            // New packs never take the name of a pack still condemned (see store_pack).
+            let mut store = |pack| {
+                store_pack(
+                    backend,
+                    self.keys.as_ref(),
+                    pack,
+                    &still_condemned,
+                    &mut written,
+                )
+            };
             let mut sources: Vec<&str> = moved.keys().copied().collect();
             sources.sort();
             for source in sources {
@@ -340,26 +350,14 @@ impl Repository {
                     format::decode_blob(&key, self.keys.as_ref(), c, &blob, stored)?;
                     pack.add(*c, stored, blob.raw_len, blob.codec);
                     if pack.len() >= super::PACK_TARGET_BYTES {
-                        pack = store_pack(
-                            backend,
-                            self.keys.as_ref(),
-                            pack,
-                            &still_condemned,
-                            &mut written,
-                        )?;
+                        pack = store(pack)?;
                     }
                 }
                 stats.repacked_packs += 1;
                 condemn.push(source.to_string());
             }
             if !pack.is_empty() {
-                store_pack(
-                    backend,
-                    self.keys.as_ref(),
-                    pack,
-                    &still_condemned,
-                    &mut written,
-                )?;
+                store(pack)?;
             }
             stats.new_packs = written.packs;
         }
