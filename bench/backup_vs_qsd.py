@@ -20,7 +20,7 @@ qemu-storage-daemon (same options, same python3-libnbd client), and Stillpoint i
 process for reference.
 
 Usage: cargo build --release -p stillpoint -p stillpoint-bench &&
-       python3 bench/backup_vs_qsd.py [--size 4G] [--runs 3] [--dir DIR]
+       python3 bench/backup_vs_qsd.py [--size 4G] [--runs 3] [--latency-rounds 1] [--dir DIR]
 """
 
 import argparse
@@ -293,11 +293,46 @@ def stillpoint_latency(src, tgt, ops):
     return json.loads(out.stdout)
 
 
+def print_latency(results, rounds):
+    """One row per round and contender, then (with several rounds) the median and range
+    of each contender's ratios: this VM's p99 alone moves several-fold between
+    rounds, and a single round's ratio inherits that."""
+    for kind, alone_key, during_key in [("writes", "alone", "during_backup"),
+                                        ("reads", "reads_alone", "reads_during_backup")]:
+        print(f"{kind:<28}{'alone p50':>10}{'p99':>9}{'during p50':>12}{'p99':>10}{'max':>10}{'p99 x':>8}"
+              f"{'backup s':>10}")
+        for round_ in range(rounds):
+            for name, runs in results.items():
+                r = runs[round_]
+                a, d = r[alone_key], r[during_key]
+                print(f"{name:<28}{a['p50_us']:>8.0f}us{a['p99_us']:>7.0f}us{d['p50_us']:>10.0f}us"
+                      f"{d['p99_us']:>8.0f}us{d['max_us']:>8.0f}us{d['p99_us'] / a['p99_us']:>8.1f}"
+                      f"{r['backup_seconds']:>10.2f}")
+    if rounds > 1:
+        print(f"\nmedian (range) over {rounds} rounds")
+        print(f"{'':<28}{'write p99 during us':>24}{'write p99 x':>20}{'read p99 x':>18}{'backup s':>16}")
+        for name, runs in results.items():
+            def spread(values, fmt):
+                return (f"{fmt(statistics.median(values))} "
+                        f"({fmt(min(values))}-{fmt(max(values))})")
+            w_during = [r["during_backup"]["p99_us"] for r in runs]
+            w_ratio = [r["during_backup"]["p99_us"] / r["alone"]["p99_us"] for r in runs]
+            r_ratio = [r["reads_during_backup"]["p99_us"] / r["reads_alone"]["p99_us"] for r in runs]
+            took = [r["backup_seconds"] for r in runs]
+            print(f"{name:<28}{spread(w_during, lambda v: f'{v:.0f}'):>24}"
+                  f"{spread(w_ratio, lambda v: f'{v:.1f}'):>20}{spread(r_ratio, lambda v: f'{v:.1f}'):>18}"
+                  f"{spread(took, lambda v: f'{v:.1f}'):>16}")
+    print("(p99 x = p99 during the backup / p99 alone; goal <= 3.0. The two NBD rows use the"
+          " same libnbd client against each daemon started with the same options)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="4G")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--ops", type=int, default=2000, help="writes in the 'alone' latency phase")
+    ap.add_argument("--latency-rounds", type=int, default=1,
+                    help="rounds of the latency phase, the contenders alternated in each")
     ap.add_argument("--dir", default=None, help="where the images go (needs ~3x SIZE/2 free)")
     args = ap.parse_args()
     size = parse_size(args.size)
@@ -358,30 +393,22 @@ def main():
         print("\nguest QD1 random 4 KiB writes and reads (alternating) on the source, alone and during a"
               " full-speed backup; backup s = the backup's time under that load")
         lat_src = os.path.join(tmp, "latency-source.img")
-        rows = []
         daemon = (STILLPOINT, "daemon")
-        for name, fn in [("stillpoint (in process)", stillpoint_latency),
-                         ("stillpoint daemon (NBD)", daemon),
-                         ("qemu-storage-daemon (NBD)", ("qemu-storage-daemon",))]:
-            shutil.copyfile(src, lat_src)
-            evict(lat_src)
-            if callable(fn):
-                result = fn(lat_src, tgt, args.ops)
-            else:
-                fresh_target(tgt, size)
-                result = qsd_latency(tmp, lat_src, tgt, args.ops, fn)
-            rows.append((name, result))
-        for kind, alone_key, during_key in [("writes", "alone", "during_backup"),
-                                            ("reads", "reads_alone", "reads_during_backup")]:
-            print(f"{kind:<28}{'alone p50':>10}{'p99':>9}{'during p50':>12}{'p99':>10}{'max':>10}{'p99 x':>8}"
-                  f"{'backup s':>10}")
-            for name, r in rows:
-                a, d = r[alone_key], r[during_key]
-                print(f"{name:<28}{a['p50_us']:>8.0f}us{a['p99_us']:>7.0f}us{d['p50_us']:>10.0f}us"
-                      f"{d['p99_us']:>8.0f}us{d['max_us']:>8.0f}us{d['p99_us'] / a['p99_us']:>8.1f}"
-                      f"{r['backup_seconds']:>10.2f}")
-        print("(p99 x = p99 during the backup / p99 alone; goal <= 3.0. The two NBD rows use the"
-              " same libnbd client against each daemon started with the same options)")
+        contenders = [("stillpoint (in process)", stillpoint_latency),
+                      ("stillpoint daemon (NBD)", daemon),
+                      ("qemu-storage-daemon (NBD)", ("qemu-storage-daemon",))]
+        results = {name: [] for name, _ in contenders}
+        for _ in range(args.latency_rounds):
+            for name, fn in contenders:  # alternated, so the VM's drift hits each alike
+                shutil.copyfile(src, lat_src)
+                evict(lat_src)
+                if callable(fn):
+                    result = fn(lat_src, tgt, args.ops)
+                else:
+                    fresh_target(tgt, size)
+                    result = qsd_latency(tmp, lat_src, tgt, args.ops, fn)
+                results[name].append(result)
+        print_latency(results, args.latency_rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

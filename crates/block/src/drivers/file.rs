@@ -1,8 +1,9 @@
 //! `file`: a host file or block device.
 //!
 //! Positional I/O (`pread`/`pwrite`) runs on tokio's blocking pool, so a slow disk never
-//! stalls the async threads that serve sockets. Reads up to 64 KiB first take what the
-//! page cache holds without blocking (`RWF_NOWAIT`) and go to the pool only for the rest. With `cache.direct` the file is opened
+//! stalls the async threads that serve sockets. Reads up to 64 KiB that the page cache
+//! holds whole (`cachestat`) are served from it without blocking (`RWF_NOWAIT`); the
+//! rest go to the pool. With `cache.direct` the file is opened
 //! `O_DIRECT`; requests whose offset and length are multiples of [`DIRECT_ALIGN`] go
 //! straight to the device from the (always aligned) [`IoBuf`]s, and the rest go through
 //! a second, buffered descriptor of the same file. Linux keeps the two coherent (a
@@ -315,7 +316,16 @@ const NOWAIT_MAX: usize = 64 << 10;
 /// thread switches per request. Returns how many bytes were read, 0 when none were
 /// cached (or the kernel cannot tell without blocking); the caller reads the rest on
 /// the pool.
+///
+/// `RWF_NOWAIT` does not mean "no I/O": on a miss the kernel still starts readahead,
+/// and submitting it (a request, a doorbell to the virtual disk, and a wait for a
+/// request slot when the disk's queue is full) would happen on the async thread that
+/// serves every socket. So a range the cache does not hold whole (`cachestat`, Linux
+/// 6.5) goes to the pool without trying.
 fn pread_cached(file: &File, buf: &mut [u8], offset: u64) -> usize {
+    if !cache_holds(file, offset, buf.len() as u64) {
+        return 0;
+    }
     let iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -324,6 +334,68 @@ fn pread_cached(file: &File, buf: &mut [u8], offset: u64) -> usize {
     // most `iov_len` bytes into it and touches nothing else.
     let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset as i64, libc::RWF_NOWAIT) };
     if n > 0 { n as usize } else { 0 }
+}
+
+/// `cachestat`'s number, the same on every architecture (the libc crate names it only
+/// for some).
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// `struct cachestat_range` of `<linux/mman.h>`.
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+/// `struct cachestat` of `<linux/mman.h>`: page counts over the range.
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// Set once `cachestat` turned out to be missing (a kernel before 6.5, or a seccomp
+/// filter): then every small read tries `RWF_NOWAIT` as before.
+static NO_CACHESTAT: AtomicBool = AtomicBool::new(false);
+
+/// Whether the page cache holds every page of `len` bytes at `offset`. Errs towards
+/// yes where the kernel cannot tell, so a small read still tries the cache first.
+fn cache_holds(file: &File, offset: u64, len: u64) -> bool {
+    if len == 0 || NO_CACHESTAT.load(Ordering::Relaxed) {
+        return true;
+    }
+    let page = page_size();
+    let pages = (offset + len).div_ceil(page) - offset / page;
+    let range = CachestatRange { off: offset, len };
+    let mut stat = Cachestat::default();
+    // SAFETY: cachestat reads one range struct and writes one stat struct, both live
+    // and of the kernel's layout; flags must be 0.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const CachestatRange,
+            &mut stat as *mut Cachestat,
+            0u32,
+        )
+    };
+    if rc != 0 {
+        if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            NO_CACHESTAT.store(true, Ordering::Relaxed);
+        }
+        return true;
+    }
+    stat.nr_cache >= pages
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 { size as u64 } else { 4096 }
 }
 
 fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {

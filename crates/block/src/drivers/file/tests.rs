@@ -249,3 +249,57 @@ fn a_fifo_is_not_an_image() {
     let err = FileDriver::open(&fifo, true, false, false).unwrap_err();
     assert!(err.to_string().contains("regular file"), "{err}");
 }
+
+#[tokio::test]
+async fn small_reads_of_evicted_pages_skip_the_non_blocking_try() {
+    // A small read tries the page cache on the async thread only where cachestat says
+    // the cache holds the whole range; on a miss RWF_NOWAIT would still start readahead
+    // there. Whatever the answer, the read returns the file's data.
+    let (_dir, path) = image(1 << 20);
+    let data = pattern(1 << 20, 7);
+    std::fs::write(&path, &data[..]).unwrap();
+    let std_file = File::open(&path).unwrap();
+    assert!(cache_holds(&std_file, 0, 65536), "just written, so cached");
+    if NO_CACHESTAT.load(Ordering::Relaxed) {
+        eprintln!("cachestat is missing here (Linux < 6.5): small reads try RWF_NOWAIT");
+        return;
+    }
+    std_file.sync_all().unwrap();
+    let fadvise = |advice| {
+        // SAFETY: fadvise on a valid descriptor with integer arguments.
+        let rc = unsafe { libc::posix_fadvise(std_file.as_raw_fd(), 0, 0, advice) };
+        assert_eq!(rc, 0);
+    };
+    // The whole file: a large folio is dropped whole or not at all.
+    fadvise(libc::POSIX_FADV_DONTNEED);
+    // tmpfs keeps its pages: they are the file.
+    let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statfs writes one struct into the live buffer.
+    assert_eq!(unsafe { libc::statfs(c_path.as_ptr(), fs.as_mut_ptr()) }, 0);
+    // SAFETY: statfs returned 0, so it filled the struct.
+    let tmpfs = unsafe { fs.assume_init() }.f_type == libc::TMPFS_MAGIC;
+    if !tmpfs {
+        assert!(!cache_holds(&std_file, 0, 4096), "evicted");
+        assert!(!cache_holds(&std_file, 4096, 65536), "evicted");
+        // One page read back without readahead: cached there, not past it.
+        fadvise(libc::POSIX_FADV_RANDOM);
+        std_file.read_exact_at(&mut [0; 4096], 0).unwrap();
+        assert!(cache_holds(&std_file, 0, 4096), "read back");
+        assert!(!cache_holds(&std_file, 0, 1 << 20), "only partly read back");
+    }
+    let file = FileDriver::open(&path, true, false, false).unwrap();
+    for (offset, len) in [
+        (0u64, 4096usize),
+        (16384, 32768),
+        (32768, 4096),
+        (100, 5000),
+    ] {
+        let back = file.read(offset, IoBuf::zeroed(len)).await.unwrap();
+        assert_eq!(
+            &back[..],
+            &data[offset as usize..offset as usize + len],
+            "offset {offset} len {len}"
+        );
+    }
+}
