@@ -560,3 +560,66 @@ fn a_renewed_lease_holds_up_deletion_for_a_long_backup_and_a_stale_one_does_not(
     drop(held);
     assert!(walk(&dir.path().join("leases")).is_empty());
 }
+
+#[test]
+fn a_collection_that_died_on_this_machine_does_not_block_the_next() {
+    // What a `repo gc` killed mid-run leaves is its `gc` marker. The next collection
+    // replaces a marker whose process is gone (same boot, same PID namespace), and
+    // refuses every other one, leaving it as it was.
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
+    let data = Rng(41).bytes(3 * CHUNK as usize);
+    let (a, _) = backup(&repo, "a", &data);
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let boot = boot.trim();
+    let ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
+    let ns = ns.to_str().unwrap();
+    let marker = dir.path().join("gc");
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    child.wait().unwrap();
+    let dead = child.id();
+    let mut live = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+
+    // Refused, and left alone: a live process, another boot, the first slice's format,
+    // a takeover already under way.
+    let takeover = dir.path().join("gc-takeover").join(format!("5-{dead}"));
+    std::fs::create_dir_all(takeover.parent().unwrap()).unwrap();
+    std::fs::write(&takeover, "x").unwrap();
+    for (held, says) in [
+        (format!("5 {boot} {ns} {}", live.id()), "of this machine"),
+        (
+            format!("5 another-boot {ns} {dead}"),
+            "another machine or boot",
+        ),
+        ("5".to_string(), "another garbage collection is running"),
+        (format!("5 {boot} {ns} {dead}"), "taking over from process"),
+    ] {
+        std::fs::write(&marker, &held).unwrap();
+        let err = repo.gc().unwrap_err().to_string();
+        assert!(err.contains(says), "{held}: {err}");
+        assert_eq!(std::fs::read_to_string(&marker).unwrap(), held, "untouched");
+    }
+    live.kill().unwrap();
+    live.wait().unwrap();
+    std::fs::remove_file(&takeover).unwrap();
+
+    // Replaced: a marker of this machine whose process has ended.
+    std::fs::write(&marker, format!("5 {boot} {ns} {dead}")).unwrap();
+    repo.forget(std::slice::from_ref(&a.id)).unwrap();
+    let stats = repo.gc().unwrap();
+    assert_eq!(stats.stale_marker_pid, Some(dead));
+    assert_eq!(stats.condemned_packs, 1, "it collected");
+    assert!(!marker.exists(), "its own marker is gone when it ends");
+    assert!(!takeover.exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("gc-takeover"))
+            .unwrap()
+            .count(),
+        0,
+        "no takeover record left behind"
+    );
+    assert_eq!(repo.gc().unwrap().stale_marker_pid, None);
+}

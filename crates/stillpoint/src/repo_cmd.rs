@@ -494,6 +494,12 @@ pub fn stats(dir: &Path, pass_file: Option<&Path>, json: bool) -> anyhow::Result
 pub fn gc(dir: &Path, pass_file: Option<&Path>) -> anyhow::Result<()> {
     let started = Instant::now();
     let stats = open(dir, pass_file)?.gc()?;
+    if let Some(pid) = stats.stale_marker_pid {
+        println!(
+            "an earlier garbage collection (process {pid} of this machine) died and left \
+             its gc marker; replaced it"
+        );
+    }
     println!(
         "garbage collection: {} packs; {} deleted ({} freed), {} index objects deleted; \
          {} repacked into {} new; {} condemned now (deleted by the next collection); \

@@ -26,7 +26,10 @@
 //!
 //! Deleting a pack deletes its index object first, so a crash in between leaves a pack
 //! without an index (unreferenced, condemned by the next collection), never an index
-//! naming a missing pack. Two collections do not run at once (the `gc` object).
+//! naming a missing pack. Two collections do not run at once: each holds the `gc`
+//! object while it runs. A collection killed on this machine leaves that object
+//! behind. The next collection replaces it once its process is gone, and only then; a
+//! marker from another machine or an earlier boot needs a person to delete it.
 
 use std::collections::HashMap;
 use std::collections::HashSet;
@@ -143,6 +146,116 @@ pub struct GcStats {
     pub new_packs: u64,
     /// Stored bytes of the packs deleted.
     pub freed_bytes: u64,
+    /// The process id of a collection on this machine that died and left its `gc`
+    /// marker, which this one replaced.
+    pub stale_marker_pid: Option<u32>,
+}
+
+/// The object that says a collection runs.
+const GC_MARKER: &str = "gc";
+
+/// What a running collection writes into `gc`: when it started and which process it
+/// is, as `START BOOT_ID PID_NAMESPACE PID` (a marker of the first slice holds `START`
+/// alone). A process id names a process only within one boot of one machine and one
+/// PID namespace (containers have their own), so only a marker of this boot and
+/// namespace whose process is gone counts as left by a collection that died.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GcMarker {
+    start: u64,
+    boot_id: String,
+    pid_namespace: String,
+    pid: u32,
+}
+
+impl GcMarker {
+    fn ours() -> Self {
+        Self {
+            start: now_ns(),
+            boot_id: boot_id(),
+            pid_namespace: pid_namespace(),
+            pid: std::process::id(),
+        }
+    }
+
+    fn parse(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut parts = text.split_whitespace();
+        let marker = Self {
+            start: parts.next()?.parse().ok()?,
+            boot_id: parts.next()?.to_string(),
+            pid_namespace: parts.next()?.to_string(),
+            pid: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(marker)
+    }
+
+    /// Left by a collection of this boot and namespace whose process has ended.
+    fn is_dead_here(&self) -> bool {
+        let here = Self::ours();
+        !self.boot_id.is_empty()
+            && self.boot_id == here.boot_id
+            && !self.pid_namespace.is_empty()
+            && self.pid_namespace == here.pid_namespace
+            && self.pid != here.pid
+            && !process_exists(self.pid)
+    }
+}
+
+impl std::fmt::Display for GcMarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} {} {}",
+            self.start, self.boot_id, self.pid_namespace, self.pid
+        )
+    }
+}
+
+/// This boot's id ("" where the kernel does not say: then no marker counts as dead).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// This process's PID namespace, as `pid:[INODE]` ("" where unknown).
+fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .and_then(|p| p.to_str().map(str::to_string))
+        .filter(|p| !p.contains(char::is_whitespace))
+        .unwrap_or_default()
+}
+
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true; // not a pid this kernel hands out: do not call it dead
+    };
+    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    // EPERM: it exists, and belongs to someone else.
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// The refusal when another collection holds `gc`.
+fn running(holder: Option<&GcMarker>) -> Error {
+    let who = match holder {
+        Some(m) => format!(
+            " (process {} of {}, started {} s ago)",
+            m.pid,
+            if m.boot_id == boot_id() && m.pid_namespace == pid_namespace() {
+                "this machine"
+            } else {
+                "another machine or boot"
+            },
+            now_ns().saturating_sub(m.start) / 1_000_000_000
+        ),
+        None => String::new(),
+    };
+    Error::Invalid(format!(
+        "another garbage collection is running{who}; if none is (one died on another \
+         machine, or before this machine's last boot), delete the repository's gc object"
+    ))
 }
 
 struct PackUse {
@@ -207,16 +320,64 @@ impl Repository {
     /// mostly-dead packs; safe while backups run.
     pub fn gc(&self) -> Result<GcStats> {
         let backend = self.backend();
-        if !backend.put_if_absent("gc", now_ns().to_string().as_bytes())? {
-            return Err(Error::Invalid(
-                "another garbage collection is running (if none is, one died: delete the \
-                 repository's gc object)"
-                    .into(),
-            ));
+        let marker = GcMarker::ours();
+        let mut took_over = None;
+        if !backend.put_if_absent(GC_MARKER, marker.to_string().as_bytes())? {
+            took_over = self.take_over_gc_marker(&marker)?;
         }
-        let result = self.collect();
-        let _ = backend.delete("gc");
+        let result = self.collect().map(|mut stats| {
+            stats.stale_marker_pid = took_over;
+            stats
+        });
+        let _ = backend.delete(GC_MARKER);
         result
+    }
+
+    /// `gc` exists: if a collection of this machine that is gone left it, replaces it
+    /// with `ours` and returns the dead collection's process id; else says who holds it.
+    ///
+    /// Only one process may replace a given stale marker: it must first create
+    /// `gc-takeover/START-PID` (named by that marker), and it deletes the marker only if
+    /// `gc` still holds those bytes. Nothing else deletes a marker it did not write, so
+    /// between that check and the delete no one can have put a live marker there.
+    fn take_over_gc_marker(&self, ours: &GcMarker) -> Result<Option<u32>> {
+        let backend = self.backend();
+        let held = match backend.get(GC_MARKER, None) {
+            Ok(bytes) => bytes,
+            // Ended since: try once more, as if it had never been there.
+            Err(Error::NotFound(_)) => {
+                if backend.put_if_absent(GC_MARKER, ours.to_string().as_bytes())? {
+                    return Ok(None);
+                }
+                return Err(running(None));
+            }
+            Err(e) => return Err(e),
+        };
+        let theirs = GcMarker::parse(&held);
+        let dead = match &theirs {
+            Some(m) if m.is_dead_here() => m.clone(),
+            other => return Err(running(other.as_ref())),
+        };
+        let takeover = format!("gc-takeover/{}-{}", dead.start, dead.pid);
+        if !backend.put_if_absent(&takeover, ours.to_string().as_bytes())? {
+            return Err(Error::Invalid(format!(
+                "another garbage collection is taking over from process {} (dead); if none \
+                 is, delete the repository's gc and {takeover} objects",
+                dead.pid
+            )));
+        }
+        let replaced = (|| {
+            if backend.get(GC_MARKER, None)? != held {
+                return Err(running(None));
+            }
+            backend.delete(GC_MARKER)?;
+            if !backend.put_if_absent(GC_MARKER, ours.to_string().as_bytes())? {
+                return Err(running(None));
+            }
+            Ok(Some(dead.pid))
+        })();
+        let _ = backend.delete(&takeover);
+        replaced
     }
 
     fn collect(&self) -> Result<GcStats> {
