@@ -4,11 +4,11 @@ in `stillpoint daemon` and qemu-storage-daemon, side by side in one run.
 
 For each daemon (same command line): the mixed image of bench/backup_vs_qsd.py (SIZE,
 1 GiB by default) as a raw node with a writable NBD export. First, guest QD1 4 KiB
-random writes through that export (libnbd) are timed alone; then the export goes, the
-fleecing graph goes in (a sparse raw temp file as the copy-before-write target, a
+random writes and reads, alternating, through that export (libnbd) are timed alone;
+then the export goes, the fleecing graph goes in (a sparse raw temp file as the copy-before-write target, a
 snapshot-access node, the guest export back on the filter, a read-only export of the
 snapshot; a copy of the disk is taken just before, while nothing writes it) and the
-same number of guest writes is timed again: each write to a cluster
+same number of guest writes and reads is timed again: each write to a cluster
 not yet saved first copies its old 64 KiB to the temp file. Then the whole snapshot is
 pulled with `nbdcopy` (timed, the source evicted from the page cache first), and the
 pulled image is compared with that copy.
@@ -31,7 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import backup_vs_qsd as common  # noqa: E402
 
 
-def write_latencies(sock, export, ops, seed):
+def guest_latencies(sock, export, ops, seed, with_reads=True):
+    """QD1 4 KiB random writes and (with_reads) reads, alternating: (write samples, read
+    samples)."""
     import nbd
 
     h = nbd.NBD()
@@ -40,14 +42,20 @@ def write_latencies(sock, export, ops, seed):
     size = h.get_size()
     rng = random.Random(seed)
     buf = b"\x5a" * 4096
-    samples = []
+    writes, reads = [], []
     for _ in range(ops):
         offset = rng.randrange(size // 4096) * 4096
         t = time.perf_counter()
         h.pwrite(buf, offset)
-        samples.append((time.perf_counter() - t) * 1e6)
+        writes.append((time.perf_counter() - t) * 1e6)
+        if not with_reads:
+            continue
+        offset = rng.randrange(size // 4096) * 4096
+        t = time.perf_counter()
+        h.pread(4096, offset)
+        reads.append((time.perf_counter() - t) * 1e6)
     h.shutdown()
-    return samples
+    return writes, reads
 
 
 def one_round(program, tmp, src, ops, seed):
@@ -65,7 +73,7 @@ def one_round(program, tmp, src, ops, seed):
         "--nbd-server", f"addr.type=unix,addr.path={sock}",
         "--export", "type=nbd,id=guest,node-name=src,name=disk,writable=on"], program=program)
     try:
-        alone = write_latencies(sock, "disk", ops, seed)
+        alone = guest_latencies(sock, "disk", ops, seed)
         qmp.cmd("block-export-del", id="guest")
         qmp.wait_event("BLOCK_EXPORT_DELETED")
         # Nothing writes the disk now: this copy is the snapshot-to-be. Write-back of
@@ -79,7 +87,7 @@ def one_round(program, tmp, src, ops, seed):
         qmp.cmd("block-export-add", type="nbd", id="guest", **{"node-name": "fl-cbw"}, name="disk",
                 writable=True)
         qmp.cmd("block-export-add", type="nbd", id="fleece", **{"node-name": "fl-access"}, name="fleece")
-        during = write_latencies(sock, "disk", ops, seed + 1)
+        during = guest_latencies(sock, "disk", ops, seed + 1)
         common.evict(src)
         start = time.monotonic()
         subprocess.run(["nbdcopy", f"nbd+unix:///fleece?socket={sock}", pulled], check=True)
@@ -108,21 +116,30 @@ def main():
         results = common.alternate_daemons(
             tmp, size, args.runs,
             lambda program, src, round_: one_round(program, tmp, src, args.ops, 100 + round_))
-    print(f"size {size >> 20} MiB, {args.ops} guest QD1 4 KiB writes per phase, {args.runs} runs; "
-          "latency percentiles over all runs, pull time median (all runs)")
+    print(f"size {size >> 20} MiB, {args.ops} guest QD1 4 KiB writes and as many reads per phase "
+          f"(alternating), {args.runs} runs; p50/p99 over all runs, then the median and range of "
+          "the runs' own p99s; pull time median (all runs)")
     summary = {}
     for name, runs in results.items():
-        alone = common.percentiles([s for r in runs for s in r[0]])
-        during = common.percentiles([s for r in runs for s in r[1]])
+        row = {}
+        for kind, k in (("writes", 0), ("reads", 1)):
+            alone = common.percentiles([s for r in runs for s in r[0][k]])
+            during = common.percentiles([s for r in runs for s in r[1][k]])
+            per_run = [common.percentiles(r[1][k])["p99_us"] for r in runs]
+            row[kind] = (alone, during)
+            print(f"  {name:20s} {kind:6s} p50/p99 alone {alone['p50_us']:6.0f}/{alone['p99_us']:6.0f} us"
+                  f"   while fleecing {during['p50_us']:6.0f}/{during['p99_us']:6.0f} us"
+                  f"   run p99s {statistics.median(per_run):.0f} ({min(per_run):.0f}-{max(per_run):.0f}) us")
         pull = statistics.median(r[2] for r in runs)
-        summary[name] = (alone, during, pull)
-        print(f"  {name:20s} write p50/p99 alone {alone['p50_us']:7.0f}/{alone['p99_us']:7.0f} us   "
-              f"while fleecing {during['p50_us']:7.0f}/{during['p99_us']:7.0f} us   "
-              f"pull {pull:6.2f} s ({', '.join(f'{r[2]:.2f}' for r in runs)})")
+        row["pull"] = pull
+        summary[name] = row
+        print(f"  {name:20s} pull {pull:6.2f} s ({', '.join(f'{r[2]:.2f}' for r in runs)})")
     ours, theirs = summary["stillpoint"], summary["qemu-storage-daemon"]
-    print(f"ratios stillpoint / qemu-storage-daemon: write p50 while fleecing "
-          f"{ours[1]['p50_us'] / theirs[1]['p50_us']:.2f}, p99 {ours[1]['p99_us'] / theirs[1]['p99_us']:.2f}, "
-          f"pull {ours[2] / theirs[2]:.2f}")
+    for kind in ("writes", "reads"):
+        o, t = ours[kind][1], theirs[kind][1]
+        print(f"ratios stillpoint / qemu-storage-daemon, {kind} while fleecing: "
+              f"p50 {o['p50_us'] / t['p50_us']:.2f}, p99 {o['p99_us'] / t['p99_us']:.2f}")
+    print(f"ratio stillpoint / qemu-storage-daemon, pull: {ours['pull'] / theirs['pull']:.2f}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def main():
         if os.environ.get("ALONE"):
             qmp.cmd("block-export-add", type="nbd", id="guest0", **{"node-name": "src"}, name="disk",
                     writable=True)
-            print("alone:", percentiles(fl.write_latencies(sock, "disk", 1000, 6)))
+            print("alone:", percentiles(fl.guest_latencies(sock, "disk", 1000, 6, with_reads=False)[0]))
             qmp.cmd("block-export-del", id="guest0")
             qmp.wait_event("BLOCK_EXPORT_DELETED")
         if os.environ.get("CP"):
@@ -65,7 +65,7 @@ def main():
             perf = subprocess.Popen(["perf", "record", "-g", "-p", str(proc.pid), "-o",
                                      "/tmp/stillpoint-fleecing.perf"], stderr=subprocess.DEVNULL)
             time.sleep(0.5)
-        print(f"{program[0]} while fleecing:", percentiles(fl.write_latencies(sock, "disk", 3000, 7)))
+        print(f"{program[0]} while fleecing:", percentiles(fl.guest_latencies(sock, "disk", 3000, 7, with_reads=False)[0]))
         if perf:
             perf.send_signal(2)
             perf.wait()
