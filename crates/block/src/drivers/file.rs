@@ -384,7 +384,12 @@ fn cache_holds(file: &File, offset: u64, len: u64) -> bool {
         )
     };
     if rc != 0 {
-        if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        // ENOSYS: a kernel before 6.5; EPERM: a seccomp filter that does not know it
+        // (container runtimes refuse syscalls newer than their profile that way).
+        if matches!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOSYS | libc::EPERM)
+        ) {
             NO_CACHESTAT.store(true, Ordering::Relaxed);
         }
         return true;
