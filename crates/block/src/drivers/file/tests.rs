@@ -305,3 +305,52 @@ async fn small_reads_of_evicted_pages_skip_the_non_blocking_try() {
         );
     }
 }
+
+#[tokio::test]
+async fn small_reads_of_holes_still_try_the_cache_first() {
+    // A hole is never in the page cache until read, yet reading it does no I/O, so a
+    // small read of one tries RWF_NOWAIT on the async thread rather than paying the
+    // pool's round trip. Data next to the hole is not mistaken for one.
+    let (_dir, path) = image(1 << 20);
+    let data = pattern(65536, 3);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .write_all_at(&data, 512 << 10)
+        .unwrap();
+    let std_file = File::open(&path).unwrap();
+    if lseek(&std_file, 0, libc::SEEK_DATA).ok() != Some(Some(512 << 10)) {
+        eprintln!("this filesystem does not report holes: nothing to check");
+        return;
+    }
+    assert!(is_hole(&std_file, 0, 4096));
+    assert!(
+        is_hole(&std_file, (512 << 10) - 4096, 4096),
+        "ends where data starts"
+    );
+    assert!(
+        !is_hole(&std_file, (512 << 10) - 4096, 8192),
+        "runs into the data"
+    );
+    assert!(!is_hole(&std_file, 512 << 10, 4096), "data");
+    assert!(
+        is_hole(&std_file, (576 << 10) + 4096, 4096),
+        "the hole after the data"
+    );
+    let file = FileDriver::open(&path, true, false, false).unwrap();
+    for (offset, len) in [
+        (0u64, 4096usize),
+        ((512 << 10) - 4096, 8192),
+        (600 << 10, 4096),
+    ] {
+        let back = file.read(offset, IoBuf::zeroed(len)).await.unwrap();
+        let want: Vec<u8> = (offset..offset + len as u64)
+            .map(|at| {
+                let rel = at.wrapping_sub(512 << 10);
+                if rel < 65536 { data[rel as usize] } else { 0 }
+            })
+            .collect();
+        assert_eq!(&back[..], &want[..], "offset {offset} len {len}");
+    }
+}
