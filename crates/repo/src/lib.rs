@@ -47,6 +47,8 @@
 //!   (or repacked) at T; a later collection deletes them when no writer that might
 //!   depend on them still runs.
 //! * `verified/T-R`: `{"time_ns": T, "packs": [...]}`, packs a verify found sound.
+//! * `leases-unreadable/T-PID-R`: when a collection first found that lease unreadable
+//!   (nanoseconds); see [`repository::gc::UNREADABLE_LEASES`].
 //! * `gc`: a collection is running.
 //!
 //! Commit order: a pack, then its index object, and after the last pack the manifest,

@@ -6,6 +6,7 @@ use repo::Compression;
 use repo::Error;
 use repo::LocalDir;
 use repo::Repository;
+use repo::repository::gc;
 use testkit::Rng;
 
 const CHUNK: u64 = 64 << 10;
@@ -559,6 +560,62 @@ fn a_renewed_lease_holds_up_deletion_for_a_long_backup_and_a_stale_one_does_not(
     assert_eq!(start(&after[0]), started);
     drop(held);
     assert!(walk(&dir.path().join("leases")).is_empty());
+}
+
+#[test]
+fn an_unreadable_lease_holds_up_deletion_for_a_day_after_it_is_found_not_for_ever() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
+    let (a, _) = backup(&repo, "a", &Rng(52).bytes(3 * CHUNK as usize));
+    let (b, _) = backup(&repo, "b", &Rng(53).bytes(2 * CHUNK as usize));
+    repo.forget(std::slice::from_ref(&a.id)).unwrap();
+    let lease = dir.path().join("leases/1-1-torn");
+    let note = dir.path().join("leases-unreadable/1-1-torn");
+    std::fs::write(&lease, "not a lease").unwrap();
+    let first = repo.gc().unwrap();
+    assert_eq!((first.condemned_packs, first.unreadable_leases), (1, 1));
+    let first_seen: u64 = std::fs::read_to_string(&note).unwrap().parse().unwrap();
+    let held = repo.gc().unwrap();
+    assert_eq!((held.deferred_packs, held.deleted_packs), (1, 0));
+    assert_eq!(held.unreadable_leases, 1);
+    assert_eq!(
+        std::fs::read_to_string(&note)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap(),
+        first_seen,
+        "the first finding stands"
+    );
+    assert!(lease.exists());
+
+    // Found unreadable more than a day ago: a holder that lived would have replaced it.
+    let day_and_more = gc::LEASE_TTL.as_nanos() as u64 + 1_000_000_000;
+    std::fs::remove_file(&note).unwrap();
+    std::fs::write(&note, (first_seen - day_and_more).to_string()).unwrap();
+    let stats = repo.gc().unwrap();
+    assert_eq!(stats.expired_unreadable_leases, 1);
+    assert_eq!((stats.deleted_packs, stats.unreadable_leases), (1, 0));
+    assert!(!lease.exists() && !note.exists());
+    assert_eq!(restore(&repo, &b.id), Rng(53).bytes(2 * CHUNK as usize));
+
+    // A note whose lease is gone goes too; so does a damaged note, which starts again.
+    std::fs::write(&lease, "").unwrap();
+    std::fs::write(dir.path().join("leases-unreadable/1-1-gone"), "5").unwrap();
+    std::fs::write(&note, "garbage").unwrap();
+    let stats = repo.gc().unwrap();
+    assert_eq!(
+        (stats.unreadable_leases, stats.expired_unreadable_leases),
+        (1, 0)
+    );
+    assert_eq!(
+        walk(&dir.path().join("leases-unreadable")),
+        vec![note.clone()]
+    );
+    let again: u64 = std::fs::read_to_string(&note).unwrap().parse().unwrap();
+    assert!(again >= first_seen);
+    std::fs::remove_file(&lease).unwrap();
+    repo.gc().unwrap();
+    assert!(walk(&dir.path().join("leases-unreadable")).is_empty());
 }
 
 #[test]

@@ -14,6 +14,7 @@ use block::NodeGraph;
 use repo::Compression;
 use repo::LocalDir;
 use repo::Repository;
+use repo::repository::gc::LEASE_TTL;
 use serde_json::json;
 
 use crate::image::Format;
@@ -498,6 +499,24 @@ pub fn gc(dir: &Path, pass_file: Option<&Path>) -> anyhow::Result<()> {
         println!(
             "an earlier garbage collection (process {pid} of this machine) died and left \
              its gc marker; replaced it"
+        );
+    }
+    if stats.unreadable_leases > 0 {
+        println!(
+            "{} lease(s) under leases/ could not be read; each counts as a backup that still \
+             runs, holding up deletions, until {} h after a collection first found it \
+             unreadable (leases-unreadable/ says when); delete one whose backup you know \
+             has ended to lift that sooner",
+            stats.unreadable_leases,
+            LEASE_TTL.as_secs() / 3600
+        );
+    }
+    if stats.expired_unreadable_leases > 0 {
+        println!(
+            "deleted {} lease(s) unreadable for more than {} h: their holders stopped \
+             renewing them",
+            stats.expired_unreadable_leases,
+            LEASE_TTL.as_secs() / 3600
         );
     }
     println!(

@@ -22,7 +22,9 @@
 //! collection deletes. [`CONDEMN_MARGIN`] covers the time between reading the clock
 //! and the list being visible, and clocks of hosts that share a repository being a
 //! little apart. A lease not renewed for [`LEASE_TTL`] belongs to a writer that died and
-//! no longer counts; holders renew theirs every [`LEASE_RENEW`] as they work.
+//! no longer counts; holders renew theirs every [`LEASE_RENEW`] as they work. A lease
+//! that cannot be read counts as a backup that runs until it has been unreadable for
+//! [`LEASE_TTL`] ([`UNREADABLE_LEASES`]).
 //!
 //! Deleting a pack deletes its index object first, so a crash in between leaves a pack
 //! without an index (unreferenced, condemned by the next collection), never an index
@@ -149,7 +151,24 @@ pub struct GcStats {
     /// The process id of a collection on this machine that died and left its `gc`
     /// marker, which this one replaced.
     pub stale_marker_pid: Option<u32>,
+    /// Leases that could not be read, still counted as backups that run (see
+    /// [`UNREADABLE_LEASES`]).
+    pub unreadable_leases: u64,
+    /// Unreadable leases found by a collection more than [`LEASE_TTL`] ago, deleted now.
+    pub expired_unreadable_leases: u64,
 }
+
+/// Where a collection notes when it first found a lease it cannot read:
+/// `leases-unreadable/NAME` for `leases/NAME`, holding that time in nanoseconds.
+///
+/// Such a lease (damaged on disk, or written by a newer version) holds up deletions
+/// as if its backup still ran, since nothing says when its holder was last seen. It
+/// does not hold them up for ever: a holder that lives renews its lease within
+/// [`LEASE_RENEW`] by writing a new object and deleting this one, whatever this one
+/// holds. So a lease still there [`LEASE_TTL`] after a collection first found it
+/// unreadable was not renewed for at least that long, the same test a readable lease
+/// fails when its holder died, and it goes.
+pub const UNREADABLE_LEASES: &str = "leases-unreadable/";
 
 /// The object that says a collection runs.
 const GC_MARKER: &str = "gc";
@@ -294,26 +313,73 @@ impl Repository {
             .collect())
     }
 
-    /// Start times of the live leases; expired ones are deleted.
-    fn live_lease_starts(&self, now: u64) -> Result<Vec<u64>> {
+    /// Start times of the live leases; expired ones are deleted. An unreadable lease
+    /// counts as started now (the safe side) until it has been unreadable for
+    /// [`LEASE_TTL`] (see [`UNREADABLE_LEASES`]).
+    fn live_lease_starts(&self, now: u64, stats: &mut GcStats) -> Result<Vec<u64>> {
         let backend = self.backend();
+        let ttl = LEASE_TTL.as_nanos() as u64;
         let mut starts = Vec::new();
+        let mut unreadable = HashSet::new();
         for key in backend.list("leases/")? {
             let times = match backend.get(&key, None) {
                 Ok(bytes) => parse_lease(&bytes),
                 Err(Error::NotFound(_)) => continue,
+                Err(Error::Damaged { .. }) => None,
                 Err(e) => return Err(e),
             };
             match times {
-                Some((_, seen)) if now.saturating_sub(seen) > LEASE_TTL.as_nanos() as u64 => {
+                Some((_, seen)) if now.saturating_sub(seen) > ttl => {
                     backend.delete(&key)?;
                 }
                 Some((start, _)) => starts.push(start),
-                // An unreadable lease counts as started now: the safe side.
-                None => starts.push(now),
+                None => {
+                    let note = format!("{UNREADABLE_LEASES}{}", &key["leases/".len()..]);
+                    let first_seen = self.first_seen_unreadable(&note, now)?;
+                    if now.saturating_sub(first_seen) > ttl {
+                        backend.delete(&key)?;
+                        backend.delete(&note)?;
+                        stats.expired_unreadable_leases += 1;
+                    } else {
+                        starts.push(now);
+                        unreadable.insert(note);
+                        stats.unreadable_leases += 1;
+                    }
+                }
+            }
+        }
+        // Notes of leases that are gone (renewed, dropped, or deleted above).
+        for note in backend.list(UNREADABLE_LEASES)? {
+            if !unreadable.contains(&note) {
+                backend.delete(&note)?;
             }
         }
         Ok(starts)
+    }
+
+    /// When a collection first found the lease `note` is about unreadable; notes it
+    /// now if none did. A note that cannot be read itself starts again from now.
+    fn first_seen_unreadable(&self, note: &str, now: u64) -> Result<u64> {
+        let backend = self.backend();
+        for _ in 0..2 {
+            if backend.put_if_absent(note, now.to_string().as_bytes())? {
+                return Ok(now);
+            }
+            match backend.get(note, None) {
+                Ok(bytes) => {
+                    let first_seen = std::str::from_utf8(&bytes)
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u64>().ok());
+                    match first_seen {
+                        Some(t) => return Ok(t),
+                        None => backend.delete(note)?,
+                    }
+                }
+                Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(now)
     }
 
     /// Deletes what no snapshot names (condemned by an earlier collection) and repacks
@@ -388,7 +454,7 @@ impl Repository {
         // committed (or given up) before, so its snapshot is in the listing below.
         // The other order would miss a snapshot committed between the two and delete
         // its packs.
-        let starts = self.live_lease_starts(now)?;
+        let starts = self.live_lease_starts(now, &mut stats)?;
         let mut usage: HashMap<String, PackUse> = HashMap::new();
         let index = self.load_index_with(|pack, entries| {
             usage.insert(
