@@ -13,6 +13,13 @@ fn raw_compare(a: &str, b: &str) -> std::process::Output {
     )
 }
 
+/// `stillpoint backup DISK --repo REPO --disk NAME --json`, which must succeed; its
+/// summary.
+fn backup_into(repo: &str, disk: &std::path::Path, name: &str) -> serde_json::Value {
+    let out = ours(&["backup", s(disk), "--repo", repo, "--disk", name, "--json"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
 #[test]
 fn backups_into_a_repository_restore_identical_images_and_damage_fails_verify() {
     let dir = tempfile::tempdir().unwrap();
@@ -31,32 +38,14 @@ fn backups_into_a_repository_restore_identical_images_and_damage_fails_verify() 
         let size = seeded_image(&disk, seed + 40);
         let copy = dir.path().join(format!("d{seed}-first.raw"));
         std::fs::copy(&disk, &copy).unwrap();
-        let out = ours(&[
-            "backup",
-            s(&disk),
-            "--repo",
-            repo,
-            "--disk",
-            &format!("d{seed}"),
-            "--json",
-        ]);
-        let first: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(first["size"], sectors(size), "{out}");
+        let first = backup_into(repo, &disk, &format!("d{seed}"));
+        assert_eq!(first["size"], sectors(size), "{first}");
         let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, b"changed", size / 2).unwrap();
         drop(f);
-        let out = ours(&[
-            "backup",
-            s(&disk),
-            "--repo",
-            repo,
-            "--disk",
-            &format!("d{seed}"),
-            "--json",
-        ]);
-        let second: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let second = backup_into(repo, &disk, &format!("d{seed}"));
         assert_eq!(second["parent"], first["snapshot"]);
-        assert!(second["new_chunks"].as_u64().unwrap() <= 1, "{out}");
+        assert!(second["new_chunks"].as_u64().unwrap() <= 1, "{second}");
         snapshots.push((first["snapshot"].as_str().unwrap().to_string(), copy));
         snapshots.push((second["snapshot"].as_str().unwrap().to_string(), disk));
     }
@@ -207,7 +196,7 @@ fn a_backup_killed_at_any_point_leaves_the_repository_consistent() {
     let disk = dir.path().join("disk.raw");
     let mut rng = Rng(11);
     std::fs::write(&disk, rng.bytes(24 << 20)).unwrap();
-    ours(&["backup", s(&disk), "--repo", repo, "--disk", "vm"]);
+    backup_into(repo, &disk, "vm");
     let mut expected = 1;
     for round in 0..6 {
         // New data each round, so the killed backup has packs to write.
@@ -234,12 +223,11 @@ fn a_backup_killed_at_any_point_leaves_the_repository_consistent() {
         );
         expected = now;
         ours(&["repo", "verify", repo]);
-        let out = ours(&["backup", s(&disk), "--repo", repo, "--disk", "vm", "--json"]);
-        expected += 1;
-        let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["snapshot"]
+        let id = backup_into(repo, &disk, "vm")["snapshot"]
             .as_str()
             .unwrap()
             .to_string();
+        expected += 1;
         let restored = dir.path().join(format!("r{round}.raw"));
         ours(&["restore", "--repo", repo, &id, s(&restored)]);
         let same = raw_compare(s(&disk), s(&restored));
@@ -314,7 +302,7 @@ fn a_snapshot_is_served_over_nbd_as_the_image_was() {
     data.extend(vec![0u8; 1 << 20]);
     data.extend(Rng(10).bytes(65536 + 4096));
     std::fs::write(&disk, &data).unwrap();
-    ours(&["backup", s(&disk), "--repo", repo, "--disk", "vm"]);
+    backup_into(repo, &disk, "vm");
     let socket = dir.path().join("nbd.sock");
     struct Child(std::process::Child);
     impl Drop for Child {
@@ -427,16 +415,7 @@ fn a_backup_into_a_full_filesystem_fails_clearly_and_loses_nothing() {
     let small = dir.path().join("small.raw");
     let mut rng = Rng(31);
     std::fs::write(&small, rng.bytes(1 << 20)).unwrap();
-    let first = ours(&[
-        "backup",
-        s(&small),
-        "--repo",
-        repo,
-        "--disk",
-        "small",
-        "--json",
-    ]);
-    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let first = backup_into(repo, &small, "small");
     let big = dir.path().join("big.raw");
     std::fs::write(&big, rng.bytes(16 << 20)).unwrap();
     let failed = stillpoint(&["backup", s(&big), "--repo", repo, "--disk", "big"]);
