@@ -73,10 +73,14 @@ pub struct FileDriver {
     file: Arc<File>,
     /// A buffered descriptor for requests O_DIRECT cannot take (unaligned ones).
     buffered: Option<Arc<File>>,
-    /// For a buffered file: an O_DIRECT descriptor of the same open file for
-    /// [`read_uncached`](BlockDriver::read_uncached), opened at its first use (`None`
-    /// inside when the filesystem refuses O_DIRECT).
+    /// For a buffered file: a second descriptor of the same open file with readahead
+    /// off, for [`read_uncached`](BlockDriver::read_uncached), opened at its first
+    /// use (`None` inside when it could not be).
     uncached: OnceLock<Option<Arc<File>>>,
+    /// For a buffered file: an O_DIRECT descriptor of the same open file for aligned
+    /// [`WriteFlags::uncached`] writes, opened at their first use (`None` inside when
+    /// the filesystem refuses O_DIRECT, as tmpfs does).
+    direct_writes: OnceLock<Option<Arc<File>>>,
     /// Current size; grows when a growable file is written past its end.
     length: AtomicU64,
     /// Writes may extend the file (set for the `file` child of a format that allocates,
@@ -161,6 +165,7 @@ impl FileDriver {
             file: Arc::new(file),
             buffered,
             uncached: OnceLock::new(),
+            direct_writes: OnceLock::new(),
             length: AtomicU64::new(length),
             growable: AtomicBool::new(false),
             read_only,
@@ -191,6 +196,30 @@ impl FileDriver {
                 let rc =
                     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
                 (rc == 0).then(|| Arc::new(file))
+            })
+            .clone()
+    }
+
+    /// The descriptor for uncached writes of a buffered, writable file: the same file
+    /// opened again with O_DIRECT (through `/proc/self/fd`, as for `uncached_fd`).
+    fn direct_write_fd(&self) -> Option<Arc<File>> {
+        self.direct_writes
+            .get_or_init(|| {
+                let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                match std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&path)
+                {
+                    Ok(file) => Some(Arc::new(file)),
+                    Err(e) => {
+                        tracing::debug!(
+                            "'{}': uncached writes through the page cache ({e})",
+                            self.path.display()
+                        );
+                        None
+                    }
+                }
             })
             .clone()
     }
@@ -532,10 +561,27 @@ impl BlockDriver for FileDriver {
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
         self.check_writable()?;
-        let end = self.check_write("write", offset, buf.len() as u64)?;
-        let file = self.fd_for(offset, buf.len() as u64);
+        let len = buf.len() as u64;
+        let end = self.check_write("write", offset, len)?;
+        let file = self.fd_for(offset, len);
+        // An uncached write of a buffered file goes past the page cache where it is
+        // aligned (IoBufs always are in memory). Linux keeps the two descriptors
+        // coherent: a direct write writes back and drops the cached pages it covers.
+        let direct = (flags.uncached
+            && self.buffered.is_none()
+            && offset.is_multiple_of(DIRECT_ALIGN)
+            && len.is_multiple_of(DIRECT_ALIGN))
+        .then(|| self.direct_write_fd())
+        .flatten();
         let (buf, written, synced) = blocking(move || {
-            let written = file.write_all_at(&buf, offset);
+            let written = match direct.map(|direct| direct.write_all_at(&buf, offset)) {
+                // A device whose blocks are larger than DIRECT_ALIGN refuses it.
+                Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    file.write_all_at(&buf, offset)
+                }
+                Some(result) => result,
+                None => file.write_all_at(&buf, offset),
+            };
             let synced = (written.is_ok() && flags.fua).then(|| file.sync_data());
             Ok((buf, written, synced))
         })

@@ -28,6 +28,11 @@ pub struct WriteFlags {
     /// Store the data compressed (qcow2; whole clusters only). Drivers without
     /// compression refuse it (see [`BlockDriver::supports_compression`]).
     pub compressed: bool,
+    /// A bulk write nobody reads back soon (a backup's copies into its target): past
+    /// the host's page cache where the driver can, so the host's writeback does not
+    /// later queue bursts of it in front of other requests on the same disk. Same
+    /// result as without; drivers that cannot ignore it.
+    pub uncached: bool,
 }
 
 /// Flags of a write-zeroes request.

@@ -405,7 +405,9 @@ impl BlockCopy {
                 record_zeros: true,
                 progress: 0,
             };
-            let written = self.write_payload(&chunk).await;
+            // Through the page cache: the guest's write waits for this one, and
+            // snapshot reads (fleecing) read it back soon.
+            let written = self.write_payload(&chunk, false).await;
             if let Payload::Memory(buf) = chunk.payload {
                 self.return_buffer(buf);
             }

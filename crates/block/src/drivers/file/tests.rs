@@ -354,3 +354,49 @@ async fn small_reads_of_holes_still_try_the_cache_first() {
         assert_eq!(&back[..], &want[..], "offset {offset} len {len}");
     }
 }
+
+#[tokio::test]
+async fn uncached_writes_read_back_through_the_page_cache_too() {
+    // Aligned uncached writes of a buffered file go through a second, O_DIRECT
+    // descriptor; the rest, and every write where O_DIRECT is refused, go through the
+    // page cache. Either way every read sees the last write, cached pages included.
+    let (_dir, path) = image(1 << 20);
+    let file = FileDriver::open(&path, false, false, false).unwrap();
+    let uncached = WriteFlags {
+        uncached: true,
+        ..WriteFlags::default()
+    };
+    let mut model = vec![0u8; 1 << 20];
+    let apply = |model: &mut Vec<u8>, offset: usize, buf: &IoBuf| {
+        model[offset..offset + buf.len()].copy_from_slice(buf);
+    };
+    let first = pattern(65536, 1);
+    apply(&mut model, 0, &first);
+    file.write(0, first, WriteFlags::default()).await.unwrap();
+    // Into the cache, so a stale page would show below.
+    file.read(0, IoBuf::zeroed(65536)).await.unwrap();
+    for (offset, len, seed) in [
+        (4096usize, 32768usize, 2u8),
+        (100, 5000, 3),
+        (65536, 4096, 4),
+        (8192, 4096, 5),
+    ] {
+        let buf = pattern(len, seed);
+        apply(&mut model, offset, &buf);
+        file.write(offset as u64, buf, uncached).await.unwrap();
+        let back = file.read(0, IoBuf::zeroed(1 << 20)).await.unwrap();
+        assert_eq!(&back[..], &model[..], "after offset {offset} len {len}");
+    }
+    let refused = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .is_err();
+    assert_eq!(
+        file.direct_writes.get().map(Option::is_some),
+        Some(!refused),
+        "the O_DIRECT descriptor is there exactly where the filesystem takes O_DIRECT"
+    );
+    file.flush().await.unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), model);
+}
