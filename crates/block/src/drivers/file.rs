@@ -8,7 +8,10 @@
 //! straight to the device from the (always aligned) [`IoBuf`]s, and the rest go through
 //! a second, buffered descriptor of the same file. Linux keeps the two coherent (a
 //! direct request writes back and invalidates the page-cache range it touches), so an
-//! unaligned tail, such as the last 1 byte of a 4097-byte image, still works.
+//! unaligned tail, such as the last 1 byte of a 4097-byte image, still works. A
+//! buffered file does the same for writes flagged [`WriteFlags::uncached`] (a
+//! backup's copies into its target), through an `O_DIRECT` descriptor it opens at
+//! their first use.
 //!
 //! * Block status comes from `SEEK_DATA`/`SEEK_HOLE`: data runs are `data`, holes are
 //!   `zero`; every byte is `allocated` (a hole in a raw file reads as zeros from this
