@@ -354,8 +354,9 @@ const NOWAIT_MAX: usize = 64 << 10;
 /// request slot when the disk's queue is full) would happen on the async thread that
 /// serves every socket. So a range the cache does not hold whole (`cachestat`, Linux
 /// 6.5) goes to the pool without trying, unless it is a hole: there the "readahead"
-/// only zeroes pages and does no I/O, and the pool's round trip would make reading a
-/// hole about three times slower (59-61 us p50 against 21 through NBD, measured).
+/// only zeroes pages and does no I/O, and the pool's round trip made reading a hole
+/// several times slower (4 KiB reads through NBD: p50 108-121 us against 22-27 us,
+/// `bench/RESULTS.md`).
 fn pread_cached(file: &File, buf: &mut [u8], offset: u64) -> usize {
     let len = buf.len() as u64;
     if !cache_holds(file, offset, len) && !is_hole(file, offset, len) {

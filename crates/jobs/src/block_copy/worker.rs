@@ -389,8 +389,9 @@ impl BlockCopy {
     /// later, in bursts, beside the guest's requests and outside the share of the disk
     /// the background leaves the guest (see `guest`), since the pause after a copy
     /// covers only the time the copy itself took. Measured (`bench/RESULTS.md`, issue
-    /// 18, fourth step): the guest's write p99 during a backup through NBD down by
-    /// about a third, the idle backup within a few percent.
+    /// 18, fourth step): the guest's write p99 during a backup down by about a third
+    /// in process and a fifth through NBD (medians), the idle backup up to 8% slower
+    /// on a sparse image.
     pub(super) async fn write_sparse(
         &self,
         offset: u64,
