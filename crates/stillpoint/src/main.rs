@@ -129,7 +129,8 @@ enum RepoCommand {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Delete the packs no snapshot names (refused while a backup writes).
+    /// Delete the packs no snapshot names: condemned now, deleted by a later collection once
+    /// no backup that started before still runs (safe beside running backups).
     Gc {
         /// The repository.
         dir: PathBuf,

@@ -446,3 +446,77 @@ fn a_backup_into_a_full_filesystem_fails_clearly_and_loses_nothing() {
     ]);
     assert!(raw_compare(s(&small), s(&restored)).status.success());
 }
+
+/// `repo gc` killed (SIGKILL) at seeded points while it deletes and repacks: the next
+/// collection replaces the marker the dead one left, says so, and finishes; every
+/// snapshot still listed verifies and restores identical.
+#[test]
+fn a_garbage_collection_killed_mid_run_leaves_a_repository_the_next_one_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let repo = s(&repo);
+    ours(&["repo", "init", repo, "--chunk-size", "64K"]);
+    let disk = dir.path().join("disk.raw");
+    let mut rng = Rng(61);
+    std::fs::write(&disk, rng.bytes(16 << 20)).unwrap();
+    let mut kept = Vec::new();
+    let mut took_over = 0;
+    for round in 0..6 {
+        // Most of the disk rewritten, and the older snapshot pruned: its packs become
+        // mostly dead, so the collection condemns, deletes and repacks.
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &rng.bytes(12 << 20), rng.below(4 << 20))
+            .unwrap();
+        drop(f);
+        let id = backup_into(repo, &disk, "vm")["snapshot"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let copy = dir.path().join(format!("disk{round}.raw"));
+        std::fs::copy(&disk, &copy).unwrap();
+        kept.push((id, copy));
+        ours(&["repo", "prune", repo, "--keep-last", "1"]);
+        kept.drain(..kept.len() - 1);
+
+        let marker = dir.path().join("repo/gc");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stillpoint"))
+            .args(["repo", "gc", repo])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Killed once it has started, at a seeded point after: at once in the first
+        // round, later up to 40 ms in (a debug build's collection here takes 10-40 ms,
+        // so some kills land while it deletes or repacks, and some after it ended).
+        let started = std::time::Instant::now();
+        while !marker.exists() && started.elapsed() < std::time::Duration::from_secs(10) {
+            std::hint::spin_loop();
+        }
+        let wait = if round == 0 { 0 } else { rng.below(40_000) };
+        std::thread::sleep(std::time::Duration::from_micros(wait));
+        let _ = child.kill();
+        child.wait().unwrap();
+        let left = marker.exists();
+
+        let next = ours(&["repo", "gc", repo]);
+        if left {
+            took_over += 1;
+            assert!(
+                next.contains("died and left its gc marker; replaced it"),
+                "round {round}: {next}"
+            );
+        }
+        assert!(!marker.exists(), "round {round}: the marker outlived gc");
+        ours(&["repo", "gc", repo]);
+        ours(&["repo", "verify", repo]);
+        for (id, image) in &kept {
+            let restored = dir.path().join("restored.raw");
+            ours(&["restore", "--repo", repo, id, s(&restored)]);
+            assert!(
+                raw_compare(s(image), s(&restored)).status.success(),
+                "round {round}: snapshot {id}"
+            );
+            std::fs::remove_file(&restored).unwrap();
+        }
+    }
+    assert!(took_over > 0, "no kill landed while a collection ran");
+}
