@@ -195,3 +195,50 @@ fn ctrl_c_cancels_and_says_the_target_is_incomplete() {
         "the source is untouched"
     );
 }
+
+/// A backup into a target on a full filesystem (a 4 MiB tmpfs, which takes the
+/// background's O_DIRECT writes on Linux 6.6 and later): one clear line, exit 1, and
+/// the source as it was.
+#[test]
+fn a_backup_onto_a_full_filesystem_fails_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = dir.path().join("fs");
+    std::fs::create_dir(&fs).unwrap();
+    let mounted = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=4m",
+            "tmpfs",
+            fs.to_str().unwrap(),
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(fs.clone());
+    let source = dir.path().join("source.raw");
+    let data = Rng(71).bytes(16 << 20);
+    std::fs::write(&source, &data).unwrap();
+    let target = fs.join("target.raw");
+    let out = stillpoint(&["backup", source.to_str().unwrap(), target.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        std::fs::read(&source).unwrap(),
+        data,
+        "the source is untouched"
+    );
+}

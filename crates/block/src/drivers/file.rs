@@ -82,7 +82,7 @@ pub struct FileDriver {
     uncached: OnceLock<Option<Arc<File>>>,
     /// For a buffered file: an O_DIRECT descriptor of the same open file for aligned
     /// [`WriteFlags::uncached`] writes, opened at their first use (`None` inside when
-    /// the filesystem refuses O_DIRECT, as tmpfs does).
+    /// the filesystem refuses O_DIRECT, as tmpfs did before Linux 6.6).
     direct_writes: OnceLock<Option<Arc<File>>>,
     /// Current size; grows when a growable file is written past its end.
     length: AtomicU64,
