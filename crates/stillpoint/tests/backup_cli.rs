@@ -14,6 +14,7 @@ use common::disk_usage;
 use common::qemu_img;
 use common::sectors;
 use common::seeded_image;
+use common::small_tmpfs;
 use common::stderr;
 use common::stdout;
 use common::stillpoint;
@@ -203,29 +204,9 @@ fn ctrl_c_cancels_and_says_the_target_is_incomplete() {
 fn a_backup_onto_a_full_filesystem_fails_with_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let fs = dir.path().join("fs");
-    std::fs::create_dir(&fs).unwrap();
-    let mounted = Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=4m",
-            "tmpfs",
-            fs.to_str().unwrap(),
-        ])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !mounted {
-        eprintln!("skipped: mounting a tmpfs needs root");
+    let Some(_tmpfs) = small_tmpfs(&fs, "4m") else {
         return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(fs.clone());
+    };
     let source = dir.path().join("source.raw");
     let data = Rng(71).bytes(16 << 20);
     std::fs::write(&source, &data).unwrap();

@@ -13,6 +13,12 @@ fn raw_compare(a: &str, b: &str) -> std::process::Output {
     )
 }
 
+/// Writes `data` into the image at `disk` at `offset`, as a guest would between backups.
+fn write_at(disk: &std::path::Path, data: &[u8], offset: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, data, offset).unwrap();
+}
+
 /// `stillpoint backup DISK --repo REPO --disk NAME --json`, which must succeed; its
 /// summary.
 fn backup_into(repo: &str, disk: &std::path::Path, name: &str) -> serde_json::Value {
@@ -40,9 +46,7 @@ fn backups_into_a_repository_restore_identical_images_and_damage_fails_verify() 
         std::fs::copy(&disk, &copy).unwrap();
         let first = backup_into(repo, &disk, &format!("d{seed}"));
         assert_eq!(first["size"], sectors(size), "{first}");
-        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&f, b"changed", size / 2).unwrap();
-        drop(f);
+        write_at(&disk, b"changed", size / 2);
         let second = backup_into(repo, &disk, &format!("d{seed}"));
         assert_eq!(second["parent"], first["snapshot"]);
         assert!(second["new_chunks"].as_u64().unwrap() <= 1, "{second}");
@@ -200,10 +204,7 @@ fn a_backup_killed_at_any_point_leaves_the_repository_consistent() {
     let mut expected = 1;
     for round in 0..6 {
         // New data each round, so the killed backup has packs to write.
-        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&f, &rng.bytes(8 << 20), rng.below(16 << 20))
-            .unwrap();
-        drop(f);
+        write_at(&disk, &rng.bytes(8 << 20), rng.below(16 << 20));
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stillpoint"))
             .args(["backup", s(&disk), "--repo", repo, "--disk", "vm"])
             .stdout(std::process::Stdio::null())
@@ -385,22 +386,9 @@ fn a_snapshot_is_served_over_nbd_as_the_image_was() {
 fn a_backup_into_a_full_filesystem_fails_clearly_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let fs = dir.path().join("fs");
-    std::fs::create_dir(&fs).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs", s(&fs)])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !mounted {
-        eprintln!("skipped: mounting a tmpfs needs root");
+    let Some(_tmpfs) = small_tmpfs(&fs, "6m") else {
         return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(fs.clone());
+    };
     let repo = fs.join("repo");
     let repo = s(&repo);
     ours(&[
@@ -464,10 +452,7 @@ fn a_garbage_collection_killed_mid_run_leaves_a_repository_the_next_one_finishes
     for round in 0..6 {
         // Most of the disk rewritten, and the older snapshot pruned: its packs become
         // mostly dead, so the collection condemns, deletes and repacks.
-        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&f, &rng.bytes(12 << 20), rng.below(4 << 20))
-            .unwrap();
-        drop(f);
+        write_at(&disk, &rng.bytes(12 << 20), rng.below(4 << 20));
         let id = backup_into(repo, &disk, "vm")["snapshot"]
             .as_str()
             .unwrap()

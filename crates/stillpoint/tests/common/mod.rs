@@ -118,6 +118,32 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / per_second
 }
 
+/// A tmpfs of `size` (mount's spelling, such as `4m`) mounted at `dir` (created), for
+/// tests of a full filesystem; unmounted when dropped. `None` where mounting needs
+/// root: the caller skips.
+pub fn small_tmpfs(dir: &Path, size: &str) -> Option<Tmpfs> {
+    std::fs::create_dir(dir).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return None;
+    }
+    Some(Tmpfs(dir.to_path_buf()))
+}
+
+/// A mounted tmpfs; see [`small_tmpfs`].
+pub struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// A sparse file of `len` bytes.
 pub fn sparse_file(path: &Path, len: u64) {
     File::create(path).unwrap().set_len(len).unwrap();
