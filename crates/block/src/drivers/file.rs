@@ -84,6 +84,9 @@ pub struct FileDriver {
     /// [`WriteFlags::uncached`] writes, opened at their first use (`None` inside when
     /// the filesystem refuses O_DIRECT, as tmpfs did before Linux 6.6).
     direct_writes: OnceLock<Option<Arc<File>>>,
+    /// Set once that descriptor refused an aligned write (`EINVAL`: a device with
+    /// blocks larger than [`DIRECT_ALIGN`]), so later writes do not try it again.
+    direct_writes_refused: Arc<AtomicBool>,
     /// Current size; grows when a growable file is written past its end.
     length: AtomicU64,
     /// Writes may extend the file (set for the `file` child of a format that allocates,
@@ -169,6 +172,7 @@ impl FileDriver {
             buffered,
             uncached: OnceLock::new(),
             direct_writes: OnceLock::new(),
+            direct_writes_refused: Arc::new(AtomicBool::new(false)),
             length: AtomicU64::new(length),
             growable: AtomicBool::new(false),
             read_only,
@@ -574,13 +578,16 @@ impl BlockDriver for FileDriver {
         let direct = (flags.uncached
             && self.buffered.is_none()
             && offset.is_multiple_of(DIRECT_ALIGN)
-            && len.is_multiple_of(DIRECT_ALIGN))
+            && len.is_multiple_of(DIRECT_ALIGN)
+            && !self.direct_writes_refused.load(Ordering::Relaxed))
         .then(|| self.direct_write_fd())
         .flatten();
+        let refused = self.direct_writes_refused.clone();
         let (buf, written, synced) = blocking(move || {
             let written = match direct.map(|direct| direct.write_all_at(&buf, offset)) {
                 // A device whose blocks are larger than DIRECT_ALIGN refuses it.
                 Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    refused.store(true, Ordering::Relaxed);
                     file.write_all_at(&buf, offset)
                 }
                 Some(result) => result,
