@@ -9,8 +9,11 @@
 //! `BENCH_WORKERS` and `BENCH_CHUNK` set the job's `x-perf` workers and chunk;
 //! `BENCH_HOT_MIB=N` keeps the guest's requests in N MiB in the middle of the disk;
 //! `BENCH_RUNTIME=current` runs on one runtime thread, as the daemon does (the default
-//! is two worker threads). Prints one JSON object: latency
-//! percentiles in microseconds for both phases, and the backup's wall time.
+//! is two worker threads); `BENCH_FLUSH_EVERY=N` flushes after every N writes (a guest
+//! that syncs: a flush during a backup writes the writes the filter holds into the
+//! image, copy-before-write first) and reports the flushes' latency too. Prints one
+//! JSON object: latency percentiles in microseconds for both phases, and the backup's
+//! wall time.
 //! Driven by `bench/backup_vs_qsd.py`, which runs the same measurement against
 //! qemu-storage-daemon.
 
@@ -77,6 +80,13 @@ async fn one_write(disk: &Attachment, rng: &mut Rng, blocks: Region, buf: IoBuf)
     (start.elapsed().as_secs_f64() * 1e6, buf)
 }
 
+/// One flush; returns its latency in microseconds.
+async fn one_flush(disk: &Attachment) -> f64 {
+    let start = Instant::now();
+    disk.flush().await.expect("guest flush");
+    start.elapsed().as_secs_f64() * 1e6
+}
+
 fn main() {
     // `BENCH_RUNTIME=current`: one runtime thread, as `stillpoint daemon` runs.
     let runtime = if std::env::var("BENCH_RUNTIME").is_ok_and(|r| r == "current") {
@@ -136,6 +146,12 @@ async fn measure() {
     };
     let mut rng = Rng(42);
     let mut buf = IoBuf::from_slice(&[0x5a; 4096]);
+    let flush_every: usize = std::env::var("BENCH_FLUSH_EVERY")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let flush = |n: usize| flush_every > 0 && n.is_multiple_of(flush_every);
+    let (mut flushes_alone, mut flushes_during) = (Vec::new(), Vec::new());
 
     // Writes and reads alternate (reads of random blocks, mostly not in the page
     // cache: the image is bigger than what the bench has touched).
@@ -146,6 +162,9 @@ async fn measure() {
         let (us, b) = one_write(&disk, &mut rng, blocks, buf).await;
         buf = b;
         alone.push(us);
+        if flush(alone.len()) {
+            flushes_alone.push(one_flush(&disk).await);
+        }
         let (us, b) = one_read(&disk, &mut rng, blocks, rbuf).await;
         rbuf = b;
         alone_reads.push(us);
@@ -195,17 +214,24 @@ async fn measure() {
         let (us, b) = one_write(&disk, &mut rng, blocks, buf).await;
         buf = b;
         during.push(us);
+        if flush(during.len()) {
+            flushes_during.push(one_flush(&disk).await);
+        }
         let (us, b) = one_read(&disk, &mut rng, blocks, rbuf).await;
         rbuf = b;
         during_reads.push(us);
     }
     let backup_seconds = watcher.await.unwrap();
-    let report = serde_json::json!({
+    let mut report = serde_json::json!({
         "alone": percentiles(alone),
         "during_backup": percentiles(during),
         "reads_alone": percentiles(alone_reads),
         "reads_during_backup": percentiles(during_reads),
         "backup_seconds": backup_seconds,
     });
+    if flush_every > 0 {
+        report["flushes_alone"] = percentiles(flushes_alone);
+        report["flushes_during_backup"] = percentiles(flushes_during);
+    }
     println!("{report}");
 }

@@ -485,6 +485,9 @@ async fn prepare_backup(
         partial_cbw: matches!(options.sync, SyncMode::Full | SyncMode::Bitmap)
             && !options.compress
             && target_cluster.max(4096) < cluster,
+        // A held write waits for its cluster's copy: only where the background pass
+        // copies every cluster it must (not sync=none).
+        redirect_writes: options.sync != SyncMode::None,
     };
     let progress = job.progress_meter().clone();
     let engine: Arc<Mutex<Option<Arc<BlockCopy>>>> = Arc::new(Mutex::new(None));
@@ -600,6 +603,13 @@ impl JobDriver for BackupJob {
                 }
             }
         }
+        // Guest writes still held (block_copy::redirect) go to the source before the
+        // job reports success; if they cannot, the job fails and says so.
+        if let Err(e) = copy.close_redirects().await {
+            return Err(JobFailure::Failed(format!(
+                "guest writes held during the backup could not be written to the source: {e}"
+            )));
+        }
         if let Err(e) = copy.target().flush().await {
             return Err(JobFailure::Failed(format!(
                 "failed to flush the target: {e}"
@@ -638,6 +648,15 @@ impl JobDriver for BackupJob {
     }
 
     async fn clean(&self, job: &Arc<Job>) {
+        // Guest writes the filter holds go to the source before the filter goes.
+        if let Some(copy) = self.engine()
+            && let Err(e) = copy.close_redirects().await
+        {
+            tracing::error!(
+                job = job.id(),
+                "guest writes held during the backup could not be written to the source: {e}"
+            );
+        }
         if let Err(e) = self.graph.remove_filter(&self.filter_name).await {
             tracing::error!(job = job.id(), "failed to remove the backup filter: {e}");
         }

@@ -31,6 +31,7 @@ use block::options::CbwOptions;
 
 use crate::block_copy::BlockCopy;
 use crate::block_copy::BlockCopyOptions;
+use crate::block_copy::redirect::Redirect;
 use crate::cluster_size::check_min_cluster_size;
 use crate::cluster_size::copy_cluster_size;
 use crate::job::Progress;
@@ -102,6 +103,8 @@ pub fn standalone(
             .then(|| std::time::Duration::from_secs(options.cbw_timeout)),
         // Snapshot reads would have to merge fragments: whole clusters only.
         partial_cbw: false,
+        // No background pass copies the clusters: a held write would wait for ever.
+        redirect_writes: false,
     };
     let copy = BlockCopy::new(
         file,
@@ -156,33 +159,46 @@ impl BlockDriver for CbwFilter {
     // to it (block_copy::guest).
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         let _guest = self.copy.guest_request();
-        self.source().read(offset, buf).await
+        self.copy.read_through(offset, buf).await
     }
 
+    // A write is held in memory where its clusters are not copied yet
+    // (block_copy::redirect); otherwise the held writes it overlaps go to the source
+    // first, so the source sees a range's writes in the guest's order.
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
         let _guest = self.copy.guest_request();
-        self.copy.before_write(offset, buf.len() as u64).await?;
+        let buf = match self.copy.redirect(offset, buf, flags.fua) {
+            Redirect::Held(buf) => return Ok(buf),
+            Redirect::Pass(buf) => buf,
+        };
+        let len = buf.len() as u64;
+        self.copy.flush_held(offset, offset + len, true).await?;
+        self.copy.before_write(offset, len).await?;
         self.source().write(offset, buf, flags).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         let _guest = self.copy.guest_request();
+        self.copy.flush_held(offset, offset + len, true).await?;
         self.copy.before_write(offset, len).await?;
         self.source().write_zeroes(offset, len, flags).await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let _guest = self.copy.guest_request();
+        self.copy.flush_held(offset, offset + len, true).await?;
         self.copy.before_write(offset, len).await?;
         self.source().discard(offset, len).await
     }
 
+    // What a flush covers is in the image itself (no side state to replay).
     async fn flush(&self) -> Result<()> {
+        self.copy.flush_all_held().await?;
         self.source().flush().await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.source().block_status(offset, len).await
+        self.copy.block_status_through(offset, len).await
     }
 
     async fn close(&self) -> Result<()> {

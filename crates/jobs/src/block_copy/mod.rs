@@ -61,6 +61,7 @@
 
 mod fragments;
 pub mod guest;
+pub mod redirect;
 mod snapshot_reads;
 mod staging;
 mod worker;
@@ -141,6 +142,11 @@ pub struct BlockCopyOptions {
     /// copies every dirty cluster (not sync=none or top) into a target that takes
     /// writes smaller than a cluster uncompressed (`sparse_block` below the cluster).
     pub partial_cbw: bool,
+    /// Aligned guest writes to clusters not copied yet are held in memory and written
+    /// to the source once the cluster's old data is in hand, instead of waiting for a
+    /// copy-before-write read (see `redirect`). Only for a job whose background pass
+    /// copies every cluster (a write is held until its cluster is copied).
+    pub redirect_writes: bool,
 }
 
 /// A copy that failed in the background.
@@ -176,6 +182,9 @@ pub struct CopyStats {
     pub spilled_bytes: AtomicU64,
     /// Bytes of `cbw_bytes` saved as fragments (part of a cluster; see `fragments`).
     pub fragment_bytes: AtomicU64,
+    /// Bytes of guest writes held in memory instead of a copy-before-write (see
+    /// `redirect`).
+    pub redirected_bytes: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -231,6 +240,8 @@ struct CopyState {
     cursor: u64,
     /// Old data saved for parts of dirty clusters.
     fragments: fragments::Fragments,
+    /// Guest writes held until their clusters' old data is in hand.
+    redirected: redirect::Redirected,
 }
 
 impl CopyState {
@@ -340,6 +351,12 @@ pub struct BlockCopy {
     buffers: Mutex<Vec<IoBuf>>,
     /// Guest requests through the filter, so the background pass gives way to them.
     guest: guest::GuestActivity,
+    /// Bytes of guest writes held (`redirect`), readable without the state lock.
+    held_bytes: std::sync::atomic::AtomicUsize,
+    /// No more writes are held: the job is ending.
+    redirect_closed: AtomicBool,
+    /// A held write that could not be written to the source, for the next flush.
+    write_back_error: Mutex<Option<String>>,
 }
 
 fn round_down(v: u64, to: u64) -> u64 {
@@ -387,6 +404,7 @@ impl BlockCopy {
                 next_id: 0,
                 cursor: 0,
                 fragments: fragments::Fragments::default(),
+                redirected: redirect::Redirected::default(),
             }),
             changed: Notify::new(),
             scratch: Mutex::new(None),
@@ -395,6 +413,9 @@ impl BlockCopy {
             stats: Arc::new(CopyStats::default()),
             buffers: Mutex::new(Vec::new()),
             guest: guest::GuestActivity::default(),
+            held_bytes: std::sync::atomic::AtomicUsize::new(0),
+            redirect_closed: AtomicBool::new(false),
+            write_back_error: Mutex::new(None),
         })
     }
 

@@ -130,6 +130,9 @@ impl BlockCopy {
                     self.lock().unclaim(id, o, e);
                 } else if let Err(error) = self.stage(id, o, e, &holes).await {
                     failed = Some(error);
+                } else {
+                    // The old data is in hand: guest writes held there can go.
+                    self.write_back(o, e).await;
                 }
             }
             if let Some(error) = failed {

@@ -250,6 +250,7 @@ impl BlockCopy {
                     // Skipped ranges are free.
                     rate.refund(end - start);
                     self.lock().finish_reading(id);
+                    self.write_back(start, end).await;
                     self.progress
                         .remove_work((end - start).div_ceil(cluster) * cluster);
                     self.stats
@@ -308,6 +309,8 @@ impl BlockCopy {
             pieces
         };
         self.changed.notify_waiters();
+        // The old data is in hand: guest writes held for the run can go to the source.
+        self.write_back(start, end).await;
         let mut first_error = None;
         for piece in pieces {
             // A failed piece waits in the retry queue; the others still go.

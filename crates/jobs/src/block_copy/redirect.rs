@@ -1,0 +1,468 @@
+//! Redirected guest writes: a write to a range whose point-in-time data is still only
+//! on the source is held in memory instead of waiting for a copy-before-write read.
+//!
+//! A copy-before-write makes the guest's write wait for a read of old data from a
+//! disk that the background copy keeps busy; that read is most of what a guest write
+//! pays during a backup (`bench/RESULTS.md`, issue 18: with the read skipped, which
+//! loses the snapshot and was only a measurement, the write p99 during a backup halved
+//! in process and through NBD). Here the guest's data waits instead of the guest:
+//!
+//! * An aligned write (whole [`BLOCK`]s, no FUA) whose every block lies in a cluster
+//!   still dirty or being read, or is held already, is copied into memory, block by
+//!   block, and acknowledged. The source keeps the old data, so the background pass
+//!   reads the point-in-time data where it always does, and no extra read happens at
+//!   all.
+//! * When a cluster's old data is in hand (the background read of it, or a
+//!   copy-before-write, ended), its held blocks are written to the source
+//!   ([`BlockCopy::write_back`]).
+//! * Reads through the filter see held blocks over the source; block status reports
+//!   them as data.
+//! * Every other write (unaligned, FUA, write-zeroes, discard, or the memory bound
+//!   reached) first writes back the held blocks it overlaps, after a copy-before-write
+//!   of their clusters, then takes the copy-before-write path. So the source only ever
+//!   receives a range's writes in the order the guest made them.
+//! * A flush writes back every held block (copy-before-write first where the cluster is
+//!   still dirty, several at once) before it flushes the source: what a flush covers
+//!   is in the image itself, readable by any tool. The job writes back the rest before
+//!   its filter goes.
+//!
+//! A held write reads nothing from the source when it is made, so `on-cbw-error` can
+//! only apply to it where a flush or a later overlapping write copies its cluster
+//! first (the flush, or that write, fails with the error); a failed read of its
+//! cluster by the background pass is the job's source error (`on-source-error`), as for
+//! any cluster, and the write stays held until the cluster is read.
+//!
+//! Held blocks are what a volatile write cache holds: a daemon killed before the
+//! guest's next flush loses them, as QEMU's qcow2 driver loses cached metadata (and the
+//! write with it) when killed before a flush. A write-back that fails is kept and
+//! retried, and the next flush fails with its error.
+//!
+//! A block being written back is marked; a guest write to it updates its data and
+//! sequence number, and the write-back, seeing the number changed, leaves it for the
+//! next round instead of dropping newer data.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use block::Error;
+use block::ErrorKind;
+use block::IoBuf;
+
+use super::BlockCopy;
+use super::CopyState;
+use super::round_down;
+
+/// The unit held: guests write whole 4 KiB pages.
+pub const BLOCK: u64 = 4096;
+
+/// At most this many bytes held at once; past it, writes take the copy-before-write
+/// path.
+pub const MAX_HELD_BYTES: usize = 64 << 20;
+
+/// Blocks written back at once by a flush.
+const FLUSH_PARALLEL: usize = 16;
+
+#[derive(Debug)]
+struct Held {
+    data: Arc<[u8]>,
+    seq: u64,
+    writing_back: bool,
+}
+
+/// The held blocks, by offset.
+#[derive(Debug, Default)]
+pub(super) struct Redirected {
+    blocks: BTreeMap<u64, Held>,
+    next_seq: u64,
+}
+
+impl Redirected {
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.blocks
+            .range(round_down(start, BLOCK)..end)
+            .next()
+            .is_some()
+    }
+}
+
+/// What [`BlockCopy::redirect`] did with a write.
+pub enum Redirect {
+    /// Held: the guest's write is done.
+    Held(IoBuf),
+    /// Not held: the write takes the copy-before-write path.
+    Pass(IoBuf),
+}
+
+/// Blocks taken for a write-back: `(offset, data, seq)` in offset order.
+type Taken = Vec<(u64, Arc<[u8]>, u64)>;
+
+impl BlockCopy {
+    fn held_bytes(&self) -> usize {
+        self.held_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether `[offset, offset + len)` may be held in `state`: redirection on, aligned,
+    /// and every block either held already or in a cluster whose old data is still
+    /// only on the source.
+    fn may_hold(&self, state: &CopyState, offset: u64, len: u64) -> bool {
+        let cluster = self.options.cluster_size;
+        let end = offset + len;
+        let mut new_bytes = 0;
+        let mut at = offset;
+        while at < end {
+            if !state.redirected.blocks.contains_key(&at) {
+                let c = round_down(at, cluster);
+                let old_data_on_source =
+                    state.dirty.get(c) || state.reading.iter().any(|r| r.start <= c && c < r.end);
+                if !old_data_on_source {
+                    return false;
+                }
+                new_bytes += BLOCK as usize;
+            }
+            at += BLOCK;
+        }
+        self.held_bytes() + new_bytes <= MAX_HELD_BYTES
+    }
+
+    /// Holds a guest write in memory where it may be (see the module note).
+    pub fn redirect(&self, offset: u64, buf: IoBuf, fua: bool) -> Redirect {
+        let len = buf.len() as u64;
+        if !self.options.redirect_writes
+            || self.redirect_closed.load(Ordering::Relaxed)
+            || fua
+            || len == 0
+            || !offset.is_multiple_of(BLOCK)
+            || !len.is_multiple_of(BLOCK)
+            || offset + len > self.len
+            || self.snapshot_error().is_some()
+        {
+            return Redirect::Pass(buf);
+        }
+        let mut state = self.lock();
+        if !self.may_hold(&state, offset, len) {
+            return Redirect::Pass(buf);
+        }
+        let mut added = 0;
+        for (i, block) in buf.chunks(BLOCK as usize).enumerate() {
+            state.redirected.next_seq += 1;
+            let seq = state.redirected.next_seq;
+            let at = offset + i as u64 * BLOCK;
+            let data: Arc<[u8]> = Arc::from(block);
+            match state.redirected.blocks.get_mut(&at) {
+                Some(held) => {
+                    held.data = data;
+                    held.seq = seq;
+                }
+                None => {
+                    state.redirected.blocks.insert(
+                        at,
+                        Held {
+                            data,
+                            seq,
+                            writing_back: false,
+                        },
+                    );
+                    added += BLOCK as usize;
+                }
+            }
+        }
+        self.held_bytes.fetch_add(added, Ordering::Relaxed);
+        drop(state);
+        self.stats
+            .redirected_bytes
+            .fetch_add(len, Ordering::Relaxed);
+        Redirect::Held(buf)
+    }
+
+    /// A guest read through the filter: the source, with held blocks over it.
+    pub async fn read_through(&self, offset: u64, buf: IoBuf) -> Result<IoBuf, Error> {
+        if self.held_bytes() == 0 {
+            return self.source.read(offset, buf).await;
+        }
+        let end = offset + buf.len() as u64;
+        // Taken before the source is read: a block written back and dropped while the
+        // read runs is on the source by the time it is dropped, so nothing a read
+        // must see can fall between the two.
+        let held: Vec<(u64, Arc<[u8]>)> = {
+            let state = self.lock();
+            state
+                .redirected
+                .blocks
+                .range(round_down(offset, BLOCK)..end)
+                .map(|(&at, h)| (at, h.data.clone()))
+                .collect()
+        };
+        let mut buf = self.source.read(offset, buf).await?;
+        for (at, data) in held {
+            let from = at.max(offset);
+            let to = (at + BLOCK).min(end);
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&data[(from - at) as usize..(to - at) as usize]);
+        }
+        Ok(buf)
+    }
+
+    /// Block status through the filter: held blocks are data.
+    pub async fn block_status_through(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<block::Extent, Error> {
+        let first_held = if self.held_bytes() == 0 {
+            None
+        } else {
+            let state = self.lock();
+            let blocks = &state.redirected.blocks;
+            blocks
+                .range(round_down(offset, BLOCK)..offset + len)
+                .next()
+                .map(|(&at, _)| {
+                    // The run of held blocks from `at`.
+                    let mut run_end = at + BLOCK;
+                    while blocks.contains_key(&run_end) && run_end < offset + len {
+                        run_end += BLOCK;
+                    }
+                    (at, run_end)
+                })
+        };
+        match first_held {
+            Some((at, run_end)) if at <= offset => Ok(block::Extent {
+                offset,
+                length: run_end.min(offset + len) - offset,
+                status: block::Status {
+                    data: true,
+                    zero: false,
+                    allocated: true,
+                    host_offset: None,
+                    compressed: false,
+                },
+            }),
+            Some((at, _)) => {
+                let mut extent = self.source.block_status(offset, at - offset).await?;
+                extent.length = extent.length.min(at - offset);
+                Ok(extent)
+            }
+            None => self.source.block_status(offset, len).await,
+        }
+    }
+
+    /// Takes the held blocks of `[start, end)` nobody is writing back. `None` when some
+    /// are being written back by someone else (wait and look again).
+    fn take_held(&self, state: &mut CopyState, start: u64, end: u64) -> Option<Taken> {
+        let mut taken = Vec::new();
+        let mut busy = false;
+        for (&at, held) in state
+            .redirected
+            .blocks
+            .range_mut(round_down(start, BLOCK)..end)
+        {
+            if held.writing_back {
+                busy = true;
+            } else {
+                held.writing_back = true;
+                taken.push((at, held.data.clone(), held.seq));
+            }
+        }
+        if busy && taken.is_empty() {
+            None
+        } else {
+            Some(taken)
+        }
+    }
+
+    /// Writes taken blocks to the source, coalescing neighbours; then drops those no
+    /// guest write changed meanwhile. On failure every taken block stays held.
+    async fn write_taken(&self, taken: &Taken) -> Result<(), Error> {
+        let mut result = Ok(());
+        let mut i = 0;
+        while i < taken.len() && result.is_ok() {
+            let mut j = i + 1;
+            while j < taken.len() && taken[j].0 == taken[j - 1].0 + BLOCK {
+                j += 1;
+            }
+            let mut buf = IoBuf::zeroed((j - i) * BLOCK as usize);
+            for (k, (_, data, _)) in taken[i..j].iter().enumerate() {
+                buf[k * BLOCK as usize..(k + 1) * BLOCK as usize].copy_from_slice(data);
+            }
+            result = self
+                .source
+                .write(taken[i].0, buf, block::WriteFlags::default())
+                .await
+                .map(drop);
+            i = j;
+        }
+        let mut state = self.lock();
+        let mut dropped = 0;
+        for (at, _, seq) in taken {
+            let Some(held) = state.redirected.blocks.get_mut(at) else {
+                continue;
+            };
+            held.writing_back = false;
+            if result.is_ok() && held.seq == *seq {
+                state.redirected.blocks.remove(at);
+                dropped += BLOCK as usize;
+            }
+        }
+        drop(state);
+        self.held_bytes.fetch_sub(dropped, Ordering::Relaxed);
+        self.changed.notify_waiters();
+        result
+    }
+
+    /// Writes the held blocks of `[start, end)` to the source; only where their old
+    /// data is safe already (in hand, on the target, or no longer needed). A failure
+    /// keeps the blocks and is reported by the next flush.
+    pub(super) async fn write_back(&self, start: u64, end: u64) {
+        if self.held_bytes() == 0 {
+            return;
+        }
+        loop {
+            let taken = {
+                let mut state = self.lock();
+                if !state.redirected.overlaps(start, end) {
+                    return;
+                }
+                self.take_held(&mut state, start, end)
+            };
+            let Some(taken) = taken else {
+                // Someone else is writing these back: theirs to finish.
+                return;
+            };
+            if taken.is_empty() {
+                return;
+            }
+            if let Err(error) = self.write_taken(&taken).await {
+                self.note_write_back_failure(error);
+                return;
+            }
+        }
+    }
+
+    fn note_write_back_failure(&self, error: Error) {
+        tracing::warn!("writing a held guest write to the source failed: {error}");
+        let mut failed = self
+            .write_back_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        failed.get_or_insert_with(|| error.to_string());
+    }
+
+    /// Writes every held block of `[start, end)` to the source, each after a
+    /// copy-before-write of its cluster when `save_old`, waiting for write-backs
+    /// others have in flight there. Returns once none is held there.
+    pub async fn flush_held(
+        self: &Arc<Self>,
+        start: u64,
+        end: u64,
+        save_old: bool,
+    ) -> Result<(), Error> {
+        if self.held_bytes() == 0 {
+            return Ok(());
+        }
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let taken = {
+                let mut state = self.lock();
+                if !state.redirected.overlaps(start, end) {
+                    return Ok(());
+                }
+                self.take_held(&mut state, start, end)
+            };
+            let Some(taken) = taken else {
+                changed.await;
+                continue;
+            };
+            if taken.is_empty() {
+                changed.await;
+                continue;
+            }
+            // Runs of neighbouring blocks, several at once: each may wait for a read
+            // of old data.
+            let mut runs: Vec<Taken> = Vec::new();
+            for block in taken {
+                match runs.last_mut() {
+                    Some(run) if run.last().is_some_and(|l| l.0 + BLOCK == block.0) => {
+                        run.push(block);
+                    }
+                    _ => runs.push(vec![block]),
+                }
+            }
+            let mut set = tokio::task::JoinSet::new();
+            let mut first_error = None;
+            for run in runs {
+                while set.len() >= FLUSH_PARALLEL {
+                    if let Some(Ok(Err(e))) = set.join_next().await {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                let engine = self.clone();
+                set.spawn(async move {
+                    let from = run[0].0;
+                    let to = run[run.len() - 1].0 + BLOCK;
+                    if save_old && let Err(e) = engine.before_write(from, to - from).await {
+                        engine.release_taken(&run);
+                        return Err(e);
+                    }
+                    engine.write_taken(&run).await
+                });
+            }
+            while let Some(joined) = set.join_next().await {
+                match joined {
+                    Ok(Err(e)) => {
+                        first_error.get_or_insert(e);
+                    }
+                    Err(panic) => {
+                        first_error.get_or_insert(Error::new(
+                            ErrorKind::Io,
+                            format!("writing held guest writes back failed: {panic}"),
+                        ));
+                    }
+                    Ok(Ok(())) => {}
+                }
+            }
+            if let Some(error) = first_error {
+                return Err(error);
+            }
+        }
+    }
+
+    /// Gives taken blocks back unwritten.
+    fn release_taken(&self, taken: &Taken) {
+        let mut state = self.lock();
+        for (at, _, _) in taken {
+            if let Some(held) = state.redirected.blocks.get_mut(at) {
+                held.writing_back = false;
+            }
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// A guest flush: every held block into the image, then the failure of an
+    /// earlier write-back, if any (once).
+    pub async fn flush_all_held(self: &Arc<Self>) -> Result<(), Error> {
+        self.flush_held(0, self.len, true).await?;
+        let failed = self
+            .write_back_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match failed {
+            Some(message) => Err(Error::new(
+                ErrorKind::Io,
+                format!("an earlier write could not reach the disk: {message}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The job is ending: holds no more writes and writes back what it holds (no old
+    /// data is needed any more).
+    pub async fn close_redirects(self: &Arc<Self>) -> Result<(), Error> {
+        self.redirect_closed.store(true, Ordering::SeqCst);
+        self.flush_held(0, self.len, false).await
+    }
+}
