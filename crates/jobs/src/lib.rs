@@ -7,8 +7,9 @@
 //!   completion); [`ratelimit`]: the speed limit.
 //! * [`block_copy`]: the engine that copies each cluster exactly once (state in
 //!   `mod.rs`, the copy-before-write path and staging area in `staging`, old data saved
-//!   for part of a cluster in `fragments`, the background pass in `worker` and how it
-//!   gives way to the guest in `guest`, snapshot reads in `snapshot_reads`).
+//!   for part of a cluster in `fragments`, guest writes held until their cluster is
+//!   copied in `redirect`, the background pass in `worker` and how it gives way to the
+//!   guest in `guest`, snapshot reads in `snapshot_reads`).
 //! * [`copy_before_write`]: the filter that calls the engine before every guest write,
 //!   for backups and standalone (fleecing); [`cluster_size`]: the copy granularity both
 //!   use.
@@ -23,7 +24,10 @@
 //! # How it holds
 //!
 //! ```text
-//!   guest write ──> [CbwFilter] ── 1. before_write: claim dirty clusters, read their
+//!   guest write ──> [CbwFilter] ── 0. whole pages over uncopied clusters: held in
+//!                       │             memory, written to the source once the
+//!                       │             cluster's old data is in hand (or at a flush)
+//!                       │          ── 1. before_write: claim dirty clusters, read their
 //!                       │             old data into the staging area (memory, then a
 //!                       │             scratch file), wait for overlapping source reads
 //!                       │          ── 2. forward the write to the source
@@ -38,7 +42,14 @@
 //!   all dirty. Every later write passes the filter.
 //! * A cluster leaves the bitmap exactly once for good (its claim); only a failed source
 //!   read puts it back, and a partial copy-before-write, which saves just the guest's
-//!   blocks of it (a fragment, never written over later) and leaves the rest to copy. A guest write waits only for source *reads* of its clusters (its own
+//!   blocks of it (a fragment, never written over later) and leaves the rest to copy.
+//! * A guest write of whole pages over clusters not yet copied waits for nothing: it is
+//!   held in memory (bounded), read back from there, and written to the source only
+//!   once the cluster's old data has been read (`block_copy::redirect`); a flush puts
+//!   every held write into the image first, and the job writes back the rest before
+//!   its filter goes. Any other write first writes back the held writes it overlaps,
+//!   so the source sees a range's writes in order.
+//! * Otherwise a guest write waits only for source *reads* of its clusters (its own
 //!   or a background one in flight), never for the target: old data it displaces is
 //!   parked in the bounded staging area and written by the job's workers, ahead of the
 //!   background copy (see [`block_copy`]).

@@ -24,6 +24,11 @@
 //!
 //! # Guest writes never wait for the target
 //!
+//! A write of whole pages over clusters whose old data is still only on the source
+//! waits for nothing at all: it is held in memory until the background pass (or a
+//! copy-before-write, or a flush) has the cluster's old data, then written to the
+//! source (see `redirect`). What follows is the path of every other write.
+//!
 //! A copy-before-write claims the dirty clusters a guest write touches, reads their old
 //! data from the source, and parks it in the staging area: memory up to a bound, then a
 //! scratch file (beside the target by default). Then the guest write proceeds. The
@@ -56,8 +61,9 @@
 //!
 //! `mod.rs` holds the engine's state and the cluster life cycle above; `staging` the
 //! copy-before-write path (claim, read old data, stage or write through, spill);
-//! `worker` the background pass and every target write; `snapshot_reads` the reads a
-//! standalone filter's `snapshot-access` node makes.
+//! `worker` the background pass and every target write; `redirect` the guest writes
+//! held until their clusters are copied; `snapshot_reads` the reads a standalone
+//! filter's `snapshot-access` node makes.
 
 mod fragments;
 pub mod guest;
