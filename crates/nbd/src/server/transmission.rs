@@ -181,19 +181,32 @@ pub(super) async fn write_replies<W: AsyncWrite + Unpin>(
 pub(super) struct ReadBuffers(std::sync::Mutex<Vec<IoBuf>>);
 
 impl ReadBuffers {
-    /// At most this many idle buffers, of at most `KEEP_SIZE` bytes each: 8 MiB per
-    /// connection, on top of what its requests in flight hold.
-    const KEEP: usize = 32;
+    /// At most this many idle buffers, of at most `KEEP_SIZE` bytes each: 16 MiB per
+    /// connection, on top of what its requests in flight hold. As many as a connection
+    /// may have requests in flight (`nbdcopy` keeps 64 going): with 32, half of a
+    /// pull's reads allocated and faulted in a fresh buffer.
+    const KEEP: usize = super::MAX_IN_FLIGHT;
     const KEEP_SIZE: usize = 256 << 10;
 
+    /// The smallest idle buffer that holds `len` bytes, else a new one. Taking the last
+    /// one given back instead made a pull whose reads vary in size (extents) drop a
+    /// small buffer and allocate for most of its large reads.
     pub(super) fn take(&self, len: usize) -> IoBuf {
-        let pooled = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let pooled = {
+            let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            pool.iter()
+                .enumerate()
+                .filter(|(_, b)| b.capacity() >= len)
+                .min_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i)
+                .map(|i| pool.swap_remove(i))
+        };
         match pooled {
-            Some(mut buf) if buf.capacity() >= len => {
+            Some(mut buf) => {
                 buf.set_len(len);
                 buf
             }
-            _ => IoBuf::zeroed(len),
+            None => IoBuf::zeroed(len),
         }
     }
 
@@ -537,4 +550,38 @@ pub(super) async fn block_status(
         }
     }
     Ok(Reply::Chunks(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReadBuffers;
+    use block::IoBuf;
+
+    #[test]
+    fn a_read_takes_the_smallest_idle_buffer_that_holds_it() {
+        let pool = ReadBuffers::default();
+        for len in [256 << 10, 4096, 64 << 10] {
+            pool.give_back(IoBuf::zeroed(len));
+        }
+        // The last one given back (64 KiB) is too small for 128 KiB: the 256 KiB one
+        // is used, not a fresh allocation.
+        let big = pool.take(128 << 10);
+        assert_eq!((big.len(), big.capacity()), (128 << 10, 256 << 10));
+        let small = pool.take(4096);
+        assert_eq!(small.capacity(), 4096, "the smallest that fits");
+        let mid = pool.take(8192);
+        assert_eq!(mid.capacity(), 64 << 10);
+        assert!(mid.iter().all(|&b| b == 0));
+        assert_eq!(pool.take(4096).capacity(), 4096, "none idle: a new one");
+        // Larger buffers than KEEP_SIZE are not kept; the pool holds at most KEEP.
+        pool.give_back(IoBuf::zeroed(ReadBuffers::KEEP_SIZE + 4096));
+        assert_eq!(
+            pool.take(ReadBuffers::KEEP_SIZE + 4096).len(),
+            ReadBuffers::KEEP_SIZE + 4096
+        );
+        for _ in 0..ReadBuffers::KEEP + 5 {
+            pool.give_back(IoBuf::zeroed(4096));
+        }
+        assert_eq!(pool.0.lock().unwrap().len(), ReadBuffers::KEEP);
+    }
 }
