@@ -657,6 +657,10 @@ async fn an_aligned_guest_write_is_held_until_its_cluster_is_copied_and_a_flush_
     assert!(read[512..].iter().all(|&b| b == 0xa5));
     let status = guest.block_status(at, 8192).await.unwrap();
     assert!(status.status.data && !status.status.zero, "{status:?}");
+    assert_eq!(status.length, 8192, "{status:?}");
+    // A run that reaches a held block ends where it begins, whatever the source says.
+    let before = guest.block_status(at - 4096, 65536).await.unwrap();
+    assert!(before.length <= 4096, "{before:?}");
     // A flush writes the held blocks back; the first write-back of `at` is slowed
     // down (the fault rule), and a guest write to that block lands while it is on its
     // way. The newer data must win, on the source and in reads meanwhile.
