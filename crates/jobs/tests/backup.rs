@@ -723,3 +723,53 @@ async fn writes_held_when_a_backup_is_cancelled_reach_the_source() {
     assert_eq!(rig.graph.node_names().len(), 4, "filter removed");
     assert_eq!(file_bytes(&rig.source, at, 65536), vec![0x3c; 65536]);
 }
+
+#[tokio::test]
+async fn a_held_write_that_cannot_reach_the_source_fails_the_flush_and_is_kept_for_the_next() {
+    let rig = Rig::new(4 * MIB, 13).await;
+    let at = 3 * MIB;
+    fault(
+        &rig,
+        "flaky",
+        "src",
+        json!([{"op":"write","offset":at,"length":1,"once":true}]),
+    )
+    .await;
+    let snapshot = rig.source_bytes();
+    let mut rx = rig.registry.subscribe();
+    let mut opts = BackupOptions::new("held-eio");
+    opts.job.speed = 256 << 10;
+    let (job, _) = start_backup(&rig.graph, &rig.registry, "flaky", "tgt", opts)
+        .await
+        .unwrap();
+    let guest = rig
+        .graph
+        .attach("flaky", AttachUser::Other("guest".into()))
+        .unwrap();
+    guest
+        .write(at, IoBuf::from_slice(&[0x77; 4096]), WriteFlags::default())
+        .await
+        .unwrap();
+    let err = guest.flush().await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    assert_eq!(
+        &rig.source_bytes()[at as usize..at as usize + 4096],
+        &snapshot[at as usize..at as usize + 4096],
+        "the write did not reach the source"
+    );
+    let read = guest.read(at, IoBuf::zeroed(4096)).await.unwrap();
+    assert!(read.iter().all(|&b| b == 0x77), "still held, still read");
+    guest.flush().await.unwrap();
+    assert_eq!(
+        &rig.source_bytes()[at as usize..at as usize + 4096],
+        &[0x77; 4096][..],
+        "the next flush wrote it"
+    );
+    job.set_speed(0).unwrap();
+    let events = events_until(&mut rx, job.id(), JobStatus::Null).await;
+    assert!(
+        completed(&events).unwrap().get("error").is_none(),
+        "{events:?}"
+    );
+    assert_eq!(rig.target_bytes(), snapshot);
+}
