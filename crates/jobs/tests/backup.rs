@@ -773,3 +773,73 @@ async fn a_held_write_that_cannot_reach_the_source_fails_the_flush_and_is_kept_f
     );
     assert_eq!(rig.target_bytes(), snapshot);
 }
+
+#[tokio::test]
+async fn only_whole_pages_into_uncopied_clusters_are_held() {
+    let rig = Rig::new(4 * MIB, 14).await;
+    let mut rx = rig.registry.subscribe();
+    let mut opts = BackupOptions::new("held-rules");
+    opts.job.speed = 256 << 10;
+    let (job, stats) = start_backup(&rig.graph, &rig.registry, "src", "tgt", opts)
+        .await
+        .unwrap();
+    let guest = rig
+        .graph
+        .attach("src", AttachUser::Other("guest".into()))
+        .unwrap();
+    let held = || {
+        stats
+            .redirected_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let reaches_source = |at: u64, data: &[u8]| file_bytes(&rig.source, at, data.len()) == data;
+    // Not held: part of a page, a FUA write, and a page of a cluster already copied.
+    let partial = [0x11; 1024];
+    guest
+        .write(
+            3 * MIB + 512,
+            IoBuf::from_slice(&partial),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+    assert!(reaches_source(3 * MIB + 512, &partial));
+    let fua = [0x22; 4096];
+    let flags = WriteFlags {
+        fua: true,
+        ..WriteFlags::default()
+    };
+    guest
+        .write(3 * MIB + (256 << 10), IoBuf::from_slice(&fua), flags)
+        .await
+        .unwrap();
+    assert!(reaches_source(3 * MIB + (256 << 10), &fua));
+    while job.progress().0 < 256 << 10 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let copied = [0x33; 4096];
+    guest
+        .write(0, IoBuf::from_slice(&copied), WriteFlags::default())
+        .await
+        .unwrap();
+    assert!(reaches_source(0, &copied));
+    assert_eq!(held(), 0, "none of these was held");
+    // Held: a whole page into a cluster not copied yet.
+    let page = [0x44; 4096];
+    guest
+        .write(
+            3 * MIB + (512 << 10),
+            IoBuf::from_slice(&page),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(held(), 4096);
+    assert!(!reaches_source(3 * MIB + (512 << 10), &page));
+    job.set_speed(0).unwrap();
+    events_until(&mut rx, job.id(), JobStatus::Null).await;
+    assert!(
+        reaches_source(3 * MIB + (512 << 10), &page),
+        "written back by the end"
+    );
+}
