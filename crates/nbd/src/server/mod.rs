@@ -195,6 +195,11 @@ impl ConnectionGuard {
         live.connections.fetch_add(1, Ordering::SeqCst);
         Self(live.clone())
     }
+
+    /// The export connected to.
+    fn live(&self) -> &Arc<Live> {
+        &self.0
+    }
 }
 
 impl Drop for ConnectionGuard {
@@ -370,8 +375,8 @@ impl NbdServer {
             }
         };
         match negotiated {
-            Ok(Some((export, structured, contexts))) => {
-                transmit(export, structured, contexts, reader, writer).await;
+            Ok(Some((connection, structured, contexts))) => {
+                transmit(connection, structured, contexts, reader, writer).await;
             }
             Ok(None) => {
                 let _ = writer.shutdown().await;

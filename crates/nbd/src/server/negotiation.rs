@@ -2,12 +2,11 @@
 //! LIST/SET_META_CONTEXT, ABORT), their replies, and the metadata contexts an export
 //! offers (`base:allocation`, `qemu:allocation-depth`, `qemu:dirty-bitmap:NAME`).
 
+use super::ConnectionGuard;
 use super::Export;
-use super::Live;
 use super::NbdServer;
 use crate::proto::*;
 use std::io;
-use std::sync::Arc;
 use tokio::io::AsyncRead;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWrite;
@@ -25,7 +24,9 @@ pub(super) struct Negotiation {
 pub(super) enum OptionOutcome {
     Continue,
     Close,
-    Transmit(Arc<Live>),
+    /// The export to serve, counted as connected from before the client was told it
+    /// may start: a client that has its reply is always seen by a safe removal.
+    Transmit(ConnectionGuard),
 }
 
 /// Metadata contexts this server knows, with the ids it gives them.
@@ -149,7 +150,7 @@ impl NbdServer {
         &self,
         reader: &mut R,
         writer: &mut W,
-    ) -> io::Result<Option<(Arc<Live>, bool, Vec<Context>)>>
+    ) -> io::Result<Option<(ConnectionGuard, bool, Vec<Context>)>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -189,13 +190,14 @@ impl NbdServer {
             {
                 OptionOutcome::Continue => {}
                 OptionOutcome::Close => return Ok(None),
-                OptionOutcome::Transmit(export) => {
+                OptionOutcome::Transmit(connection) => {
+                    let export = connection.live();
                     let contexts = if state.contexts_for.as_deref() == Some(export.name.as_str()) {
                         state.contexts.clone()
                     } else {
                         Vec::new()
                     };
-                    return Ok(Some((export, state.structured, contexts)));
+                    return Ok(Some((connection, state.structured, contexts)));
                 }
             }
         }
@@ -221,8 +223,9 @@ impl NbdServer {
                 if !state.no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
+                let connection = ConnectionGuard::new(&export);
                 writer.write_all(&out).await?;
-                Ok(OptionOutcome::Transmit(export))
+                Ok(OptionOutcome::Transmit(connection))
             }
             OPT_ABORT => {
                 writer.write_all(&option_reply(option, REP_ACK, 0)).await?;
@@ -321,11 +324,11 @@ impl NbdServer {
             info.extend_from_slice(&size.to_be_bytes());
         }
         send_info(writer, option, &info).await?;
+        let connection = (option == OPT_GO).then(|| ConnectionGuard::new(&export));
         writer.write_all(&option_reply(option, REP_ACK, 0)).await?;
-        Ok(if option == OPT_GO {
-            OptionOutcome::Transmit(export)
-        } else {
-            OptionOutcome::Continue
+        Ok(match connection {
+            Some(connection) => OptionOutcome::Transmit(connection),
+            None => OptionOutcome::Continue,
         })
     }
 

@@ -5,7 +5,6 @@ use super::BUDGET_UNIT;
 use super::ConnectionGuard;
 use super::DATA_BUDGET_UNITS;
 use super::Export;
-use super::Live;
 use super::MAX_IN_FLIGHT;
 use super::closed;
 use super::negotiation::Context;
@@ -28,7 +27,7 @@ use tokio::task::JoinSet;
 
 /// The transmission phase of one connection.
 pub(super) async fn transmit<R, W>(
-    export: Arc<Live>,
+    connection: ConnectionGuard,
     structured: bool,
     contexts: Vec<Context>,
     mut reader: R,
@@ -37,7 +36,7 @@ pub(super) async fn transmit<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Send + Unpin + 'static,
 {
-    let connection = ConnectionGuard::new(&export);
+    let export = connection.live().clone();
     let mut closing = export.closing.subscribe();
     let (replies, outbox) = mpsc::channel::<Frame>(MAX_IN_FLIGHT);
     let buffers = Arc::new(ReadBuffers::default());
