@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use block::AttachUser;
+use block::Attachment;
 use block::ErrorKind;
 use block::IoBuf;
 use block::WriteFlags;
@@ -19,6 +20,7 @@ use jobs::Job;
 use jobs::JobEvent;
 use jobs::JobStatus;
 use jobs::SyncMode;
+use jobs::block_copy::CopyStats;
 use jobs::block_copy::OnCbwError;
 use jobs::job::ErrorPolicy;
 use jobs::job::IoStatus;
@@ -610,6 +612,37 @@ fn file_bytes(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// A backup of `device` into "tgt" throttled to 256 KiB/s, so the background pass stays
+/// near the start of a 4 MiB disk while a test writes to its end, with a guest attached
+/// to `device` and the registry's events from before the start.
+async fn throttled_backup(
+    rig: &Rig,
+    id: &str,
+    device: &str,
+) -> (Arc<Job>, Arc<CopyStats>, Attachment, Receiver<JobEvent>) {
+    let rx = rig.registry.subscribe();
+    let mut opts = BackupOptions::new(id);
+    opts.job.speed = 256 << 10;
+    let (job, stats) = start_backup(&rig.graph, &rig.registry, device, "tgt", opts)
+        .await
+        .unwrap();
+    let guest = rig
+        .graph
+        .attach(device, AttachUser::Other("guest".into()))
+        .unwrap();
+    (job, stats, guest, rx)
+}
+
+/// Lifts the speed limit and waits for the job to end; it must have succeeded.
+async fn finish_unthrottled(job: &Job, rx: &mut Receiver<JobEvent>) {
+    job.set_speed(0).unwrap();
+    let events = events_until(rx, job.id(), JobStatus::Null).await;
+    assert!(
+        completed(&events).unwrap().get("error").is_none(),
+        "{events:?}"
+    );
+}
+
 #[tokio::test]
 async fn an_aligned_guest_write_is_held_until_its_cluster_is_copied_and_a_flush_puts_it_on_disk() {
     let rig = Rig::new(4 * MIB, 11).await;
@@ -623,17 +656,8 @@ async fn an_aligned_guest_write_is_held_until_its_cluster_is_copied_and_a_flush_
     )
     .await;
     let snapshot = rig.source_bytes();
-    let mut rx = rig.registry.subscribe();
-    let mut opts = BackupOptions::new("held");
-    opts.job.speed = 256 << 10;
-    let (job, stats) = start_backup(&rig.graph, &rig.registry, "slowsrc", "tgt", opts)
-        .await
-        .unwrap();
-    let guest = Arc::new(
-        rig.graph
-            .attach("slowsrc", AttachUser::Other("guest".into()))
-            .unwrap(),
-    );
+    let (job, stats, guest, mut rx) = throttled_backup(&rig, "held", "slowsrc").await;
+    let guest = Arc::new(guest);
     let old = file_bytes(&rig.source, at, 8192);
     guest
         .write(at, IoBuf::from_slice(&[0xa5; 8192]), WriteFlags::default())
@@ -685,28 +709,14 @@ async fn an_aligned_guest_write_is_held_until_its_cluster_is_copied_and_a_flush_
         "after the flush: the write made during the write-back"
     );
     assert_eq!(file_bytes(&rig.source, at + 4096, 4096), vec![0xa5; 4096]);
-    job.set_speed(0).unwrap();
-    let events = events_until(&mut rx, job.id(), JobStatus::Null).await;
-    assert!(
-        completed(&events).unwrap().get("error").is_none(),
-        "{events:?}"
-    );
+    finish_unthrottled(&job, &mut rx).await;
     assert_eq!(rig.target_bytes(), snapshot, "the snapshot is intact");
 }
 
 #[tokio::test]
 async fn writes_held_when_a_backup_is_cancelled_reach_the_source() {
     let rig = Rig::new(4 * MIB, 12).await;
-    let mut rx = rig.registry.subscribe();
-    let mut opts = BackupOptions::new("held-cancel");
-    opts.job.speed = 256 << 10;
-    let (job, stats) = start_backup(&rig.graph, &rig.registry, "src", "tgt", opts)
-        .await
-        .unwrap();
-    let guest = rig
-        .graph
-        .attach("src", AttachUser::Other("guest".into()))
-        .unwrap();
+    let (job, stats, guest, mut rx) = throttled_backup(&rig, "held-cancel", "src").await;
     let at = 2 * MIB;
     guest
         .write(at, IoBuf::from_slice(&[0x3c; 65536]), WriteFlags::default())
@@ -736,16 +746,7 @@ async fn a_held_write_that_cannot_reach_the_source_fails_the_flush_and_is_kept_f
     )
     .await;
     let snapshot = rig.source_bytes();
-    let mut rx = rig.registry.subscribe();
-    let mut opts = BackupOptions::new("held-eio");
-    opts.job.speed = 256 << 10;
-    let (job, _) = start_backup(&rig.graph, &rig.registry, "flaky", "tgt", opts)
-        .await
-        .unwrap();
-    let guest = rig
-        .graph
-        .attach("flaky", AttachUser::Other("guest".into()))
-        .unwrap();
+    let (job, _, guest, mut rx) = throttled_backup(&rig, "held-eio", "flaky").await;
     guest
         .write(at, IoBuf::from_slice(&[0x77; 4096]), WriteFlags::default())
         .await
@@ -765,28 +766,14 @@ async fn a_held_write_that_cannot_reach_the_source_fails_the_flush_and_is_kept_f
         &[0x77; 4096][..],
         "the next flush wrote it"
     );
-    job.set_speed(0).unwrap();
-    let events = events_until(&mut rx, job.id(), JobStatus::Null).await;
-    assert!(
-        completed(&events).unwrap().get("error").is_none(),
-        "{events:?}"
-    );
+    finish_unthrottled(&job, &mut rx).await;
     assert_eq!(rig.target_bytes(), snapshot);
 }
 
 #[tokio::test]
 async fn only_whole_pages_into_uncopied_clusters_are_held() {
     let rig = Rig::new(4 * MIB, 14).await;
-    let mut rx = rig.registry.subscribe();
-    let mut opts = BackupOptions::new("held-rules");
-    opts.job.speed = 256 << 10;
-    let (job, stats) = start_backup(&rig.graph, &rig.registry, "src", "tgt", opts)
-        .await
-        .unwrap();
-    let guest = rig
-        .graph
-        .attach("src", AttachUser::Other("guest".into()))
-        .unwrap();
+    let (job, stats, guest, mut rx) = throttled_backup(&rig, "held-rules", "src").await;
     let held = || {
         stats
             .redirected_bytes

@@ -110,13 +110,19 @@ impl BlockCopy {
         let end = offset + len;
         let mut new_bytes = 0;
         let mut at = offset;
+        // The cluster last found with its old data on the source: a large write asks
+        // once per cluster, not once per page.
+        let mut checked = None;
         while at < end {
             if !state.redirected.blocks.contains_key(&at) {
                 let c = round_down(at, cluster);
-                let old_data_on_source =
-                    state.dirty.get(c) || state.reading.iter().any(|r| r.start <= c && c < r.end);
-                if !old_data_on_source {
-                    return false;
+                if checked != Some(c) {
+                    let old_data_on_source = state.dirty.get(c)
+                        || state.reading.iter().any(|r| r.start <= c && c < r.end);
+                    if !old_data_on_source {
+                        return false;
+                    }
+                    checked = Some(c);
                 }
                 new_bytes += BLOCK as usize;
             }
