@@ -30,6 +30,8 @@
 //!   O_DIRECT needs no bounce buffers), and attachments.
 //! * [`drivers`]: file, raw, qcow2, null, snapshot-access, fault; they know nodes and
 //!   attachments, never the graph.
+//! * [`held_journal`]: the journal that keeps guest writes a backup holds in memory
+//!   safe from a killed daemon, and its replay when the image is next opened.
 //! * [`graph`]: the registry of named nodes, the factory that opens drivers from
 //!   options (`graph/open.rs`, the only code that knows them), filter insertion and
 //!   external snapshots; see that module for the draining rule. [`chain`] walks
@@ -61,6 +63,7 @@ pub mod dirty;
 pub mod drivers;
 pub mod error;
 pub mod graph;
+pub mod held_journal;
 pub mod node;
 pub mod options;
 pub mod qapi;

@@ -656,6 +656,7 @@ impl JobDriver for BackupJob {
                 job = job.id(),
                 "guest writes held during the backup could not be written to the source: {e}"
             );
+            copy.abandon_held().await;
         }
         if let Err(e) = self.graph.remove_filter(&self.filter_name).await {
             tracing::error!(job = job.id(), "failed to remove the backup filter: {e}");

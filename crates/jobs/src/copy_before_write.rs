@@ -167,9 +167,10 @@ impl BlockDriver for CbwFilter {
     // first, so the source sees a range's writes in the guest's order.
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
         let _guest = self.copy.guest_request();
-        let buf = match self.copy.redirect(offset, buf, flags.fua) {
+        let buf = match self.copy.redirect(offset, buf, flags.fua).await {
             Redirect::Held(buf) => return Ok(buf),
             Redirect::Pass(buf) => buf,
+            Redirect::Failed(e) => return Err(e),
         };
         let len = buf.len() as u64;
         self.copy.flush_held(offset, offset + len, true).await?;
@@ -191,10 +192,13 @@ impl BlockDriver for CbwFilter {
         self.source().discard(offset, len).await
     }
 
-    // What a flush covers is in the image itself (no side state to replay).
+    // What a flush covers is in the image itself; the journal of held writes is
+    // synced at the same time, so none of its releases is lost with the power.
     async fn flush(&self) -> Result<()> {
         self.copy.flush_all_held().await?;
-        self.source().flush().await
+        let (journal, source) = tokio::join!(self.copy.sync_journal(), self.source().flush());
+        journal?;
+        source
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {

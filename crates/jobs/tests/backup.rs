@@ -11,6 +11,7 @@ use block::Attachment;
 use block::ErrorKind;
 use block::IoBuf;
 use block::WriteFlags;
+use block::held_journal::journal_path;
 use common::Rig;
 use common::events_until;
 use common::names;
@@ -713,6 +714,84 @@ async fn an_aligned_guest_write_is_held_until_its_cluster_is_copied_and_a_flush_
     assert_eq!(rig.target_bytes(), snapshot, "the snapshot is intact");
 }
 
+/// What a daemon killed now would leave: the image and its journal as the page cache
+/// has them (no request is in flight), copied under a new name.
+fn as_left_by_a_kill(rig: &Rig, name: &str) -> std::path::PathBuf {
+    let image = rig.dir.path().join(name);
+    std::fs::copy(&rig.source, &image).unwrap();
+    std::fs::copy(journal_path(&rig.source), journal_path(&image)).unwrap();
+    image
+}
+
+#[tokio::test]
+async fn held_writes_survive_a_killed_daemon_in_the_journal_and_the_next_open_writes_them() {
+    let rig = Rig::new(4 * MIB, 15).await;
+    let (job, _, guest, mut rx) = throttled_backup(&rig, "held-kill", "src").await;
+    assert!(
+        journal_path(&rig.source).exists(),
+        "the journal is made at the start"
+    );
+    let write =
+        |at: u64, data: Vec<u8>| guest.write(at, IoBuf::from_slice(&data), WriteFlags::default());
+    // Two pages, the second written again; a page elsewhere, then part of it written
+    // unaligned (not held): that page goes to the source first, and its release must
+    // keep a replay from putting the older page back over the newer bytes.
+    let (a, c) = (3 * MIB, 2 * MIB + 65536);
+    write(a, vec![0xa1; 8192]).await.unwrap();
+    write(a + 4096, vec![0xb2; 4096]).await.unwrap();
+    write(c, vec![0xc3; 4096]).await.unwrap();
+    write(c + 100, vec![0xd4; 512]).await.unwrap();
+    let mut expected_a = vec![0xa1; 4096];
+    expected_a.extend([0xb2; 4096]);
+    let mut expected_c = vec![0xc3; 4096];
+    expected_c[100..612].fill(0xd4);
+    assert!(
+        file_bytes(&rig.source, a, 8192) != expected_a,
+        "held, not on the source"
+    );
+    assert!(
+        file_bytes(&rig.source, c, 4096) == expected_c,
+        "written back, then written"
+    );
+
+    let image = as_left_by_a_kill(&rig, "killed.img");
+    let open = |read_only: bool, name: &str| {
+        options(
+            json!({"driver":"raw","node-name":name,"read-only":read_only,
+                       "file":{"driver":"file","filename":image}}),
+        )
+    };
+    let err = rig.graph.add(open(true, "ro")).await.unwrap_err();
+    assert!(
+        err.to_string().contains("stillpoint-held") && err.to_string().contains("read-write"),
+        "a read-only open would read stale data: {err}"
+    );
+    assert!(
+        file_bytes(&image, a, 8192) != expected_a,
+        "a refused open writes nothing"
+    );
+    rig.graph.add(open(false, "rw")).await.unwrap();
+    assert!(
+        file_bytes(&image, a, 8192) == expected_a,
+        "the held writes are in the image"
+    );
+    assert!(
+        file_bytes(&image, c, 4096) == expected_c,
+        "the later direct write stands"
+    );
+    assert!(
+        !journal_path(&image).exists(),
+        "an applied journal is deleted"
+    );
+
+    finish_unthrottled(&job, &mut rx).await;
+    assert!(
+        !journal_path(&rig.source).exists(),
+        "the job's end deletes its journal"
+    );
+    assert!(file_bytes(&rig.source, a, 8192) == expected_a);
+}
+
 #[tokio::test]
 async fn writes_held_when_a_backup_is_cancelled_reach_the_source() {
     let rig = Rig::new(4 * MIB, 12).await;
@@ -732,6 +811,10 @@ async fn writes_held_when_a_backup_is_cancelled_reach_the_source() {
     events_until(&mut rx, job.id(), JobStatus::Null).await;
     assert_eq!(rig.graph.node_names().len(), 4, "filter removed");
     assert_eq!(file_bytes(&rig.source, at, 65536), vec![0x3c; 65536]);
+    assert!(
+        !journal_path(&rig.source).exists(),
+        "and the journal with it"
+    );
 }
 
 #[tokio::test]

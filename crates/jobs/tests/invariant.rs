@@ -68,6 +68,8 @@ struct Outcome {
     spilled_bytes: u64,
     fragment_bytes: u64,
     redirected_bytes: u64,
+    /// Blocks still held at the kill point, which the replay had to bring back.
+    replayed_blocks: u64,
 }
 
 async fn run_seed(seed: u64) -> Outcome {
@@ -98,6 +100,36 @@ async fn run_seed(seed: u64) -> Outcome {
         .expect("backup starts");
 
     let locks = Arc::new(RangeLocks::default());
+    // A kill, at a seeded moment between guest requests: the image and the journal of
+    // held writes as they are then (the journal first: a write-back that lands between
+    // the two copies is then in the image copy, its release not in the journal's, and
+    // the replay writes the same data again). Each request holds `pause` for reading.
+    let pause = Arc::new(tokio::sync::RwLock::new(()));
+    let requests_done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let kill_after = 1 + rng.below(30);
+    let killed_copy = rig.dir.path().join("killed.img");
+    let kill = tokio::spawn({
+        let (pause, requests_done, model) = (pause.clone(), requests_done.clone(), model.clone());
+        let (source, copy) = (rig.source.clone(), killed_copy.clone());
+        async move {
+            while requests_done.load(Ordering::SeqCst) < kill_after {
+                tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+            }
+            let _all = pause.write().await;
+            let journal = block::held_journal::journal_path(&source);
+            let held = match std::fs::read(&journal) {
+                Ok(bytes) => {
+                    std::fs::write(block::held_journal::journal_path(&copy), &bytes).unwrap();
+                    block::held_journal::parse(&bytes)
+                        .unwrap()
+                        .map_or(0, |p| p.blocks())
+                }
+                Err(_) => 0,
+            };
+            std::fs::copy(&source, &copy).unwrap();
+            (model.lock().unwrap().clone(), held)
+        }
+    });
     let mut writers = Vec::new();
     for w in 0..3u64 {
         let disk = rig
@@ -106,6 +138,7 @@ async fn run_seed(seed: u64) -> Outcome {
             .unwrap();
         let model = model.clone();
         let locks = locks.clone();
+        let (pause, requests_done) = (pause.clone(), requests_done.clone());
         let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(w));
         writers.push(tokio::spawn(async move {
             for _ in 0..12 {
@@ -124,6 +157,7 @@ async fn run_seed(seed: u64) -> Outcome {
                     }
                 }
                 let end = offset + len;
+                let paused = pause.read().await;
                 locks.lock(offset, end).await;
                 match rng.below(7) {
                     0 => {
@@ -169,6 +203,8 @@ async fn run_seed(seed: u64) -> Outcome {
                     }
                 }
                 locks.unlock(offset, end);
+                drop(paused);
+                requests_done.fetch_add(1, Ordering::SeqCst);
                 if rng.below(3) == 0 {
                     tokio::task::yield_now().await;
                 }
@@ -210,11 +246,33 @@ async fn run_seed(seed: u64) -> Outcome {
         4,
         "seed {seed}: the filter must be gone: {names:?}"
     );
+    assert!(
+        !block::held_journal::journal_path(&rig.source).exists(),
+        "seed {seed}: the job's end deletes the journal of held writes"
+    );
+    // The image a kill left, opened again: every write acknowledged by then is in it.
+    let (at_kill, replayed_blocks) = kill.await.unwrap();
+    rig.graph
+        .add(common::options(
+            serde_json::json!({"driver":"raw","node-name":"killed",
+            "file":{"driver":"file","filename":killed_copy}}),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("seed {seed}: the killed image does not open: {e}"));
+    let mut killed = std::fs::read(&killed_copy).unwrap();
+    killed.resize(size as usize, 0);
+    if let Some(at) = first_difference(&killed, &at_kill) {
+        panic!(
+            "seed {seed}: after a kill at request {kill_after} and a replay, byte {at} \
+             differs from the writes acknowledged (size {size})"
+        );
+    }
     Outcome {
         cbw_bytes: stats.cbw_bytes.load(Ordering::Relaxed),
         spilled_bytes: stats.spilled_bytes.load(Ordering::Relaxed),
         fragment_bytes: stats.fragment_bytes.load(Ordering::Relaxed),
         redirected_bytes: stats.redirected_bytes.load(Ordering::Relaxed),
+        replayed_blocks,
     }
 }
 
@@ -222,6 +280,7 @@ async fn run_seed(seed: u64) -> Outcome {
 async fn target_equals_the_snapshot_while_writers_hammer_the_source() {
     let seeds = common::seeds(200);
     let (mut cbw, mut spilled, mut fragments, mut redirected) = (0, 0, 0, 0);
+    let mut kills_with_held_writes = 0;
     for &seed in &seeds {
         let outcome = tokio::spawn(run_seed(seed)).await;
         match outcome {
@@ -230,6 +289,7 @@ async fn target_equals_the_snapshot_while_writers_hammer_the_source() {
                 spilled += o.spilled_bytes;
                 fragments += o.fragment_bytes;
                 redirected += o.redirected_bytes;
+                kills_with_held_writes += u64::from(o.replayed_blocks > 0);
             }
             Err(panic) => {
                 eprintln!("FAILED seed {seed}; reproduce with STILLPOINT_SEED={seed}");
@@ -258,6 +318,15 @@ async fn target_equals_the_snapshot_while_writers_hammer_the_source() {
         assert!(
             redirected > 0,
             "no guest write was held in {} seeds",
+            seeds.len()
+        );
+        assert!(
+            kills_with_held_writes > 0,
+            "no kill point found a guest write held in {} seeds",
+            seeds.len()
+        );
+        eprintln!(
+            "{kills_with_held_writes} of {} kill points had held writes to replay",
             seeds.len()
         );
     }

@@ -299,6 +299,9 @@ impl NodeGraph {
                     Box::new(FaultDriver::new(child, fault.rules))
                 }
             };
+            // Guest writes a killed daemon's backup held go into the image before
+            // anyone reads it (or the open fails, saying where they are).
+            crate::held_journal::replay(&*driver, policy.read_only).await?;
             let stored: Vec<Arc<DirtyBitmap>> = driver
                 .bitmap_store()
                 .map(|store| store.take_persistent_bitmaps())

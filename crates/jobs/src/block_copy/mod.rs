@@ -363,6 +363,12 @@ pub struct BlockCopy {
     redirect_closed: AtomicBool,
     /// A held write that could not be written to the source, for the next flush.
     write_back_error: Mutex<Option<String>>,
+    /// Where held writes are recorded before they are acknowledged (`redirect`);
+    /// `None` when writes are not held (never, or no longer).
+    journal: Arc<Mutex<Option<block::held_journal::HeldJournal>>>,
+    /// Whether `journal` is there, readable without its lock (which a hold keeps while
+    /// it writes).
+    journaled: AtomicBool,
 }
 
 fn round_down(v: u64, to: u64) -> u64 {
@@ -393,6 +399,11 @@ impl BlockCopy {
         // QEMU counts it: a job over 8 MiB + 4097 bytes reports 129 x 64 KiB.
         progress.set_total(dirty.count() * options.cluster_size);
         let access = options.standalone.then(|| dirty.clone());
+        let journal = if options.redirect_writes {
+            redirect::open_journal(&source)
+        } else {
+            None
+        };
         Ok(Self {
             source,
             target,
@@ -422,6 +433,8 @@ impl BlockCopy {
             held_bytes: std::sync::atomic::AtomicUsize::new(0),
             redirect_closed: AtomicBool::new(false),
             write_back_error: Mutex::new(None),
+            journaled: AtomicBool::new(journal.is_some()),
+            journal: Arc::new(Mutex::new(journal)),
         })
     }
 

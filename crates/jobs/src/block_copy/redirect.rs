@@ -32,9 +32,17 @@
 //! cluster by the background pass is the job's source error (`on-source-error`), as for
 //! any cluster, and the write stays held until the cluster is read.
 //!
-//! Held blocks are what a volatile write cache holds: a daemon killed before the
-//! guest's next flush loses them, as QEMU's qcow2 driver loses cached metadata (and the
-//! write with it) when killed before a flush. A write-back that fails is kept and
+//! A held write is appended to a journal beside the image
+//! ([`block::held_journal`]) before it is acknowledged, and each block's write-back
+//! appends a release. So a daemon killed at any moment loses no acknowledged write:
+//! the next read-write open of the image writes the blocks still held into it. A
+//! source with no host file (or whose journal cannot be created) holds nothing. One
+//! lock orders every hold (sequence number, journal record, held set), so the journal
+//! read in file order gives the held set back; releases need no such order, because a
+//! release drops a block only if its sequence is still the one written back, in the
+//! journal as in memory. A guest flush syncs the journal (emptied first when nothing
+//! is held), alongside the source's flush; the job's end writes everything back,
+//! flushes the source and deletes the journal. A write-back that fails is kept and
 //! retried, and the next flush fails with its error.
 //!
 //! A block being written back is marked; a guest write to it updates its data and
@@ -45,16 +53,19 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use block::Attachment;
 use block::Error;
 use block::ErrorKind;
 use block::IoBuf;
+use block::held_journal::HeldJournal;
+use block::held_journal::journal_path;
 
 use super::BlockCopy;
 use super::CopyState;
 use super::round_down;
 
 /// The unit held: guests write whole 4 KiB pages.
-pub const BLOCK: u64 = 4096;
+pub const BLOCK: u64 = block::held_journal::BLOCK;
 
 /// At most this many bytes held at once; past it, writes take the copy-before-write
 /// path.
@@ -62,6 +73,42 @@ pub const MAX_HELD_BYTES: usize = 64 << 20;
 
 /// Blocks written back at once by a flush.
 const FLUSH_PARALLEL: usize = 16;
+
+/// Past this many journal bytes no new write is held until nothing is (a guest that
+/// never flushes cannot grow the journal without bound).
+const JOURNAL_LIMIT: u64 = 4 * MAX_HELD_BYTES as u64;
+
+/// A journal this long is emptied as soon as nothing is held.
+const COMPACT_AT: u64 = 1 << 20;
+
+/// The journal of a backup's source, or `None` (writes are not held) when the source
+/// has no host file or the journal cannot be created there.
+pub(super) fn open_journal(source: &Attachment) -> Option<HeldJournal> {
+    let node = source.node();
+    let image = node.filename()?;
+    let driver = node.driver();
+    match HeldJournal::create(&image, driver.driver_name(), driver.length()) {
+        Ok(journal) => Some(journal),
+        Err(e) => {
+            tracing::warn!(
+                "guest writes go through copy-before-write during this backup: cannot \
+                 create '{}': {e}",
+                journal_path(&image).display()
+            );
+            None
+        }
+    }
+}
+
+fn lock_journal(
+    journal: &std::sync::Mutex<Option<HeldJournal>>,
+) -> std::sync::MutexGuard<'_, Option<HeldJournal>> {
+    journal.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn task_failed(what: &str, e: tokio::task::JoinError) -> Error {
+    Error::new(ErrorKind::Io, format!("{what} failed: {e}"))
+}
 
 #[derive(Debug)]
 struct Held {
@@ -92,10 +139,18 @@ pub enum Redirect {
     Held(IoBuf),
     /// Not held: the write takes the copy-before-write path.
     Pass(IoBuf),
+    /// The attempt failed and took the data with it (a panicked task).
+    Failed(Error),
 }
 
 /// Blocks taken for a write-back: `(offset, data, seq)` in offset order.
 type Taken = Vec<(u64, Arc<[u8]>, u64)>;
+
+/// Whether cluster `c`'s old data is still only on the source (dirty, or being read):
+/// its copy will write back what is held there.
+fn old_data_on_source(state: &CopyState, c: u64) -> bool {
+    state.dirty.get(c) || state.reading.iter().any(|r| r.start <= c && c < r.end)
+}
 
 impl BlockCopy {
     fn held_bytes(&self) -> usize {
@@ -117,9 +172,7 @@ impl BlockCopy {
             if !state.redirected.blocks.contains_key(&at) {
                 let c = round_down(at, cluster);
                 if checked != Some(c) {
-                    let old_data_on_source = state.dirty.get(c)
-                        || state.reading.iter().any(|r| r.start <= c && c < r.end);
-                    if !old_data_on_source {
+                    if !old_data_on_source(state, c) {
                         return false;
                     }
                     checked = Some(c);
@@ -131,10 +184,31 @@ impl BlockCopy {
         self.held_bytes() + new_bytes <= MAX_HELD_BYTES
     }
 
-    /// Holds a guest write in memory where it may be (see the module note).
-    pub fn redirect(&self, offset: u64, buf: IoBuf, fua: bool) -> Redirect {
+    /// The clusters of `[offset, end)` whose old data is no longer only on the source
+    /// (in hand, or on the target): what is held there may be written back.
+    fn copied_clusters(&self, state: &CopyState, offset: u64, end: u64) -> Vec<(u64, u64)> {
+        let cluster = self.options.cluster_size;
+        let mut copied: Vec<(u64, u64)> = Vec::new();
+        let mut c = round_down(offset, cluster);
+        while c < end {
+            if !old_data_on_source(state, c) {
+                let (from, to) = (c.max(offset), (c + cluster).min(end));
+                match copied.last_mut() {
+                    Some(run) if run.1 == from => run.1 = to,
+                    _ => copied.push((from, to)),
+                }
+            }
+            c += cluster;
+        }
+        copied
+    }
+
+    /// Holds a guest write where it may be (see the module note): recorded in the
+    /// journal, then in memory, before the guest hears it is done.
+    pub async fn redirect(self: &Arc<Self>, offset: u64, buf: IoBuf, fua: bool) -> Redirect {
         let len = buf.len() as u64;
         if !self.options.redirect_writes
+            || !self.journaled.load(Ordering::Relaxed)
             || self.redirect_closed.load(Ordering::Relaxed)
             || fua
             || len == 0
@@ -145,14 +219,57 @@ impl BlockCopy {
         {
             return Redirect::Pass(buf);
         }
-        let mut state = self.lock();
-        if !self.may_hold(&state, offset, len) {
+        // A first look, so writes that will not be held skip the blocking pool.
+        if !self.may_hold(&self.lock(), offset, len) {
             return Redirect::Pass(buf);
         }
+        let engine = self.clone();
+        match tokio::task::spawn_blocking(move || engine.hold(offset, buf)).await {
+            Ok((redirect, copied_meanwhile)) => {
+                // Clusters copied while the record was written, after their copy
+                // looked for held blocks: what is held there is written back now (only
+                // there: the write's other clusters still need their old data).
+                for (from, to) in copied_meanwhile {
+                    self.write_back(from, to).await;
+                }
+                redirect
+            }
+            Err(e) => Redirect::Failed(task_failed("holding a guest write", e)),
+        }
+    }
+
+    /// On the blocking pool, under the journal's lock: the sequence numbers, the
+    /// journal record, then the held set. Also answers which parts of the write lie in
+    /// clusters copied while the record was written.
+    fn hold(&self, offset: u64, buf: IoBuf) -> (Redirect, Vec<(u64, u64)>) {
+        let len = buf.len() as u64;
+        let mut journal = lock_journal(&self.journal);
+        let Some(journal) = journal.as_mut() else {
+            return (Redirect::Pass(buf), Vec::new());
+        };
+        if journal.len() > JOURNAL_LIMIT || self.redirect_closed.load(Ordering::SeqCst) {
+            return (Redirect::Pass(buf), Vec::new());
+        }
+        let first_seq = {
+            let mut state = self.lock();
+            if !self.may_hold(&state, offset, len) {
+                return (Redirect::Pass(buf), Vec::new());
+            }
+            let first = state.redirected.next_seq + 1;
+            state.redirected.next_seq += len / BLOCK;
+            first
+        };
+        if let Err(e) = journal.append_write(offset, first_seq, &buf) {
+            tracing::warn!(
+                "a guest write goes through copy-before-write: '{}' cannot take it: {e}",
+                journal.path().display()
+            );
+            return (Redirect::Pass(buf), Vec::new());
+        }
+        let mut state = self.lock();
         let mut added = 0;
         for (i, block) in buf.chunks(BLOCK as usize).enumerate() {
-            state.redirected.next_seq += 1;
-            let seq = state.redirected.next_seq;
+            let seq = first_seq + i as u64;
             let at = offset + i as u64 * BLOCK;
             let data: Arc<[u8]> = Arc::from(block);
             match state.redirected.blocks.get_mut(&at) {
@@ -173,12 +290,13 @@ impl BlockCopy {
                 }
             }
         }
+        let copied_meanwhile = self.copied_clusters(&state, offset, offset + len);
         self.held_bytes.fetch_add(added, Ordering::Relaxed);
         drop(state);
         self.stats
             .redirected_bytes
             .fetch_add(len, Ordering::Relaxed);
-        Redirect::Held(buf)
+        (Redirect::Held(buf), copied_meanwhile)
     }
 
     /// A guest read through the filter: the source, with held blocks over it.
@@ -298,6 +416,9 @@ impl BlockCopy {
                 .map(drop);
             i = j;
         }
+        if result.is_ok() {
+            result = self.journal_release(taken).await;
+        }
         let mut state = self.lock();
         let mut dropped = 0;
         for (at, _, seq) in taken {
@@ -310,10 +431,89 @@ impl BlockCopy {
                 dropped += BLOCK as usize;
             }
         }
+        let none_held = state.redirected.blocks.is_empty();
         drop(state);
         self.held_bytes.fetch_sub(dropped, Ordering::Relaxed);
         self.changed.notify_waiters();
+        if result.is_ok()
+            && none_held
+            && let Err(e) = self.compact_journal(COMPACT_AT)
+        {
+            tracing::warn!("{e}");
+        }
         result
+    }
+
+    /// Appends the releases of blocks written back (runs of neighbours, each block
+    /// with the sequence it was taken at). Until this returns they stay held: a
+    /// replay must not find a write whose release it lacks once a later write may have
+    /// gone to the source directly.
+    async fn journal_release(&self, taken: &Taken) -> Result<(), Error> {
+        let mut runs: Vec<(u64, Vec<u64>)> = Vec::new();
+        for (at, _, seq) in taken {
+            match runs.last_mut() {
+                Some((start, seqs)) if *start + seqs.len() as u64 * BLOCK == *at => seqs.push(*seq),
+                _ => runs.push((*at, vec![*seq])),
+            }
+        }
+        let journal = self.journal.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut journal = lock_journal(&journal);
+            let Some(journal) = journal.as_mut() else {
+                return Ok(());
+            };
+            for (start, seqs) in &runs {
+                journal.append_release(*start, seqs).map_err(|e| {
+                    Error::from_io(
+                        format!(
+                            "cannot record a held write as written in '{}'",
+                            journal.path().display()
+                        ),
+                        e,
+                    )
+                })?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| task_failed("recording held writes as written", e))?
+    }
+
+    /// Empties the journal if nothing is held and it has grown past `at_least` bytes.
+    /// The held set is looked at under the journal's lock, and holds keep that lock for
+    /// their whole course, so none can be half done. It runs where it is called: a
+    /// truncate is a short metadata change, made at most once per `at_least` bytes.
+    fn compact_journal(&self, at_least: u64) -> Result<(), Error> {
+        let mut journal = lock_journal(&self.journal);
+        let Some(j) = journal.as_mut() else {
+            return Ok(());
+        };
+        if j.is_empty() || j.len() <= at_least || !self.lock().redirected.blocks.is_empty() {
+            return Ok(());
+        }
+        j.clear()
+            .map_err(|e| Error::from_io(format!("cannot empty '{}'", j.path().display()), e))
+    }
+
+    /// A guest flush's part of the journal: emptied if nothing is held, then synced,
+    /// so no release a flushed write depends on can be lost with the power.
+    pub async fn sync_journal(&self) -> Result<(), Error> {
+        if !self.journaled.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.compact_journal(0)?;
+        let journal = self.journal.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut journal = lock_journal(&journal);
+            match journal.as_mut() {
+                Some(j) => j.sync().map_err(|e| {
+                    Error::from_io(format!("cannot sync '{}'", j.path().display()), e)
+                }),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| task_failed("syncing the journal of held writes", e))?
     }
 
     /// Writes the held blocks of `[start, end)` to the source; only where their old
@@ -467,8 +667,58 @@ impl BlockCopy {
 
     /// The job is ending: holds no more writes and writes back what it holds (no old
     /// data is needed any more).
+    ///
+    /// Then the source is flushed and the journal deleted. On failure the journal is
+    /// kept (it still matches what is held) for [`BlockCopy::abandon_held`] or a retry.
     pub async fn close_redirects(self: &Arc<Self>) -> Result<(), Error> {
         self.redirect_closed.store(true, Ordering::SeqCst);
-        self.flush_held(0, self.len, false).await
+        // A hold runs under the journal's lock from its check of the flag to its
+        // insert: once the lock is had, none is half done.
+        drop(lock_journal(&self.journal));
+        self.flush_held(0, self.len, false).await?;
+        if !self.journaled.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // Deleting the journal is what makes the image the only copy of the blocks.
+        self.source.flush().await?;
+        self.remove_journal().await
+    }
+
+    /// The filter is going with blocks still held that cannot be written to the
+    /// source: they are lost, and so is the journal, which a later direct write would
+    /// make stale (a replay would put old data over it).
+    pub async fn abandon_held(&self) {
+        let lost = self.held_bytes();
+        if lost > 0 {
+            tracing::error!(
+                "{lost} bytes of guest writes held during the backup are lost: the source \
+                 does not take them"
+            );
+        }
+        if let Err(e) = self.remove_journal().await {
+            tracing::error!("{e}");
+        }
+    }
+
+    async fn remove_journal(&self) -> Result<(), Error> {
+        let Some(journal) = lock_journal(&self.journal).take() else {
+            return Ok(());
+        };
+        self.journaled.store(false, Ordering::SeqCst);
+        tokio::task::spawn_blocking(move || {
+            let path = journal.path().to_path_buf();
+            journal.remove().map_err(|e| {
+                Error::from_io(
+                    format!(
+                        "cannot delete '{}' (its writes are in the image: delete it before \
+                         the image is next opened)",
+                        path.display()
+                    ),
+                    e,
+                )
+            })
+        })
+        .await
+        .map_err(|e| task_failed("deleting the journal of held writes", e))?
     }
 }

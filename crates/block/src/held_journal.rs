@@ -1,0 +1,621 @@
+//! The journal of held guest writes: what makes a write a backup holds in memory
+//! (`jobs`, `block_copy::redirect`) survive the daemon being killed.
+//!
+//! A backup may acknowledge a guest write before it reaches the source image, because
+//! the source must keep its old data until the backup has read it. Before the write is
+//! acknowledged, its data is appended to this journal, beside the image
+//! ([`journal_path`]), through the page cache: a process killed at any moment leaves
+//! every acknowledged write in the journal, as the old path left it in the image's
+//! page cache. When a held block reaches the source, a release record says so. The
+//! next time a node of the same driver over the same file is opened read-write, the
+//! blocks still held are written into it and the journal is deleted ([`replay`]); a
+//! read-only open is refused, naming the journal, because it would read stale data.
+//!
+//! # Format (version 1, little-endian)
+//!
+//! ```text
+//!   header (64 bytes): "STLPHELD" | version u32 | 0 u32 | node length u64
+//!                      | driver name, 32 bytes NUL-padded | crc32c of bytes 0..56 u32 | 0 u32
+//!   record (32 bytes): kind u8 (1 write, 2 release) | 0 [3] | blocks u32 | offset u64
+//!                      | seq u64 | crc32c of bytes 0..24 and the payload u32 | 0 u32
+//!     write:   payload = blocks x 4096 bytes of data; block i has sequence seq + i
+//!     release: payload = blocks x u64, the sequence each block had when it was
+//!              written to the source (the record's seq field is 0)
+//! ```
+//!
+//! Records are appended one at a time, in the order the engine changes its set of
+//! held blocks, so replaying them in file order rebuilds that set: a write record sets
+//! each block's data and sequence, a release removes a block whose sequence is still
+//! the one released (a newer write of it stays).
+//!
+//! A record cut short or failing its checksum ends the journal: a killed process can
+//! only leave its last append unfinished, and that write was never acknowledged. After
+//! a power loss, blocks past the last guest flush may be missing as from any volatile
+//! cache (a flush syncs the journal). A header that is all zeros or missing is a
+//! journal created but never written (nothing to replay); any other bad header is an
+//! error, never ignored.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::path::PathBuf;
+
+use crate::buf::IoBuf;
+use crate::error::Error;
+use crate::error::ErrorKind;
+use crate::error::Result;
+use crate::node::driver::BlockDriver;
+use crate::node::driver::WriteFlags;
+
+/// The unit held: guests write whole 4 KiB pages.
+pub const BLOCK: u64 = 4096;
+/// Appended to the image's file name.
+pub const SUFFIX: &str = ".stillpoint-held";
+
+const MAGIC: &[u8; 8] = b"STLPHELD";
+const VERSION: u32 = 1;
+const HEADER_LEN: u64 = 64;
+const RECORD_LEN: usize = 32;
+const KIND_WRITE: u8 = 1;
+const KIND_RELEASE: u8 = 2;
+/// Largest record a reader accepts (blocks): 64 MiB of data, more than any engine
+/// holds in one write.
+const MAX_RECORD_BLOCKS: u32 = 16384;
+
+/// Where the journal of `image` lives.
+pub fn journal_path(image: &Path) -> PathBuf {
+    let mut name = image.as_os_str().to_owned();
+    name.push(SUFFIX);
+    PathBuf::from(name)
+}
+
+const fn crc32c_table() -> [u32; 256] {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = i as u32;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+}
+
+static CRC32C: [u32; 256] = crc32c_table();
+
+/// CRC-32C (Castagnoli) of the concatenation of `parts`.
+fn crc32c(parts: &[&[u8]]) -> u32 {
+    let mut crc = !0u32;
+    for part in parts {
+        for &byte in *part {
+            crc = CRC32C[((crc ^ byte as u32) & 0xff) as usize] ^ (crc >> 8);
+        }
+    }
+    !crc
+}
+
+fn header(driver: &str, length: u64) -> [u8; HEADER_LEN as usize] {
+    let mut h = [0u8; HEADER_LEN as usize];
+    h[0..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[16..24].copy_from_slice(&length.to_le_bytes());
+    let name = driver.as_bytes();
+    let n = name.len().min(32);
+    h[24..24 + n].copy_from_slice(&name[..n]);
+    let crc = crc32c(&[&h[0..56]]);
+    h[56..60].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn record_header(kind: u8, blocks: u32, offset: u64, seq: u64, payload: &[u8]) -> [u8; RECORD_LEN] {
+    let mut r = [0u8; RECORD_LEN];
+    r[0] = kind;
+    r[4..8].copy_from_slice(&blocks.to_le_bytes());
+    r[8..16].copy_from_slice(&offset.to_le_bytes());
+    r[16..24].copy_from_slice(&seq.to_le_bytes());
+    let crc = crc32c(&[&r[0..24], payload]);
+    r[24..28].copy_from_slice(&crc.to_le_bytes());
+    r
+}
+
+/// An open journal being appended to by one engine. The caller serialises appends (a
+/// mutex around it) in the order it changes its held set.
+#[derive(Debug)]
+pub struct HeldJournal {
+    path: PathBuf,
+    file: File,
+    /// Bytes of whole records written (the next append goes here; a failed append's
+    /// partial record is overwritten by the next).
+    len: u64,
+    /// Written or cut since the last sync.
+    unsynced: bool,
+}
+
+impl HeldJournal {
+    /// Creates the journal of `image` for a node of `driver` and `length` bytes. Fails
+    /// with `AlreadyExists` when one is there: another engine's, or one left by a
+    /// killed daemon that no open has replayed.
+    pub fn create(image: &Path, driver: &str, length: u64) -> io::Result<Self> {
+        let path = journal_path(image);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        if let Err(e) = file.write_all_at(&header(driver, length), 0) {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(Self {
+            path,
+            file,
+            len: HEADER_LEN,
+            unsynced: true,
+        })
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes in the journal.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.len == HEADER_LEN
+    }
+
+    fn append(&mut self, record: &[u8; RECORD_LEN], payload: &[u8]) -> io::Result<()> {
+        let iov = [
+            libc::iovec {
+                iov_base: record.as_ptr() as *mut libc::c_void,
+                iov_len: record.len(),
+            },
+            libc::iovec {
+                iov_base: payload.as_ptr() as *mut libc::c_void,
+                iov_len: payload.len(),
+            },
+        ];
+        let total = record.len() + payload.len();
+        // SAFETY: both iovecs point into live buffers of the lengths given, which the
+        // kernel only reads.
+        let written = unsafe {
+            libc::pwritev(
+                std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                iov.as_ptr(),
+                2,
+                self.len as libc::off_t,
+            )
+        };
+        if written < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let written = written as usize;
+        if written < total {
+            // A short write (a full disk): finish it, or fail with the reason.
+            let mut whole = Vec::with_capacity(total);
+            whole.extend_from_slice(record);
+            whole.extend_from_slice(payload);
+            self.file
+                .write_all_at(&whole[written..], self.len + written as u64)?;
+        }
+        self.len += total as u64;
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Records a held write of whole blocks at `offset`; block i has sequence
+    /// `first_seq + i`.
+    pub fn append_write(&mut self, offset: u64, first_seq: u64, data: &[u8]) -> io::Result<()> {
+        debug_assert!((data.len() as u64).is_multiple_of(BLOCK) && !data.is_empty());
+        let blocks = (data.len() as u64 / BLOCK) as u32;
+        let record = record_header(KIND_WRITE, blocks, offset, first_seq, data);
+        self.append(&record, data)
+    }
+
+    /// Records that the blocks from `offset` on, with the sequences `seqs`, are on the
+    /// source.
+    pub fn append_release(&mut self, offset: u64, seqs: &[u64]) -> io::Result<()> {
+        let payload: Vec<u8> = seqs.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let record = record_header(KIND_RELEASE, seqs.len() as u32, offset, 0, &payload);
+        self.append(&record, &payload)
+    }
+
+    /// Drops every record (nothing is held).
+    pub fn clear(&mut self) -> io::Result<()> {
+        self.file.set_len(HEADER_LEN)?;
+        self.len = HEADER_LEN;
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Makes what was appended (or cut) durable.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.unsynced {
+            self.file.sync_data()?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// Deletes the journal (nothing is held and the image has every block), durably,
+    /// so a power loss cannot bring back records a later write made stale.
+    pub fn remove(self) -> io::Result<()> {
+        std::fs::remove_file(&self.path)?;
+        sync_parent(&self.path)
+    }
+}
+
+fn sync_parent(path: &Path) -> io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()
+}
+
+/// What a journal still holds.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// The driver of the node it was written for ("raw", "qcow2", "file"...).
+    pub driver: String,
+    /// That node's length.
+    pub length: u64,
+    /// Held blocks, as runs of neighbouring blocks in offset order.
+    pub runs: Vec<(u64, Vec<u8>)>,
+    /// Bytes after the last whole record (an append cut short).
+    pub torn_bytes: u64,
+}
+
+impl Pending {
+    /// Blocks held.
+    pub fn blocks(&self) -> u64 {
+        self.runs.iter().map(|(_, d)| d.len() as u64 / BLOCK).sum()
+    }
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b[..4].try_into().unwrap())
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().unwrap())
+}
+
+/// Reads a journal's bytes: `Ok(None)` for one created but never written (empty or
+/// an all-zero header). A damaged header, or a whole record naming blocks outside
+/// the node, is an error.
+pub fn parse(bytes: &[u8]) -> std::result::Result<Option<Pending>, String> {
+    if bytes.len() < HEADER_LEN as usize {
+        if bytes.iter().all(|&b| b == 0) {
+            return Ok(None);
+        }
+        return Err(format!("its header is cut short ({} bytes)", bytes.len()));
+    }
+    let h = &bytes[..HEADER_LEN as usize];
+    if h.iter().all(|&b| b == 0) {
+        return Ok(None);
+    }
+    if &h[0..8] != MAGIC {
+        return Err("it is not a held-write journal (bad magic)".into());
+    }
+    if le_u32(&h[56..60]) != crc32c(&[&h[0..56]]) {
+        return Err("its header fails its checksum".into());
+    }
+    let version = le_u32(&h[8..12]);
+    if version != VERSION {
+        return Err(format!(
+            "it has version {version}; this build reads {VERSION}"
+        ));
+    }
+    let length = le_u64(&h[16..24]);
+    let name = &h[24..56];
+    let name_len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    let driver = String::from_utf8_lossy(&name[..name_len]).into_owned();
+
+    // Block -> (sequence, where its data is in `bytes`).
+    let mut held: BTreeMap<u64, (u64, usize)> = BTreeMap::new();
+    let mut at = HEADER_LEN as usize;
+    while bytes.len() - at >= RECORD_LEN {
+        let r = &bytes[at..at + RECORD_LEN];
+        let kind = r[0];
+        let blocks = le_u32(&r[4..8]);
+        let offset = le_u64(&r[8..16]);
+        let seq = le_u64(&r[16..24]);
+        let unit = match kind {
+            KIND_WRITE => BLOCK as usize,
+            KIND_RELEASE => 8,
+            _ => break,
+        };
+        if blocks == 0 || blocks > MAX_RECORD_BLOCKS {
+            break;
+        }
+        let payload_len = blocks as usize * unit;
+        let Some(payload) = bytes.get(at + RECORD_LEN..at + RECORD_LEN + payload_len) else {
+            break;
+        };
+        if le_u32(&r[24..28]) != crc32c(&[&r[0..24], payload]) {
+            break;
+        }
+        let end = u64::from(blocks)
+            .checked_mul(BLOCK)
+            .and_then(|len| offset.checked_add(len));
+        if !offset.is_multiple_of(BLOCK)
+            || end.is_none_or(|end| end > length.next_multiple_of(BLOCK))
+        {
+            return Err(format!(
+                "a record at byte {at} names blocks outside the {length}-byte node (offset {offset})"
+            ));
+        }
+        for i in 0..u64::from(blocks) {
+            let block = offset + i * BLOCK;
+            if kind == KIND_WRITE {
+                let data_at = at + RECORD_LEN + (i * BLOCK) as usize;
+                held.insert(block, (seq + i, data_at));
+            } else {
+                let released = le_u64(&payload[i as usize * 8..]);
+                if held.get(&block).is_some_and(|&(s, _)| s == released) {
+                    held.remove(&block);
+                }
+            }
+        }
+        at += RECORD_LEN + payload_len;
+    }
+    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (&block, &(_, data_at)) in &held {
+        let data = &bytes[data_at..data_at + BLOCK as usize];
+        match runs.last_mut() {
+            Some((start, run)) if *start + run.len() as u64 == block => run.extend_from_slice(data),
+            _ => runs.push((block, data.to_vec())),
+        }
+    }
+    Ok(Some(Pending {
+        driver,
+        length,
+        runs,
+        torn_bytes: (bytes.len() - at) as u64,
+    }))
+}
+
+fn journal_error(path: &Path, why: impl std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Io,
+        format!(
+            "the journal of held guest writes '{}' cannot be used: {why}; the image \
+             may lack writes a killed backup held: keep the journal and report this",
+            path.display()
+        ),
+    )
+}
+
+/// Run by every open before the node is used: if the image under `driver` has a
+/// journal written for a node of this driver, writes its held blocks into `driver`
+/// and deletes it. A read-only node with held blocks pending is refused.
+pub async fn replay(driver: &dyn BlockDriver, read_only: bool) -> Result<()> {
+    let Some(image) = driver.filename() else {
+        return Ok(());
+    };
+    let path = journal_path(&image);
+    let read_path = path.clone();
+    let read = tokio::task::spawn_blocking(move || match std::fs::read(&read_path) {
+        Ok(bytes) => Ok(Some(parse(&bytes))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Io, format!("journal read task failed: {e}")))?;
+    let pending = match read {
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(journal_error(&path, e)),
+        Ok(Some(Err(why))) => return Err(journal_error(&path, why)),
+        Ok(Some(Ok(None))) => None,
+        Ok(Some(Ok(Some(pending)))) => Some(pending),
+    };
+    let name = driver.driver_name();
+    if let Some(p) = &pending {
+        if p.driver != name {
+            // Another layer over the same file (the qcow2 node above this file node):
+            // that layer's open replays it.
+            tracing::debug!(
+                "'{}' is for a {} node, not this {name} node",
+                path.display(),
+                p.driver
+            );
+            return Ok(());
+        }
+        if p.length != driver.length() {
+            return Err(journal_error(
+                &path,
+                format!(
+                    "it was written for a {}-byte node, this one has {} bytes",
+                    p.length,
+                    driver.length()
+                ),
+            ));
+        }
+    }
+    let blocks = pending.as_ref().map_or(0, Pending::blocks);
+    if blocks > 0 && read_only {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "'{}' has {blocks} guest write block(s) of 4 KiB that a backup held \
+                 when its daemon stopped, in '{}': open it read-write once to write \
+                 them into the image",
+                image.display(),
+                path.display()
+            ),
+        ));
+    }
+    if read_only {
+        return Ok(());
+    }
+    if let Some(p) = pending {
+        for (offset, data) in &p.runs {
+            driver
+                .write(*offset, IoBuf::from_slice(data), WriteFlags::default())
+                .await
+                .map_err(|e| e.context(format!("applying '{}'", path.display())))?;
+        }
+        if blocks > 0 {
+            driver
+                .flush()
+                .await
+                .map_err(|e| e.context(format!("applying '{}'", path.display())))?;
+            tracing::warn!(
+                "wrote {blocks} held guest write block(s) of 4 KiB from '{}' into '{}': a \
+                 backup's daemon stopped before it could{}",
+                path.display(),
+                image.display(),
+                if p.torn_bytes > 0 {
+                    format!(" ({} bytes of an unfinished append ignored)", p.torn_bytes)
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    let remove_path = path.clone();
+    tokio::task::spawn_blocking(move || {
+        std::fs::remove_file(&remove_path)?;
+        sync_parent(&remove_path)
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Io, format!("journal removal task failed: {e}")))?
+    .map_err(|e| journal_error(&path, format!("it was applied but cannot be deleted: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(dir: &Path) -> (PathBuf, HeldJournal) {
+        let image = dir.join("disk.img");
+        let j = HeldJournal::create(&image, "raw", 1 << 20).unwrap();
+        (image, j)
+    }
+
+    fn read(image: &Path) -> Pending {
+        parse(&std::fs::read(journal_path(image)).unwrap())
+            .unwrap()
+            .unwrap()
+    }
+
+    fn page(byte: u8) -> Vec<u8> {
+        vec![byte; BLOCK as usize]
+    }
+
+    #[test]
+    fn a_release_drops_only_the_sequence_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, mut j) = journal(dir.path());
+        let mut two = page(1);
+        two.extend(page(2));
+        j.append_write(0, 1, &two).unwrap(); // blocks 0 (seq 1) and 1 (seq 2)
+        j.append_write(BLOCK, 3, &page(3)).unwrap(); // block 1 again (seq 3)
+        j.append_write(8 * BLOCK, 4, &page(4)).unwrap();
+        // Blocks 0 and 1 reached the source as seq 1 and 2: block 1 was written again
+        // meanwhile, so it stays with its newer data.
+        j.append_release(0, &[1, 2]).unwrap();
+        let p = read(&image);
+        assert_eq!(p.driver, "raw");
+        assert_eq!(p.length, 1 << 20);
+        assert_eq!(p.runs, vec![(BLOCK, page(3)), (8 * BLOCK, page(4))]);
+        assert_eq!(p.torn_bytes, 0);
+        j.append_release(BLOCK, &[3]).unwrap();
+        j.append_release(8 * BLOCK, &[4]).unwrap();
+        assert_eq!(read(&image).runs, vec![]);
+    }
+
+    #[test]
+    fn neighbouring_blocks_come_back_as_one_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, mut j) = journal(dir.path());
+        j.append_write(2 * BLOCK, 1, &page(7)).unwrap();
+        j.append_write(BLOCK, 2, &page(6)).unwrap();
+        let mut run = page(6);
+        run.extend(page(7));
+        assert_eq!(read(&image).runs, vec![(BLOCK, run)]);
+    }
+
+    #[test]
+    fn an_unfinished_or_damaged_last_record_ends_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, mut j) = journal(dir.path());
+        j.append_write(0, 1, &page(1)).unwrap();
+        j.append_write(BLOCK, 2, &page(2)).unwrap();
+        let path = journal_path(&image);
+        let whole = std::fs::read(&path).unwrap();
+        // Cut in the second record's data.
+        let cut = &whole[..whole.len() - 100];
+        let p = parse(cut).unwrap().unwrap();
+        assert_eq!(p.runs, vec![(0, page(1))]);
+        assert_eq!(p.torn_bytes, (RECORD_LEN + BLOCK as usize - 100) as u64);
+        // A flipped byte in the second record's data.
+        let mut flipped = whole.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        let p = parse(&flipped).unwrap().unwrap();
+        assert_eq!(p.runs, vec![(0, page(1))]);
+        assert_eq!(p.torn_bytes, (RECORD_LEN + BLOCK as usize) as u64);
+    }
+
+    #[test]
+    fn a_bad_header_is_an_error_and_a_blank_one_is_nothing() {
+        assert_eq!(parse(&[]), Ok(None));
+        assert_eq!(parse(&[0; 200]), Ok(None));
+        let mut h = header("raw", 4096).to_vec();
+        assert!(parse(&h).unwrap().is_some());
+        h[20] ^= 1;
+        assert!(
+            parse(&h).unwrap_err().contains("checksum"),
+            "{:?}",
+            parse(&h)
+        );
+        h[0] = b'X';
+        assert!(parse(&h).unwrap_err().contains("magic"));
+        assert!(parse(&[1, 2, 3]).unwrap_err().contains("cut short"));
+    }
+
+    #[test]
+    fn a_record_outside_the_node_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, mut j) = journal(dir.path());
+        j.append_write(1 << 20, 1, &page(1)).unwrap();
+        let err = parse(&std::fs::read(journal_path(&image)).unwrap()).unwrap_err();
+        assert!(err.contains("outside"), "{err}");
+    }
+
+    #[test]
+    fn clear_drops_records_and_create_refuses_a_second_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, mut j) = journal(dir.path());
+        j.append_write(0, 1, &page(1)).unwrap();
+        assert!(!j.is_empty());
+        j.clear().unwrap();
+        assert!(j.is_empty());
+        j.append_write(BLOCK, 2, &page(2)).unwrap();
+        assert_eq!(read(&image).runs, vec![(BLOCK, page(2))]);
+        let again = HeldJournal::create(&image, "raw", 1 << 20).unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
+        j.remove().unwrap();
+        assert!(!journal_path(&image).exists());
+    }
+}

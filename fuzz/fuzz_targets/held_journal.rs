@@ -1,0 +1,5 @@
+//! `held_journal`: see the harness of the same name in `crates/fuzzing`.
+
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzzing::held_journal(data));
