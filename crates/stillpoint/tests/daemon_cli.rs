@@ -545,3 +545,108 @@ fn exports_are_added_listed_and_deleted_with_an_event() {
         json!({})
     );
 }
+
+/// The daemon killed (SIGKILL) during a backup, with a guest write held in memory
+/// (block_copy::redirect): the write was acknowledged to the NBD client, so it must not
+/// be lost. It is in the journal beside the image; the next daemon's read-write open
+/// of the image writes it there, and a read-only open is refused until then.
+#[test]
+fn a_write_held_when_the_daemon_is_killed_is_in_the_image_after_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let target = dir.path().join("backup.img");
+    let size = 8u64 << 20;
+    let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&image, data).unwrap();
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let journal = dir.path().join("disk.img.stillpoint-held");
+    let nbd = dir.path().join("nbd.sock");
+    let blockdev = |name: &str, path: &Path, read_only: bool| {
+        json!({"driver":"raw","node-name":name,"read-only":read_only,
+               "file":{"driver":"file","filename":path}})
+    };
+    let (daemon, path) = start(dir.path(), &[]);
+    let (mut q, _) = Qmp::connect(&path);
+    q.cmd("qmp_capabilities", json!({}));
+    assert_eq!(
+        q.cmd("blockdev-add", blockdev("disk", &image, false))["return"],
+        json!({})
+    );
+    assert_eq!(
+        q.cmd("blockdev-add", blockdev("tgt", &target, false))["return"],
+        json!({})
+    );
+    q.cmd(
+        "nbd-server-start",
+        json!({"addr":{"type":"unix","data":{"path":nbd}}}),
+    );
+    q.cmd(
+        "block-export-add",
+        json!({"type":"nbd","id":"e","node-name":"disk","writable":true}),
+    );
+    // Slow enough that the background copy is nowhere near the end of the disk.
+    let backup = json!({"job-id":"b","device":"disk","target":"tgt","sync":"full","speed":65536});
+    assert_eq!(q.cmd("blockdev-backup", backup)["return"], json!({}));
+    assert!(
+        journal.exists(),
+        "the backup makes the journal of held writes"
+    );
+    let at = 7u64 << 20;
+    // libnbd's client (its Python binding; the system Python has it) sends no flush
+    // before it disconnects, so the write stays held. qemu-io would flush on close.
+    let script = format!(
+        "import nbd\nh = nbd.NBD()\nh.connect_uri('nbd+unix:///disk?socket={}')\n\
+         h.pwrite(b'\\xab' * 65536, {at})\nh.shutdown()\n",
+        nbd.display()
+    );
+    let write = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3 with libnbd's binding is required");
+    assert!(
+        write.status.success(),
+        "{}",
+        String::from_utf8_lossy(&write.stderr)
+    );
+    let on_disk = |path: &Path| {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; 65536];
+        std::fs::File::open(path)
+            .unwrap()
+            .read_exact_at(&mut buf, at)
+            .unwrap();
+        buf.iter().all(|&b| b == 0xab)
+    };
+    assert!(
+        std::fs::metadata(&journal).unwrap().len() > 65536,
+        "the journal holds the write"
+    );
+    assert!(!on_disk(&image), "the write is held: not in the image yet");
+    drop(daemon); // SIGKILL
+    // The killed daemon's socket file is left; the next one replaces it, and `start`
+    // waits for it to appear.
+    std::fs::remove_file(&path).unwrap();
+
+    let (_daemon, path) = start(dir.path(), &[]);
+    let (mut q, _) = Qmp::connect(&path);
+    q.cmd("qmp_capabilities", json!({}));
+    let refused = q.cmd("blockdev-add", blockdev("ro", &image, true));
+    let desc = refused["error"]["desc"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        desc.contains("stillpoint-held") && desc.contains("read-write"),
+        "a read-only open would read the image without the write: {refused}"
+    );
+    assert!(!on_disk(&image));
+    assert_eq!(
+        q.cmd("blockdev-add", blockdev("disk", &image, false))["return"],
+        json!({})
+    );
+    assert!(on_disk(&image), "the acknowledged write is in the image");
+    assert!(!journal.exists(), "an applied journal is deleted");
+}
