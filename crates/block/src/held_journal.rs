@@ -10,6 +10,9 @@
 //! next time a node of the same driver over the same file is opened read-write, the
 //! blocks still held are written into it and the journal is deleted ([`replay`]); a
 //! read-only open is refused, naming the journal, because it would read stale data.
+//! A live journal is `flock`ed by its writer, and a replay leaves a locked one alone:
+//! a second node opened over the image of a running backup does not take the
+//! backup's held blocks.
 //!
 //! # Format (version 1, little-endian)
 //!
@@ -147,18 +150,28 @@ impl HeldJournal {
     /// Creates the journal of `image` for a node of `driver` and `length` bytes. Fails
     /// with `AlreadyExists` when one is there: another engine's, or one left by a
     /// killed daemon that no open has replayed.
+    ///
+    /// The journal is locked (`flock`) for as long as this lives, so a replay by
+    /// another open of the same image, in this process or another, leaves it alone. It
+    /// is made whole and locked under a temporary name first, then linked in place, so
+    /// nobody sees it unlocked.
     pub fn create(image: &Path, driver: &str, length: u64) -> io::Result<Self> {
         let path = journal_path(image);
+        let mut temporary = path.as_os_str().to_owned();
+        temporary.push(format!(".{}.tmp", std::process::id()));
+        let temporary = PathBuf::from(temporary);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .mode(0o600)
-            .open(&path)?;
-        if let Err(e) = file.write_all_at(&header(driver, length), 0) {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
+            .open(&temporary)?;
+        let made = lock(&file)
+            .and_then(|()| file.write_all_at(&header(driver, length), 0))
+            .and_then(|()| std::fs::hard_link(&temporary, &path));
+        let _ = std::fs::remove_file(&temporary);
+        made?;
         Ok(Self {
             path,
             file,
@@ -260,6 +273,22 @@ impl HeldJournal {
     pub fn remove(self) -> io::Result<()> {
         std::fs::remove_file(&self.path)?;
         sync_parent(&self.path)
+    }
+}
+
+/// An exclusive `flock` of `file`, or `WouldBlock` when someone has it.
+fn lock(file: &File) -> io::Result<()> {
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -414,19 +443,31 @@ pub async fn replay(driver: &dyn BlockDriver, read_only: bool) -> Result<()> {
     };
     let path = journal_path(&image);
     let read_path = path.clone();
-    let read = tokio::task::spawn_blocking(move || match std::fs::read(&read_path) {
-        Ok(bytes) => Ok(Some(parse(&bytes))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+    // Read under the journal's lock, kept until it is deleted: a journal locked by
+    // someone else belongs to a backup running now, whose filter serves its blocks.
+    let read = tokio::task::spawn_blocking(move || {
+        let file = match File::open(&read_path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match lock(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut &file, &mut bytes)?;
+        Ok(Some((file, parse(&bytes))))
     })
     .await
     .map_err(|e| Error::new(ErrorKind::Io, format!("journal read task failed: {e}")))?;
-    let pending = match read {
+    let (locked, pending) = match read {
         Ok(None) => return Ok(()),
         Err(e) => return Err(journal_error(&path, e)),
-        Ok(Some(Err(why))) => return Err(journal_error(&path, why)),
-        Ok(Some(Ok(None))) => None,
-        Ok(Some(Ok(Some(pending)))) => Some(pending),
+        Ok(Some((_, Err(why)))) => return Err(journal_error(&path, why)),
+        Ok(Some((locked, Ok(None)))) => (locked, None),
+        Ok(Some((locked, Ok(Some(pending))))) => (locked, Some(pending)),
     };
     let name = driver.driver_name();
     if let Some(p) = &pending {
@@ -495,6 +536,7 @@ pub async fn replay(driver: &dyn BlockDriver, read_only: bool) -> Result<()> {
     let remove_path = path.clone();
     tokio::task::spawn_blocking(move || {
         std::fs::remove_file(&remove_path)?;
+        drop(locked);
         sync_parent(&remove_path)
     })
     .await

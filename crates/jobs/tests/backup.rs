@@ -755,12 +755,21 @@ async fn held_writes_survive_a_killed_daemon_in_the_journal_and_the_next_open_wr
     );
 
     let image = as_left_by_a_kill(&rig, "killed.img");
-    let open = |read_only: bool, name: &str| {
+    let open_of = |path: &std::path::Path, read_only: bool, name: &str| {
         options(
             json!({"driver":"raw","node-name":name,"read-only":read_only,
-                       "file":{"driver":"file","filename":image}}),
+                       "file":{"driver":"file","filename":path}}),
         )
     };
+    let open = |read_only: bool, name: &str| open_of(&image, read_only, name);
+    // A second node over the running backup's image: the live journal is locked, so
+    // this open neither refuses nor takes the held blocks.
+    rig.graph
+        .add(open_of(&rig.source, true, "peek"))
+        .await
+        .unwrap();
+    assert!(journal_path(&rig.source).exists(), "the live journal stays");
+    rig.graph.remove("peek").await.unwrap();
     let err = rig.graph.add(open(true, "ro")).await.unwrap_err();
     assert!(
         err.to_string().contains("stillpoint-held") && err.to_string().contains("read-write"),
