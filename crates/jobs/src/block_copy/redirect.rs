@@ -85,6 +85,10 @@ const COMPACT_AT: u64 = 1 << 20;
 /// has no host file or the journal cannot be created there.
 pub(super) fn open_journal(source: &Attachment) -> Option<HeldJournal> {
     let node = source.node();
+    if node.policy().read_only {
+        // No guest can write to it (the CLI backs up images opened read-only).
+        return None;
+    }
     let image = node.filename()?;
     let driver = node.driver();
     match HeldJournal::create(&image, driver.driver_name(), driver.length()) {
