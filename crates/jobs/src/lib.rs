@@ -44,11 +44,13 @@
 //!   read puts it back, and a partial copy-before-write, which saves just the guest's
 //!   blocks of it (a fragment, never written over later) and leaves the rest to copy.
 //! * A guest write of whole pages over clusters not yet copied waits for nothing: it is
-//!   held in memory (bounded), read back from there, and written to the source only
-//!   once the cluster's old data has been read (`block_copy::redirect`); a flush puts
-//!   every held write into the image first, and the job writes back the rest before
-//!   its filter goes. Any other write first writes back the held writes it overlaps,
-//!   so the source sees a range's writes in order.
+//!   recorded in a journal beside the image (`block::held_journal`, so a killed
+//!   daemon loses none: the next read-write open writes them in), held in memory
+//!   (bounded), read back from there, and written to the source only once the
+//!   cluster's old data has been read (`block_copy::redirect`); a flush puts every
+//!   held write into the image first, and the job writes back the rest before its
+//!   filter goes. Any other write first writes back the held writes it overlaps, so
+//!   the source sees a range's writes in order.
 //! * Otherwise a guest write waits only for source *reads* of its clusters (its own
 //!   or a background one in flight), never for the target: old data it displaces is
 //!   parked in the bounded staging area and written by the job's workers, ahead of the
