@@ -650,3 +650,85 @@ fn a_write_held_when_the_daemon_is_killed_is_in_the_image_after_the_next_open() 
     assert!(on_disk(&image), "the acknowledged write is in the image");
     assert!(!journal.exists(), "an applied journal is deleted");
 }
+
+/// A full disk under the journal of held writes: writes that no longer fit in it are
+/// not held but written through copy-before-write, so none is lost when the daemon is
+/// then killed, and the next open puts the ones that were held into the image.
+#[test]
+fn writes_the_journal_has_no_room_for_go_through_copy_before_write_and_none_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = dir.path().join("fs");
+    // 8 MiB of image, about 1 MiB left: room for a few 64 KiB records, not 40.
+    let Some(_tmpfs) = common::small_tmpfs(&fs, "9m") else {
+        return;
+    };
+    let image = fs.join("disk.img");
+    let target = dir.path().join("backup.img");
+    let size = 8u64 << 20;
+    let data: Vec<u8> = (0..size).map(|i| (i % 241) as u8).collect();
+    std::fs::write(&image, data).unwrap();
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let nbd = dir.path().join("nbd.sock");
+    let raw = |name: &str, path: &Path| json!({"driver":"raw","node-name":name,"file":{"driver":"file","filename":path}});
+    let (daemon, path) = start(dir.path(), &[]);
+    let (mut q, _) = Qmp::connect(&path);
+    q.cmd("qmp_capabilities", json!({}));
+    q.cmd("blockdev-add", raw("disk", &image));
+    q.cmd("blockdev-add", raw("tgt", &target));
+    q.cmd(
+        "nbd-server-start",
+        json!({"addr":{"type":"unix","data":{"path":nbd}}}),
+    );
+    q.cmd(
+        "block-export-add",
+        json!({"type":"nbd","id":"e","node-name":"disk","writable":true}),
+    );
+    let backup = json!({"job-id":"b","device":"disk","target":"tgt","sync":"full","speed":65536});
+    assert_eq!(q.cmd("blockdev-backup", backup)["return"], json!({}));
+    let (first, count) = (5u64 << 20, 40u64);
+    let script = format!(
+        "import nbd\nh = nbd.NBD()\nh.connect_uri('nbd+unix:///disk?socket={}')\n\
+         for i in range({count}):\n    h.pwrite(bytes([i + 1]) * 65536, {first} + i * 65536)\n\
+         h.shutdown()\n",
+        nbd.display()
+    );
+    let write = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3 with libnbd's binding is required");
+    assert!(
+        write.status.success(),
+        "every write succeeds: {}",
+        String::from_utf8_lossy(&write.stderr)
+    );
+    let written = |path: &Path, i: u64| {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; 65536];
+        std::fs::File::open(path)
+            .unwrap()
+            .read_exact_at(&mut buf, first + i * 65536)
+            .unwrap();
+        buf.iter().all(|&b| b == i as u8 + 1)
+    };
+    let held = (0..count).filter(|&i| !written(&image, i)).count();
+    assert!(
+        held > 0 && held < count as usize,
+        "some writes held (journalled), the rest written through: {held} of {count} held"
+    );
+    eprintln!("{held} of {count} writes held before the journal's filesystem was full");
+    drop(daemon); // SIGKILL
+    std::fs::remove_file(&path).unwrap();
+
+    let (_daemon, path) = start(dir.path(), &[]);
+    let (mut q, _) = Qmp::connect(&path);
+    q.cmd("qmp_capabilities", json!({}));
+    assert_eq!(
+        q.cmd("blockdev-add", raw("disk", &image))["return"],
+        json!({})
+    );
+    let missing: Vec<u64> = (0..count).filter(|&i| !written(&image, i)).collect();
+    assert!(missing.is_empty(), "writes lost: {missing:?}");
+}
