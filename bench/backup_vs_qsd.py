@@ -400,12 +400,18 @@ def main():
         results = {name: [] for name, _ in contenders}
         for _ in range(args.latency_rounds):
             for name, fn in contenders:  # alternated, so the VM's drift hits each alike
+                # Files are freed before the copy, and the frees committed before the
+                # timing: on a filesystem mounted with `discard` (this VM's), freeing a
+                # 2 GiB target issues its discards at the next journal commit, which could
+                # otherwise fall inside a measurement. (A precaution: it did not remove
+                # the slow first round of a sitting, which is slow alone as well.)
+                fresh_target(tgt, size)
                 shutil.copyfile(src, lat_src)
                 evict(lat_src)
+                os.sync()
                 if callable(fn):
                     result = fn(lat_src, tgt, args.ops)
                 else:
-                    fresh_target(tgt, size)
                     result = qsd_latency(tmp, lat_src, tgt, args.ops, fn)
                 results[name].append(result)
         print_latency(results, args.latency_rounds)
