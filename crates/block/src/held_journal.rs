@@ -157,8 +157,12 @@ impl HeldJournal {
     /// nobody sees it unlocked.
     pub fn create(image: &Path, driver: &str, length: u64) -> io::Result<Self> {
         let path = journal_path(image);
+        // Unique to this call: two engines of one process over the same image must not
+        // share (and truncate) one temporary file.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut temporary = path.as_os_str().to_owned();
-        temporary.push(format!(".{}.tmp", std::process::id()));
+        temporary.push(format!(".{}.{n}.tmp", std::process::id()));
         let temporary = PathBuf::from(temporary);
         let file = OpenOptions::new()
             .read(true)
@@ -386,9 +390,7 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Option<Pending>, String> {
         let end = u64::from(blocks)
             .checked_mul(BLOCK)
             .and_then(|len| offset.checked_add(len));
-        if !offset.is_multiple_of(BLOCK)
-            || end.is_none_or(|end| end > length.next_multiple_of(BLOCK))
-        {
+        if !offset.is_multiple_of(BLOCK) || end.is_none_or(|end| end > length) {
             return Err(format!(
                 "a record at byte {at} names blocks outside the {length}-byte node (offset {offset})"
             ));
