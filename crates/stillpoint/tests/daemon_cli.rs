@@ -546,39 +546,32 @@ fn exports_are_added_listed_and_deleted_with_an_event() {
     );
 }
 
-/// The daemon killed (SIGKILL) during a backup, with a guest write held in memory
-/// (block_copy::redirect): the write was acknowledged to the NBD client, so it must not
-/// be lost. It is in the journal beside the image; the next daemon's read-write open
-/// of the image writes it there, and a read-only open is refused until then.
-#[test]
-fn a_write_held_when_the_daemon_is_killed_is_in_the_image_after_the_next_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    let target = dir.path().join("backup.img");
+/// An 8 MiB raw disk at `image` (a seeded pattern) exported writable over NBD by a
+/// fresh daemon in `dir`, with a backup into `dir/backup.img` throttled to 64 KiB/s, so
+/// the background copy stays near the start while a test writes past 5 MiB. Returns
+/// the daemon, its QMP socket and connection, and the NBD socket.
+fn throttled_backup_under_nbd(
+    dir: &Path,
+    image: &Path,
+) -> (DaemonProcess, std::path::PathBuf, Qmp, std::path::PathBuf) {
     let size = 8u64 << 20;
     let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-    std::fs::write(&image, data).unwrap();
+    std::fs::write(image, data).unwrap();
+    let target = dir.join("backup.img");
     std::fs::File::create(&target)
         .unwrap()
         .set_len(size)
         .unwrap();
-    let journal = dir.path().join("disk.img.stillpoint-held");
-    let nbd = dir.path().join("nbd.sock");
-    let blockdev = |name: &str, path: &Path, read_only: bool| {
-        json!({"driver":"raw","node-name":name,"read-only":read_only,
-               "file":{"driver":"file","filename":path}})
-    };
-    let (daemon, path) = start(dir.path(), &[]);
+    let nbd = dir.join("nbd.sock");
+    let (daemon, path) = start(dir, &[]);
     let (mut q, _) = Qmp::connect(&path);
     q.cmd("qmp_capabilities", json!({}));
-    assert_eq!(
-        q.cmd("blockdev-add", blockdev("disk", &image, false))["return"],
-        json!({})
-    );
-    assert_eq!(
-        q.cmd("blockdev-add", blockdev("tgt", &target, false))["return"],
-        json!({})
-    );
+    for (name, file) in [("disk", image), ("tgt", target.as_path())] {
+        assert_eq!(
+            q.cmd("blockdev-add", raw_node(name, file, false))["return"],
+            json!({})
+        );
+    }
     q.cmd(
         "nbd-server-start",
         json!({"addr":{"type":"unix","data":{"path":nbd}}}),
@@ -587,108 +580,21 @@ fn a_write_held_when_the_daemon_is_killed_is_in_the_image_after_the_next_open() 
         "block-export-add",
         json!({"type":"nbd","id":"e","node-name":"disk","writable":true}),
     );
-    // Slow enough that the background copy is nowhere near the end of the disk.
     let backup = json!({"job-id":"b","device":"disk","target":"tgt","sync":"full","speed":65536});
     assert_eq!(q.cmd("blockdev-backup", backup)["return"], json!({}));
-    assert!(
-        journal.exists(),
-        "the backup makes the journal of held writes"
-    );
-    let at = 7u64 << 20;
-    // libnbd's client (its Python binding; the system Python has it) sends no flush
-    // before it disconnects, so the write stays held. qemu-io would flush on close.
-    let script = format!(
-        "import nbd\nh = nbd.NBD()\nh.connect_uri('nbd+unix:///disk?socket={}')\n\
-         h.pwrite(b'\\xab' * 65536, {at})\nh.shutdown()\n",
-        nbd.display()
-    );
-    let write = Command::new("/usr/bin/python3")
-        .args(["-c", &script])
-        .output()
-        .expect("python3 with libnbd's binding is required");
-    assert!(
-        write.status.success(),
-        "{}",
-        String::from_utf8_lossy(&write.stderr)
-    );
-    let on_disk = |path: &Path| {
-        use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; 65536];
-        std::fs::File::open(path)
-            .unwrap()
-            .read_exact_at(&mut buf, at)
-            .unwrap();
-        buf.iter().all(|&b| b == 0xab)
-    };
-    assert!(
-        std::fs::metadata(&journal).unwrap().len() > 65536,
-        "the journal holds the write"
-    );
-    assert!(!on_disk(&image), "the write is held: not in the image yet");
-    drop(daemon); // SIGKILL
-    // The killed daemon's socket file is left; the next one replaces it, and `start`
-    // waits for it to appear.
-    std::fs::remove_file(&path).unwrap();
-
-    let (_daemon, path) = start(dir.path(), &[]);
-    let (mut q, _) = Qmp::connect(&path);
-    q.cmd("qmp_capabilities", json!({}));
-    let refused = q.cmd("blockdev-add", blockdev("ro", &image, true));
-    let desc = refused["error"]["desc"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(
-        desc.contains("stillpoint-held") && desc.contains("read-write"),
-        "a read-only open would read the image without the write: {refused}"
-    );
-    assert!(!on_disk(&image));
-    assert_eq!(
-        q.cmd("blockdev-add", blockdev("disk", &image, false))["return"],
-        json!({})
-    );
-    assert!(on_disk(&image), "the acknowledged write is in the image");
-    assert!(!journal.exists(), "an applied journal is deleted");
+    (daemon, path, q, nbd)
 }
 
-/// A full disk under the journal of held writes: writes that no longer fit in it are
-/// not held but written through copy-before-write, so none is lost when the daemon is
-/// then killed, and the next open puts the ones that were held into the image.
-#[test]
-fn writes_the_journal_has_no_room_for_go_through_copy_before_write_and_none_is_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let fs = dir.path().join("fs");
-    // 8 MiB of image, about 1 MiB left: room for a few 64 KiB records, not 40.
-    let Some(_tmpfs) = common::small_tmpfs(&fs, "9m") else {
-        return;
-    };
-    let image = fs.join("disk.img");
-    let target = dir.path().join("backup.img");
-    let size = 8u64 << 20;
-    let data: Vec<u8> = (0..size).map(|i| (i % 241) as u8).collect();
-    std::fs::write(&image, data).unwrap();
-    std::fs::File::create(&target)
-        .unwrap()
-        .set_len(size)
-        .unwrap();
-    let nbd = dir.path().join("nbd.sock");
-    let raw = |name: &str, path: &Path| json!({"driver":"raw","node-name":name,"file":{"driver":"file","filename":path}});
-    let (daemon, path) = start(dir.path(), &[]);
-    let (mut q, _) = Qmp::connect(&path);
-    q.cmd("qmp_capabilities", json!({}));
-    q.cmd("blockdev-add", raw("disk", &image));
-    q.cmd("blockdev-add", raw("tgt", &target));
-    q.cmd(
-        "nbd-server-start",
-        json!({"addr":{"type":"unix","data":{"path":nbd}}}),
-    );
-    q.cmd(
-        "block-export-add",
-        json!({"type":"nbd","id":"e","node-name":"disk","writable":true}),
-    );
-    let backup = json!({"job-id":"b","device":"disk","target":"tgt","sync":"full","speed":65536});
-    assert_eq!(q.cmd("blockdev-backup", backup)["return"], json!({}));
-    let (first, count) = (5u64 << 20, 40u64);
+fn raw_node(name: &str, path: &Path, read_only: bool) -> Value {
+    json!({"driver":"raw","node-name":name,"read-only":read_only,
+           "file":{"driver":"file","filename":path}})
+}
+
+/// Writes `count` 64 KiB blocks from `first` through the export, block i filled with
+/// the byte i + 1, with libnbd's client (its Python binding; the system Python has
+/// it), which sends no flush before it disconnects, so held writes stay held (qemu-io
+/// would flush on close).
+fn nbd_writes(nbd: &Path, first: u64, count: u64) {
     let script = format!(
         "import nbd\nh = nbd.NBD()\nh.connect_uri('nbd+unix:///disk?socket={}')\n\
          for i in range({count}):\n    h.pwrite(bytes([i + 1]) * 65536, {first} + i * 65536)\n\
@@ -704,31 +610,109 @@ fn writes_the_journal_has_no_room_for_go_through_copy_before_write_and_none_is_l
         "every write succeeds: {}",
         String::from_utf8_lossy(&write.stderr)
     );
-    let written = |path: &Path, i: u64| {
-        use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; 65536];
-        std::fs::File::open(path)
-            .unwrap()
-            .read_exact_at(&mut buf, first + i * 65536)
-            .unwrap();
-        buf.iter().all(|&b| b == i as u8 + 1)
+}
+
+/// Whether `image` has the block [`nbd_writes`] wrote as its `i`th from `first`.
+fn has_nbd_write(image: &Path, first: u64, i: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 65536];
+    std::fs::File::open(image)
+        .unwrap()
+        .read_exact_at(&mut buf, first + i * 65536)
+        .unwrap();
+    buf.iter().all(|&b| b == i as u8 + 1)
+}
+
+/// SIGKILLs `daemon` and starts another in `dir`, ready for commands.
+fn kill_and_restart(daemon: DaemonProcess, dir: &Path, qmp: &Path) -> (DaemonProcess, Qmp) {
+    drop(daemon); // SIGKILL
+    // The killed daemon's socket file is left; the next one replaces it, and `start`
+    // waits for it to appear.
+    std::fs::remove_file(qmp).unwrap();
+    let (daemon, path) = start(dir, &[]);
+    let (mut q, _) = Qmp::connect(&path);
+    q.cmd("qmp_capabilities", json!({}));
+    (daemon, q)
+}
+
+/// The daemon killed (SIGKILL) during a backup, with a guest write held in memory
+/// (block_copy::redirect): the write was acknowledged to the NBD client, so it must not
+/// be lost. It is in the journal beside the image; the next daemon's read-write open
+/// of the image writes it there, and a read-only open is refused until then.
+#[test]
+fn a_write_held_when_the_daemon_is_killed_is_in_the_image_after_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let journal = dir.path().join("disk.img.stillpoint-held");
+    let (daemon, path, _q, nbd) = throttled_backup_under_nbd(dir.path(), &image);
+    assert!(
+        journal.exists(),
+        "the backup makes the journal of held writes"
+    );
+    let at = 7u64 << 20;
+    nbd_writes(&nbd, at, 1);
+    assert!(
+        std::fs::metadata(&journal).unwrap().len() > 65536,
+        "the journal holds the write"
+    );
+    assert!(
+        !has_nbd_write(&image, at, 0),
+        "the write is held: not in the image yet"
+    );
+
+    let (_daemon, mut q) = kill_and_restart(daemon, dir.path(), &path);
+    let refused = q.cmd("blockdev-add", raw_node("ro", &image, true));
+    let desc = refused["error"]["desc"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        desc.contains("stillpoint-held") && desc.contains("read-write"),
+        "a read-only open would read the image without the write: {refused}"
+    );
+    assert!(!has_nbd_write(&image, at, 0));
+    assert_eq!(
+        q.cmd("blockdev-add", raw_node("disk", &image, false))["return"],
+        json!({})
+    );
+    assert!(
+        has_nbd_write(&image, at, 0),
+        "the acknowledged write is in the image"
+    );
+    assert!(!journal.exists(), "an applied journal is deleted");
+}
+
+/// A full disk under the journal of held writes: writes that no longer fit in it are
+/// not held but written through copy-before-write, so none is lost when the daemon is
+/// then killed, and the next open puts the ones that were held into the image.
+#[test]
+fn writes_the_journal_has_no_room_for_go_through_copy_before_write_and_none_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = dir.path().join("fs");
+    // 8 MiB of image, about 1 MiB left: room for a few 64 KiB records, not 40.
+    let Some(_tmpfs) = common::small_tmpfs(&fs, "9m") else {
+        return;
     };
-    let held = (0..count).filter(|&i| !written(&image, i)).count();
+    let image = fs.join("disk.img");
+    let (daemon, path, _q, nbd) = throttled_backup_under_nbd(dir.path(), &image);
+    let (first, count) = (5u64 << 20, 40u64);
+    nbd_writes(&nbd, first, count);
+    let held = (0..count)
+        .filter(|&i| !has_nbd_write(&image, first, i))
+        .count();
     assert!(
         held > 0 && held < count as usize,
         "some writes held (journalled), the rest written through: {held} of {count} held"
     );
     eprintln!("{held} of {count} writes held before the journal's filesystem was full");
-    drop(daemon); // SIGKILL
-    std::fs::remove_file(&path).unwrap();
 
-    let (_daemon, path) = start(dir.path(), &[]);
-    let (mut q, _) = Qmp::connect(&path);
-    q.cmd("qmp_capabilities", json!({}));
+    let (_daemon, mut q) = kill_and_restart(daemon, dir.path(), &path);
     assert_eq!(
-        q.cmd("blockdev-add", raw("disk", &image))["return"],
+        q.cmd("blockdev-add", raw_node("disk", &image, false))["return"],
         json!({})
     );
-    let missing: Vec<u64> = (0..count).filter(|&i| !written(&image, i)).collect();
+    let missing: Vec<u64> = (0..count)
+        .filter(|&i| !has_nbd_write(&image, first, i))
+        .collect();
     assert!(missing.is_empty(), "writes lost: {missing:?}");
 }
