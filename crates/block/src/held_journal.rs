@@ -475,12 +475,18 @@ pub async fn replay(driver: &dyn BlockDriver, read_only: bool) -> Result<()> {
     if let Some(p) = &pending {
         if p.driver != name {
             // Another layer over the same file (the qcow2 node above this file node):
-            // that layer's open replays it.
-            tracing::debug!(
-                "'{}' is for a {} node, not this {name} node",
-                path.display(),
-                p.driver
-            );
+            // that layer's open replays it. Said aloud, because a node of another
+            // driver over the file reads it without those writes.
+            if p.blocks() > 0 {
+                tracing::warn!(
+                    "'{}' holds guest writes for a {} node over '{}'; they are written \
+                     when such a node opens it read-write (this {name} node does not \
+                     see them)",
+                    path.display(),
+                    p.driver,
+                    image.display()
+                );
+            }
             return Ok(());
         }
         if p.length != driver.length() {
