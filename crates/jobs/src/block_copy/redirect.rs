@@ -485,10 +485,17 @@ impl BlockCopy {
 
     /// Empties the journal if nothing is held and it has grown past `at_least` bytes.
     /// The held set is looked at under the journal's lock, and holds keep that lock for
-    /// their whole course, so none can be half done. It runs where it is called: a
-    /// truncate is a short metadata change, made at most once per `at_least` bytes.
+    /// their whole course, so none can be half done. It runs where it is called (the
+    /// runtime thread, after a write-back): a truncate is a short metadata change, made
+    /// at most once per `at_least` bytes, and a journal whose lock is taken is left as
+    /// it is rather than waited for (a hold or a release is writing to it, so there is
+    /// no empty moment to catch anyway).
     fn compact_journal(&self, at_least: u64) -> Result<(), Error> {
-        let mut journal = lock_journal(&self.journal);
+        let mut journal = match self.journal.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+        };
         let Some(j) = journal.as_mut() else {
             return Ok(());
         };
