@@ -11,7 +11,7 @@
 //! | `qmp` | a QMP client's stream: the decoder, then command dispatch |
 //! | `blockdev_options` | `blockdev-add` options, as QEMU's dotted key=value text and as JSON |
 //! | `repo_files` | repository objects: pack indexes, snapshot manifests, stored chunks (the harness seals its input with a valid digest, so the parsers behind the checksums are reached) |
-//! | `held_journal` | a journal of held guest writes: raw bytes, and journals the writer makes from the input's operations, then cut or flipped at a point the input picks (the reader's held set must match a model of the operations) |
+//! | `held_journal` | a journal of held guest writes: raw bytes, and journals the writer makes from the input's operations (syncs included), then cut, flipped or zeroed as a power loss would at a point the input picks (the reader's held set must match a model of the operations; damage before a sync is refused) |
 //!
 //! Two users: the `cargo fuzz` targets under `fuzz/` (one line each, run by
 //! `scripts/fuzz.sh` with libFuzzer and AddressSanitizer), and the replay test of this
@@ -444,12 +444,18 @@ pub fn repo_files(data: &[u8]) {
 }
 
 /// The journal of held guest writes (`block::held_journal`). Bytes 0..2 pick a damage
-/// point; the rest, 4 bytes per operation, drive the writer over a 1 MiB node (write
-/// `count` blocks of one byte value, release `count` blocks at their current or a stale
-/// sequence, or empty it). The journal read back must give exactly the model's held
-/// blocks. Then the same bytes, cut or with one byte flipped, must read without a panic
-/// and never invent data: every block read back must have been written with that
-/// value at some point. Raw input bytes go through the reader too.
+/// point and kind; the rest, 4 bytes per operation, drive the writer over a 1 MiB node
+/// (write `count` blocks of one byte value, release `count` blocks at their current or
+/// a stale sequence, empty it when nothing is held, or sync it). The journal read back
+/// must give exactly the model's held blocks. Then the same bytes, damaged, must read
+/// without a panic and never invent data (every block read back was written with that
+/// value at some point), and:
+/// * a byte flipped before the last sync's mark is refused as damage, one flipped
+///   after it is not (it is an unsynced tail);
+/// * cut anywhere past the last sync, or with a page past it zeroed (what a power
+///   loss may do), the journal reads as the held set at some moment since that sync.
+///
+/// Raw input bytes go through the reader too.
 pub fn held_journal(data: &[u8]) {
     use block::held_journal::BLOCK;
     use block::held_journal::HeldJournal;
@@ -471,15 +477,23 @@ pub fn held_journal(data: &[u8]) {
     std::fs::create_dir_all(&dir).expect("a temp dir");
     let image = dir.join("disk");
     const NODE: u64 = 1 << 20;
+    const HEADER: usize = 64;
     let mut journal = HeldJournal::create(&image, "raw", NODE).expect("a new journal");
     // Block -> (sequence, byte value); every (block, value) ever written.
     let mut model: BTreeMap<u64, (u64, u8)> = BTreeMap::new();
     let mut ever: BTreeSet<(u64, u8)> = BTreeSet::new();
+    let view = |m: &BTreeMap<u64, (u64, u8)>| -> BTreeMap<u64, u8> {
+        m.iter().map(|(&b, &(_, v))| (b, v)).collect()
+    };
+    // The journal's length when the last sync returned (where its mark is), and the
+    // held sets since then.
+    let mut durable = HEADER;
+    let mut since_sync = vec![BTreeMap::new()];
     let mut seq = 0u64;
     for op in ops.chunks_exact(4) {
         let block = u64::from(op[1]) * BLOCK;
         let count = 1 + u64::from(op[2] % 8).min((NODE - block) / BLOCK - 1);
-        match op[0] % 5 {
+        match op[0] % 6 {
             0..=2 => {
                 let data = vec![op[3]; (count * BLOCK) as usize];
                 journal.append_write(block, seq + 1, &data).expect("append");
@@ -507,11 +521,28 @@ pub fn held_journal(data: &[u8]) {
                     }
                 }
             }
+            4 => {
+                // As the engine does: only a journal holding nothing is emptied.
+                // The file then holds only what follows (how a power loss treats an
+                // unsynced truncation is the filesystem's and is not modelled).
+                if model.is_empty() {
+                    journal.clear().expect("clear");
+                    durable = HEADER;
+                    since_sync = vec![BTreeMap::new()];
+                }
+                continue;
+            }
             _ => {
-                journal.clear().expect("clear");
-                model.clear();
+                let before = journal.len() as usize;
+                journal.sync().expect("sync");
+                if journal.len() as usize > before {
+                    durable = before;
+                    since_sync = vec![view(&model)];
+                }
+                continue;
             }
         }
+        since_sync.push(view(&model));
     }
     let path = journal_path(&image);
     let bytes = std::fs::read(&path).expect("the journal reads");
@@ -520,32 +551,65 @@ pub fn held_journal(data: &[u8]) {
         .expect("a journal we wrote parses")
         .expect("not blank");
     assert_eq!(read.torn_bytes, 0);
-    let mut got: BTreeMap<u64, u8> = BTreeMap::new();
-    for (start, run) in &read.runs {
-        for (i, block) in run.chunks(BLOCK as usize).enumerate() {
-            assert!(block.iter().all(|&b| b == block[0]), "a block is one value");
-            got.insert(start + i as u64 * BLOCK, block[0]);
-        }
-    }
-    let want: BTreeMap<u64, u8> = model.iter().map(|(&b, &(_, v))| (b, v)).collect();
-    assert_eq!(got, want, "the journal gives back the held set");
-    // Damaged: cut short, or one byte flipped (past the header).
-    let point = usize::from(u16::from_le_bytes([damage[0], damage[1]])) % (bytes.len() + 1);
-    let mut damaged = bytes.clone();
-    if damage[0] & 1 == 0 {
-        damaged.truncate(point);
-    } else if point < damaged.len() {
-        damaged[point] ^= 1 << (damage[1] % 8);
-    }
-    if let Ok(Some(read)) = parse(&damaged) {
+    let blocks_of = |read: &block::held_journal::Pending| -> BTreeMap<u64, u8> {
+        let mut got = BTreeMap::new();
         for (start, run) in &read.runs {
             for (i, block) in run.chunks(BLOCK as usize).enumerate() {
                 let at = start + i as u64 * BLOCK;
                 assert!(
                     ever.contains(&(at, block[0])) && block.iter().all(|&b| b == block[0]),
-                    "a damaged journal must never invent data (block {at})"
+                    "a journal must never invent data (block {at})"
                 );
+                got.insert(at, block[0]);
             }
+        }
+        got
+    };
+    assert_eq!(
+        blocks_of(&read),
+        view(&model),
+        "the journal gives back the held set"
+    );
+
+    let point = usize::from(u16::from_le_bytes([damage[0], damage[1]])) % (bytes.len() + 1);
+    let mut damaged = bytes.clone();
+    match damage[0] % 3 {
+        0 => {
+            damaged.truncate(point);
+            if let Ok(Some(read)) = parse(&damaged) {
+                blocks_of(&read);
+            }
+        }
+        1 if point < damaged.len() => {
+            damaged[point] ^= 1 << (damage[1] % 8);
+            let parsed = parse(&damaged);
+            if (HEADER..durable).contains(&point) {
+                assert!(
+                    parsed.is_err(),
+                    "damage to synced bytes (at {point}) is refused"
+                );
+            } else if point >= durable {
+                let read = parsed.expect("an unsynced tail's damage is no error");
+                blocks_of(&read.expect("a header"));
+            }
+        }
+        1 => {}
+        _ => {
+            // A power loss: every byte up to the last sync stays; past it, the file may
+            // be cut, and a page written since may read as zeros.
+            let tail = damaged.len() - durable;
+            let page = (durable + point % (tail + 1)) / BLOCK as usize * BLOCK as usize;
+            let to = (page + BLOCK as usize).min(damaged.len());
+            damaged[page.max(durable)..to].fill(0);
+            damaged.truncate(durable + usize::from(damage[1]) * 97 % (tail + 1));
+            let read = parse(&damaged)
+                .expect("a power loss is no damage")
+                .expect("a header");
+            let got = blocks_of(&read);
+            assert!(
+                since_sync.contains(&got),
+                "after a power loss the journal reads {got:?}, no moment since the last sync"
+            );
         }
     }
 }
