@@ -1016,4 +1016,57 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn a_version_1_journal_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, mut j) = journal(dir.path());
+        j.append_write(0, 1, &page(5)).unwrap();
+        let mut bytes = std::fs::read(journal_path(&image)).unwrap();
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c(&[&bytes[0..56]]);
+        bytes[56..60].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(parse(&bytes).unwrap().unwrap().runs, vec![(0, page(5))]);
+        bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let crc = crc32c(&[&bytes[0..56]]);
+        bytes[56..60].copy_from_slice(&crc.to_le_bytes());
+        assert!(parse(&bytes).unwrap_err().contains("version 3"));
+    }
+
+    #[tokio::test]
+    async fn an_open_refuses_a_journal_damaged_before_a_sync_and_keeps_it() {
+        use crate::drivers::file::FileDriver;
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+        let mut j = HeldJournal::create(&image, "file", 1 << 20).unwrap();
+        j.append_write(0, 1, &page(1)).unwrap();
+        j.sync().unwrap();
+        j.append_write(BLOCK, 2, &page(2)).unwrap();
+        drop(j);
+        let path = journal_path(&image);
+        let whole = std::fs::read(&path).unwrap();
+        let mut damaged = whole.clone();
+        damaged[HEADER_LEN as usize + RECORD_LEN] ^= 1;
+        std::fs::write(&path, &damaged).unwrap();
+
+        let node = FileDriver::open(&image, false, false, false).unwrap();
+        let err = replay(&node, false).await.unwrap_err().to_string();
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("move the journal away"),
+            "{err}"
+        );
+        assert!(path.exists(), "a refused journal is kept");
+        assert!(
+            std::fs::read(&image).unwrap().iter().all(|&b| b == 0),
+            "nothing applied"
+        );
+
+        // Sound again, the same open writes both blocks and deletes it.
+        std::fs::write(&path, &whole).unwrap();
+        replay(&node, false).await.unwrap();
+        assert!(!path.exists());
+        let data = std::fs::read(&image).unwrap();
+        assert_eq!(&data[..2 * BLOCK as usize], [page(1), page(2)].concat());
+    }
 }
