@@ -281,6 +281,7 @@ impl HeldJournal {
             // Best effort, for the reason above; a failed append leaves `len` where
             // it was, and the next append overwrites whatever part of it was written.
             let _ = self.append(&mark, &[]);
+            // The mark's append set this again; the mark alone needs no sync.
             self.unsynced = false;
         }
         Ok(())
@@ -305,10 +306,7 @@ enum Unnamed {
 /// header and only then links it in at `path`: a process killed on the way leaves
 /// nothing behind.
 fn create_unnamed(path: &Path, header: &[u8]) -> std::result::Result<File, Unnamed> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let dir = parent_dir(path);
     let unsupported = |e: &io::Error| {
         matches!(
             e.raw_os_error(),
@@ -397,12 +395,16 @@ fn lock(file: &File) -> io::Result<()> {
     }
 }
 
-fn sync_parent(path: &Path) -> io::Result<()> {
-    let parent = match path.parent() {
+/// The directory `path` is in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    };
-    File::open(parent)?.sync_all()
+    }
+}
+
+fn sync_parent(path: &Path) -> io::Result<()> {
+    File::open(parent_dir(path))?.sync_all()
 }
 
 /// What a journal still holds.
