@@ -128,8 +128,10 @@ impl BlockDriver for RawDriver {
         self.child.read(self.offset + offset, buf).await
     }
 
-    async fn read_uncached(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        self.child.read_uncached(self.offset + offset, buf).await
+    async fn read_uncached(&self, offset: u64, buf: IoBuf, direct: bool) -> Result<IoBuf> {
+        self.child
+            .read_uncached(self.offset + offset, buf, direct)
+            .await
     }
 
     async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {

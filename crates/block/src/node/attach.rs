@@ -157,9 +157,9 @@ impl Attachment {
     }
 
     /// See [`Node::read_uncached`].
-    pub async fn read_uncached(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+    pub async fn read_uncached(&self, offset: u64, buf: IoBuf, direct: bool) -> Result<IoBuf> {
         let _in_flight = self.slot.gate.read().await;
-        self.node().read_uncached(offset, buf).await
+        self.node().read_uncached(offset, buf, direct).await
     }
 
     /// See [`Node::write`].

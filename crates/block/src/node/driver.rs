@@ -155,8 +155,11 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     /// A bulk read (a backup's background pass) that should neither trigger the host's
     /// readahead nor fill its page cache, so a guest's requests on the same disk do not
     /// queue behind megabytes it never asked for and keep their cached data. Same
-    /// result as [`read`](Self::read), which the default calls.
-    async fn read_uncached(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+    /// result as [`read`](Self::read), which the default calls. With `direct` the
+    /// read goes past the page cache altogether where the driver can (`O_DIRECT`):
+    /// one request to the device, whatever the cache holds of its range.
+    async fn read_uncached(&self, offset: u64, buf: IoBuf, direct: bool) -> Result<IoBuf> {
+        let _ = direct;
         self.read(offset, buf).await
     }
 

@@ -305,12 +305,12 @@ impl Node {
 
     /// [`read`](Self::read), bypassing the host page cache where the driver can
     /// (see [`BlockDriver::read_uncached`]).
-    pub async fn read_uncached(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+    pub async fn read_uncached(&self, offset: u64, buf: IoBuf, direct: bool) -> Result<IoBuf> {
         check_request("read", offset, buf.len() as u64, self.length())?;
         if buf.is_empty() {
             return Ok(buf);
         }
-        self.driver.read_uncached(offset, buf).await
+        self.driver.read_uncached(offset, buf, direct).await
     }
 
     /// Writes `buf` at `offset`; all-zero buffers become write-zeroes when the node

@@ -56,18 +56,30 @@ both_cache_modes!(uncached_reads_see_what_buffered_writes_wrote, |direct| {
         file.write(offset, data.clone(), WriteFlags::default())
             .await
             .unwrap();
-        let back = file
-            .read_uncached(offset, IoBuf::zeroed(len))
-            .await
-            .unwrap();
-        assert_eq!(back, data, "offset {offset} len {len}");
+        for past_cache in [false, true] {
+            let back = file
+                .read_uncached(offset, IoBuf::zeroed(len), past_cache)
+                .await
+                .unwrap();
+            assert_eq!(back, data, "offset {offset} len {len} direct {past_cache}");
+        }
     }
     // Past the file's end (the node is rounded up to sectors): zeros.
     let tail = file
-        .read_uncached(file.length() - 512, IoBuf::zeroed(512))
+        .read_uncached(file.length() - 512, IoBuf::zeroed(512), true)
         .await
         .unwrap();
     assert!(tail[1..].iter().all(|&b| b == 0));
+    if !direct {
+        // The aligned reads above went past the page cache (so the dirty pages they
+        // found were written back first), wherever the filesystem takes O_DIRECT.
+        let refused = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .is_err();
+        assert_eq!(file.direct_reads.get().map(Option::is_some), Some(!refused));
+    }
 });
 
 both_cache_modes!(the_unaligned_tail_of_a_4097_byte_file_works, |direct| {
