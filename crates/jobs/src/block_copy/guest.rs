@@ -19,7 +19,9 @@
 //! Two more pieces make the guest's requests cheap in the first place: a write over
 //! part of a cluster saves only its own range's old data (`fragments`), and the
 //! background reads the source without readahead (`read_uncached`), so the host does
-//! not queue megabytes of read-ahead in front of the guest.
+//! not queue megabytes of read-ahead in front of the guest; while the guest is busy,
+//! with `O_DIRECT`, so a chunk is one request to the disk even where the page cache
+//! holds scattered pages of it (a buffered read makes one request per gap).
 //!
 //! Measured (`bench/RESULTS.md`, 1 GiB, QD1 guest that never pauses, in process): the
 //! pause brought the write p99 during a backup from 4-6x its p99 alone to 2-3x, and
