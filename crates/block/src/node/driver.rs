@@ -158,8 +158,7 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     /// result as [`read`](Self::read), which the default calls. With `direct` the
     /// read goes past the page cache altogether where the driver can (`O_DIRECT`):
     /// one request to the device, whatever the cache holds of its range.
-    async fn read_uncached(&self, offset: u64, buf: IoBuf, direct: bool) -> Result<IoBuf> {
-        let _ = direct;
+    async fn read_uncached(&self, offset: u64, buf: IoBuf, _direct: bool) -> Result<IoBuf> {
         self.read(offset, buf).await
     }
 
