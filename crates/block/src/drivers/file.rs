@@ -31,8 +31,13 @@
 //!   writing; see `sync_tracker`). This holds with `cache.direct` as well, because
 //!   unaligned requests still go through the page cache.
 //!
-//! Out of scope: image locking (refused in the options), io_uring (planned as a second
-//! engine behind the same trait), resizing.
+//! * Uncached direct reads (a backup's background pass while the guest is busy) go
+//!   through io_uring where the kernel allows it (`async_direct`): a synchronous
+//!   direct read holds the inode's lock until the device answers, and the guest's
+//!   buffered writes to the same file wait for it. Elsewhere they use `pread`.
+//!
+//! Out of scope: image locking (refused in the options), io_uring for the other
+//! requests (planned as a second engine behind the same trait), resizing.
 
 use std::fs::File;
 use std::fs::OpenOptions;
@@ -564,7 +569,7 @@ impl BlockDriver for FileDriver {
         }
     }
 
-    async fn read_uncached(&self, offset: u64, mut buf: IoBuf, direct: bool) -> Result<IoBuf> {
+    async fn read_uncached(&self, offset: u64, buf: IoBuf, direct: bool) -> Result<IoBuf> {
         // A file opened with cache.direct reads past the cache already.
         if self.buffered.is_some() {
             return self.read(offset, buf).await;
@@ -591,7 +596,20 @@ impl BlockDriver for FileDriver {
         };
         let refused = self.direct_reads_refused.clone();
         let result = blocking(move || {
-            let r = match direct.map(|direct| pread_full(&direct, &mut buf, offset)) {
+            // Direct reads go through io_uring where it works: a synchronous direct
+            // read holds the inode's lock until the device answers, and guest writes
+            // to the file wait for it (see `async_direct`).
+            let (mut buf, direct_result) = match direct {
+                Some(direct) => match async_direct::read_full(&direct, buf, offset) {
+                    Ok((buf, r)) => (buf, Some(r)),
+                    Err(mut buf) => {
+                        let r = pread_full(&direct, &mut buf, offset);
+                        (buf, Some(r))
+                    }
+                },
+                None => (buf, None),
+            };
+            let r = match direct_result {
                 // A device whose blocks are larger than DIRECT_ALIGN refuses it.
                 Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
                     refused.store(true, Ordering::Relaxed);
@@ -778,5 +796,6 @@ impl BlockDriver for FileDriver {
     }
 }
 
+mod async_direct;
 #[cfg(test)]
 mod tests;

@@ -21,7 +21,10 @@
 //! background reads the source without readahead (`read_uncached`), so the host does
 //! not queue megabytes of read-ahead in front of the guest; while the guest is busy,
 //! with `O_DIRECT`, so a chunk is one request to the disk even where the page cache
-//! holds scattered pages of it (a buffered read makes one request per gap).
+//! holds scattered pages of it (a buffered read makes one request per gap), and
+//! submitted through io_uring for a file, so the read does not hold the file's inode
+//! lock while the device works (the guest's buffered writes need it; see the file
+//! driver's `async_direct`).
 //!
 //! Measured (`bench/RESULTS.md`, 1 GiB, QD1 guest that never pauses, in process): the
 //! pause brought the write p99 during a backup from 4-6x its p99 alone to 2-3x, and

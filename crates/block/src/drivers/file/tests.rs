@@ -412,3 +412,42 @@ async fn uncached_writes_read_back_through_the_page_cache_too() {
     file.flush().await.unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), model);
 }
+
+#[test]
+fn asynchronous_direct_reads_see_dirty_pages_and_zeros_past_the_end() {
+    // What the background pass relies on when it reads through io_uring: the read
+    // sees writes still dirty in the page cache, fills past the file's end with
+    // zeros, and leaves the buffer alone where io_uring is missing.
+    let (_dir, path) = image((1 << 20) + 4096);
+    let buffered = OpenOptions::new().write(true).open(&path).unwrap();
+    let data = pattern(1 << 20, 7);
+    buffered.write_all_at(&data, 4096).unwrap();
+    let Ok(direct) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+    else {
+        eprintln!("no O_DIRECT on this filesystem: nothing to read with");
+        return;
+    };
+    let marked = IoBuf::from_slice(&vec![0xee; 8192]);
+    match async_direct::read_full(&direct, IoBuf::zeroed(1 << 20), 4096) {
+        Ok((back, result)) => {
+            result.unwrap();
+            assert_eq!(back, data, "the dirty pages were written back first");
+            assert!(async_direct::available());
+            // The last page of the file and one past its end.
+            let (tail, result) = async_direct::read_full(&direct, marked, 1 << 20).unwrap();
+            result.unwrap();
+            assert_eq!(&tail[..4096], &data[data.len() - 4096..]);
+            assert!(tail[4096..].iter().all(|&b| b == 0), "zeros past the end");
+        }
+        Err(back) => {
+            assert!(
+                !async_direct::available(),
+                "handed back only when unavailable"
+            );
+            assert!(back.is_zero(), "the buffer comes back untouched");
+        }
+    }
+}
