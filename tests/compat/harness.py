@@ -20,6 +20,7 @@ import subprocess
 import time
 
 import pytest
+from qemu.qmp import ConnectError
 from qemu.qmp import ExecuteError
 from qemu.qmp import QMPClient
 
@@ -73,7 +74,17 @@ class Daemon:
         self.events = []
 
     async def start(self):
-        await self.client.connect(self.qmp_path)
+        # The socket file appears when the daemon binds, a moment before it listens (QEMU's
+        # chardev does the two apart), and a connect in between is refused: try again for a
+        # while. A refused connect leaves the client idle, so it can be retried.
+        for attempt in range(500):
+            try:
+                await self.client.connect(self.qmp_path)
+                break
+            except ConnectError:
+                if attempt == 499 or self.proc.poll() is not None:
+                    raise
+                await asyncio.sleep(0.01)
         self.listener = self.client.listen
         self.queue = asyncio.Queue()
 

@@ -33,14 +33,18 @@ impl Drop for Peer {
     }
 }
 
+/// Waits until something accepts connections on the socket. The file alone is not enough:
+/// a server binds (the file appears) before it listens, and a connect in between is
+/// refused. The probe connection is closed at once; the servers here take more than one
+/// client (qemu-nbd is started with `--persistent` for that).
 fn wait_for(path: &Path) {
     for _ in 0..500 {
-        if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    panic!("{} never appeared", path.display());
+    panic!("nothing listens on {}", path.display());
 }
 
 fn graph() -> Arc<NodeGraph> {
@@ -70,7 +74,7 @@ async fn reads_writes_and_block_status_through_qemu_nbd() {
     let socket = dir.path().join("qemu-nbd.sock");
     let _peer = Peer(
         Command::new("qemu-nbd")
-            .args(["-f", "raw", "-k"])
+            .args(["-f", "raw", "--persistent", "-k"])
             .arg(&socket)
             .arg(&image)
             .stderr(Stdio::null())
