@@ -17,7 +17,6 @@ import asyncio
 import os
 import random
 import subprocess
-import time
 
 import pytest
 from qemu.qmp import ConnectError
@@ -66,17 +65,13 @@ class Daemon:
             *extra,
         ]
         self.proc = subprocess.Popen(program + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for _ in range(500):
-            if os.path.exists(self.qmp_path):
-                break
-            time.sleep(0.01)
         self.client = QMPClient(kind)
         self.events = []
 
     async def start(self):
-        # The socket file appears when the daemon binds, a moment before it listens (QEMU's
-        # chardev does the two apart), and a connect in between is refused: try again for a
-        # while. A refused connect leaves the client idle, so it can be retried.
+        # Until the daemon listens, a connect fails: the socket file is missing, or (QEMU's
+        # chardev binds and listens apart) it exists and the connect is refused. Try again
+        # for up to 5 s; a failed connect leaves the client idle, so it can be retried.
         for attempt in range(500):
             try:
                 await self.client.connect(self.qmp_path)
