@@ -17,10 +17,12 @@ Then guest latency: QD1 random 4 KiB writes and reads, alternating, to (a copy o
 source, alone and during a full-speed backup (and how long the backup took under that
 load): through the NBD export of `stillpoint daemon` and of
 qemu-storage-daemon (same options, same python3-libnbd client), and Stillpoint in
-process for reference.
+process for reference. With `--flush-every N` the NBD contenders also flush after every
+N write+read pairs (a guest's filesystem commits its journal that way), and the
+flushes' latency is reported beside the writes' and reads'.
 
 Usage: cargo build --release -p stillpoint -p stillpoint-bench &&
-       python3 bench/backup_vs_qsd.py [--size 4G] [--runs 3] [--latency-rounds 1] [--dir DIR]
+       python3 bench/backup_vs_qsd.py [--size 4G] [--runs 3] [--latency-rounds 1] [--flush-every 0] [--dir DIR]
 """
 
 import argparse
@@ -233,7 +235,7 @@ def percentiles(samples):
     return {"count": len(samples), "p50_us": at(0.5), "p99_us": at(0.99), "max_us": samples[-1]}
 
 
-def qsd_latency(tmp, src, tgt, ops, program=("qemu-storage-daemon",)):
+def qsd_latency(tmp, src, tgt, ops, program=("qemu-storage-daemon",), flush_every=0):
     import nbd
 
     nbd_path = os.path.join(tmp, "qsd-nbd.sock")
@@ -267,22 +269,38 @@ def qsd_latency(tmp, src, tgt, ops, program=("qemu-storage-daemon",)):
             h.pread(4096, offset)
             return (time.perf_counter() - t) * 1e6
 
-        # Writes and reads alternate, as in bench-backup-latency.
-        alone, alone_reads = [], []
+        pairs = 0
+
+        def one_pair(writes, reads, flushes):
+            # Writes and reads alternate, as in bench-backup-latency; with
+            # --flush-every, a flush (timed) after every that many pairs, as a guest's
+            # filesystem commits its journal.
+            nonlocal pairs
+            writes.append(one())
+            reads.append(one_read())
+            pairs += 1
+            if flush_every and pairs % flush_every == 0:
+                t = time.perf_counter()
+                h.flush()
+                flushes.append((time.perf_counter() - t) * 1e6)
+
+        alone, alone_reads, alone_flushes = [], [], []
         for _ in range(ops):
-            alone.append(one())
-            alone_reads.append(one_read())
+            one_pair(alone, alone_reads, alone_flushes)
         start = time.monotonic()
         qmp.cmd("blockdev-backup", **{"job-id": "j"}, device="src", target="tgt", sync="full")
-        during, during_reads = [], []
+        during, during_reads, during_flushes = [], [], []
         while not qmp.seen("BLOCK_JOB_COMPLETED"):
-            during.append(one())
-            during_reads.append(one_read())
+            one_pair(during, during_reads, during_flushes)
         took = time.monotonic() - start
         h.shutdown()
-        return {"alone": percentiles(alone), "during_backup": percentiles(during),
-                "reads_alone": percentiles(alone_reads), "reads_during_backup": percentiles(during_reads),
-                "backup_seconds": took}
+        result = {"alone": percentiles(alone), "during_backup": percentiles(during),
+                  "reads_alone": percentiles(alone_reads), "reads_during_backup": percentiles(during_reads),
+                  "backup_seconds": took}
+        if flush_every:
+            result["flushes_alone"] = percentiles(alone_flushes)
+            result["flushes_during_backup"] = percentiles(during_flushes)
+        return result
     finally:
         stop_qsd(proc, qmp)
 
@@ -298,12 +316,17 @@ def print_latency(results, rounds):
     of each contender's ratios: this VM's p99 alone moves several-fold between
     rounds, and a single round's ratio inherits that."""
     for kind, alone_key, during_key in [("writes", "alone", "during_backup"),
-                                        ("reads", "reads_alone", "reads_during_backup")]:
+                                        ("reads", "reads_alone", "reads_during_backup"),
+                                        ("flushes", "flushes_alone", "flushes_during_backup")]:
+        if not any(alone_key in r for runs in results.values() for r in runs):
+            continue
         print(f"{kind:<28}{'alone p50':>10}{'p99':>9}{'during p50':>12}{'p99':>10}{'max':>10}{'p99 x':>8}"
               f"{'backup s':>10}")
         for round_ in range(rounds):
             for name, runs in results.items():
                 r = runs[round_]
+                if alone_key not in r:
+                    continue  # the in-process contender does not flush
                 a, d = r[alone_key], r[during_key]
                 print(f"{name:<28}{a['p50_us']:>8.0f}us{a['p99_us']:>7.0f}us{d['p50_us']:>10.0f}us"
                       f"{d['p99_us']:>8.0f}us{d['max_us']:>8.0f}us{d['p99_us'] / a['p99_us']:>8.1f}"
@@ -333,6 +356,8 @@ def main():
     ap.add_argument("--ops", type=int, default=2000, help="writes in the 'alone' latency phase")
     ap.add_argument("--latency-rounds", type=int, default=1,
                     help="rounds of the latency phase, the contenders alternated in each")
+    ap.add_argument("--flush-every", type=int, default=0,
+                    help="NBD contenders: a timed flush after every N write+read pairs (0: none)")
     ap.add_argument("--dir", default=None, help="where the images go (needs ~3x SIZE/2 free)")
     args = ap.parse_args()
     size = parse_size(args.size)
@@ -412,7 +437,7 @@ def main():
                 if callable(fn):
                     result = fn(lat_src, tgt, args.ops)
                 else:
-                    result = qsd_latency(tmp, lat_src, tgt, args.ops, fn)
+                    result = qsd_latency(tmp, lat_src, tgt, args.ops, fn, args.flush_every)
                 results[name].append(result)
         print_latency(results, args.latency_rounds)
     finally:
