@@ -360,6 +360,8 @@ def main():
                     help="NBD contenders: a timed flush after every N write+read pairs (0: none)")
     ap.add_argument("--dir", default=None, help="where the images go (needs ~3x SIZE/2 free)")
     args = ap.parse_args()
+    if args.flush_every < 0:
+        ap.error("--flush-every must be 0 (no flushes) or a positive number of pairs")
     size = parse_size(args.size)
     for tool in (STILLPOINT, LATENCY_BIN):
         if not os.path.exists(tool):
