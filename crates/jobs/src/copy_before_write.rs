@@ -193,8 +193,12 @@ impl BlockDriver for CbwFilter {
     }
 
     // What a flush covers is in the image itself; the journal of held writes is
-    // synced at the same time, so none of its releases is lost with the power.
+    // synced at the same time, so none of its releases is lost with the power. A flush
+    // is a guest request like the others (the background gives way while it runs),
+    // and it tells the engine this guest flushes, so held writes are saved early
+    // (block_copy::redirect).
     async fn flush(&self) -> Result<()> {
+        let _guest = self.copy.guest_flush();
         self.copy.flush_all_held().await?;
         let (journal, source) = tokio::join!(self.copy.sync_journal(), self.source().flush());
         journal?;

@@ -802,6 +802,84 @@ async fn held_writes_survive_a_killed_daemon_in_the_journal_and_the_next_open_wr
 }
 
 #[tokio::test]
+async fn once_the_guest_has_flushed_held_writes_reach_the_source_between_background_copies() {
+    // 64 MiB, throttled to 256 KiB/s: the background's first sweep (which skips ahead
+    // where block status splits a chunk) needs tens of seconds to reach 60 MiB.
+    let rig = Rig::new(64 * MIB, 17).await;
+    let snapshot = rig.source_bytes();
+    let (job, stats, guest, mut rx) = throttled_backup(&rig, "held-early", "src").await;
+    let held = || {
+        stats
+            .redirected_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // `second` in a cluster whose first pages hold data, so the target shows whether
+    // the cluster was copied.
+    let cluster = (40 * MIB / 65536..62 * MIB / 65536)
+        .map(|c| c * 65536)
+        .find(|&c| {
+            snapshot[c as usize..c as usize + 8192]
+                .iter()
+                .any(|&b| b != 0)
+        })
+        .expect("the seeded image has data there");
+    let (first, second) = (63 * MIB + 4096, cluster + 8192);
+    let old_first = file_bytes(&rig.source, first, 4096);
+    guest
+        .write(
+            first,
+            IoBuf::from_slice(&[0x3c; 4096]),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(held(), 4096);
+    // A guest that has never flushed: its write waits for its cluster's copy, which
+    // needs no read of its own, however many copies the background makes meanwhile.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        file_bytes(&rig.source, first, 4096),
+        old_first,
+        "no flush yet: still held"
+    );
+    guest.flush().await.unwrap();
+    assert_eq!(file_bytes(&rig.source, first, 4096), vec![0x3c; 4096]);
+    // Now the guest flushes: a held write goes to the source between two background
+    // copies, without waiting for a flush or for its cluster's copy.
+    guest
+        .write(
+            second,
+            IoBuf::from_slice(&[0xc3; 4096]),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(held(), 8192, "the second write is held too");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while file_bytes(&rig.source, second, 4096) != vec![0xc3; 4096] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held write never reached the source"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Only its own page's old data went to the target: the rest of its cluster is
+    // not copied yet.
+    assert!(
+        file_bytes(&rig.target, cluster, 8192)
+            .iter()
+            .all(|&b| b == 0),
+        "the background had not copied the cluster"
+    );
+    finish_unthrottled(&job, &mut rx).await;
+    assert_eq!(
+        rig.target_bytes(),
+        snapshot,
+        "the old data was saved before the write went to the source"
+    );
+}
+
+#[tokio::test]
 async fn writes_held_when_a_backup_is_cancelled_reach_the_source() {
     let rig = Rig::new(4 * MIB, 12).await;
     let (job, stats, guest, mut rx) = throttled_backup(&rig, "held-cancel", "src").await;

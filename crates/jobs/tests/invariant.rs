@@ -68,6 +68,7 @@ struct Outcome {
     spilled_bytes: u64,
     fragment_bytes: u64,
     redirected_bytes: u64,
+    saved_early_bytes: u64,
     /// Blocks still held at the kill point, which the replay had to bring back.
     replayed_blocks: u64,
 }
@@ -272,6 +273,7 @@ async fn run_seed(seed: u64) -> Outcome {
         spilled_bytes: stats.spilled_bytes.load(Ordering::Relaxed),
         fragment_bytes: stats.fragment_bytes.load(Ordering::Relaxed),
         redirected_bytes: stats.redirected_bytes.load(Ordering::Relaxed),
+        saved_early_bytes: stats.saved_early_bytes.load(Ordering::Relaxed),
         replayed_blocks,
     }
 }
@@ -280,6 +282,7 @@ async fn run_seed(seed: u64) -> Outcome {
 async fn target_equals_the_snapshot_while_writers_hammer_the_source() {
     let seeds = common::seeds(200);
     let (mut cbw, mut spilled, mut fragments, mut redirected) = (0, 0, 0, 0);
+    let mut saved_early = 0;
     let mut kills_with_held_writes = 0;
     for &seed in &seeds {
         let outcome = tokio::spawn(run_seed(seed)).await;
@@ -289,6 +292,7 @@ async fn target_equals_the_snapshot_while_writers_hammer_the_source() {
                 spilled += o.spilled_bytes;
                 fragments += o.fragment_bytes;
                 redirected += o.redirected_bytes;
+                saved_early += o.saved_early_bytes;
                 kills_with_held_writes += u64::from(o.replayed_blocks > 0);
             }
             Err(panic) => {
@@ -318,6 +322,11 @@ async fn target_equals_the_snapshot_while_writers_hammer_the_source() {
         assert!(
             redirected > 0,
             "no guest write was held in {} seeds",
+            seeds.len()
+        );
+        assert!(
+            saved_early > 0,
+            "no held write went to the source early (after a flush) in {} seeds",
             seeds.len()
         );
         assert!(

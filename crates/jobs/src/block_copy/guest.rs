@@ -12,6 +12,10 @@
 //!   has the disk to itself at least half of the time instead of queueing behind
 //!   back-to-back background requests.
 //!
+//! Flushes count as guest requests too. A flush waits for the old data of the writes
+//! held since the last one and then for the disk's cache flush; uncounted, it left the
+//! background at full depth for as long as it ran, and waited behind it.
+//!
 //! Once the guest has been quiet for [`QUIET`], the workers go back to full depth and
 //! no pauses: the backup slows down only while the guest is busy, and it never stops
 //! (a guest that never pauses still leaves it half of the disk's time).
@@ -33,6 +37,7 @@
 //! requests while busy (a quarter of the chunk) bought nothing once the pause was
 //! there and made the backup slower still, so requests keep their size.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
@@ -63,6 +68,8 @@ pub struct GuestActivity {
     pub(super) background: AtomicUsize,
     /// Pause owed by background copies while the guest is busy, in nanoseconds.
     pause_owed: AtomicU64,
+    /// Whether the guest has flushed since the job started.
+    flushed: AtomicBool,
 }
 
 impl Default for GuestActivity {
@@ -73,6 +80,7 @@ impl Default for GuestActivity {
             last_end: AtomicU64::new(0),
             background: AtomicUsize::new(0),
             pause_owed: AtomicU64::new(0),
+            flushed: AtomicBool::new(false),
         }
     }
 }
@@ -97,6 +105,17 @@ impl GuestActivity {
     pub fn request(&self) -> GuestRequest<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         GuestRequest(self)
+    }
+
+    /// Notes that the guest flushes.
+    pub fn note_flush(&self) {
+        self.flushed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the guest has flushed since the job started: a guest that flushed
+    /// once (a journalling filesystem, a database) will flush again.
+    pub fn has_flushed(&self) -> bool {
+        self.flushed.load(Ordering::Relaxed)
     }
 
     /// Whether a guest request is in flight or ended less than [`QUIET`] ago.

@@ -191,6 +191,9 @@ pub struct CopyStats {
     /// Bytes of guest writes held in memory instead of a copy-before-write (see
     /// `redirect`).
     pub redirected_bytes: AtomicU64,
+    /// Bytes of held guest writes that went to the source between background copies,
+    /// before their clusters were copied (a guest that flushes; see `redirect`).
+    pub saved_early_bytes: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -440,6 +443,13 @@ impl BlockCopy {
 
     /// Counts a guest request (through the filter) while the guard lives.
     pub fn guest_request(&self) -> guest::GuestRequest<'_> {
+        self.guest.request()
+    }
+
+    /// Counts a guest flush as a guest request while the guard lives, and notes that
+    /// this guest flushes (see [`BlockCopy::save_held_early`]).
+    pub fn guest_flush(&self) -> guest::GuestRequest<'_> {
+        self.guest.note_flush();
         self.guest.request()
     }
 

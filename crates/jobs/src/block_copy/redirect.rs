@@ -25,6 +25,11 @@
 //!   still dirty, several at once) before it flushes the source: what a flush covers
 //!   is in the image itself, readable by any tool. The job writes back the rest before
 //!   its filter goes.
+//! * Once the guest has flushed, the background pass also saves the old data of a few
+//!   held blocks between its copies and writes them back
+//!   ([`BlockCopy::save_held_early`]), so the next flush finds little left to do. A
+//!   guest that never flushes keeps its blocks held until their clusters are copied,
+//!   which costs no read at all.
 //!
 //! A held write reads nothing from the source when it is made, so `on-cbw-error` can
 //! only apply to it where a flush or a later overlapping write copies its cluster
@@ -73,6 +78,13 @@ pub const MAX_HELD_BYTES: usize = 64 << 20;
 
 /// Blocks written back at once by a flush.
 const FLUSH_PARALLEL: usize = 16;
+
+/// Held blocks saved and written back after each background copy, at most, once the
+/// guest has flushed ([`BlockCopy::save_held_early`]).
+const EARLY_BLOCKS: usize = 16;
+
+/// Held blocks looked at for them, at most.
+const EARLY_LOOK: usize = 256;
 
 /// Past this many journal bytes no new write is held until nothing is (a guest that
 /// never flushes cannot grow the journal without bound).
@@ -126,6 +138,8 @@ struct Held {
 pub(super) struct Redirected {
     blocks: BTreeMap<u64, Held>,
     next_seq: u64,
+    /// Where [`BlockCopy::save_held_early`] looks next.
+    early_cursor: u64,
 }
 
 impl Redirected {
@@ -596,53 +610,115 @@ impl BlockCopy {
                 changed.await;
                 continue;
             }
-            // Runs of neighbouring blocks, several at once: each may wait for a read
-            // of old data.
-            let mut runs: Vec<Taken> = Vec::new();
-            for block in taken {
-                match runs.last_mut() {
-                    Some(run) if run.last().is_some_and(|l| l.0 + BLOCK == block.0) => {
-                        run.push(block);
-                    }
-                    _ => runs.push(vec![block]),
+            self.save_and_write_back(taken, save_old).await?;
+        }
+    }
+
+    /// Writes taken blocks to the source, runs of neighbours several at once, each
+    /// after a copy-before-write of its range when `save_old`. Blocks not written stay
+    /// held; the first error is returned.
+    async fn save_and_write_back(
+        self: &Arc<Self>,
+        taken: Taken,
+        save_old: bool,
+    ) -> Result<(), Error> {
+        // Runs of neighbouring blocks, several at once: each may wait for a read
+        // of old data.
+        let mut runs: Vec<Taken> = Vec::new();
+        for block in taken {
+            match runs.last_mut() {
+                Some(run) if run.last().is_some_and(|l| l.0 + BLOCK == block.0) => {
+                    run.push(block);
+                }
+                _ => runs.push(vec![block]),
+            }
+        }
+        let mut set = tokio::task::JoinSet::new();
+        let mut first_error = None;
+        for run in runs {
+            while set.len() >= FLUSH_PARALLEL {
+                if let Some(Ok(Err(e))) = set.join_next().await {
+                    first_error.get_or_insert(e);
                 }
             }
-            let mut set = tokio::task::JoinSet::new();
-            let mut first_error = None;
-            for run in runs {
-                while set.len() >= FLUSH_PARALLEL {
-                    if let Some(Ok(Err(e))) = set.join_next().await {
-                        first_error.get_or_insert(e);
+            let engine = self.clone();
+            set.spawn(async move {
+                let from = run[0].0;
+                let to = run[run.len() - 1].0 + BLOCK;
+                if save_old && let Err(e) = engine.before_write(from, to - from).await {
+                    engine.release_taken(&run);
+                    return Err(e);
+                }
+                engine.write_taken(&run).await
+            });
+        }
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(panic) => {
+                    first_error.get_or_insert(Error::new(
+                        ErrorKind::Io,
+                        format!("writing held guest writes back failed: {panic}"),
+                    ));
+                }
+                Ok(Ok(())) => {}
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Between two background copies, for a guest that flushes: up to
+    /// [`EARLY_BLOCKS`] held blocks, in offset order from where the last call stopped,
+    /// have their old data saved (only their own pages, where partial copy-before-write
+    /// is on) and go to the source. The guest's next flush then finds only the blocks
+    /// held since, instead of every block held since the last flush each with a read
+    /// of old data, and the background's duty cycle (`guest`) covers these reads too.
+    ///
+    /// Not for a guest that never flushes: its held blocks cost no read at all when
+    /// their clusters' copies write them back, and saving them early made the backup
+    /// and the guest's writes slower (`bench/RESULTS.md`, issue 18, twelfth step).
+    /// Failures leave the blocks held; the next flush or the cluster's copy tries again.
+    pub(super) async fn save_held_early(self: &Arc<Self>) {
+        if self.held_bytes() == 0 {
+            return;
+        }
+        let taken = {
+            let mut state = self.lock();
+            let from = state.redirected.early_cursor;
+            let mut taken: Taken = Vec::new();
+            let (mut next, mut looked) = (0, 0);
+            // Blocks a flush is writing back are passed over; a bounded look, so
+            // the lock is never held for a walk of the whole set.
+            let blocks = state.redirected.blocks.range_mut(from..).take(EARLY_LOOK);
+            for (&at, held) in blocks {
+                next = at + BLOCK;
+                looked += 1;
+                if !held.writing_back {
+                    held.writing_back = true;
+                    taken.push((at, held.data.clone(), held.seq));
+                    if taken.len() == EARLY_BLOCKS {
+                        break;
                     }
                 }
-                let engine = self.clone();
-                set.spawn(async move {
-                    let from = run[0].0;
-                    let to = run[run.len() - 1].0 + BLOCK;
-                    if save_old && let Err(e) = engine.before_write(from, to - from).await {
-                        engine.release_taken(&run);
-                        return Err(e);
-                    }
-                    engine.write_taken(&run).await
-                });
             }
-            while let Some(joined) = set.join_next().await {
-                match joined {
-                    Ok(Err(e)) => {
-                        first_error.get_or_insert(e);
-                    }
-                    Err(panic) => {
-                        first_error.get_or_insert(Error::new(
-                            ErrorKind::Io,
-                            format!("writing held guest writes back failed: {panic}"),
-                        ));
-                    }
-                    Ok(Ok(())) => {}
-                }
+            // Past the last block held: start again from the lowest.
+            let stopped = taken.len() == EARLY_BLOCKS || looked == EARLY_LOOK;
+            state.redirected.early_cursor = if stopped { next } else { 0 };
+            taken
+        };
+        if taken.is_empty() {
+            return;
+        }
+        let bytes = taken.len() as u64 * BLOCK;
+        match self.save_and_write_back(taken, true).await {
+            Ok(()) => {
+                self.stats
+                    .saved_early_bytes
+                    .fetch_add(bytes, Ordering::Relaxed);
             }
-            if let Some(error) = first_error {
-                return Err(error);
-            }
+            Err(e) => tracing::warn!("held guest writes stay held: {e}"),
         }
     }
 

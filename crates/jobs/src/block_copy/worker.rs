@@ -115,7 +115,7 @@ impl BlockCopy {
         }
     }
 
-    pub(super) async fn worker(&self, control: &PassControl) -> Result<(), CopyError> {
+    pub(super) async fn worker(self: &Arc<Self>, control: &PassControl) -> Result<(), CopyError> {
         loop {
             if control.stopping() || self.snapshot_error().is_some() {
                 return Ok(());
@@ -172,6 +172,10 @@ impl BlockCopy {
                     self.guest.background.fetch_add(1, Ordering::Relaxed);
                     let began = Instant::now();
                     let copied = self.copy_chunk(id, start, end, &control.rate).await;
+                    if copied.is_ok() && self.guest.has_flushed() {
+                        // In the copy's slot, so its pause covers this too.
+                        self.save_held_early().await;
+                    }
                     if copied.is_ok()
                         && let Some(pause) = self.guest.pause_after(began.elapsed())
                         && !pause.is_zero()
