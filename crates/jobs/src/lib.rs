@@ -26,7 +26,9 @@
 //! ```text
 //!   guest write ──> [CbwFilter] ── 0. whole pages over uncopied clusters: held in
 //!                       │             memory, written to the source once the
-//!                       │             cluster's old data is in hand (or at a flush)
+//!                       │             cluster's old data is in hand (or at a flush,
+//!                       │             or early, between copies, for a guest that
+//!                       │             flushes)
 //!                       │          ── 1. before_write: claim dirty clusters, read their
 //!                       │             old data into the staging area (memory, then a
 //!                       │             scratch file), wait for overlapping source reads
@@ -48,8 +50,9 @@
 //!   daemon loses none: the next read-write open writes them in), held in memory
 //!   (bounded), read back from there, and written to the source only once the
 //!   cluster's old data has been read (`block_copy::redirect`); a flush puts every
-//!   held write into the image first, and the job writes back the rest before its
-//!   filter goes. Any other write first writes back the held writes it overlaps, so
+//!   held write into the image first (once the guest has flushed, the background
+//!   saves a few held pages' old data between its copies, so a flush finds few), and
+//!   the job writes back the rest before its filter goes. Any other write first writes back the held writes it overlaps, so
 //!   the source sees a range's writes in order.
 //! * Otherwise a guest write waits only for source *reads* of its clusters (its own
 //!   or a background one in flight), never for the target: old data it displaces is
