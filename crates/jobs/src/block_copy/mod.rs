@@ -447,7 +447,7 @@ impl BlockCopy {
     }
 
     /// Counts a guest flush as a guest request while the guard lives, and notes that
-    /// this guest flushes (see [`BlockCopy::save_held_early`]).
+    /// this guest flushes (see `BlockCopy::save_held_early`).
     pub fn guest_flush(&self) -> guest::GuestRequest<'_> {
         self.guest.note_flush();
         self.guest.request()

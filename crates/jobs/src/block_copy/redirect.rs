@@ -14,7 +14,7 @@
 //!   all.
 //! * When a cluster's old data is in hand (the background read of it, or a
 //!   copy-before-write, ended), its held blocks are written to the source
-//!   ([`BlockCopy::write_back`]).
+//!   (`BlockCopy::write_back`).
 //! * Reads through the filter see held blocks over the source; block status reports
 //!   them as data.
 //! * Every other write (unaligned, FUA, write-zeroes, discard, or the memory bound
@@ -27,7 +27,7 @@
 //!   its filter goes.
 //! * Once the guest has flushed, the background pass also saves the old data of a few
 //!   held blocks between its copies and writes them back
-//!   ([`BlockCopy::save_held_early`]), so the next flush finds little left to do. A
+//!   (`BlockCopy::save_held_early`), so the next flush finds little left to do. A
 //!   guest that never flushes keeps its blocks held until their clusters are copied,
 //!   which costs no read at all.
 //!
