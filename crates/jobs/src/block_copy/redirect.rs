@@ -140,6 +140,8 @@ pub(super) struct Redirected {
     next_seq: u64,
     /// Where [`BlockCopy::save_held_early`] looks next.
     early_cursor: u64,
+    /// Whether its last attempt failed (logged once per run of failures).
+    early_failing: bool,
 }
 
 impl Redirected {
@@ -712,13 +714,23 @@ impl BlockCopy {
             return;
         }
         let bytes = taken.len() as u64 * BLOCK;
-        match self.save_and_write_back(taken, true).await {
+        let result = self.save_and_write_back(taken, true).await;
+        let failing_before = {
+            let mut state = self.lock();
+            std::mem::replace(&mut state.redirected.early_failing, result.is_err())
+        };
+        match result {
             Ok(()) => {
                 self.stats
                     .saved_early_bytes
                     .fetch_add(bytes, Ordering::Relaxed);
             }
-            Err(e) => tracing::warn!("held guest writes stay held: {e}"),
+            // Once per run of failures: a bad sector would otherwise log after every
+            // background copy. The next flush tries again and fails if this does.
+            Err(e) if !failing_before => {
+                tracing::warn!("held guest writes stay held until the next flush: {e}");
+            }
+            Err(e) => tracing::debug!("held guest writes stay held: {e}"),
         }
     }
 
