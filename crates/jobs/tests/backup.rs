@@ -916,11 +916,23 @@ async fn a_held_write_that_cannot_reach_the_source_fails_the_flush_and_is_kept_f
     )
     .await;
     let snapshot = rig.source_bytes();
-    let (job, _, guest, mut rx) = throttled_backup(&rig, "held-eio", "flaky").await;
+    let (job, stats, guest, mut rx) = throttled_backup(&rig, "held-eio", "flaky").await;
+    // Paused, so no background copy runs: after the failed flush the guest has
+    // flushed, and an early save between two copies could otherwise write the block
+    // before this test looks.
+    job.pause().unwrap();
+    wait_status(&job, JobStatus::Paused).await;
     guest
         .write(at, IoBuf::from_slice(&[0x77; 4096]), WriteFlags::default())
         .await
         .unwrap();
+    assert_eq!(
+        stats
+            .redirected_bytes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4096,
+        "held"
+    );
     let err = guest.flush().await.unwrap_err();
     assert_eq!(err.errno(), libc::EIO, "{err}");
     assert_eq!(
@@ -936,6 +948,7 @@ async fn a_held_write_that_cannot_reach_the_source_fails_the_flush_and_is_kept_f
         &[0x77; 4096][..],
         "the next flush wrote it"
     );
+    job.resume().unwrap();
     finish_unthrottled(&job, &mut rx).await;
     assert_eq!(rig.target_bytes(), snapshot);
 }
