@@ -166,6 +166,19 @@ pub enum Redirect {
 /// Blocks taken for a write-back: `(offset, data, seq)` in offset order.
 type Taken = Vec<(u64, Arc<[u8]>, u64)>;
 
+/// The runs of neighbouring blocks in `taken`, as index ranges: each run is one
+/// write to the source and one release in the journal.
+fn neighbour_runs(taken: &Taken) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, (at, _, _)) in taken.iter().enumerate() {
+        match runs.last_mut() {
+            Some(run) if taken[run.end - 1].0 + BLOCK == *at => run.end = i + 1,
+            _ => runs.push(i..i + 1),
+        }
+    }
+    runs
+}
+
 /// Whether cluster `c`'s old data is still only on the source (dirty, or being read):
 /// its copy will write back what is held there.
 fn old_data_on_source(state: &CopyState, c: u64) -> bool {
@@ -419,22 +432,20 @@ impl BlockCopy {
     /// guest write changed meanwhile. On failure every taken block stays held.
     async fn write_taken(&self, taken: &Taken) -> Result<(), Error> {
         let mut result = Ok(());
-        let mut i = 0;
-        while i < taken.len() && result.is_ok() {
-            let mut j = i + 1;
-            while j < taken.len() && taken[j].0 == taken[j - 1].0 + BLOCK {
-                j += 1;
-            }
-            let mut buf = IoBuf::zeroed((j - i) * BLOCK as usize);
-            for (k, (_, data, _)) in taken[i..j].iter().enumerate() {
+        for run in neighbour_runs(taken) {
+            let blocks = &taken[run];
+            let mut buf = IoBuf::zeroed(blocks.len() * BLOCK as usize);
+            for (k, (_, data, _)) in blocks.iter().enumerate() {
                 buf[k * BLOCK as usize..(k + 1) * BLOCK as usize].copy_from_slice(data);
             }
             result = self
                 .source
-                .write(taken[i].0, buf, block::WriteFlags::default())
+                .write(blocks[0].0, buf, block::WriteFlags::default())
                 .await
                 .map(drop);
-            i = j;
+            if result.is_err() {
+                break;
+            }
         }
         if result.is_ok() {
             result = self.journal_release(taken).await;
@@ -469,13 +480,13 @@ impl BlockCopy {
     /// replay must not find a write whose release it lacks once a later write may have
     /// gone to the source directly.
     async fn journal_release(&self, taken: &Taken) -> Result<(), Error> {
-        let mut runs: Vec<(u64, Vec<u64>)> = Vec::new();
-        for (at, _, seq) in taken {
-            match runs.last_mut() {
-                Some((start, seqs)) if *start + seqs.len() as u64 * BLOCK == *at => seqs.push(*seq),
-                _ => runs.push((*at, vec![*seq])),
-            }
-        }
+        let runs: Vec<(u64, Vec<u64>)> = neighbour_runs(taken)
+            .into_iter()
+            .map(|run| {
+                let blocks = &taken[run];
+                (blocks[0].0, blocks.iter().map(|b| b.2).collect())
+            })
+            .collect();
         let journal = self.journal.clone();
         tokio::task::spawn_blocking(move || {
             let mut journal = lock_journal(&journal);
@@ -626,18 +637,12 @@ impl BlockCopy {
     ) -> Result<(), Error> {
         // Runs of neighbouring blocks, several at once: each may wait for a read
         // of old data.
-        let mut runs: Vec<Taken> = Vec::new();
-        for block in taken {
-            match runs.last_mut() {
-                Some(run) if run.last().is_some_and(|l| l.0 + BLOCK == block.0) => {
-                    run.push(block);
-                }
-                _ => runs.push(vec![block]),
-            }
-        }
+        let runs = neighbour_runs(&taken);
+        let mut blocks = taken.into_iter();
         let mut set = tokio::task::JoinSet::new();
         let mut first_error = None;
         for run in runs {
+            let run: Taken = blocks.by_ref().take(run.len()).collect();
             while set.len() >= FLUSH_PARALLEL {
                 if let Some(Ok(Err(e))) = set.join_next().await {
                     first_error.get_or_insert(e);
