@@ -540,3 +540,62 @@ async fn bad_fleecing_graphs_are_refused_in_clear_words() {
     // Nothing was inserted: writers still write the disk directly.
     assert_eq!(user(&rig, "src", "guest").node().name(), "src");
 }
+
+/// Pages of the file at `path` the page cache holds, per `mincore`.
+fn cached_pages(path: &std::path::Path) -> Vec<bool> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    // SAFETY: a private read-only mapping of a file we hold open, unmapped below;
+    // mincore writes one byte per page of it into a buffer of that many bytes.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED);
+        let page = libc::sysconf(libc::_SC_PAGESIZE) as usize;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        assert_eq!(libc::mincore(map, len, vec.as_mut_ptr()), 0);
+        libc::munmap(map, len);
+        vec.into_iter().map(|b| b & 1 == 1).collect()
+    }
+}
+
+#[tokio::test]
+async fn snapshot_reads_of_the_source_start_no_readahead() {
+    // A puller streams the whole snapshot; with the host's readahead each read of a
+    // data extent read (or, in a hole, zeroed) megabytes past it, which made pulls up
+    // to twice as slow (bench/RESULTS.md). So the source is read as a bulk read.
+    let rig = Rig::new(4 * MIB, 3).await;
+    let mut rng = Rng(3);
+    let data = rng.bytes(4 * MIB as usize);
+    std::fs::write(&rig.source, &data).unwrap();
+    let file = std::fs::File::open(&rig.source).unwrap();
+    file.sync_all().unwrap();
+    // SAFETY: fadvise on a descriptor we own; integer arguments only.
+    let rc = unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    assert_eq!(rc, 0);
+    if cached_pages(&rig.source).iter().any(|&c| c) {
+        eprintln!("this filesystem keeps the file's pages cached (tmpfs?): nothing to test");
+        return;
+    }
+    let (_guest, access) = fleece(&rig, json!({}), json!({})).await;
+    let got = read(&access, 0, 64 << 10).await.unwrap();
+    assert!(got == data[..64 << 10]);
+    let cached = cached_pages(&rig.source);
+    let first = (64 << 10) * cached.len() / (4 * MIB as usize);
+    let past = cached[first..].iter().filter(|&&c| c).count();
+    assert_eq!(past, 0, "{past} pages past the 64 KiB read were read ahead");
+}

@@ -128,20 +128,17 @@ impl BlockCopy {
         while done < len {
             let at = offset + done;
             let run = self.snapshot_run(at, len - done).await?;
-            let from = if run.frozen.is_some() {
-                &self.source
-            } else {
-                &self.target
-            };
             if run.len == len {
                 // One run covers the request: read straight into the caller's buffer.
-                let read = from.read(at, buf).await;
+                let read = self.read_run(&run, at, buf).await;
                 let ended = self.end_snapshot_read(&run);
                 let full = read?;
                 ended?;
                 return Ok(full);
             }
-            let read = from.read(at, IoBuf::zeroed(run.len as usize)).await;
+            let read = self
+                .read_run(&run, at, IoBuf::zeroed(run.len as usize))
+                .await;
             let ended = self.end_snapshot_read(&run);
             let part = read?;
             ended?;
@@ -150,6 +147,22 @@ impl BlockCopy {
             done += run.len;
         }
         Ok(buf)
+    }
+
+    /// Reads one run of a snapshot read: from the source where it is still there, else
+    /// from the target. Both as bulk reads, without the host's readahead: a puller
+    /// streams the whole snapshot in requests of its own size, and readahead read
+    /// megabytes past each of them (this VM's disk reads ahead 8 MiB), mostly into the
+    /// holes after a data extent or around a saved cluster, where it only zeroes
+    /// pages. That kernel zeroing was a sixth of the daemon's time in an `nbdcopy`
+    /// pull, and the pull took up to twice as long (bench/RESULTS.md).
+    async fn read_run(&self, run: &SnapshotRun, at: u64, buf: IoBuf) -> Result<IoBuf, Error> {
+        let from = if run.frozen.is_some() {
+            &self.source
+        } else {
+            &self.target
+        };
+        from.read_uncached(at, buf, false).await
     }
 
     /// Snapshot API: status of the point-in-time data. Runs saved on the target are
