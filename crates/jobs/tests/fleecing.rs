@@ -546,7 +546,7 @@ fn cached_pages(path: &std::path::Path) -> Vec<bool> {
     use std::os::fd::AsRawFd;
     let file = std::fs::File::open(path).unwrap();
     let len = file.metadata().unwrap().len() as usize;
-    // SAFETY: a private read-only mapping of a file we hold open, unmapped below;
+    // SAFETY: a read-only mapping of a file we hold open, unmapped below;
     // mincore writes one byte per page of it into a buffer of that many bytes.
     unsafe {
         let map = libc::mmap(

@@ -1,7 +1,8 @@
 //! Snapshot reads, for a standalone copy-before-write filter's `snapshot-access`
 //! node: a run still on the source is read under a frozen range guest writes wait
 //! for, a saved run is read from the target, and ranges outside the snapshot are
-//! refused.
+//! refused. Both are bulk reads (`read_uncached`, no readahead): a puller reads the
+//! whole snapshot in requests of its own size.
 
 use super::BlockCopy;
 use super::CopyState;
