@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
 
+use anyhow::Context;
 use anyhow::bail;
 use block::NodeGraph;
 use indicatif::ProgressBar;
@@ -268,6 +269,12 @@ async fn run_on(
             );
         }
     }
+    // Watched from here on, by one stream for the whole run: a Ctrl-C that arrives
+    // while the loop below is busy between polls (or before it starts) stays pending
+    // until it is polled. A `ctrl_c()` future made afresh on each turn missed those,
+    // and the backup ran to its end.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot watch SIGINT")?;
     let created = !args.target.exists();
     if created {
         create_target(
@@ -336,7 +343,7 @@ async fn run_on(
                     }
                 }
             },
-            _ = tokio::signal::ctrl_c(), if !interrupted => {
+            _ = interrupt.recv(), if !interrupted => {
                 interrupted = true;
                 let _ = job.cancel(true);
             }
