@@ -269,10 +269,12 @@ async fn run_on(
             );
         }
     }
-    // Watched from here on, by one stream for the whole run: a Ctrl-C that arrives
-    // while the loop below is busy between polls (or before it starts) stays pending
-    // until it is polled. A `ctrl_c()` future made afresh on each turn missed those,
-    // and the backup ran to its end.
+    // Ctrl-C is watched from before the target exists, by one stream for the whole
+    // run (a signal stays pending on it until the loop below polls it). It used to be
+    // watched only from the loop's first turn: a Ctrl-C before that killed the
+    // process and left the target, or, where SIGINT came in ignored (a script's
+    // background job), was lost and the backup ran to its end. Like
+    // qemu-storage-daemon's handler, this one replaces an inherited SIG_IGN.
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("cannot watch SIGINT")?;
     let created = !args.target.exists();
