@@ -27,6 +27,9 @@ use jobs::JobStatus;
 use jobs::SyncMode;
 use jobs::start_backup;
 use serde_json::json;
+use tokio::signal::unix::Signal;
+use tokio::signal::unix::SignalKind;
+use tokio::signal::unix::signal;
 
 use crate::image::Format;
 use crate::image::ImageFormat;
@@ -269,14 +272,10 @@ async fn run_on(
             );
         }
     }
-    // Ctrl-C is watched from before the target exists, by one stream for the whole
-    // run (a signal stays pending on it until the loop below polls it). It used to be
-    // watched only from the loop's first turn: a Ctrl-C before that killed the
-    // process and left the target, or, where SIGINT came in ignored (a script's
-    // background job), was lost and the backup ran to its end. Like
-    // qemu-storage-daemon's handler, this one replaces an inherited SIG_IGN.
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("cannot watch SIGINT")?;
+    // Ctrl-C and SIGTERM are watched from before the target exists (see
+    // `Interrupts`): a signal before the loop below starts cancels the job at its
+    // first turn instead of killing the process or being lost.
+    let mut interrupts = Interrupts::watch()?;
     let created = !args.target.exists();
     if created {
         create_target(
@@ -331,7 +330,7 @@ async fn run_on(
     let bar = progress_bar(job.progress().1, args.json);
     let mut last_line = Instant::now();
     let mut outcome: Option<Result<(), String>> = None;
-    let mut interrupted = false;
+    let mut interrupted: Option<&str> = None;
     loop {
         tokio::select! {
             event = events.recv() => match event {
@@ -345,8 +344,8 @@ async fn run_on(
                     }
                 }
             },
-            _ = interrupt.recv(), if !interrupted => {
-                interrupted = true;
+            how = interrupts.recv(), if interrupted.is_none() => {
+                interrupted = Some(how);
                 let _ = job.cancel(true);
             }
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -372,8 +371,8 @@ async fn run_on(
     let target = args.target.display();
     match outcome {
         Some(Ok(())) => {}
-        Some(Err(_)) if interrupted => {
-            bail!("backup cancelled (interrupted); the target '{target}' is incomplete")
+        Some(Err(_)) if let Some(how) = interrupted => {
+            bail!("backup cancelled ({how}); the target '{target}' is incomplete")
         }
         Some(Err(e)) => bail!("backup failed: {e}; the target '{target}' is incomplete"),
         None => bail!("backup ended without a result; the target '{target}' is incomplete"),
@@ -404,6 +403,36 @@ async fn run_on(
         );
     }
     Ok(())
+}
+
+/// SIGINT (a terminal's Ctrl-C) and SIGTERM (`kill`, `timeout`, a service manager),
+/// watched from [`Interrupts::watch`] on by one stream each, so a signal stays pending
+/// until [`Interrupts::recv`] is polled: a command that must clean up after itself
+/// (cancel its job, remove a half-written image) watches before it creates anything.
+/// It used to watch from its progress loop's first turn: a signal before that killed
+/// the process and left the target, or, where SIGINT came in ignored (a script's
+/// background job), was lost and the backup ran to its end. Like
+/// qemu-storage-daemon's handlers, these replace an inherited SIG_IGN.
+pub struct Interrupts {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Interrupts {
+    pub fn watch() -> anyhow::Result<Interrupts> {
+        Ok(Interrupts {
+            interrupt: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+        })
+    }
+
+    /// The next signal, as the words a message gives it. Cancel-safe.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "interrupted",
+            _ = self.terminate.recv() => "terminated",
+        }
+    }
 }
 
 fn percent(done: u64, total: u64) -> f64 {

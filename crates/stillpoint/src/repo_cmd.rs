@@ -275,8 +275,17 @@ pub async fn restore(
     let format = target_format.unwrap_or(Format::Raw);
     let driver = crate::repo_node::SnapshotDriver::open(Arc::new(repo), &info.id)?;
     let size = info.size;
+    // Watched before the image exists, so a Ctrl-C or SIGTERM never leaves a
+    // half-written image that looks like a whole one.
+    let mut interrupts = crate::backup::Interrupts::watch()?;
     crate::backup::create_target(target, format, size, None)?;
-    let copied = copy_snapshot(Box::new(driver), target, format, size).await;
+    let copied = tokio::select! {
+        copied = copy_snapshot(Box::new(driver), target, format, size) => copied,
+        how = interrupts.recv() => Err(anyhow::anyhow!(
+            "restore {how}; the half-written image '{}' was removed",
+            target.display()
+        )),
+    };
     if copied.is_err() {
         let _ = std::fs::remove_file(target);
     }

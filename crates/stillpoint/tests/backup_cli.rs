@@ -190,14 +190,24 @@ fn ctrl_c_cancels_and_says_the_target_is_incomplete() {
             (command.spawn().unwrap(), target)
         })
         .collect();
+    let signal_for = |target: &std::path::Path| {
+        if target.ends_with("bak2.img") {
+            libc::SIGTERM
+        } else {
+            libc::SIGINT
+        }
+    };
     let mut waiting: Vec<_> = children.iter().collect();
     for _ in 0..5000 {
         waiting.retain(|(child, target)| {
             if !target.exists() {
                 return true;
             }
-            // SAFETY: kill(2) on the child's pid with SIGINT, as a terminal's Ctrl-C sends.
-            assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+            // SIGINT, as a terminal's Ctrl-C sends, or SIGTERM for the last one, as
+            // `kill` and `timeout` send.
+            let signal = signal_for(target);
+            // SAFETY: kill(2) on the child's pid with an integer signal number.
+            assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
             false
         });
         if waiting.is_empty() {
@@ -206,12 +216,17 @@ fn ctrl_c_cancels_and_says_the_target_is_incomplete() {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(waiting.is_empty(), "a backup never created its target");
-    for (child, _) in children {
+    for (child, target) in children {
+        let words = if signal_for(&target) == libc::SIGTERM {
+            "backup cancelled (terminated)"
+        } else {
+            "backup cancelled (interrupted)"
+        };
         let out = child.wait_with_output().unwrap();
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(
-            err.contains("cancelled") && err.contains("is incomplete"),
+            err.contains(words) && err.contains("is incomplete"),
             "{err}"
         );
     }

@@ -505,3 +505,46 @@ fn a_garbage_collection_killed_mid_run_leaves_a_repository_the_next_one_finishes
     }
     assert!(took_over > 0, "no kill landed while a collection ran");
 }
+
+/// A restore stopped by Ctrl-C or SIGTERM says so, exits 1 and removes its image: a
+/// half-written raw image would look like a whole one.
+#[test]
+fn an_interrupted_restore_removes_its_half_written_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let repo = s(&repo);
+    ours(&["repo", "init", repo]);
+    let disk = dir.path().join("disk.raw");
+    std::fs::write(&disk, Rng(23).bytes(64 << 20)).unwrap();
+    backup_into(repo, &disk, "vm");
+    for (signal, words) in [(libc::SIGINT, "interrupted"), (libc::SIGTERM, "terminated")] {
+        let target = dir.path().join(format!("restored-{words}.raw"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_stillpoint"))
+            .args(["restore", "--repo", repo, "vm", s(&target)])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        for _ in 0..5000 {
+            if target.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(target.exists(), "the restore never created its image");
+        // SAFETY: kill(2) on the child's pid with an integer signal number.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let out = child.wait_with_output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{words}: {err}");
+        assert!(
+            err.contains(&format!("restore {words}")) && err.contains("was removed"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            !target.exists(),
+            "{words}: the half-written image is still there"
+        );
+    }
+}
