@@ -6,7 +6,8 @@
 //! `--chardev socket,id=ID,path=PATH,server=on,wait=off` with `--monitor chardev=ID`),
 //! created mode 0600. SIGINT, SIGTERM, SIGHUP and the QMP `quit`
 //! command cancel running jobs, stop the NBD server, flush every node, remove the
-//! sockets and the pidfile, and exit 0, as qemu-storage-daemon does.
+//! sockets and the pidfile, and exit 0, as qemu-storage-daemon does. They do so during
+//! start-up too: the signals are watched before the first option is applied.
 //!
 //! The pid file is locked (`lockf`) for as long as the daemon runs: a second daemon
 //! given the same file refuses to start, with QEMU's message, instead of overwriting
@@ -72,12 +73,81 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     result
 }
 
+/// What start-up has made so far, for the shutdown to undo.
+#[derive(Default)]
+struct Started {
+    /// The locked pid file, once written.
+    pid_lock: Option<std::fs::File>,
+    /// The QMP sockets listening, and their servers.
+    sockets: Vec<PathBuf>,
+    serving: Vec<tokio::task::JoinHandle<()>>,
+}
+
 async fn serve(daemon: &Arc<Daemon>, args: &DaemonArgs) -> anyhow::Result<()> {
-    // First: a second daemon with the same pid file must not touch anything.
-    let _pid_lock = match &args.pidfile {
-        Some(pidfile) => Some(write_pidfile(pidfile)?),
-        None => None,
+    // Watched from the start: a signal while the options are applied stops the
+    // daemon as cleanly as one after. Unwatched, it killed the process, and a qcow2
+    // opened for writing by then kept its persistent bitmaps marked in use (so they
+    // were inconsistent at the next open, and the next backup had to be full).
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    let mut started = Started::default();
+    let stopped_in_start_up = {
+        let start = start(daemon, args, &mut started);
+        tokio::pin!(start);
+        tokio::select! {
+            biased;
+            result = &mut start => {
+                result?;
+                false
+            }
+            _ = sigint.recv() => true,
+            _ = sigterm.recv() => true,
+            _ = sighup.recv() => true,
+        }
     };
+    if !stopped_in_start_up {
+        eprintln!(
+            "stillpoint: daemon ready ({} QMP socket{})",
+            started.sockets.len(),
+            if started.sockets.len() == 1 { "" } else { "s" }
+        );
+        let quitting = Arc::clone(daemon);
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+            _ = sighup.recv() => {}
+            _ = quitting.quit_requested() => {}
+        }
+    }
+    daemon.shutdown().await;
+    for task in &started.serving {
+        task.abort();
+    }
+    for path in &started.sockets {
+        let _ = std::fs::remove_file(path);
+    }
+    if let (Some(pidfile), Some(_)) = (&args.pidfile, &started.pid_lock) {
+        let _ = std::fs::remove_file(pidfile);
+    }
+    if stopped_in_start_up {
+        eprintln!("stillpoint: daemon stopped by a signal during start-up, nodes flushed");
+    } else {
+        eprintln!("stillpoint: daemon stopped, nodes flushed");
+    }
+    Ok(())
+}
+
+/// Applies the options in order; what it makes goes into `started` as it is made.
+async fn start(
+    daemon: &Arc<Daemon>,
+    args: &DaemonArgs,
+    started: &mut Started,
+) -> anyhow::Result<()> {
+    // First: a second daemon with the same pid file must not touch anything.
+    if let Some(pidfile) = &args.pidfile {
+        started.pid_lock = Some(write_pidfile(pidfile)?);
+    }
     for text in &args.blockdev {
         let options = if text.trim_start().starts_with('{') {
             BlockdevOptions::from_json(
@@ -153,43 +223,17 @@ async fn serve(daemon: &Arc<Daemon>, args: &DaemonArgs) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow!("--monitor {text}: no chardev '{id}'"))?;
         sockets.push(path.clone());
     }
-    let mut serving = Vec::new();
-    for path in &sockets {
+    for path in sockets {
         // Mode 0600 from the moment the socket exists; a stale socket is replaced,
         // any other file is left alone.
-        let listener = nbd::listener::bind_unix(path, nbd::listener::QMP_SOCKET_MODE)
+        let listener = nbd::listener::bind_unix(&path, nbd::listener::QMP_SOCKET_MODE)
             .with_context(|| format!("cannot listen on '{}'", path.display()))?;
-        serving.push(tokio::spawn(qmp::server::serve_unix(
+        started.serving.push(tokio::spawn(qmp::server::serve_unix(
             daemon.clone(),
             listener,
         )));
+        started.sockets.push(path);
     }
-
-    eprintln!(
-        "stillpoint: daemon ready ({} QMP socket{})",
-        sockets.len(),
-        if sockets.len() == 1 { "" } else { "s" }
-    );
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let quitting = Arc::clone(daemon);
-    let mut sighup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = sigterm.recv() => {}
-        _ = sighup.recv() => {}
-        _ = quitting.quit_requested() => {}
-    }
-    daemon.shutdown().await;
-    for task in serving {
-        task.abort();
-    }
-    for path in &sockets {
-        let _ = std::fs::remove_file(path);
-    }
-    if let Some(pidfile) = &args.pidfile {
-        let _ = std::fs::remove_file(pidfile);
-    }
-    eprintln!("stillpoint: daemon stopped, nodes flushed");
     Ok(())
 }
 

@@ -716,3 +716,59 @@ fn writes_the_journal_has_no_room_for_go_through_copy_before_write_and_none_is_l
         .collect();
     assert!(missing.is_empty(), "writes lost: {missing:?}");
 }
+
+/// A SIGTERM while the daemon is still applying its options (here: an NBD node whose
+/// server never answers the handshake, after a qcow2 opened for writing) stops it as
+/// cleanly as one after: exit 0, and the qcow2's persistent bitmap is stored, not left
+/// in use. Unwatched, the signal killed the daemon there and the bitmap was
+/// inconsistent at the next open, so the next backup had to be a full one.
+#[test]
+fn a_sigterm_during_start_up_stops_cleanly_and_keeps_the_bitmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.qcow2");
+    let disk_name = disk.display().to_string();
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", &disk_name, "1M"])
+            .status
+            .success()
+    );
+    assert!(
+        qemu_img(&["bitmap", "--add", &disk_name, "daily"])
+            .status
+            .success()
+    );
+    // Connections queue in the backlog and are never answered.
+    let silent = dir.path().join("silent.sock");
+    let _silent = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let qmp = dir.path().join("qmp.sock");
+    let disk_node = json!({"driver": "qcow2", "node-name": "d",
+        "file": {"driver": "file", "filename": disk}});
+    let nbd_node = json!({"driver": "nbd", "node-name": "n", "export": "x",
+        "server": {"type": "unix", "path": silent}});
+    let child = Command::new(env!("CARGO_BIN_EXE_stillpoint"))
+        .args(["daemon", "--blockdev", &disk_node.to_string()])
+        .args(["--blockdev", &nbd_node.to_string()])
+        .args(["--qmp", &qmp.display().to_string()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let in_use = || {
+        let info = qemu_img(&["info", "-U", &disk_name]);
+        String::from_utf8_lossy(&info.stdout).contains("in-use")
+    };
+    for _ in 0..500 {
+        if in_use() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(in_use(), "the daemon never opened the qcow2 for writing");
+    // SAFETY: kill(2) on the child's pid with an integer signal number.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("stopped by a signal during start-up"), "{err}");
+    assert!(!in_use(), "the bitmap was left in use");
+    assert!(!qmp.exists(), "no QMP socket was made, and none is left");
+}
