@@ -15,7 +15,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
 
-use anyhow::Context;
 use anyhow::bail;
 use block::NodeGraph;
 use indicatif::ProgressBar;
@@ -27,9 +26,6 @@ use jobs::JobStatus;
 use jobs::SyncMode;
 use jobs::start_backup;
 use serde_json::json;
-use tokio::signal::unix::Signal;
-use tokio::signal::unix::SignalKind;
-use tokio::signal::unix::signal;
 
 use crate::image::Format;
 use crate::image::ImageFormat;
@@ -275,7 +271,7 @@ async fn run_on(
     // Ctrl-C and SIGTERM are watched from before the target exists (see
     // `Interrupts`): a signal before the loop below starts cancels the job at its
     // first turn instead of killing the process or being lost.
-    let mut interrupts = Interrupts::watch()?;
+    let mut interrupts = crate::signals::Interrupts::watch()?;
     let created = !args.target.exists();
     if created {
         create_target(
@@ -403,36 +399,6 @@ async fn run_on(
         );
     }
     Ok(())
-}
-
-/// SIGINT (a terminal's Ctrl-C) and SIGTERM (`kill`, `timeout`, a service manager),
-/// watched from [`Interrupts::watch`] on by one stream each, so a signal stays pending
-/// until [`Interrupts::recv`] is polled: a command that must clean up after itself
-/// (cancel its job, remove a half-written image) watches before it creates anything.
-/// It used to watch from its progress loop's first turn: a signal before that killed
-/// the process and left the target, or, where SIGINT came in ignored (a script's
-/// background job), was lost and the backup ran to its end. Like
-/// qemu-storage-daemon's handlers, these replace an inherited SIG_IGN.
-pub struct Interrupts {
-    interrupt: Signal,
-    terminate: Signal,
-}
-
-impl Interrupts {
-    pub fn watch() -> anyhow::Result<Interrupts> {
-        Ok(Interrupts {
-            interrupt: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
-            terminate: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
-        })
-    }
-
-    /// The next signal, as the words a message gives it. Cancel-safe.
-    pub async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.interrupt.recv() => "interrupted",
-            _ = self.terminate.recv() => "terminated",
-        }
-    }
 }
 
 fn percent(done: u64, total: u64) -> f64 {

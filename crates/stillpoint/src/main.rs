@@ -18,6 +18,7 @@ mod map;
 mod nbd_cmd;
 mod repo_cmd;
 mod repo_node;
+mod signals;
 mod size;
 
 use std::path::Path;

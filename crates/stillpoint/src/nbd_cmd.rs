@@ -12,11 +12,10 @@ use block::NodeGraph;
 use block::options::SocketAddress;
 use nbd::Export;
 use nbd::NbdServer;
-use tokio::signal::unix::SignalKind;
-use tokio::signal::unix::signal;
 
 use crate::image::Format;
 use crate::image::resolve_format;
+use crate::signals::Interrupts;
 
 /// How to serve an image.
 #[derive(Debug)]
@@ -43,6 +42,10 @@ pub async fn run(image: &Path, options: ServeOptions) -> anyhow::Result<()> {
         limits,
     } = options;
     let format = resolve_format(image, format, "--format")?;
+    // Watched before the image opens: a signal meanwhile stops the server as soon as
+    // it is up, with the image closed cleanly (a qcow2's bitmaps stored), instead of
+    // killing the process with the image open.
+    let mut interrupts = Interrupts::watch()?;
     let graph = NodeGraph::new();
     graph
         .add(crate::image::node_options(
@@ -54,6 +57,7 @@ pub async fn run(image: &Path, options: ServeOptions) -> anyhow::Result<()> {
         .await?;
     let result = serve(
         &graph,
+        &mut interrupts,
         &image.display().to_string(),
         listen,
         name,
@@ -73,10 +77,12 @@ pub async fn run_driver(
     driver: Box<dyn block::BlockDriver>,
     options: ServeOptions,
 ) -> anyhow::Result<()> {
+    let mut interrupts = Interrupts::watch()?;
     let graph = NodeGraph::new();
     graph.add_driver("disk", driver, true).await?;
     let result = serve(
         &graph,
+        &mut interrupts,
         what,
         options.listen,
         options.name,
@@ -91,6 +97,7 @@ pub async fn run_driver(
 
 async fn serve(
     graph: &NodeGraph,
+    interrupts: &mut Interrupts,
     what: &str,
     listen: SocketAddress,
     name: String,
@@ -110,7 +117,6 @@ async fn serve(
         })
         .map_err(anyhow::Error::msg)?;
 
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let (serving, where_) = match &listen {
         SocketAddress::Unix(path) => {
             let listener = nbd::listener::bind_unix(path, nbd::listener::NBD_SOCKET_MODE)
@@ -132,10 +138,7 @@ async fn serve(
         "stillpoint: serving '{what}' as NBD export '{name}' ({}) on {where_}",
         if writable { "writable" } else { "read-only" }
     );
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = sigterm.recv() => {}
-    }
+    interrupts.recv().await;
     serving.abort();
     if let SocketAddress::Unix(path) = &listen {
         std::fs::remove_file(path).ok();

@@ -277,7 +277,7 @@ pub async fn restore(
     let size = info.size;
     // Watched before the image exists, so a Ctrl-C or SIGTERM never leaves a
     // half-written image that looks like a whole one.
-    let mut interrupts = crate::backup::Interrupts::watch()?;
+    let mut interrupts = crate::signals::Interrupts::watch()?;
     crate::backup::create_target(target, format, size, None)?;
     let copied = tokio::select! {
         copied = copy_snapshot(Box::new(driver), target, format, size) => copied,
