@@ -177,9 +177,38 @@ fn named(name: &str) -> Vec<u8> {
     out
 }
 
+/// How long connecting and negotiating may take, as long as qemu-nbd and
+/// qemu-storage-daemon give a client to finish its handshake (`handshake-max-seconds`).
+/// Without a limit, a server that accepts and never answers held `blockdev-add`, and
+/// with it every change to the node graph and the daemon's shutdown, forever
+/// (qemu-storage-daemon freezes whole in that case).
+pub const CONNECT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl NbdClient {
-    /// Connects to `address` and opens `export`.
+    /// Connects to `address` and opens `export`, within [`CONNECT_LIMIT`].
     pub async fn connect(address: &SocketAddress, export: &str) -> Result<Arc<Self>, Error> {
+        Self::connect_within(address, export, CONNECT_LIMIT).await
+    }
+
+    /// [`NbdClient::connect`] with another limit.
+    pub async fn connect_within(
+        address: &SocketAddress,
+        export: &str,
+        limit: std::time::Duration,
+    ) -> Result<Arc<Self>, Error> {
+        match tokio::time::timeout(limit, Self::connect_unbounded(address, export)).await {
+            Ok(result) => result,
+            Err(_) => Err(io_err(
+                &format!(
+                    "{address}: no answer to the handshake within {} s",
+                    limit.as_secs_f64()
+                ),
+                io::Error::from(io::ErrorKind::TimedOut),
+            )),
+        }
+    }
+
+    async fn connect_unbounded(address: &SocketAddress, export: &str) -> Result<Arc<Self>, Error> {
         let describe = || address.to_string();
         let failed = |e| io_err(&format!("failed to connect to {}", describe()), e);
         let (reader, writer): (Boxed<dyn AsyncRead + Send + Unpin>, Writer) = match address {

@@ -322,3 +322,25 @@ async fn inet_addresses_reach_qemu_nbd_over_tcp() {
         "qemu-nbd -r exports read-only"
     );
 }
+
+#[tokio::test]
+async fn a_server_that_never_answers_the_handshake_fails_the_connect_in_time() {
+    // It accepts (the kernel queues the connection) and never says a word: without a
+    // limit, blockdev-add of such a node held the node graph, and the daemon's
+    // shutdown, forever.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("silent.sock");
+    let _silent = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let address = block::options::SocketAddress::Unix(path);
+    let started = std::time::Instant::now();
+    let limit = Duration::from_millis(300);
+    let err = match nbd::client::NbdClient::connect_within(&address, "x", limit).await {
+        Ok(_) => panic!("connected to a server that never answered"),
+        Err(e) => e.to_string(),
+    };
+    assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+    assert!(
+        err.contains("no answer to the handshake within 0.3 s") && err.contains("silent.sock"),
+        "{err}"
+    );
+}
