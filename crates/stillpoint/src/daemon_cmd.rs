@@ -26,8 +26,6 @@ use block::qapi::parse_keyval;
 use qmp::Daemon;
 use serde_json::Map;
 use serde_json::Value;
-use tokio::signal::unix::SignalKind;
-use tokio::signal::unix::signal;
 
 /// The command line of `stillpoint daemon`.
 #[derive(Debug, Default)]
@@ -88,9 +86,7 @@ async fn serve(daemon: &Arc<Daemon>, args: &DaemonArgs) -> anyhow::Result<()> {
     // daemon as cleanly as one after. Unwatched, it killed the process, and a qcow2
     // opened for writing by then kept its persistent bitmaps marked in use (so they
     // were inconsistent at the next open, and the next backup had to be full).
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut sighup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    let mut signals = crate::signals::Interrupts::watch_with_hangup()?;
     let mut started = Started::default();
     let stopped_in_start_up = {
         let start = start(daemon, args, &mut started);
@@ -101,9 +97,7 @@ async fn serve(daemon: &Arc<Daemon>, args: &DaemonArgs) -> anyhow::Result<()> {
                 result?;
                 false
             }
-            _ = sigint.recv() => true,
-            _ = sigterm.recv() => true,
-            _ = sighup.recv() => true,
+            _ = signals.recv() => true,
         }
     };
     if !stopped_in_start_up {
@@ -114,9 +108,7 @@ async fn serve(daemon: &Arc<Daemon>, args: &DaemonArgs) -> anyhow::Result<()> {
         );
         let quitting = Arc::clone(daemon);
         tokio::select! {
-            _ = sigint.recv() => {}
-            _ = sigterm.recv() => {}
-            _ = sighup.recv() => {}
+            _ = signals.recv() => {}
             _ = quitting.quit_requested() => {}
         }
     }
