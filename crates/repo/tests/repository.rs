@@ -680,3 +680,47 @@ fn a_collection_that_died_on_this_machine_does_not_block_the_next() {
     );
     assert_eq!(repo.gc().unwrap().stale_marker_pid, None);
 }
+
+#[test]
+fn an_incremental_takes_unchanged_chunks_by_id_and_stores_again_those_only_a_condemned_pack_holds()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
+    repo.set_condemn_margin(std::time::Duration::ZERO);
+    let old = disk(41, 8, 100);
+    let (a, _) = backup(&repo, "d", &old);
+    let (_, a_ids) = repo.read_snapshot(&a.id).unwrap();
+
+    // Chunk 0 changed; the rest by id, without their bytes.
+    let mut new = old.clone();
+    new[..CHUNK as usize].copy_from_slice(&Rng(42).bytes(CHUNK as usize));
+    let mut w = repo
+        .writer("d", new.len() as u64, Some(a.id.clone()))
+        .unwrap();
+    w.add_at(0, new[..CHUNK as usize].to_vec()).unwrap();
+    w.add_known_at(1, a_ids[1..].to_vec()).unwrap();
+    let (b, stats) = w.commit().unwrap();
+    assert_eq!(stats.new_chunks, 1, "{stats:?}");
+    assert_eq!(restore(&repo, &b.id), new);
+
+    // Both snapshots forgotten and collected: every pack is condemned. An incremental
+    // that names their chunks now must store them again, not rely on packs about to go.
+    repo.forget(&[a.id.clone(), b.id.clone()]).unwrap();
+    assert!(repo.gc().unwrap().condemned_packs >= 1);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let mut w = repo.writer("d", old.len() as u64, None).unwrap();
+    w.add_known_at(0, a_ids.clone()).unwrap();
+    let (c, stats) = w.commit().unwrap();
+    assert!(stats.new_chunks >= 5, "stored again: {stats:?}");
+    let gc = repo.gc().unwrap();
+    assert!(gc.deleted_packs >= 1, "{gc:?}");
+    assert_eq!(restore(&repo, &c.id), old);
+    assert!(repo.verify(&[]).unwrap().iter().all(|(_, p)| p.is_empty()));
+
+    // Ids the repository does not hold at all: the snapshot is refused, not made.
+    let mut w = repo.writer("d", 2 * CHUNK, None).unwrap();
+    w.add_known_at(0, vec![ChunkId([7; 32]), ChunkId::ZERO]).unwrap();
+    let err = w.commit().unwrap_err().to_string();
+    assert!(err.contains("in no pack"), "{err}");
+    assert_eq!(repo.snapshots().unwrap().len(), 1);
+}

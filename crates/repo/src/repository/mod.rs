@@ -263,7 +263,7 @@ impl Repository {
         disk: &str,
         size: u64,
         parent: Option<String>,
-    ) -> Result<SnapshotWriter<'_>> {
+    ) -> Result<SnapshotWriter> {
         if disk.is_empty() || disk.contains('/') {
             return Err(Error::Invalid(format!("bad disk name '{disk}'")));
         }

@@ -60,6 +60,8 @@ pub type ChunkBytes = Box<dyn Deref<Target = [u8]> + Send>;
 enum Job {
     Data { first: u64, data: ChunkBytes },
     Zeros { first: u64, count: u64 },
+    /// Chunks an earlier snapshot holds (an incremental's unchanged chunks), by id.
+    Known { first: u64, ids: Vec<ChunkId> },
 }
 
 struct Blob {
@@ -80,6 +82,8 @@ struct Encoded {
 /// What the worker threads share.
 struct Shared {
     index: ChunkIndex,
+    /// Where a known chunk in a condemned pack is read back from, to be stored again.
+    backend: Arc<dyn Backend>,
     /// Packs condemned when the writer started: never relied on, not even by name
     /// ([`store_pack`]).
     condemned: HashSet<String>,
@@ -89,6 +93,8 @@ struct Shared {
     chunk_size: usize,
     /// Set when the packer failed: callers stop at once.
     failed: AtomicBool,
+    /// Why a worker stopped (a known chunk that could not be had).
+    known_failure: Mutex<Option<Error>>,
     /// Bytes the workers have taken in (for progress).
     taken: AtomicU64,
 }
@@ -103,9 +109,10 @@ struct Packed {
 /// ([`SnapshotWriter::add_chunks`]), then [`SnapshotWriter::commit`]. Until the commit
 /// nothing is visible; a writer dropped or failed leaves at most packs no snapshot
 /// names (a collection deletes them, or the next backup's dedup uses them).
-pub struct SnapshotWriter<'r> {
+pub struct SnapshotWriter {
     lease: Lease,
-    repo: &'r Repository,
+    backend: Arc<dyn Backend>,
+    keys: Option<Keys>,
     info: SnapshotInfo,
     next: u64,
     jobs: Option<mpsc::SyncSender<Job>>,
@@ -114,7 +121,7 @@ pub struct SnapshotWriter<'r> {
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for SnapshotWriter<'_> {
+impl std::fmt::Debug for SnapshotWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SnapshotWriter")
             .field("disk", &self.info.disk)
@@ -123,9 +130,9 @@ impl std::fmt::Debug for SnapshotWriter<'_> {
     }
 }
 
-impl<'r> SnapshotWriter<'r> {
+impl SnapshotWriter {
     pub(super) fn start(
-        repo: &'r Repository,
+        repo: &Repository,
         lease: Lease,
         index: ChunkIndex,
         condemned: HashSet<String>,
@@ -134,12 +141,14 @@ impl<'r> SnapshotWriter<'r> {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let shared = Arc::new(Shared {
             index,
+            backend: repo.backend.clone(),
             condemned,
             claimed: Mutex::new(HashSet::new()),
             keys: repo.keys.clone(),
             compression: repo.config.compression,
             chunk_size: info.chunk_size as usize,
             failed: AtomicBool::new(false),
+            known_failure: Mutex::new(None),
             taken: AtomicU64::new(0),
         });
         let (jobs, job_queue) = mpsc::sync_channel::<Job>(2 * workers);
@@ -171,7 +180,8 @@ impl<'r> SnapshotWriter<'r> {
         };
         Self {
             lease,
-            repo,
+            backend: repo.backend.clone(),
+            keys: repo.keys.clone(),
             info,
             next: 0,
             jobs: Some(jobs),
@@ -223,6 +233,22 @@ impl<'r> SnapshotWriter<'r> {
         self.send(Job::Zeros { first, count })
     }
 
+    /// Takes chunks from position `first` on by id, as an earlier snapshot of the disk
+    /// holds them (an incremental backup's unchanged chunks), without their bytes.
+    /// Each id must be stored in the repository; one whose only copy a collection has
+    /// condemned is read back and stored again, so the snapshot never relies on a pack
+    /// about to go.
+    pub fn add_known_at(&mut self, first: u64, ids: Vec<ChunkId>) -> Result<()> {
+        let chunks = self.info.size.div_ceil(self.info.chunk_size);
+        let count = ids.len() as u64;
+        if count == 0 || first.checked_add(count).is_none_or(|end| end > chunks) {
+            return Err(Error::Invalid(format!(
+                "known chunks {first}+{count} past the disk's {chunks}"
+            )));
+        }
+        self.send(Job::Known { first, ids })
+    }
+
     /// Adds the next chunks in disk order (each a whole chunk, the last may be short).
     pub fn add_chunks(&mut self, chunks: &[&[u8]]) -> Result<()> {
         for data in chunks {
@@ -255,11 +281,23 @@ impl<'r> SnapshotWriter<'r> {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
-        match self.packer.take().map(JoinHandle::join) {
+        let packed = self.packer.take().map(JoinHandle::join);
+        if let Some(e) = self.known_failure() {
+            return e;
+        }
+        match packed {
             Some(Ok(Err(e))) => e,
             Some(Err(_)) => Error::Invalid("the packer thread panicked".into()),
             _ => Error::Invalid("the snapshot writer has failed".into()),
         }
+    }
+
+    fn known_failure(&self) -> Option<Error> {
+        self.shared
+            .known_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// Bytes handed to the workers so far.
@@ -275,7 +313,11 @@ impl<'r> SnapshotWriter<'r> {
             w.join()
                 .map_err(|_| Error::Invalid("a chunk worker panicked".into()))?;
         }
-        let packed = match self.packer.take().map(JoinHandle::join) {
+        let packed = self.packer.take().map(JoinHandle::join);
+        if let Some(e) = self.known_failure() {
+            return Err(e);
+        }
+        let packed = match packed {
             Some(Ok(result)) => result?,
             _ => return Err(Error::Invalid("the packer thread panicked".into())),
         };
@@ -290,16 +332,15 @@ impl<'r> SnapshotWriter<'r> {
         let mut info = self.info.clone();
         info.stored = stats.stored_bytes;
         let (id, bytes) = format::encode_manifest(&info, &chunks);
-        let bytes = format::seal_manifest(bytes, self.repo.keys.as_ref());
-        self.repo
-            .backend
+        let bytes = format::seal_manifest(bytes, self.keys.as_ref());
+        self.backend
             .put_if_absent(&format!("snapshots/{id}"), &bytes)?;
         info.id = id;
         Ok((info, stats))
     }
 }
 
-impl Drop for SnapshotWriter<'_> {
+impl Drop for SnapshotWriter {
     fn drop(&mut self) {
         self.jobs = None;
         for w in self.workers.drain(..) {
@@ -331,6 +372,15 @@ fn encode_jobs(
                 deduplicated: 0,
             },
             Job::Data { first, data } => encode(shared, first, &data),
+            Job::Known { first, ids } => match known(shared, first, ids) {
+                Ok(encoded) => encoded,
+                Err(e) => {
+                    // The packer reports it: a snapshot missing a chunk is never made.
+                    *shared.known_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    shared.failed.store(true, Ordering::SeqCst);
+                    return;
+                }
+            },
         };
         if done.send(encoded).is_err() {
             return;
@@ -380,6 +430,48 @@ fn encode(shared: &Shared, first: u64, data: &[u8]) -> Encoded {
         });
     }
     out
+}
+
+/// Chunks by id: those stored outside condemned packs are taken as they are; one only
+/// a condemned pack holds is read, checked and stored again (as new data).
+fn known(shared: &Shared, first: u64, ids: Vec<ChunkId>) -> Result<Encoded> {
+    let mut out = Encoded {
+        first,
+        ids: Vec::with_capacity(ids.len()),
+        blobs: Vec::new(),
+        zero: 0,
+        deduplicated: 0,
+    };
+    for (n, id) in ids.into_iter().enumerate() {
+        if id == ChunkId::ZERO {
+            out.ids.push(id);
+            out.zero += 1;
+            continue;
+        }
+        if shared.index.contains_live(&id) {
+            out.ids.push(id);
+            out.deduplicated += 1;
+            continue;
+        }
+        let (pack, blob) = shared.index.get(&id).ok_or_else(|| {
+            Error::NotFound(format!(
+                "chunk {} (position {}) of the parent snapshot is in no pack",
+                id.hex(),
+                first + n as u64
+            ))
+        })?;
+        let key = pack_key(pack);
+        let stored = shared
+            .backend
+            .get(&key, Some(blob.offset..blob.offset + u64::from(blob.stored_len)))?;
+        let data = format::decode_blob(&key, shared.keys.as_ref(), &id, &blob, &stored)?;
+        let again = encode(shared, first + n as u64, &data);
+        out.ids.extend(again.ids);
+        out.blobs.extend(again.blobs);
+        out.zero += again.zero;
+        out.deduplicated += again.deduplicated;
+    }
+    Ok(out)
 }
 
 /// The packer: blobs into packs, each full pack stored with its index object, the
