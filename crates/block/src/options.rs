@@ -97,6 +97,53 @@ pub enum DriverOptions {
     CopyBeforeWrite(CbwOptions),
     /// `snapshot-access`: reads the point-in-time view of a `copy-before-write` node.
     SnapshotAccess(SnapshotAccessOptions),
+    /// `repository`: a snapshot of a backup repository, being written (the target of
+    /// a backup) or read (restore, an overlay's backing); opened by the binary.
+    Repository(RepositoryOptions),
+}
+
+/// Members of the `repository` driver: either `disk` and `size` (a new snapshot, the
+/// target of one backup) or `snapshot` (an existing one, read-only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepositoryOptions {
+    /// `repository`: the repository's directory.
+    pub repository: PathBuf,
+    /// `passphrase-file`: the passphrase of an encrypted repository (else the daemon's
+    /// `STILLPOINT_PASSPHRASE`).
+    pub passphrase_file: Option<PathBuf>,
+    /// What the node is.
+    pub role: RepositoryRole,
+}
+
+/// A repository node writes one new snapshot or reads one existing snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepositoryRole {
+    /// A new snapshot of `disk`, `size` bytes, committed when a backup into it ends.
+    Write {
+        /// `disk`: the disk's name in the repository.
+        disk: String,
+        /// `size`: the disk's size in bytes.
+        size: u64,
+        /// `parent`: the snapshot unchanged chunks are taken from.
+        parent: ParentSnapshot,
+    },
+    /// `snapshot`: an id, or a disk name for its latest snapshot.
+    Read {
+        /// The snapshot.
+        snapshot: String,
+    },
+}
+
+/// The `parent` member: whose chunks a backup that skips unchanged ranges inherits.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ParentSnapshot {
+    /// `null` or absent: none (every chunk must be written).
+    #[default]
+    None,
+    /// `"latest"`: the disk's newest snapshot.
+    Latest,
+    /// A snapshot id.
+    Id(String),
 }
 
 /// What a copy-before-write does when it cannot save the old data (`on-cbw-error`).
@@ -385,6 +432,7 @@ impl BlockdevOptions {
             "qcow2" => DriverOptions::Qcow2(parse_qcow2(&mut m)?),
             "fault" => DriverOptions::Fault(parse_fault(&mut m)?),
             "nbd" => DriverOptions::Nbd(parse_nbd(&mut m)?),
+            "repository" => DriverOptions::Repository(parse_repository(&mut m)?),
             "copy-before-write" => DriverOptions::CopyBeforeWrite(parse_cbw(&mut m)?),
             "snapshot-access" => DriverOptions::SnapshotAccess(SnapshotAccessOptions {
                 file: m.required("file", blockdev_ref)?,
@@ -462,6 +510,7 @@ impl BlockdevOptions {
             DriverOptions::Nbd(_) => "nbd",
             DriverOptions::CopyBeforeWrite(_) => "copy-before-write",
             DriverOptions::SnapshotAccess(_) => "snapshot-access",
+            DriverOptions::Repository(_) => "repository",
         }
     }
 }
@@ -594,6 +643,59 @@ fn parse_nbd(m: &mut Members) -> Result<NbdOptions> {
         }
     }
     Ok(NbdOptions { server, export })
+}
+
+fn parse_repository(m: &mut Members) -> Result<RepositoryOptions> {
+    let repository = PathBuf::from(m.required("repository", Members::string)?);
+    let passphrase_file = m
+        .optional("passphrase-file", Members::string)?
+        .map(PathBuf::from);
+    let snapshot = m.optional("snapshot", Members::string)?;
+    let disk = m.optional("disk", Members::string)?;
+    let size = m.optional("size", Members::unsigned)?;
+    let parent = m.optional("parent", |m, key, value| match value {
+        Value::Null => Ok(ParentSnapshot::None),
+        Value::String(s) if s == "latest" => Ok(ParentSnapshot::Latest),
+        Value::String(s) => Ok(ParentSnapshot::Id(s)),
+        _ => Err(m.type_error(key, "string or null")),
+    })?;
+    let prefix = m.prefix().to_string();
+    let role = match (snapshot, disk, size) {
+        (Some(snapshot), None, None) if parent.is_none() => RepositoryRole::Read { snapshot },
+        (None, Some(disk), Some(size)) => {
+            if size == 0 {
+                return Err(Error::invalid(format!(
+                    "Parameter '{prefix}size' must be positive"
+                )));
+            }
+            RepositoryRole::Write {
+                disk,
+                size,
+                parent: parent.unwrap_or_default(),
+            }
+        }
+        (Some(_), _, _) => {
+            return Err(Error::invalid(format!(
+                "Parameter '{prefix}snapshot' reads an existing snapshot and cannot be \
+                 given with 'disk', 'size' or 'parent'"
+            )));
+        }
+        (None, None, _) => {
+            return Err(Error::invalid(format!(
+                "Parameter '{prefix}disk' is missing (or give 'snapshot' to read one)"
+            )));
+        }
+        (None, Some(_), None) => {
+            return Err(Error::invalid(format!(
+                "Parameter '{prefix}size' is missing"
+            )));
+        }
+    };
+    Ok(RepositoryOptions {
+        repository,
+        passphrase_file,
+        role,
+    })
 }
 
 fn parse_cbw(m: &mut Members) -> Result<CbwOptions> {

@@ -413,6 +413,17 @@ async fn prepare_backup(
             "Source and target image have different sizes",
         ));
     }
+    if target_node.commits_backups() && matches!(options.sync, SyncMode::None | SyncMode::Top) {
+        // none would leave the snapshot unfinished for ever; top leaves unallocated
+        // ranges unwritten, which the node would take from its parent snapshot.
+        return Err(JobError::generic(format!(
+            "the repository node '{target}' takes sync full, incremental or bitmap"
+        )));
+    }
+    target_node
+        .driver()
+        .check_backup_target()
+        .map_err(|e| JobError::generic(e.to_string()))?;
     if options.compress && !target_node.driver().supports_compression() {
         return Err(JobError::generic(format!(
             "Compression is not supported for this drive {target}"
@@ -615,6 +626,13 @@ impl JobDriver for BackupJob {
                 "failed to flush the target: {e}"
             )));
         }
+        // A repository target commits its snapshot here, so the job's COMPLETED event
+        // means the snapshot is durable and listed.
+        if let Err(e) = copy.target().commit_backup().await {
+            return Err(JobFailure::Failed(format!(
+                "failed to commit the snapshot: {e}"
+            )));
+        }
         Ok(())
     }
 
@@ -624,7 +642,14 @@ impl JobDriver for BackupJob {
 
     async fn abort(&self, job: &Arc<Job>) {
         let always = self.options.bitmap_mode == Some(BitmapMode::Always);
-        let durable = if always && self.sync_bitmap.is_some() {
+        // A target that keeps nothing it was given unless the backup commits (the
+        // repository node) holds nothing durable after a failure.
+        let committing_target = self
+            .engine()
+            .is_some_and(|copy| copy.target().node().commits_backups());
+        let durable = if committing_target {
+            false
+        } else if always && self.sync_bitmap.is_some() {
             // What the target holds counts as copied only once it is durable, data
             // and mapping (a qcow2 target on a full disk may have written data whose
             // mapping it never could).

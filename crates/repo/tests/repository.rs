@@ -719,7 +719,8 @@ fn an_incremental_takes_unchanged_chunks_by_id_and_stores_again_those_only_a_con
 
     // Ids the repository does not hold at all: the snapshot is refused, not made.
     let mut w = repo.writer("d", 2 * CHUNK, None).unwrap();
-    w.add_known_at(0, vec![ChunkId([7; 32]), ChunkId::ZERO]).unwrap();
+    w.add_known_at(0, vec![ChunkId([7; 32]), ChunkId::ZERO])
+        .unwrap();
     let err = w.commit().unwrap_err().to_string();
     assert!(err.contains("in no pack"), "{err}");
     assert_eq!(repo.snapshots().unwrap().len(), 1);

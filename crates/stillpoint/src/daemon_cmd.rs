@@ -61,7 +61,7 @@ fn members(text: &str, implied: Option<&str>) -> anyhow::Result<Members> {
 
 /// Runs the daemon until a signal or `quit`.
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
-    let daemon = Daemon::new();
+    let daemon = Daemon::with_drivers(std::sync::Arc::new(crate::repo_target::RepositoryDrivers));
     let result = serve(&daemon, &args).await;
     if result.is_err() {
         // A start-up failure after some nodes opened: close them cleanly (qcow2

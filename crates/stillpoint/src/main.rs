@@ -18,6 +18,7 @@ mod map;
 mod nbd_cmd;
 mod repo_cmd;
 mod repo_node;
+mod repo_target;
 mod signals;
 mod size;
 

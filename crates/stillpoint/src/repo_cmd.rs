@@ -23,7 +23,7 @@ use crate::image::node_options;
 use crate::image::resolve_format;
 
 /// The passphrase: the first line of `file`, else `STILLPOINT_PASSPHRASE`, else none.
-fn passphrase(file: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>> {
+pub(crate) fn passphrase(file: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>> {
     let pass = match file {
         Some(file) => {
             let text = std::fs::read(file)

@@ -35,6 +35,7 @@ use crate::options::BlockdevRef;
 use crate::options::CbwOptions;
 use crate::options::DiscardMode;
 use crate::options::DriverOptions;
+use crate::options::RepositoryRole;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -284,6 +285,33 @@ impl NodeGraph {
                         ));
                     }
                 },
+                DriverOptions::Repository(ref repo) => {
+                    match (&repo.role, options.read_only) {
+                        // A snapshot is read-only whatever the parent would pass down.
+                        (RepositoryRole::Read { .. }, Some(false)) => {
+                            return Err(Error::new(
+                                ErrorKind::PermissionDenied,
+                                "a repository snapshot is read-only: set read-only to true",
+                            ));
+                        }
+                        (RepositoryRole::Read { .. }, _) => policy.read_only = true,
+                        (RepositoryRole::Write { .. }, _) if policy.read_only => {
+                            return Err(Error::new(
+                                ErrorKind::PermissionDenied,
+                                "the repository node a backup writes into cannot be read-only",
+                            ));
+                        }
+                        (RepositoryRole::Write { .. }, _) => {}
+                    }
+                    match &self.external {
+                        Some(external) => external.open(&options.driver).await?,
+                        None => {
+                            return Err(Error::unsupported(
+                                "the repository driver is not available in this graph",
+                            ));
+                        }
+                    }
+                }
                 DriverOptions::Fault(fault) => {
                     let child = self
                         .open_child(

@@ -186,6 +186,12 @@ impl Attachment {
         self.node().flush().await
     }
 
+    /// See [`Node::commit_backup`].
+    pub async fn commit_backup(&self) -> Result<()> {
+        let _in_flight = self.slot.gate.read().await;
+        self.node().commit_backup().await
+    }
+
     /// See [`Node::block_status`].
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         let _in_flight = self.slot.gate.read().await;

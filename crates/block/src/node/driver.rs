@@ -201,6 +201,31 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     async fn close(&self) -> Result<()> {
         self.flush().await
     }
+
+    /// A target that keeps each backup as a snapshot of its own (the repository
+    /// node): what it was given is kept only once [`BlockDriver::commit_backup`]
+    /// succeeds, so a backup that ends any other way has copied nothing that lasts.
+    fn commits_backups(&self) -> bool {
+        false
+    }
+
+    /// Whether a backup may start writing into this node now (a repository node that
+    /// committed its snapshot takes no second backup).
+    fn check_backup_target(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The backup writing into this node has copied everything and flushed: a target
+    /// that [`commits_backups`](BlockDriver::commits_backups) makes its snapshot durable
+    /// and visible now; its failure is the backup's.
+    async fn commit_backup(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Driver-specific facts for `query-named-block-nodes` (`image.format-specific`).
+    fn format_specific(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// A format whose unallocated ranges fall through to a backing node (qcow2).

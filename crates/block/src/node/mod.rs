@@ -375,6 +375,16 @@ impl Node {
         self.driver.flush().await
     }
 
+    /// See [`BlockDriver::commits_backups`].
+    pub fn commits_backups(&self) -> bool {
+        self.driver.commits_backups()
+    }
+
+    /// See [`BlockDriver::commit_backup`].
+    pub async fn commit_backup(&self) -> Result<()> {
+        self.driver.commit_backup().await
+    }
+
     /// Status of the run at `offset`, at most `len` bytes (`len > 0`, in range).
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         check_request("block status", offset, len, self.length())?;

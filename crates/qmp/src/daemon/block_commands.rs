@@ -34,6 +34,9 @@ pub(super) fn node_info(node: &block::Node) -> Value {
     if let Some(cs) = node.limits().cluster_size {
         image["cluster-size"] = json!(cs);
     }
+    if let Some(specific) = node.driver().format_specific() {
+        image["format-specific"] = specific;
+    }
     let mut info = json!({
         "node-name": node.name(), "drv": node.driver_name(), "ro": policy.read_only, "file": filename,
         "backing_file_depth": depth, "encrypted": false, "detect_zeroes": detect, "active": true,

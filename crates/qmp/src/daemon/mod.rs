@@ -98,11 +98,13 @@ fn args(arguments: Value) -> Result<Members, QmpError> {
     }
 }
 
-/// The drivers that live above the block crate: NBD client nodes and standalone
-/// copy-before-write filters.
-#[derive(Debug, Default)]
+/// The drivers that live above the block crate: NBD client nodes, standalone
+/// copy-before-write filters, and whatever the binary adds (the repository driver,
+/// whose crate this one does not depend on).
+#[derive(Default)]
 struct DaemonDrivers {
     nbd: NbdDrivers,
+    extra: Option<Arc<dyn block::graph::ExternalDrivers>>,
 }
 
 #[async_trait::async_trait]
@@ -111,7 +113,10 @@ impl block::graph::ExternalDrivers for DaemonDrivers {
         &self,
         options: &block::options::DriverOptions,
     ) -> block::Result<Box<dyn block::BlockDriver>> {
-        self.nbd.open(options).await
+        match (options, &self.extra) {
+            (block::options::DriverOptions::Nbd(_), _) | (_, None) => self.nbd.open(options).await,
+            (_, Some(extra)) => extra.open(options).await,
+        }
     }
 
     fn copy_before_write(
@@ -128,9 +133,23 @@ impl block::graph::ExternalDrivers for DaemonDrivers {
 impl Daemon {
     /// A daemon with nothing in it.
     pub fn new() -> Arc<Self> {
+        Self::build(None)
+    }
+
+    /// A daemon that can also open the drivers `extra` opens (`blockdev-add` options
+    /// this crate parses but does not implement, such as the repository's).
+    pub fn with_drivers(extra: Arc<dyn block::graph::ExternalDrivers>) -> Arc<Self> {
+        Self::build(Some(extra))
+    }
+
+    fn build(extra: Option<Arc<dyn block::graph::ExternalDrivers>>) -> Arc<Self> {
         let (events, _) = broadcast::channel(4096);
+        let drivers = DaemonDrivers {
+            nbd: NbdDrivers,
+            extra,
+        };
         let daemon = Arc::new(Self {
-            graph: Arc::new(NodeGraph::with_external(Arc::new(DaemonDrivers::default()))),
+            graph: Arc::new(NodeGraph::with_external(Arc::new(drivers))),
             jobs: JobRegistry::new(),
             nbd: tokio::sync::Mutex::new(None),
             exports: Mutex::new(BTreeMap::new()),

@@ -258,12 +258,7 @@ impl Repository {
     }
 
     /// Starts a snapshot of `disk`, `size` bytes long; chunks are added in order.
-    pub fn writer(
-        &self,
-        disk: &str,
-        size: u64,
-        parent: Option<String>,
-    ) -> Result<SnapshotWriter> {
+    pub fn writer(&self, disk: &str, size: u64, parent: Option<String>) -> Result<SnapshotWriter> {
         if disk.is_empty() || disk.contains('/') {
             return Err(Error::Invalid(format!("bad disk name '{disk}'")));
         }

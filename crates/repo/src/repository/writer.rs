@@ -58,10 +58,19 @@ pub struct WriteStats {
 pub type ChunkBytes = Box<dyn Deref<Target = [u8]> + Send>;
 
 enum Job {
-    Data { first: u64, data: ChunkBytes },
-    Zeros { first: u64, count: u64 },
+    Data {
+        first: u64,
+        data: ChunkBytes,
+    },
+    Zeros {
+        first: u64,
+        count: u64,
+    },
     /// Chunks an earlier snapshot holds (an incremental's unchanged chunks), by id.
-    Known { first: u64, ids: Vec<ChunkId> },
+    Known {
+        first: u64,
+        ids: Vec<ChunkId>,
+    },
 }
 
 struct Blob {
@@ -300,6 +309,12 @@ impl SnapshotWriter {
             .take()
     }
 
+    /// Dates the snapshot now (its backup's start, when the writer was made ahead of
+    /// the backup).
+    pub fn set_time_now(&mut self) {
+        self.info.time_ns = super::now_ns();
+    }
+
     /// Bytes handed to the workers so far.
     pub fn bytes_taken(&self) -> u64 {
         self.shared.taken.load(Ordering::Relaxed)
@@ -376,7 +391,10 @@ fn encode_jobs(
                 Ok(encoded) => encoded,
                 Err(e) => {
                     // The packer reports it: a snapshot missing a chunk is never made.
-                    *shared.known_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    *shared
+                        .known_failure
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(e);
                     shared.failed.store(true, Ordering::SeqCst);
                     return;
                 }
@@ -461,9 +479,10 @@ fn known(shared: &Shared, first: u64, ids: Vec<ChunkId>) -> Result<Encoded> {
             ))
         })?;
         let key = pack_key(pack);
-        let stored = shared
-            .backend
-            .get(&key, Some(blob.offset..blob.offset + u64::from(blob.stored_len)))?;
+        let stored = shared.backend.get(
+            &key,
+            Some(blob.offset..blob.offset + u64::from(blob.stored_len)),
+        )?;
         let data = format::decode_blob(&key, shared.keys.as_ref(), &id, &blob, &stored)?;
         let again = encode(shared, first + n as u64, &data);
         out.ids.extend(again.ids);

@@ -9,6 +9,8 @@ use std::path::Path;
 use std::process::Command;
 use std::process::Output;
 
+pub mod daemon;
+
 pub use testkit::Rng;
 
 pub fn stillpoint(args: &[&str]) -> Output {

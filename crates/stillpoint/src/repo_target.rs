@@ -1,0 +1,478 @@
+//! The `repository` block driver: a snapshot being written, as the target of one
+//! backup job (`blockdev-add {"driver": "repository", "disk": ..., "size": ...}`), and
+//! the opener of both repository nodes for the daemon (`snapshot`: an existing one,
+//! read-only, see [`crate::repo_node`]).
+//!
+//! The backup's copy cluster is the repository's chunk size (the node reports it as its
+//! cluster), so every write is whole chunks, or zeros over whole chunks. Writes are
+//! handed to a feeder thread that owns the repository's snapshot writer (its worker
+//! threads hash, compress and seal; its packer stores packs): the async side never
+//! blocks a runtime thread, and waits only when the writer's queues are full. A write
+//! therefore completes before its chunk is durable: nothing is durable before the
+//! commit, which the backup job asks for once everything is copied and flushed
+//! ([`BlockDriver::commit_backup`]). A backup that fails or is cancelled never commits:
+//! its packs are left for a collection, or for the next attempt's dedup.
+//!
+//! Chunks never written by the time of the commit are the parent snapshot's (an
+//! incremental backup copies only what its bitmap marks); a node without a parent of
+//! the disk's size refuses to commit with chunks missing, rather than making a snapshot
+//! with holes nobody wrote.
+
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use block::BlockDriver;
+use block::Error;
+use block::ErrorKind;
+use block::IoBuf;
+use block::Limits;
+use block::Result;
+use block::WriteFlags;
+use block::node::driver::ZeroFlags;
+use block::options::DriverOptions;
+use block::options::ParentSnapshot;
+use block::options::RepositoryOptions;
+use block::options::RepositoryRole;
+use repo::ChunkId;
+use repo::Repository;
+use repo::repository::SnapshotWriter;
+use serde_json::Value;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::sync::oneshot;
+
+use crate::repo_node::SnapshotDriver;
+
+/// Opens `repository` nodes for the daemon's graph.
+#[derive(Debug, Default)]
+pub struct RepositoryDrivers;
+
+#[async_trait]
+impl block::graph::ExternalDrivers for RepositoryDrivers {
+    async fn open(&self, options: &DriverOptions) -> Result<Box<dyn BlockDriver>> {
+        let DriverOptions::Repository(options) = options else {
+            return Err(Error::unsupported(
+                "this driver is not available in the daemon",
+            ));
+        };
+        let options = options.clone();
+        tokio::task::spawn_blocking(move || open_node(&options))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Io, format!("the open task failed: {e}")))?
+    }
+}
+
+fn repo_error(dir: &Path, e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Io, format!("repository {}: {e}", dir.display()))
+}
+
+/// Opens the repository (the passphrase's key derivation takes a while: this runs on
+/// the blocking pool) and the node the options ask for.
+fn open_node(options: &RepositoryOptions) -> Result<Box<dyn BlockDriver>> {
+    let dir = &options.repository;
+    let repo = crate::repo_cmd::open(dir, options.passphrase_file.as_deref())
+        .map_err(|e| Error::invalid(format!("{e:#}")))?;
+    let repo = Arc::new(repo);
+    match &options.role {
+        RepositoryRole::Read { snapshot } => {
+            let info = repo
+                .find_snapshot(snapshot)
+                .map_err(|e| repo_error(dir, e))?;
+            let driver = SnapshotDriver::open(repo, &info.id).map_err(|e| repo_error(dir, e))?;
+            Ok(Box::new(driver))
+        }
+        RepositoryRole::Write { disk, size, parent } => {
+            let parent = find_parent(&repo, dir, disk, parent)?;
+            let target = SnapshotTarget::start(repo, dir.clone(), disk, *size, parent)?;
+            Ok(Box::new(target))
+        }
+    }
+}
+
+/// The parent snapshot's id and, when it has the disk's size, its chunk list.
+fn find_parent(
+    repo: &Repository,
+    dir: &Path,
+    disk: &str,
+    parent: &ParentSnapshot,
+) -> Result<Option<(String, u64, Vec<ChunkId>)>> {
+    let info = match parent {
+        ParentSnapshot::None => return Ok(None),
+        ParentSnapshot::Latest => repo
+            .snapshots()
+            .map_err(|e| repo_error(dir, e))?
+            .into_iter()
+            .rfind(|s| s.disk == disk)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "disk '{disk}' has no snapshot in {} yet: its first backup needs \
+                     \"parent\": null",
+                    dir.display()
+                ))
+            })?,
+        ParentSnapshot::Id(id) => {
+            let info = repo.find_snapshot(id).map_err(|e| repo_error(dir, e))?;
+            if info.disk != disk {
+                return Err(Error::invalid(format!(
+                    "parent snapshot {} is of disk '{}', not '{disk}'",
+                    info.id, info.disk
+                )));
+            }
+            info
+        }
+    };
+    let (_, chunks) = repo
+        .read_snapshot(&info.id)
+        .map_err(|e| repo_error(dir, e))?;
+    Ok(Some((info.id, info.size, chunks)))
+}
+
+/// What the feeder thread is asked to do.
+enum Feed {
+    Data {
+        first: u64,
+        data: IoBuf,
+    },
+    Zeros {
+        first: u64,
+        count: u64,
+    },
+    Commit {
+        /// Unwritten runs, taken from the parent by id.
+        inherit: Vec<(u64, Vec<ChunkId>)>,
+        done: oneshot::Sender<std::result::Result<String, String>>,
+    },
+}
+
+/// Where the snapshot stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stage {
+    Writing,
+    Committed(String),
+    Failed(String),
+}
+
+struct Progress {
+    /// Chunks written (data or zeros), by position.
+    given: Vec<bool>,
+    stage: Stage,
+}
+
+/// A new snapshot of one disk, written by one backup.
+pub struct SnapshotTarget {
+    dir: PathBuf,
+    disk: String,
+    size: u64,
+    chunk_size: u64,
+    parent: Option<String>,
+    /// The parent's chunks, when it has the disk's size (else nothing is inherited).
+    parent_chunks: Option<Vec<ChunkId>>,
+    /// Taken away when the node closes.
+    feed: Mutex<Option<mpsc::Sender<Feed>>>,
+    progress: Arc<Mutex<Progress>>,
+    feeder: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for SnapshotTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotTarget")
+            .field("disk", &self.disk)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SnapshotTarget {
+    fn start(
+        repo: Arc<Repository>,
+        dir: PathBuf,
+        disk: &str,
+        size: u64,
+        parent: Option<(String, u64, Vec<ChunkId>)>,
+    ) -> Result<Self> {
+        let chunk_size = repo.config().chunk_size;
+        let parent_id = parent.as_ref().map(|p| p.0.clone());
+        let writer = repo
+            .writer(disk, size, parent_id.clone())
+            .map_err(|e| repo_error(&dir, e))?;
+        let parent_chunks = parent.and_then(|(_, psize, chunks)| (psize == size).then_some(chunks));
+        let chunks = size.div_ceil(chunk_size) as usize;
+        let progress = Arc::new(Mutex::new(Progress {
+            given: vec![false; chunks],
+            stage: Stage::Writing,
+        }));
+        // A few requests queued: the writer's own queues hold the rest.
+        let (feed, queue) = mpsc::channel(4);
+        let feeder = {
+            let progress = progress.clone();
+            std::thread::Builder::new()
+                .name("repo-target".into())
+                .spawn(move || feed_writer(writer, queue, &progress))
+                .map_err(|e| Error::new(ErrorKind::Io, format!("cannot start a thread: {e}")))?
+        };
+        Ok(Self {
+            dir,
+            disk: disk.to_string(),
+            size,
+            chunk_size,
+            parent: parent_id,
+            parent_chunks,
+            feed: Mutex::new(Some(feed)),
+            progress,
+            feeder: Mutex::new(Some(feeder)),
+        })
+    }
+
+    fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The chunks `offset..offset+len` covers, which must be whole (the last one may
+    /// end at the disk's end), not written before; marks them written.
+    fn claim(&self, op: &str, offset: u64, len: u64) -> Result<(u64, u64)> {
+        block::node::driver::check_request(op, offset, len, self.size)?;
+        let end = offset + len;
+        if len == 0
+            || !offset.is_multiple_of(self.chunk_size)
+            || (!end.is_multiple_of(self.chunk_size) && end != self.size)
+        {
+            return Err(Error::invalid(format!(
+                "the repository node takes whole chunks of {} bytes: {op} of {len} bytes at \
+                 {offset} is not",
+                self.chunk_size
+            )));
+        }
+        let first = offset / self.chunk_size;
+        let count = len.div_ceil(self.chunk_size);
+        let mut progress = self.progress();
+        match &progress.stage {
+            Stage::Writing => {}
+            Stage::Committed(id) => {
+                return Err(Error::invalid(format!(
+                    "snapshot {id} is committed: a new backup needs a new repository node"
+                )));
+            }
+            Stage::Failed(why) => {
+                return Err(Error::new(ErrorKind::Io, why.clone()));
+            }
+        }
+        let range = first as usize..(first + count) as usize;
+        if let Some(n) = progress.given[range.clone()].iter().position(|&g| g) {
+            return Err(Error::invalid(format!(
+                "chunk {} of the snapshot was written already",
+                first as usize + n
+            )));
+        }
+        progress.given[range].fill(true);
+        Ok((first, count))
+    }
+
+    async fn send(&self, feed: Feed) -> Result<()> {
+        let sender = self.feed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match sender {
+            Some(sender) if sender.send(feed).await.is_ok() => Ok(()),
+            _ => Err(self.failure()),
+        }
+    }
+
+    fn failure(&self) -> Error {
+        match &self.progress().stage {
+            Stage::Failed(why) => Error::new(ErrorKind::Io, why.clone()),
+            _ => Error::new(ErrorKind::Io, "the snapshot writer has stopped"),
+        }
+    }
+}
+
+/// The feeder thread: requests into the snapshot writer, in order; the first failure
+/// is kept for every later request.
+fn feed_writer(
+    mut writer: SnapshotWriter,
+    mut queue: mpsc::Receiver<Feed>,
+    progress: &Mutex<Progress>,
+) {
+    let fail = |why: String| {
+        progress.lock().unwrap_or_else(|e| e.into_inner()).stage = Stage::Failed(why);
+    };
+    let mut timed = false;
+    while let Some(feed) = queue.blocking_recv() {
+        let result = match feed {
+            Feed::Data { first, data } => {
+                if !timed {
+                    // The snapshot's time is its backup's start, not the node's.
+                    writer.set_time_now();
+                    timed = true;
+                }
+                writer.add_at(first, data)
+            }
+            Feed::Zeros { first, count } => writer.add_zeros_at(first, count),
+            Feed::Commit { inherit, done } => {
+                let mut result = Ok(());
+                for (first, ids) in inherit {
+                    result = writer.add_known_at(first, ids);
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                let committed = result.and_then(|()| writer.commit());
+                let reply = match committed {
+                    Ok((info, _)) => {
+                        progress.lock().unwrap_or_else(|e| e.into_inner()).stage =
+                            Stage::Committed(info.id.clone());
+                        Ok(info.id)
+                    }
+                    Err(e) => {
+                        let why = format!("the snapshot was not committed: {e}");
+                        fail(why.clone());
+                        Err(why)
+                    }
+                };
+                let _ = done.send(reply);
+                return;
+            }
+        };
+        if let Err(e) = result {
+            fail(format!("the snapshot writer failed: {e}"));
+            return;
+        }
+    }
+    // The node went without a commit: nothing becomes visible (dropping the writer
+    // waits for its threads; what they stored is left for a collection).
+}
+
+#[async_trait]
+impl BlockDriver for SnapshotTarget {
+    fn driver_name(&self) -> &'static str {
+        "repository"
+    }
+
+    fn length(&self) -> u64 {
+        self.size
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            cluster_size: u32::try_from(self.chunk_size).ok(),
+            ..Limits::default()
+        }
+    }
+
+    async fn read(&self, _offset: u64, _buf: IoBuf) -> Result<IoBuf> {
+        Err(Error::unsupported(
+            "a repository snapshot being written cannot be read",
+        ))
+    }
+
+    async fn write(&self, offset: u64, buf: IoBuf, _flags: WriteFlags) -> Result<IoBuf> {
+        let (first, _) = self.claim("write", offset, buf.len() as u64)?;
+        // The clone shares the memory (copy on write): the caller keeps its buffer.
+        self.send(Feed::Data {
+            first,
+            data: buf.clone(),
+        })
+        .await?;
+        Ok(buf)
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
+        let (first, count) = self.claim("write zeroes", offset, len)?;
+        self.send(Feed::Zeros { first, count }).await
+    }
+
+    fn commits_backups(&self) -> bool {
+        true
+    }
+
+    fn check_backup_target(&self) -> Result<()> {
+        match &self.progress().stage {
+            Stage::Writing => Ok(()),
+            Stage::Committed(id) => Err(Error::invalid(format!(
+                "the repository node holds snapshot {id}, committed: the next backup \
+                 needs a new repository node"
+            ))),
+            Stage::Failed(why) => Err(Error::invalid(format!(
+                "the repository node's snapshot failed ({why}): the next backup needs a \
+                 new repository node"
+            ))),
+        }
+    }
+
+    async fn commit_backup(&self) -> Result<()> {
+        let inherit = {
+            let progress = self.progress();
+            if progress.stage != Stage::Writing {
+                drop(progress);
+                return Err(match &self.progress().stage {
+                    Stage::Committed(id) => {
+                        Error::invalid(format!("snapshot {id} is committed already"))
+                    }
+                    _ => self.failure(),
+                });
+            }
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for (i, &given) in progress.given.iter().enumerate() {
+                if given {
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some((start, end)) if *end == i as u64 => *end += 1,
+                    _ => runs.push((i as u64, i as u64 + 1)),
+                }
+            }
+            let missing: u64 = runs.iter().map(|(s, e)| e - s).sum();
+            match (&self.parent_chunks, missing) {
+                (_, 0) => Vec::new(),
+                (Some(parent), _) => runs
+                    .iter()
+                    .map(|&(s, e)| (s, parent[s as usize..e as usize].to_vec()))
+                    .collect(),
+                (None, _) => {
+                    let why = match &self.parent {
+                        Some(p) => format!("its parent snapshot {p} is not of the disk's size"),
+                        None => "the node has no parent snapshot to take them from".into(),
+                    };
+                    return Err(Error::invalid(format!(
+                        "{missing} of {} chunks were never written and {why}",
+                        progress.given.len()
+                    )));
+                }
+            }
+        };
+        let (done, reply) = oneshot::channel();
+        self.send(Feed::Commit { inherit, done }).await?;
+        match reply.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(why)) => Err(Error::new(ErrorKind::Io, why)),
+            Err(_) => Err(self.failure()),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        // Closing the queue stops the feeder, which drops an uncommitted writer (and
+        // waits for its threads) on its own thread.
+        self.feed.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let feeder = self.feeder.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(feeder) = feeder {
+            let _ = tokio::task::spawn_blocking(move || feeder.join()).await;
+        }
+        Ok(())
+    }
+
+    fn format_specific(&self) -> Option<Value> {
+        let (state, snapshot) = match &self.progress().stage {
+            Stage::Writing => ("writing", Value::Null),
+            Stage::Committed(id) => ("committed", json!(id)),
+            Stage::Failed(_) => ("failed", Value::Null),
+        };
+        Some(json!({"type": "repository", "data": {
+            "repository": self.dir.display().to_string(),
+            "disk": self.disk,
+            "chunk-size": self.chunk_size,
+            "parent": self.parent,
+            "snapshot": snapshot,
+            "state": state,
+        }}))
+    }
+}

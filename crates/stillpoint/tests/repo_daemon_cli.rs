@@ -1,0 +1,310 @@
+//! Live backups into the repository through the daemon: `blockdev-add` of a
+//! `repository` node, `blockdev-backup` into it, and the snapshot it commits, judged by
+//! restoring it and comparing with `qemu-img compare`.
+
+mod common;
+
+use std::path::Path;
+
+use common::daemon::Qmp;
+use common::daemon::start;
+use common::*;
+use serde_json::Value;
+use serde_json::json;
+
+fn raw_node(name: &str, path: &Path) -> Value {
+    json!({"driver":"raw","node-name":name,
+           "file":{"driver":"file","filename":path}})
+}
+
+fn repo_node(name: &str, repo: &Path, disk: &str, size: u64, parent: Value) -> Value {
+    json!({"driver":"repository","node-name":name,"repository":repo,
+           "disk":disk,"size":size,"parent":parent})
+}
+
+/// A raw image of `size` bytes: random data, zeros and holes, seeded.
+fn mixed_image(path: &Path, size: u64, seed: u64) {
+    let mut rng = Rng(seed);
+    let mut data = vec![0u8; size as usize];
+    let mut at = 0;
+    while at < data.len() {
+        let len = (4096 + rng.below(300 << 10) as usize).min(data.len() - at);
+        if rng.below(3) != 0 {
+            data[at..at + len].copy_from_slice(&rng.bytes(len));
+        }
+        at += len;
+    }
+    std::fs::write(path, &data).unwrap();
+}
+
+fn restored_equals(repo: &Path, snapshot: &str, image: &Path, dir: &Path) {
+    let restored = dir.join(format!("restored-{snapshot}.raw"));
+    let _ = std::fs::remove_file(&restored);
+    ours(&["restore", "--repo", s(repo), snapshot, s(&restored)]);
+    let same = run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", s(image), s(&restored)],
+    );
+    assert!(
+        same.status.success(),
+        "snapshot {snapshot} differs from {}: {}",
+        image.display(),
+        stdout(&same)
+    );
+}
+
+/// The repository node as `query-named-block-nodes` shows it.
+fn node_state(q: &mut Qmp, name: &str) -> Value {
+    let nodes = q.cmd("query-named-block-nodes", json!({}));
+    let node = nodes["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == name)
+        .unwrap_or_else(|| panic!("no node {name}: {nodes}"))
+        .clone();
+    node["image"]["format-specific"]["data"].clone()
+}
+
+/// Runs a backup and returns its BLOCK_JOB_COMPLETED data.
+fn backup(q: &mut Qmp, args: Value) -> Value {
+    let job = args["job-id"].as_str().unwrap().to_string();
+    let r = q.cmd("blockdev-backup", args);
+    assert!(r.get("return").is_some(), "{r}");
+    loop {
+        let e = q.wait_event("BLOCK_JOB_COMPLETED");
+        q.events.retain(|x| x != &e);
+        if e["data"]["device"] == job.as_str() {
+            return e["data"].clone();
+        }
+    }
+}
+
+fn snapshots(repo: &Path) -> Vec<Value> {
+    let out = ours(&["repo", "snapshots", s(repo), "--json"]);
+    serde_json::from_str::<Vec<Value>>(&out).unwrap()
+}
+
+#[test]
+fn a_full_then_an_incremental_backup_commit_snapshots_that_restore_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    ours(&["repo", "init", s(&repo), "--chunk-size", "128K"]);
+    let image = dir.path().join("disk.raw");
+    // Not a whole number of chunks: the last one is short.
+    let size = (4 << 20) + 12288;
+    mixed_image(&image, size, 7);
+    let at_first = dir.path().join("first.raw");
+    std::fs::copy(&image, &at_first).unwrap();
+
+    let (_daemon, qmp) = start(dir.path(), &[]);
+    let (mut q, _) = Qmp::connect(&qmp);
+    q.cmd("qmp_capabilities", json!({}));
+    assert!(
+        q.cmd("blockdev-add", raw_node("src", &image))
+            .get("return")
+            .is_some()
+    );
+    let r = q.cmd(
+        "blockdev-add",
+        repo_node("r0", &repo, "vm1", size, Value::Null),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let state = node_state(&mut q, "r0");
+    assert_eq!(
+        (state["state"].as_str(), state["chunk-size"].as_u64()),
+        (Some("writing"), Some(128 << 10)),
+        "{state}"
+    );
+
+    // The full backup and the bitmap for the next one, at one instant.
+    let r = q.cmd(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b0"}},
+            {"type": "blockdev-backup", "data":
+                {"job-id": "full", "device": "src", "target": "r0", "sync": "full"}}]}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let done = q.wait_event("BLOCK_JOB_COMPLETED")["data"].clone();
+    q.events.clear();
+    assert!(done.get("error").is_none(), "{done}");
+    // Completed means committed and listed.
+    let state = node_state(&mut q, "r0");
+    assert_eq!(state["state"], "committed", "{state}");
+    let first = state["snapshot"].as_str().unwrap().to_string();
+    let listed = snapshots(&repo);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], first.as_str());
+    assert_eq!(listed[0]["disk"], "vm1");
+    restored_equals(&repo, &first, &at_first, dir.path());
+
+    // The node is spent: a second backup into it is refused.
+    let again = q.cmd(
+        "blockdev-backup",
+        json!({"job-id": "again", "device": "src", "target": "r0", "sync": "full"}),
+    );
+    let error = again["error"]["desc"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("committed") && error.contains("new repository node"),
+        "{again}"
+    );
+    assert_eq!(snapshots(&repo).len(), 1);
+
+    // Guest writes through an NBD export of the running disk: two 128 KiB chunks.
+    let nbd = dir.path().join("nbd.sock");
+    q.cmd(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": nbd}}}),
+    );
+    let r = q.cmd(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "src", "name": "disk", "writable": true}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let uri = format!("nbd+unix:///disk?socket={}", nbd.display());
+    let out = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0x5a 1M 64k",
+            "-c",
+            &format!("write -P 0x33 {} 4k", (3 << 20) + (100 << 10)),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The incremental: only the bitmap's chunks are read, the rest come from the parent.
+    let r = q.cmd(
+        "blockdev-add",
+        repo_node("r1", &repo, "vm1", size, json!("latest")),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    assert_eq!(node_state(&mut q, "r1")["parent"], first.as_str());
+    let done = backup(
+        &mut q,
+        json!({"job-id": "inc", "device": "src", "target": "r1",
+               "sync": "incremental", "bitmap": "b0"}),
+    );
+    assert!(done.get("error").is_none(), "{done}");
+    assert_eq!(done["len"], 2 * (128 << 10), "two chunks read: {done}");
+    let second = node_state(&mut q, "r1")["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let listed = snapshots(&repo);
+    assert_eq!(listed.len(), 2);
+    let entry = listed.iter().find(|s| s["id"] == second.as_str()).unwrap();
+    assert_eq!(entry["parent"], first.as_str());
+    restored_equals(&repo, &second, &image, dir.path());
+    restored_equals(&repo, &first, &at_first, dir.path());
+    let verify = stillpoint(&["repo", "verify", s(&repo)]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    q.cmd("quit", json!({}));
+}
+
+#[test]
+fn repository_nodes_refuse_bad_options_and_modes_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    ours(&["repo", "init", s(&repo), "--chunk-size", "64K"]);
+    let image = dir.path().join("disk.raw");
+    mixed_image(&image, 1 << 20, 3);
+    let (_daemon, qmp) = start(dir.path(), &[]);
+    let (mut q, _) = Qmp::connect(&qmp);
+    q.cmd("qmp_capabilities", json!({}));
+    q.cmd("blockdev-add", raw_node("src", &image));
+    let error = |q: &mut Qmp, args: Value| -> String {
+        let r = q.cmd("blockdev-add", args);
+        r["error"]["desc"]
+            .as_str()
+            .unwrap_or_else(|| panic!("accepted: {r}"))
+            .to_string()
+    };
+    let e = error(
+        &mut q,
+        repo_node("r", &repo, "vm1", 1 << 20, json!("latest")),
+    );
+    assert!(e.contains("has no snapshot") && e.contains("null"), "{e}");
+    let e = error(
+        &mut q,
+        repo_node("r", &dir.path().join("nosuch"), "vm1", 1 << 20, Value::Null),
+    );
+    assert!(e.contains("nosuch"), "{e}");
+    let e = error(
+        &mut q,
+        json!({"driver":"repository","node-name":"r","repository":repo,"disk":"vm1"}),
+    );
+    assert!(e.contains("size"), "{e}");
+    let e = error(
+        &mut q,
+        json!({"driver":"repository","node-name":"r","repository":repo,
+               "snapshot":"x","disk":"vm1"}),
+    );
+    assert!(e.contains("snapshot"), "{e}");
+    let e = error(
+        &mut q,
+        json!({"driver":"repository","node-name":"r","repository":repo,"snapshot":"nosuch"}),
+    );
+    assert!(e.contains("no snapshot"), "{e}");
+
+    // sync=none and sync=top are refused: neither finishes a snapshot.
+    assert!(
+        q.cmd(
+            "blockdev-add",
+            repo_node("r", &repo, "vm1", 1 << 20, Value::Null)
+        )
+        .get("return")
+        .is_some()
+    );
+    for sync in ["none", "top"] {
+        let r = q.cmd(
+            "blockdev-backup",
+            json!({"job-id": "j", "device": "src", "target": "r", "sync": sync}),
+        );
+        let desc = r["error"]["desc"].as_str().unwrap_or_default();
+        assert!(desc.contains("full, incremental or bitmap"), "{sync}: {r}");
+    }
+    // A cancelled backup commits nothing; the node is deleted and its packs stay for
+    // a collection (or the next backup's dedup).
+    let r = q.cmd(
+        "blockdev-backup",
+        json!({"job-id": "slow", "device": "src", "target": "r", "sync": "full",
+               "speed": 65536}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    q.cmd("block-job-cancel", json!({"device": "slow", "force": true}));
+    let e = q.wait_event("BLOCK_JOB_CANCELLED");
+    assert_eq!(e["data"]["device"], "slow");
+    assert!(
+        q.cmd("blockdev-del", json!({"node-name": "r"}))
+            .get("return")
+            .is_some()
+    );
+    assert!(snapshots(&repo).is_empty());
+    // An incremental into a node without a parent cannot take the chunks it skips
+    // from anywhere: refused at the commit, nothing made.
+    q.cmd(
+        "block-dirty-bitmap-add",
+        json!({"node": "src", "name": "b"}),
+    );
+    q.cmd(
+        "blockdev-add",
+        repo_node("r", &repo, "vm1", 1 << 20, Value::Null),
+    );
+    let done = backup(
+        &mut q,
+        json!({"job-id": "inc", "device": "src", "target": "r", "sync": "incremental",
+               "bitmap": "b"}),
+    );
+    let error = done["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("never written") && error.contains("no parent"),
+        "{done}"
+    );
+    assert!(snapshots(&repo).is_empty());
+    q.cmd("quit", json!({}));
+}
