@@ -476,3 +476,7 @@ impl BlockDriver for SnapshotTarget {
         }}))
     }
 }
+
+#[cfg(test)]
+#[path = "repo_target_tests.rs"]
+mod tests;
