@@ -388,6 +388,11 @@ pub struct SnapshotInfo {
     pub stored: u64,
     /// The program that wrote it.
     pub tool: String,
+    /// The dirty bitmap of the disk that was cleared when this snapshot was taken: it
+    /// records every change since, so the next backup by that bitmap may read only what
+    /// it marks and take the rest from this snapshot. Absent (and not written) when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap: Option<String>,
 }
 
 /// A snapshot manifest: magic, header length, the JSON header, then one 32-byte id per

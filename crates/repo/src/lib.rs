@@ -30,7 +30,8 @@
 //!   then per chunk its id, offset, stored length, plain length and codec (49 bytes),
 //!   then the body's length, its BLAKE3 digest and `SPIX`.
 //! * `snapshots/ID`: a manifest: `SPSN`, version, a JSON header (disk, time, size,
-//!   chunk size, parent, bytes stored, tool version; the time in nanoseconds), one 32-byte chunk id per chunk of
+//!   chunk size, parent, bytes stored, tool version, and the dirty bitmap cleared when
+//!   it was taken, if any; the time in nanoseconds), one 32-byte chunk id per chunk of
 //!   the disk, and the BLAKE3 digest of all that; ID is the first 16 hex digits of the
 //!   digest. Every snapshot is full: restore and verify never walk a chain.
 //!

@@ -138,6 +138,7 @@ mod tests {
 
     fn snap(id: &str, disk: &str, secs: u64) -> SnapshotInfo {
         SnapshotInfo {
+            bitmap: None,
             id: id.into(),
             disk: disk.into(),
             time_ns: secs * 1_000_000_000,

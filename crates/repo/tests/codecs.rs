@@ -106,6 +106,7 @@ proptest! {
         let keys = keys_for(encrypted);
         let chunks: Vec<ChunkId> = ids.into_iter().map(ChunkId).collect();
         let info = SnapshotInfo {
+            bitmap: None,
             id: String::new(),
             disk,
             time_ns: 1_700_000_000_000_000_000,

@@ -94,7 +94,7 @@ enum RepoCommand {
         /// Only this disk's.
         #[arg(long)]
         disk: Option<String>,
-        /// One JSON array of {id, disk, time, size, stored, parent}.
+        /// One JSON array of {id, disk, time, size, stored, parent, bitmap}.
         #[arg(long)]
         json: bool,
     },
@@ -189,7 +189,8 @@ enum Command {
         /// Where to write the backup; created sparse with the source's size if missing.
         #[arg(required_unless_present = "repo", conflicts_with = "repo")]
         target: Option<PathBuf>,
-        /// Back up into this repository (a full snapshot) instead of a target image.
+        /// Back up into this repository (a snapshot; with --bitmap, read only what
+        /// changed since the last one) instead of a target image.
         #[arg(long, requires = "disk")]
         repo: Option<PathBuf>,
         /// With --repo: the disk's name in the repository.
@@ -228,10 +229,13 @@ enum Command {
         chunk_size: Option<String>,
         /// Persistent dirty bitmap of a qcow2 source: a full backup creates it (the
         /// start of an incremental chain); on success it is reset to "no changes since
-        /// this backup".
+        /// this backup". With --repo: created by the first backup, which reads the
+        /// whole disk; later ones read only what it marks, the rest is taken from the
+        /// disk's latest snapshot (a missing or inconsistent bitmap means a whole read).
         #[arg(long)]
         bitmap: Option<String>,
-        /// Copy only what --bitmap marks as changed since the previous backup.
+        /// Copy only what --bitmap marks as changed since the previous backup (not
+        /// with --repo, where --bitmap alone decides).
         #[arg(long)]
         incremental: bool,
         /// Granularity of a bitmap this backup creates (default 64K).
@@ -422,16 +426,38 @@ async fn run(command: Command) -> anyhow::Result<()> {
             source_format,
             json,
             passphrase_file,
+            bitmap,
+            granularity,
+            incremental,
+            target_format,
+            compress,
+            backing,
+            sync,
             ..
         } => {
-            repo_cmd::backup(
-                &source,
+            let refused = [
+                (incremental, "--incremental (--bitmap alone decides)"),
+                (target_format.is_some(), "--target-format"),
+                (compress, "--compress (the repository compresses)"),
+                (backing.is_some(), "--backing"),
+                (matches!(sync, SyncArg::Top), "--sync top"),
+            ];
+            if let Some((_, what)) = refused.iter().find(|(given, _)| *given) {
+                bail!("{what} does not apply to a backup into a repository");
+            }
+            let granularity = granularity
+                .map(|g| size::parse_size(&g).context("invalid --granularity"))
+                .transpose()?;
+            repo_cmd::backup(repo_cmd::RepoBackup {
+                source: &source,
                 source_format,
-                &repo,
-                passphrase_file.as_deref(),
-                &disk,
+                dir: &repo,
+                pass_file: passphrase_file.as_deref(),
+                disk: &disk,
+                bitmap: bitmap.as_deref(),
+                granularity,
                 json,
-            )
+            })
             .await
         }
         Command::Backup {

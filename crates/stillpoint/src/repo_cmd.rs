@@ -85,76 +85,101 @@ pub fn init(
     Ok(())
 }
 
-/// `backup SOURCE --repo DIR --disk NAME`: a full snapshot of SOURCE as it is now
-/// (nobody else may write it: it is opened read-only).
-pub async fn backup(
-    source: &Path,
-    source_format: Option<Format>,
-    dir: &Path,
-    pass_file: Option<&Path>,
-    disk: &str,
-    json: bool,
-) -> anyhow::Result<()> {
+/// `backup SOURCE --repo DIR --disk NAME [--bitmap B]`.
+pub struct RepoBackup<'a> {
+    pub source: &'a Path,
+    pub source_format: Option<Format>,
+    pub dir: &'a Path,
+    pub pass_file: Option<&'a Path>,
+    pub disk: &'a str,
+    /// The source's persistent dirty bitmap that makes the backup incremental.
+    pub bitmap: Option<&'a str>,
+    /// Granularity of a bitmap this backup creates.
+    pub granularity: Option<u64>,
+    pub json: bool,
+}
+
+/// What a backup reads.
+enum Reading {
+    /// Every chunk; `why`, when there is a bitmap and it could not be used.
+    Whole { why: Option<String> },
+    /// Only the chunks the bitmap marks; the rest are the parent's.
+    Changed {
+        parent: Vec<repo::ChunkId>,
+        marked: bitmap::Bitmap,
+    },
+}
+
+/// `backup SOURCE --repo DIR --disk NAME`: a snapshot of SOURCE as it is now (nobody
+/// else may write it: without a bitmap it is opened read-only). With `--bitmap`, the
+/// source's persistent bitmap says what changed since the disk's latest snapshot, if
+/// that snapshot was taken with this bitmap (the manifest records it): only those
+/// chunks are read, the rest are taken from that snapshot by id. The bitmap is cleared
+/// once the new snapshot is committed, never before, so a failure anywhere leaves it
+/// marking at least everything that changed.
+pub async fn backup(args: RepoBackup<'_>) -> anyhow::Result<()> {
     let started = Instant::now();
-    let repo = open(dir, pass_file)?;
-    let format = resolve_format(source, source_format, "--source-format")?;
+    let repo = open(args.dir, args.pass_file)?;
+    let format = resolve_format(args.source, args.source_format, "--source-format")?;
+    if args.bitmap.is_some() && format.format != Format::Qcow2 {
+        bail!("--bitmap needs a qcow2 source: only qcow2 images store dirty bitmaps");
+    }
     let graph = NodeGraph::new();
-    let top = open_direct(&graph, node_options(source, format, true, None)).await?;
-    let node = graph.attach(top.name(), AttachUser::Other("backup".into()))?;
-    let size = node.length();
-    let chunk = repo.config().chunk_size;
-    let parent = repo
-        .snapshots()?
-        .into_iter()
-        .rfind(|s| s.disk == disk)
-        .map(|s| s.id);
-    let mut writer = repo.writer(disk, size, parent.clone())?;
-    let bar = crate::backup::progress_bar(size, json);
-    let mut read = 0u64;
-    let mut offset = 0u64;
-    // Reads of several chunks at a time (each read and block-status query is a trip
-    // through the blocking pool), handed to the writer's threads whole: the next read
-    // runs while they hash, compress and store this one.
-    let batch = chunk.max(4 << 20);
-    while offset < size {
-        let len = batch.min(size - offset);
-        let first = offset / chunk;
-        // A range the image says reads as zeros is not read.
-        let extent = node.block_status(offset, len).await?;
-        if extent.status.zero && extent.length >= len {
-            writer.add_zeros_at(first, len.div_ceil(chunk))?;
-        } else {
-            let buf = node.read(offset, IoBuf::zeroed(len as usize)).await?;
-            read += len;
-            writer.add_at(first, buf)?;
-        }
-        offset += len;
-        if let Some(bar) = &bar {
-            bar.set_position(offset);
-        }
+    let result = backup_on(&graph, &repo, &args, format).await;
+    // Closing stores the bitmaps (a cleared or a new one) and marks a qcow2 clean.
+    let closed = graph.close_all().await;
+    let summary = result?;
+    if let Err(e) = closed {
+        bail!(
+            "snapshot {} is committed, but closing the source failed: {e}; its bitmap may \
+             mark more than changed (the next backup reads more, loses nothing)",
+            summary.snapshot
+        );
     }
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
-    drop(node);
-    graph.close_all().await?;
-    let (info, stats) = writer.commit()?;
-    let seconds = started.elapsed().as_secs_f64();
-    if json {
-        let summary = json!({
-            "snapshot": info.id, "disk": info.disk, "size": size, "parent": parent,
-            "read": read, "new": stats.new_bytes, "stored": stats.stored_bytes,
-            "chunks": stats.chunks, "zero_chunks": stats.zero_chunks,
-            "deduplicated_chunks": stats.deduplicated, "new_chunks": stats.new_chunks,
-            "seconds": seconds,
-        });
-        println!("{summary}");
-    } else {
+    summary.print(args.json, started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// What `backup --repo` prints.
+struct BackupSummary {
+    snapshot: String,
+    disk: String,
+    size: u64,
+    parent: Option<String>,
+    read: u64,
+    stats: repo::repository::WriteStats,
+    bitmap: Option<String>,
+    incremental: bool,
+    whole_read_why: Option<String>,
+}
+
+impl BackupSummary {
+    fn print(&self, json: bool, seconds: f64) {
+        let stats = &self.stats;
+        if json {
+            let summary = json!({
+                "snapshot": self.snapshot, "disk": self.disk, "size": self.size,
+                "parent": self.parent, "read": self.read, "new": stats.new_bytes,
+                "stored": stats.stored_bytes, "chunks": stats.chunks,
+                "zero_chunks": stats.zero_chunks, "deduplicated_chunks": stats.deduplicated,
+                "new_chunks": stats.new_chunks, "seconds": seconds,
+                "bitmap": self.bitmap, "incremental": self.incremental,
+                "whole_read_because": self.whole_read_why,
+            });
+            println!("{summary}");
+            return;
+        }
+        let how = match (&self.bitmap, self.incremental, &self.whole_read_why) {
+            (Some(b), true, _) => format!(" (incremental by bitmap {b})"),
+            (Some(_), false, Some(why)) => format!(" (the whole disk read: {why})"),
+            _ => String::new(),
+        };
         println!(
-            "snapshot {} of {disk}: {} read, {} new ({} stored), {} of {} chunks already \
+            "snapshot {} of {}: {} read{how}, {} new ({} stored), {} of {} chunks already \
              in the repository, {} zero, {seconds:.2} s",
-            info.id,
-            crate::info::human_size(read),
+            self.snapshot,
+            self.disk,
+            crate::info::human_size(self.read),
             crate::info::human_size(stats.new_bytes),
             crate::info::human_size(stats.stored_bytes),
             stats.deduplicated,
@@ -162,7 +187,151 @@ pub async fn backup(
             stats.zero_chunks
         );
     }
-    Ok(())
+}
+
+async fn backup_on(
+    graph: &NodeGraph,
+    repo: &Repository,
+    args: &RepoBackup<'_>,
+    format: ImageFormat,
+) -> anyhow::Result<BackupSummary> {
+    let disk = args.disk;
+    let top = open_direct(
+        graph,
+        node_options(args.source, format, args.bitmap.is_none(), None),
+    )
+    .await?;
+    let node = graph.attach(top.name(), AttachUser::Other("backup".into()))?;
+    let size = node.length();
+    let chunk = repo.config().chunk_size;
+    let latest = repo.snapshots()?.into_iter().rfind(|s| s.disk == disk);
+    let parent = latest.as_ref().map(|s| s.id.clone());
+    // What the bitmap allows, and the bitmap to clear once the snapshot is committed.
+    let mut tracking = None;
+    let reading = match args.bitmap {
+        None => Reading::Whole { why: None },
+        Some(name) => {
+            let (bitmap, why) = match top.bitmap(name) {
+                Err(_) => (
+                    top.add_bitmap(name, args.granularity, true, false)?,
+                    Some(format!("bitmap {name} was created")),
+                ),
+                Ok(b) if b.info().inconsistent => {
+                    // Not saved cleanly (a crash): it may miss changes.
+                    top.remove_bitmap(name)?;
+                    let fresh = top.add_bitmap(name, args.granularity, true, false)?;
+                    (
+                        fresh,
+                        Some(format!("bitmap {name} was inconsistent, made anew")),
+                    )
+                }
+                Ok(b) if !b.info().recording => {
+                    bail!(
+                        "bitmap {name} of '{}' is disabled: it does not record changes",
+                        args.source.display()
+                    );
+                }
+                Ok(b) => (b, None),
+            };
+            let reading = match (why, &latest) {
+                (Some(why), _) => Reading::Whole { why: Some(why) },
+                (None, None) => Reading::Whole {
+                    why: Some(format!("no snapshot of {disk} yet")),
+                },
+                (None, Some(p)) if p.bitmap.as_deref() != Some(name) => Reading::Whole {
+                    why: Some(format!(
+                        "the latest snapshot of {disk}, {}, was not taken with bitmap {name}",
+                        p.id
+                    )),
+                },
+                (None, Some(p)) if p.size != size => Reading::Whole {
+                    why: Some(format!(
+                        "the disk is {size} bytes, its latest snapshot {} bytes",
+                        p.size
+                    )),
+                },
+                (None, Some(p)) => Reading::Changed {
+                    parent: repo.read_snapshot(&p.id)?.1,
+                    marked: bitmap.snapshot(),
+                },
+            };
+            tracking = Some((name.to_string(), bitmap));
+            reading
+        }
+    };
+    let mut writer = repo.writer(disk, size, parent.clone())?;
+    writer.set_bitmap(tracking.as_ref().map(|(name, _)| name.clone()));
+    let bar = crate::backup::progress_bar(size, args.json);
+    let mut read = 0u64;
+    // Reads of several chunks at a time (each read and block-status query is a trip
+    // through the blocking pool), handed to the writer's threads whole: the next read
+    // runs while they hash, compress and store this one.
+    let batch = chunk.max(4 << 20);
+    let chunks = size.div_ceil(chunk);
+    let mut first = 0u64;
+    while first < chunks {
+        let mut count = (batch / chunk).min(chunks - first);
+        if let Reading::Changed { parent, marked } = &reading {
+            // A run of chunks all marked, or all unmarked, from `first`.
+            let marked_at = |i: u64| {
+                marked
+                    .next_set(i * chunk)
+                    .is_some_and(|at| at < ((i + 1) * chunk).min(size))
+            };
+            let changed = marked_at(first);
+            count = (1..count)
+                .find(|&n| marked_at(first + n) != changed)
+                .unwrap_or(count);
+            if !changed {
+                let ids = parent[first as usize..(first + count) as usize].to_vec();
+                writer.add_known_at(first, ids)?;
+                first += count;
+                if let Some(bar) = &bar {
+                    bar.set_position((first * chunk).min(size));
+                }
+                continue;
+            }
+        }
+        let offset = first * chunk;
+        let len = (count * chunk).min(size - offset);
+        // A range the image says reads as zeros is not read.
+        let extent = node.block_status(offset, len).await?;
+        if extent.status.zero && extent.length >= len {
+            writer.add_zeros_at(first, count)?;
+        } else {
+            let buf = node.read(offset, IoBuf::zeroed(len as usize)).await?;
+            read += len;
+            writer.add_at(first, buf)?;
+        }
+        first += count;
+        if let Some(bar) = &bar {
+            bar.set_position(offset + len);
+        }
+    }
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    drop(node);
+    let (info, stats) = writer.commit()?;
+    // Committed: from now on the bitmap records changes since this snapshot.
+    if let Some((_, bitmap)) = &tracking {
+        bitmap.clear()?;
+    }
+    let (incremental, whole_read_why) = match reading {
+        Reading::Changed { .. } => (true, None),
+        Reading::Whole { why } => (false, why),
+    };
+    Ok(BackupSummary {
+        snapshot: info.id,
+        disk: disk.to_string(),
+        size,
+        parent,
+        read,
+        stats,
+        bitmap: tracking.map(|(name, _)| name),
+        incremental,
+        whole_read_why,
+    })
 }
 
 /// A time in nanoseconds since the epoch as UTC ISO 8601, to the second.
@@ -204,7 +373,8 @@ pub fn snapshots(
             .iter()
             .map(|s| {
                 json!({"id": s.id, "disk": s.disk, "time": iso_time(s.time_ns),
-                       "size": s.size, "stored": s.stored, "parent": s.parent})
+                       "size": s.size, "stored": s.stored, "parent": s.parent,
+                       "bitmap": s.bitmap})
             })
             .collect();
         println!("{}", serde_json::Value::Array(out));

@@ -548,3 +548,185 @@ fn an_interrupted_restore_removes_its_half_written_image() {
         );
     }
 }
+
+/// `qemu-io` on a qcow2 image (offline, between backups).
+fn qemu_io(image: &std::path::Path, commands: &[&str]) {
+    let mut args = vec!["-f", "qcow2", s(image)];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    let out = run("qemu-io", &args);
+    assert!(out.status.success(), "qemu-io: {}", stderr(&out));
+}
+
+fn backup_by_bitmap(repo: &str, disk: &std::path::Path) -> serde_json::Value {
+    let out = ours(&[
+        "backup",
+        s(disk),
+        "--repo",
+        repo,
+        "--disk",
+        "vm",
+        "--bitmap",
+        "daily",
+        "--json",
+    ]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn backups_by_bitmap_read_only_what_changed_and_every_snapshot_restores_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let repo = s(&repo);
+    ours(&["repo", "init", repo, "--chunk-size", "64K"]);
+    let disk = dir.path().join("disk.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&disk), "8M"]);
+    qemu_io(&disk, &["write -P 0x11 0 3M", "write -P 0x22 5M 1M"]);
+
+    // A chain: the first reads the whole disk and creates the bitmap; each later one
+    // reads the chunks written since, and is still a whole snapshot.
+    let mut taken = Vec::new();
+    let first = backup_by_bitmap(repo, &disk);
+    assert_eq!(first["incremental"], false, "{first}");
+    assert!(
+        first["whole_read_because"]
+            .as_str()
+            .unwrap()
+            .contains("created"),
+        "{first}"
+    );
+    let copy = |n: usize| {
+        let c = dir.path().join(format!("at{n}.qcow2"));
+        std::fs::copy(&disk, &c).unwrap();
+        c
+    };
+    taken.push((first["snapshot"].as_str().unwrap().to_string(), copy(0)));
+    let writes = [
+        &["write -P 0x33 64k 64k", "write -P 0x44 7M 4k"][..],
+        &["write -z 0 64k", "write -P 0x55 2M 200k"][..],
+        &["discard 5M 512k"][..],
+    ];
+    // Chunks read: the two written; the four the 200k write touched (the zeroed one
+    // is marked but reads as zeros, so it is not read); none for a discard.
+    let expected_reads = [2 * 65536, 4 * 65536, 0];
+    for (n, (commands, reads)) in writes.iter().zip(expected_reads).enumerate() {
+        qemu_io(&disk, commands);
+        let next = backup_by_bitmap(repo, &disk);
+        assert_eq!(next["incremental"], true, "{next}");
+        assert_eq!(next["parent"], taken.last().unwrap().0.as_str(), "{next}");
+        assert_eq!(next["read"].as_u64(), Some(reads), "{n}: {next}");
+        taken.push((next["snapshot"].as_str().unwrap().to_string(), copy(n + 1)));
+    }
+    // Nothing changed: nothing read.
+    let idle = backup_by_bitmap(repo, &disk);
+    assert_eq!(
+        (idle["incremental"].as_bool(), idle["read"].as_u64()),
+        (Some(true), Some(0))
+    );
+
+    // A snapshot taken without the bitmap in between: the next one by bitmap cannot
+    // rely on it, and says so.
+    ours(&["backup", s(&disk), "--repo", repo, "--disk", "vm"]);
+    let after = backup_by_bitmap(repo, &disk);
+    assert_eq!(after["incremental"], false, "{after}");
+    let why = after["whole_read_because"].as_str().unwrap();
+    assert!(why.contains("not taken with bitmap daily"), "{why}");
+
+    for (i, (id, image)) in taken.iter().enumerate() {
+        let restored = dir.path().join(format!("restored{i}.raw"));
+        ours(&["restore", "--repo", repo, id, s(&restored)]);
+        let same = run(
+            "qemu-img",
+            &[
+                "compare",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                s(image),
+                s(&restored),
+            ],
+        );
+        assert!(same.status.success(), "snapshot {i} ({id}) differs");
+    }
+    let listed: serde_json::Value =
+        serde_json::from_str(&ours(&["repo", "snapshots", repo, "--json"])).unwrap();
+    assert_eq!(listed[0]["bitmap"], "daily", "{listed}");
+    let verify = stillpoint(&["repo", "verify", repo]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+}
+
+#[test]
+fn a_bitmap_left_inconsistent_by_a_crash_means_a_whole_read_not_a_wrong_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let repo = s(&repo);
+    ours(&["repo", "init", repo, "--chunk-size", "64K"]);
+    let disk = dir.path().join("disk.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&disk), "4M"]);
+    qemu_io(&disk, &["write -P 0x11 0 1M"]);
+    backup_by_bitmap(repo, &disk);
+    // A daemon writes the disk and is killed: the bitmap is marked in use on disk,
+    // and what the daemon wrote is not recorded in it.
+    {
+        let (_daemon, qmp) = common::daemon::start(dir.path(), &[]);
+        let (mut q, _) = common::daemon::Qmp::connect(&qmp);
+        q.cmd("qmp_capabilities", serde_json::json!({}));
+        let r = q.cmd(
+            "blockdev-add",
+            serde_json::json!({"driver":"qcow2","node-name":"d",
+                "file":{"driver":"file","filename":disk}}),
+        );
+        assert!(r.get("return").is_some(), "{r}");
+        let nbd = dir.path().join("nbd.sock");
+        q.cmd(
+            "nbd-server-start",
+            serde_json::json!({"addr":{"type":"unix","data":{"path":nbd}}}),
+        );
+        q.cmd(
+            "block-export-add",
+            serde_json::json!({"type":"nbd","id":"e","node-name":"d","name":"d",
+                               "writable":true}),
+        );
+        let uri = format!("nbd+unix:///d?socket={}", nbd.display());
+        let out = run(
+            "qemu-io",
+            &["-f", "raw", &uri, "-c", "write -P 0x66 2M 64k"],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    } // SIGKILL
+    let after = backup_by_bitmap(repo, &disk);
+    assert_eq!(after["incremental"], false, "{after}");
+    let why = after["whole_read_because"].as_str().unwrap();
+    assert!(why.contains("inconsistent"), "{why}");
+    let restored = dir.path().join("restored.raw");
+    let id = after["snapshot"].as_str().unwrap();
+    ours(&["restore", "--repo", repo, id, s(&restored)]);
+    let same = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            s(&disk),
+            s(&restored),
+        ],
+    );
+    assert!(
+        same.status.success(),
+        "the write the crash hid is in the snapshot"
+    );
+    // The bitmap was made anew: the next backup is incremental again.
+    qemu_io(&disk, &["write -P 0x77 3M 4k"]);
+    let next = backup_by_bitmap(repo, &disk);
+    assert_eq!(
+        (next["incremental"].as_bool(), next["read"].as_u64()),
+        (Some(true), Some(65536)),
+        "{next}"
+    );
+}

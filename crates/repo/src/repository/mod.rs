@@ -268,6 +268,7 @@ impl Repository {
         let index = self.load_index()?;
         let condemned = self.condemned_packs()?;
         let info = SnapshotInfo {
+            bitmap: None,
             id: String::new(),
             disk: disk.to_string(),
             time_ns: now_ns(),

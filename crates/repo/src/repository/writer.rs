@@ -309,6 +309,12 @@ impl SnapshotWriter {
             .take()
     }
 
+    /// Records that `bitmap` of the disk is cleared as this snapshot is taken (see
+    /// [`SnapshotInfo::bitmap`]).
+    pub fn set_bitmap(&mut self, bitmap: Option<String>) {
+        self.info.bitmap = bitmap;
+    }
+
     /// Dates the snapshot now (its backup's start, when the writer was made ahead of
     /// the backup).
     pub fn set_time_now(&mut self) {
