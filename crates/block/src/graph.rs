@@ -32,6 +32,7 @@ use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::RwLock;
@@ -199,6 +200,8 @@ pub struct NodeGraph {
     state: Mutex<GraphState>,
     reconfigure: tokio::sync::Mutex<()>,
     external: Option<Arc<dyn ExternalDrivers>>,
+    /// Where raw images' bitmap files go (beside each image when unset).
+    state_dir: Mutex<Option<PathBuf>>,
 }
 
 impl fmt::Debug for NodeGraph {
@@ -213,6 +216,19 @@ impl NodeGraph {
     /// An empty graph.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Keeps raw images' persistent dirty bitmaps in `dir` instead of beside each image
+    /// (see [`crate::drivers::sidecar_bitmaps`]); for nodes opened from now on.
+    pub fn set_state_dir(&self, dir: Option<PathBuf>) {
+        *self.state_dir.lock().unwrap_or_else(|e| e.into_inner()) = dir;
+    }
+
+    pub(crate) fn state_dir(&self) -> Option<PathBuf> {
+        self.state_dir
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// An empty graph that opens `external` drivers (such as `nbd`) through `drivers`.

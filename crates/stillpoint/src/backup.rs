@@ -168,7 +168,7 @@ pub(crate) fn create_target(
 pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
     let source = format_of(&args.source, args.source_format, "--source-format")?;
     let target = format_of(&args.target, args.target_format, "--target-format")?;
-    let (source_format, target_format) = (source.format, target.format);
+    let target_format = target.format;
     std::fs::metadata(&args.source).map_err(|e| {
         anyhow::anyhow!(
             "Could not open '{}': {}",
@@ -181,9 +181,6 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
     }
     if args.incremental && args.bitmap.is_none() {
         bail!("--incremental needs --bitmap NAME");
-    }
-    if args.bitmap.is_some() && source_format != Format::Qcow2 {
-        bail!("--bitmap needs a qcow2 source: only qcow2 images store dirty bitmaps");
     }
     if args.incremental {
         // Unchanged clusters must read through to the previous backup.

@@ -44,6 +44,8 @@ pub struct DaemonArgs {
     pub monitor: Vec<String>,
     /// `--pidfile` value.
     pub pidfile: Option<PathBuf>,
+    /// `--state-dir` value: where raw images' bitmap files go.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// JSON (when it starts with `{`) or the dotted form, as members.
@@ -61,7 +63,13 @@ fn members(text: &str, implied: Option<&str>) -> anyhow::Result<Members> {
 
 /// Runs the daemon until a signal or `quit`.
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.state_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    }
     let daemon = Daemon::with_drivers(std::sync::Arc::new(crate::repo_target::RepositoryDrivers));
+    // Before any node opens: raw nodes find their bitmap files there.
+    daemon.graph.set_state_dir(args.state_dir.clone());
     let result = serve(&daemon, &args).await;
     if result.is_err() {
         // A start-up failure after some nodes opened: close them cleanly (qcow2

@@ -227,7 +227,8 @@ enum Command {
         /// Largest background request (default 2M; at least the copy cluster size).
         #[arg(long)]
         chunk_size: Option<String>,
-        /// Persistent dirty bitmap of a qcow2 source: a full backup creates it (the
+        /// Persistent dirty bitmap of the source (in a qcow2 image, or in the file
+        /// `IMAGE.stillpoint-bitmaps` beside a raw one): a full backup creates it (the
         /// start of an incremental chain); on success it is reset to "no changes since
         /// this backup". With --repo: created by the first backup, which reads the
         /// whole disk; later ones read only what it marks, the rest is taken from the
@@ -327,6 +328,10 @@ enum Command {
         /// Write the daemon's pid here once it is ready; removed on exit.
         #[arg(long)]
         pidfile: Option<PathBuf>,
+        /// Keep raw images' persistent dirty bitmaps here (created if missing)
+        /// instead of in a file beside each image.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Serve an image over NBD until SIGINT/SIGTERM (like qemu-nbd).
     Nbd {
@@ -525,8 +530,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             chardev,
             monitor,
             pidfile,
+            state_dir,
         } => {
             let args = daemon_cmd::DaemonArgs {
+                state_dir,
                 qmp,
                 blockdev,
                 nbd_server,

@@ -121,9 +121,6 @@ pub async fn backup(args: RepoBackup<'_>) -> anyhow::Result<()> {
     let started = Instant::now();
     let repo = open(args.dir, args.pass_file)?;
     let format = resolve_format(args.source, args.source_format, "--source-format")?;
-    if args.bitmap.is_some() && format.format != Format::Qcow2 {
-        bail!("--bitmap needs a qcow2 source: only qcow2 images store dirty bitmaps");
-    }
     let graph = NodeGraph::new();
     let result = backup_on(&graph, &repo, &args, format).await;
     // Closing stores the bitmaps (a cleared or a new one) and marks a qcow2 clean.

@@ -308,3 +308,174 @@ fn repository_nodes_refuse_bad_options_and_modes_with_clear_errors() {
     assert!(snapshots(&repo).is_empty());
     q.cmd("quit", json!({}));
 }
+
+fn bitmap_state(q: &mut Qmp, node: &str, name: &str) -> Value {
+    let nodes = q.cmd("query-named-block-nodes", json!({}));
+    nodes["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == node)
+        .and_then(|n| n["dirty-bitmaps"].as_array())
+        .and_then(|b| b.iter().find(|b| b["name"] == name))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn nbd_write(q: &mut Qmp, dir: &Path, commands: &[&str]) {
+    let nbd = dir.join("nbd.sock");
+    let _ = std::fs::remove_file(&nbd);
+    q.cmd(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": nbd}}}),
+    );
+    q.cmd(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "src", "name": "disk", "writable": true}),
+    );
+    let uri = format!("nbd+unix:///disk?socket={}", nbd.display());
+    let mut args = vec!["-f", "raw", &uri];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    let out = run("qemu-io", &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    q.cmd("block-export-del", json!({"id": "e0"}));
+    q.cmd("nbd-server-stop", json!({}));
+}
+
+/// Raw images keep persistent bitmaps in a file beside them (or in --state-dir): the
+/// bitmap is back after `quit` and a restart, so the incremental reads only what
+/// changed; after a SIGKILL it is inconsistent, like qcow2's, and cannot be used.
+#[test]
+fn a_raw_disks_bitmap_survives_a_restart_and_a_crash_makes_it_inconsistent() {
+    for state_dir in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        ours(&["repo", "init", s(&repo), "--chunk-size", "64K"]);
+        let image = dir.path().join("disk.raw");
+        let size = 4 << 20;
+        mixed_image(&image, size, 11);
+        let state = dir.path().join("state");
+        let extra: Vec<String> = if state_dir {
+            vec!["--state-dir".into(), state.display().to_string()]
+        } else {
+            Vec::new()
+        };
+        let sidecar = || -> Vec<std::path::PathBuf> {
+            let beside = dir.path().join("disk.raw.stillpoint-bitmaps");
+            let mut found: Vec<_> = std::fs::read_dir(&state)
+                .map(|d| d.map(|e| e.unwrap().path()).collect())
+                .unwrap_or_default();
+            if beside.exists() {
+                found.push(beside);
+            }
+            found
+        };
+
+        let (daemon, qmp) = start(dir.path(), &extra);
+        let (mut q, _) = Qmp::connect(&qmp);
+        q.cmd("qmp_capabilities", json!({}));
+        q.cmd("blockdev-add", raw_node("src", &image));
+        q.cmd(
+            "blockdev-add",
+            repo_node("r0", &repo, "vm", size, Value::Null),
+        );
+        let r = q.cmd(
+            "transaction",
+            json!({"actions": [
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": "src", "name": "b0", "persistent": true}},
+                {"type": "blockdev-backup", "data":
+                    {"job-id": "full", "device": "src", "target": "r0", "sync": "full"}}]}),
+        );
+        assert!(r.get("return").is_some(), "{r}");
+        let done = q.wait_event("BLOCK_JOB_COMPLETED")["data"].clone();
+        assert!(done.get("error").is_none(), "{done}");
+        let files = sidecar();
+        assert_eq!(files.len(), 1, "state dir {state_dir}: {files:?}");
+        assert_eq!(files[0].starts_with(&state), state_dir, "{files:?}");
+        nbd_write(&mut q, dir.path(), &["write -P 0x5a 1M 64k"]);
+        q.cmd("quit", json!({}));
+        drop(q);
+        let mut daemon = daemon;
+        daemon.0.wait().unwrap();
+        std::fs::remove_file(&qmp).ok();
+
+        // Restarted: the node added again has its bitmap, and the incremental reads
+        // one chunk.
+        let (daemon, qmp) = start(dir.path(), &extra);
+        let (mut q, _) = Qmp::connect(&qmp);
+        q.cmd("qmp_capabilities", json!({}));
+        q.cmd("blockdev-add", raw_node("src", &image));
+        let b0 = bitmap_state(&mut q, "src", "b0");
+        assert_eq!(
+            (b0["count"].as_u64(), b0["persistent"].as_bool()),
+            (Some(65536), Some(true)),
+            "{b0}"
+        );
+        q.cmd(
+            "blockdev-add",
+            repo_node("r1", &repo, "vm", size, json!("latest")),
+        );
+        let done = backup(
+            &mut q,
+            json!({"job-id": "inc", "device": "src", "target": "r1",
+                   "sync": "incremental", "bitmap": "b0"}),
+        );
+        assert!(done.get("error").is_none(), "{done}");
+        assert_eq!(done["len"], 65536, "one chunk read: {done}");
+        let second = node_state(&mut q, "r1")["snapshot"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        restored_equals(&repo, &second, &image, dir.path());
+
+        // Killed while open: the bitmap cannot be trusted any more.
+        nbd_write(&mut q, dir.path(), &["write -P 0x77 2M 4k"]);
+        drop(daemon); // SIGKILL
+        std::fs::remove_file(&qmp).ok();
+        let (_daemon, qmp) = start(dir.path(), &extra);
+        let (mut q, _) = Qmp::connect(&qmp);
+        q.cmd("qmp_capabilities", json!({}));
+        q.cmd("blockdev-add", raw_node("src", &image));
+        assert_eq!(
+            bitmap_state(&mut q, "src", "b0")["inconsistent"],
+            true,
+            "state dir {state_dir}"
+        );
+        q.cmd(
+            "blockdev-add",
+            repo_node("r2", &repo, "vm", size, json!("latest")),
+        );
+        let r = q.cmd(
+            "blockdev-backup",
+            json!({"job-id": "inc2", "device": "src", "target": "r2",
+                   "sync": "incremental", "bitmap": "b0"}),
+        );
+        let desc = r["error"]["desc"].as_str().unwrap_or_default();
+        assert!(desc.contains("inconsistent"), "{r}");
+        // The way on: a full read (dedup stores only what changed) and a new bitmap.
+        q.cmd(
+            "block-dirty-bitmap-remove",
+            json!({"node": "src", "name": "b0"}),
+        );
+        let r = q.cmd(
+            "transaction",
+            json!({"actions": [
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": "src", "name": "b0", "persistent": true}},
+                {"type": "blockdev-backup", "data":
+                    {"job-id": "full2", "device": "src", "target": "r2", "sync": "full"}}]}),
+        );
+        assert!(r.get("return").is_some(), "{r}");
+        let done = q.wait_event("BLOCK_JOB_COMPLETED")["data"].clone();
+        assert!(done.get("error").is_none(), "{done}");
+        let third = node_state(&mut q, "r2")["snapshot"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        restored_equals(&repo, &third, &image, dir.path());
+        q.cmd("quit", json!({}));
+    }
+}

@@ -6,10 +6,12 @@
 //! * `fault`: fails chosen requests of its child, for testing error paths.
 //! * `qcow2`: QEMU's copy-on-write image format.
 //! * `snapshot_access`: reads the point-in-time view of a copy-before-write node.
+//! * `sidecar_bitmaps`: persistent dirty bitmaps of raw images, in a file beside them.
 
 pub mod fault;
 pub mod file;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod sidecar_bitmaps;
 pub mod snapshot_access;

@@ -16,9 +16,11 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 
 use crate::buf::IoBuf;
+use crate::drivers::sidecar_bitmaps::SidecarBitmaps;
 use crate::error::Error;
 use crate::error::Result;
 use crate::node::Attachment;
+use crate::node::driver::BitmapStore;
 use crate::node::driver::BlockDriver;
 use crate::node::driver::Extent;
 use crate::node::driver::Limits;
@@ -36,6 +38,8 @@ pub struct RawDriver {
     /// Held from the check to the end of a write that touches the magic, so two
     /// writes of half a magic each cannot both pass.
     first_bytes: tokio::sync::Mutex<()>,
+    /// Persistent dirty bitmaps, in a file beside the image (raw over a whole file).
+    bitmaps: Option<SidecarBitmaps>,
 }
 
 /// What a format probe would say of a first sector: qcow2 by its magic (the only
@@ -70,6 +74,7 @@ impl RawDriver {
             size,
             probed: false,
             first_bytes: tokio::sync::Mutex::new(()),
+            bitmaps: None,
         })
     }
 
@@ -77,6 +82,18 @@ impl RawDriver {
     pub fn probed(mut self, probed: bool) -> Self {
         self.probed = probed;
         self
+    }
+
+    /// Keeps persistent dirty bitmaps in `store` (see [`crate::drivers::sidecar_bitmaps`]).
+    pub fn with_bitmaps(mut self, store: SidecarBitmaps) -> Self {
+        self.bitmaps = Some(store);
+        self
+    }
+
+    /// Whether this node is the whole of its child (not a window): only then are its
+    /// bitmaps the file's.
+    pub fn is_whole_child(&self) -> bool {
+        self.offset == 0 && self.size == self.child.length()
     }
 
     /// Refuses a write of `buf` at `offset` that would make the first sector of a
@@ -122,6 +139,10 @@ impl BlockDriver for RawDriver {
 
     fn filename(&self) -> Option<PathBuf> {
         self.child.node().filename()
+    }
+
+    fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
+        self.bitmaps.as_ref().map(|b| b as &dyn BitmapStore)
     }
 
     async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {

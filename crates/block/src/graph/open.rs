@@ -218,7 +218,27 @@ impl NodeGraph {
                         )
                         .await?;
                     check_child_writable(&child, &mut policy, auto_read_only)?;
-                    Box::new(RawDriver::new(child, raw.offset, raw.size)?.probed(raw.probed))
+                    let over_file = (child.node().driver_name() == "file")
+                        .then(|| child.node().filename())
+                        .flatten();
+                    let mut driver =
+                        RawDriver::new(child, raw.offset, raw.size)?.probed(raw.probed);
+                    // A raw image over a host file keeps its persistent bitmaps beside it.
+                    if driver.is_whole_child()
+                        && let Some(image) = over_file
+                    {
+                        let path = crate::drivers::sidecar_bitmaps::sidecar_path(
+                            &image,
+                            self.state_dir().as_deref(),
+                        );
+                        let store = crate::drivers::sidecar_bitmaps::SidecarBitmaps::open(
+                            path,
+                            driver.length(),
+                            !policy.read_only,
+                        )?;
+                        driver = driver.with_bitmaps(store);
+                    }
+                    Box::new(driver)
                 }
                 DriverOptions::Qcow2(q) => {
                     let child = self

@@ -239,7 +239,7 @@ pub trait BackingFile: Send + Sync {
     fn set_backing(&self, backing: Attachment) -> Result<()>;
 }
 
-/// A format that keeps dirty bitmaps in the image (qcow2).
+/// A format that keeps dirty bitmaps: in the image (qcow2), or beside it (raw).
 #[async_trait]
 pub trait BitmapStore: Send + Sync {
     /// Whether bitmaps can be stored (`persistent: true`): not in a read-only image.
@@ -247,6 +247,13 @@ pub trait BitmapStore: Send + Sync {
 
     /// The bitmaps found in the image when it was opened (taken once, by the node).
     fn take_persistent_bitmaps(&self) -> Vec<PersistentBitmap>;
+
+    /// A persistent bitmap is being added: make sure a crash from now on leaves it
+    /// marked inconsistent, not silently missing changes (the raw sidecar creates its
+    /// file, marked in use). Its failure fails the add.
+    fn prepare_persistent(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Stores exactly these bitmaps in the image (called before [`BlockDriver::close`];
     /// bitmaps stored before and missing here are removed).

@@ -188,6 +188,14 @@ impl Node {
         if bitmaps.iter().any(|b| b.name() == name) {
             return Err(Error::invalid(format!("Bitmap already exists: {name}")));
         }
+        if persistent && let Some(store) = self.driver.bitmap_store() {
+            store.prepare_persistent().map_err(|e| {
+                Error::new(
+                    e.kind(),
+                    format!("Can't store persistent bitmaps to {}: {e}", self.name),
+                )
+            })?;
+        }
         let bitmap = DirtyBitmap::new(name, self.length(), granularity, !disabled, persistent)?;
         bitmaps.push(bitmap.clone());
         Ok(bitmap)
