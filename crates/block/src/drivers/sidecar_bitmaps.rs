@@ -151,7 +151,7 @@ fn decode(path: &Path, bytes: &[u8], size: u64) -> Result<Vec<PersistentBitmap>>
     let mut at = HEADER_LEN;
     let mut take = |n: usize| -> Result<&[u8]> {
         let piece = body
-            .get(at..at.checked_add(n).unwrap_or(usize::MAX))
+            .get(at..at.saturating_add(n))
             .ok_or_else(|| damaged(path, "truncated"))?;
         at += n;
         Ok(piece)
