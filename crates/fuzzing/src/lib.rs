@@ -278,6 +278,30 @@ pub fn qcow2_open(data: &[u8]) {
     let _ = std::fs::remove_file(&path);
 }
 
+/// A raw image's sidecar bitmap file (`block::drivers::sidecar_bitmaps`), for an image
+/// of the size its header names: what parses re-encodes to a file that parses the same.
+pub fn sidecar_bitmaps(data: &[u8]) {
+    use block::drivers::sidecar_bitmaps::decode;
+    use block::drivers::sidecar_bitmaps::encode;
+    let Some(size) = data.get(12..20) else {
+        return;
+    };
+    let size = u64::from_le_bytes(size.try_into().unwrap());
+    let path = std::path::Path::new("fuzz.stillpoint-bitmaps");
+    let Ok(bitmaps) = decode(path, data, size) else {
+        return;
+    };
+    let again = decode(path, &encode(size, &bitmaps), size)
+        .expect("our own encoding of a parsed file parses");
+    assert_eq!(again.len(), bitmaps.len());
+    for (a, b) in again.iter().zip(&bitmaps) {
+        assert_eq!(
+            (&a.name, a.recording, a.inconsistent, a.bits.serialize()),
+            (&b.name, b.recording, b.inconsistent, b.bits.serialize())
+        );
+    }
+}
+
 /// A qcow2 bitmap directory: the first two bytes (LE) are the number of entries the
 /// header would claim, the rest the directory. What parses must pass or fail the size
 /// check without allocating, and re-encode to a directory that parses the same.

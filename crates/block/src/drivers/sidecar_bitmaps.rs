@@ -99,7 +99,7 @@ fn io_error(path: &Path, what: &str, e: std::io::Error) -> Error {
 }
 
 /// Encodes bitmaps with the in-use byte clear.
-fn encode(size: u64, bitmaps: &[PersistentBitmap]) -> Vec<u8> {
+pub fn encode(size: u64, bitmaps: &[PersistentBitmap]) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -128,7 +128,7 @@ fn encode(size: u64, bitmaps: &[PersistentBitmap]) -> Vec<u8> {
 
 /// Parses a sidecar; bitmaps of a file marked in use, or of an image of another
 /// size, come back inconsistent (with empty bits).
-fn decode(path: &Path, bytes: &[u8], size: u64) -> Result<Vec<PersistentBitmap>> {
+pub fn decode(path: &Path, bytes: &[u8], size: u64) -> Result<Vec<PersistentBitmap>> {
     if bytes.len() < HEADER_LEN + 8 || &bytes[..4] != MAGIC {
         return Err(damaged(path, "not a bitmap file"));
     }
