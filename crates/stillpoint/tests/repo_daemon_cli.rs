@@ -479,3 +479,96 @@ fn a_raw_disks_bitmap_survives_a_restart_and_a_crash_makes_it_inconsistent() {
         q.cmd("quit", json!({}));
     }
 }
+
+#[test]
+fn a_daemon_killed_during_a_backup_into_the_repository_leaves_every_snapshot_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    ours(&["repo", "init", s(&repo), "--chunk-size", "64K"]);
+    let image = dir.path().join("disk.raw");
+    // Past one pack (32 MiB), so the kill comes after the second backup stored some.
+    let size = 48 << 20;
+    mixed_image(&image, size, 5);
+    let at_first = dir.path().join("first.raw");
+    std::fs::copy(&image, &at_first).unwrap();
+    let (daemon, qmp) = start(dir.path(), &[]);
+    let (mut q, _) = Qmp::connect(&qmp);
+    q.cmd("qmp_capabilities", json!({}));
+    q.cmd("blockdev-add", raw_node("src", &image));
+    q.cmd(
+        "blockdev-add",
+        repo_node("r0", &repo, "vm", size, Value::Null),
+    );
+    let done = backup(
+        &mut q,
+        json!({"job-id": "full", "device": "src", "target": "r0", "sync": "full"}),
+    );
+    assert!(done.get("error").is_none(), "{done}");
+    // Different data, so the second backup stores packs of its own before the kill.
+    mixed_image(&image, size, 6);
+    q.cmd(
+        "blockdev-add",
+        repo_node("r1", &repo, "vm", size, json!("latest")),
+    );
+    let packs = || walk_files(&repo.join("packs"));
+    let before = packs();
+    let r = q.cmd(
+        "blockdev-backup",
+        json!({"job-id": "slow", "device": "src", "target": "r1", "sync": "full",
+               "speed": 12 << 20}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while packs() == before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        packs() > before,
+        "the second backup stored a pack before the kill"
+    );
+    drop(daemon); // SIGKILL, half way
+    let listed = snapshots(&repo);
+    assert_eq!(listed.len(), 1, "nothing half-made is listed: {listed:?}");
+    let verify = stillpoint(&["repo", "verify", s(&repo)]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    restored_equals(
+        &repo,
+        listed[0]["id"].as_str().unwrap(),
+        &at_first,
+        dir.path(),
+    );
+    // And the next attempt succeeds.
+    std::fs::remove_file(&qmp).ok();
+    let (_daemon, qmp) = start(dir.path(), &[]);
+    let (mut q, _) = Qmp::connect(&qmp);
+    q.cmd("qmp_capabilities", json!({}));
+    q.cmd("blockdev-add", raw_node("src", &image));
+    q.cmd(
+        "blockdev-add",
+        repo_node("r1", &repo, "vm", size, json!("latest")),
+    );
+    let done = backup(
+        &mut q,
+        json!({"job-id": "again", "device": "src", "target": "r1", "sync": "full"}),
+    );
+    assert!(done.get("error").is_none(), "{done}");
+    let second = node_state(&mut q, "r1")["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    restored_equals(&repo, &second, &image, dir.path());
+    q.cmd("quit", json!({}));
+}
+
+fn walk_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .map(|e| {
+                    let path = e.unwrap().path();
+                    if path.is_dir() { walk_files(&path) } else { 1 }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
