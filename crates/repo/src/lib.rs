@@ -8,8 +8,11 @@
 //! the last one: [`repository::verify`]), retention ([`retention`]), garbage collection
 //! beside running backups with repacking ([`repository::gc`]) and stats. The dedup
 //! index is compact, not constant: 48 bytes per stored chunk ([`chunk_index`]; about
-//! 500 MB for 10 million chunks, 2.4 TiB of unique data at 256 KiB). Not yet:
-//! incrementals from a dirty bitmap and live backups through the daemon, S3.
+//! 500 MB for 10 million chunks, 2.4 TiB of unique data at 256 KiB). Writers take
+//! chunks by position, so a live backup (the daemon's `repository` node, in the
+//! `stillpoint` crate) hands them over in any order, and an incremental takes unchanged
+//! chunks from its parent by id ([`repository::SnapshotWriter::add_known_at`]). Not
+//! yet: S3.
 //!
 //! # Format, version 1
 //!
