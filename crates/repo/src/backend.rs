@@ -42,16 +42,18 @@ pub trait Backend: Send + Sync {
 #[derive(Debug)]
 pub struct LocalDir {
     root: PathBuf,
-    counter: AtomicU64,
 }
+
+/// Numbers temporary names. One counter for the whole process, not one per
+/// [`LocalDir`]: a daemon opens the same repository once per repository node, and two
+/// backups storing packs at once must not write the same `tmp/PID-N` (they did, and one
+/// link failed with "No such file or directory").
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl LocalDir {
     /// The repository at `root` (which must exist).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self {
-            root: root.into(),
-            counter: AtomicU64::new(0),
-        }
+        Self { root: root.into() }
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
@@ -207,7 +209,7 @@ impl Backend for LocalDir {
         let tmp = tmp_dir.join(format!(
             "{}-{}",
             std::process::id(),
-            self.counter.fetch_add(1, Ordering::Relaxed)
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let written = write_synced(&tmp, data);
         if let Err(e) = written {
@@ -339,5 +341,28 @@ mod tests {
                 .next()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn two_handles_on_one_directory_in_one_process_store_objects_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let handles = [LocalDir::new(dir.path()), LocalDir::new(dir.path())];
+        std::thread::scope(|scope| {
+            for (h, b) in handles.iter().enumerate() {
+                scope.spawn(move || {
+                    for n in 0..200 {
+                        let key = format!("packs/{h}{}/{n}", n % 4);
+                        let data = vec![h as u8; 4096 + n];
+                        assert!(b.put_if_absent(&key, &data).unwrap(), "{key}");
+                    }
+                });
+            }
+        });
+        for (h, b) in handles.iter().enumerate() {
+            for n in 0..200 {
+                let key = format!("packs/{h}{}/{n}", n % 4);
+                assert_eq!(b.get(&key, None).unwrap(), vec![h as u8; 4096 + n]);
+            }
+        }
     }
 }
