@@ -131,6 +131,19 @@ enum RepoCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Delete these snapshots (exact ids, as `repo snapshots` lists them); `repo gc` then
+    /// frees the space only they used.
+    Forget {
+        /// The repository.
+        dir: PathBuf,
+        /// The snapshots' ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// The passphrase of an encrypted repository: this file's first line (else
+        /// the STILLPOINT_PASSPHRASE environment variable).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
     /// Delete the packs no snapshot names: condemned now, deleted by a later collection once
     /// no backup that started before still runs (safe beside running backups).
     Gc {
@@ -668,6 +681,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     dry_run,
                 )
             }
+            RepoCommand::Forget {
+                dir,
+                ids,
+                passphrase_file,
+            } => repo_cmd::forget(&dir, passphrase_file.as_deref(), &ids),
             RepoCommand::Gc {
                 dir,
                 passphrase_file,

@@ -645,6 +645,34 @@ pub fn prune(
     Ok(())
 }
 
+/// `repo forget DIR ID...`: deletes exactly these snapshots. Every id is checked before
+/// any is deleted, so a typo deletes nothing (and a disk's name is not taken for its
+/// latest snapshot here, unlike `restore`: forgetting is not undone).
+pub fn forget(dir: &Path, pass_file: Option<&Path>, ids: &[String]) -> anyhow::Result<()> {
+    let repo = open(dir, pass_file)?;
+    let all = repo.snapshots()?;
+    let unknown: Vec<&str> = ids
+        .iter()
+        .filter(|id| !all.iter().any(|s| &s.id == *id))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        bail!(
+            "no snapshot with id {} (nothing was deleted; `repo snapshots` lists the ids)",
+            unknown.join(", ")
+        );
+    }
+    let mut unique = ids.to_vec();
+    unique.sort();
+    unique.dedup();
+    repo.forget(&unique)?;
+    println!(
+        "{} removed (`repo gc` frees the space only they used)",
+        unique.len()
+    );
+    Ok(())
+}
+
 /// `repo stats DIR [--json]`.
 pub fn stats(dir: &Path, pass_file: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let stats = open(dir, pass_file)?.stats()?;
