@@ -1,0 +1,353 @@
+#!/usr/bin/env python3
+"""Live backups into the repository through the daemon, incremental by dirty bitmap,
+against restic on the same disk, side by side in one run.
+
+The disk: bench/backup_vs_qsd.py's seeded mixed raw image (SIZE, 4 GiB by default: half
+data, a quarter written zeros, a quarter holes), served by `stillpoint daemon` as a
+writable NBD export, the way a guest would use it. Each round, for the daemon:
+
+1. A fresh encrypted repository. The guest's QD1 random 4 KiB writes (python3-libnbd)
+   run through the export for the whole of each backup. In the order the round gives:
+   * a full `blockdev-backup` into a `repository` node, in one `transaction` with the
+     dirty bitmap for the next backup (timed from the transaction to
+     BLOCK_JOB_COMPLETED, which means the snapshot is committed and durable);
+   * a full `blockdev-backup` into a fresh raw file (the same run's reference for the
+     guest's write latency; the target node is deleted after, which flushes it).
+2. 1% of the disk rewritten through the export in seeded random 64 KiB blocks.
+3. An incremental `blockdev-backup` (sync incremental, the bitmap) into a repository
+   node whose parent is the latest snapshot: timed, and the repository's growth measured
+   (on-disk bytes, as `du` counts them).
+4. Instant restore: a new daemon, a qcow2 overlay (fresh file) whose backing node is the
+   incremental snapshot (a read-only `repository` node), exported over NBD; timed from
+   starting the daemon to the first 4 KiB read served from a random offset, checked
+   against the disk. (Not live restore: no `block-stream` job moves the data into the
+   overlay yet; reads keep coming from the repository.)
+
+For restic (`restic backup` of the image file, Debian's restic), the same disk at the
+same instants: a full backup, the same 1% churn written into the file, a second backup
+(restic has no bitmap: it reads the whole disk again). The page cache is dropped (root)
+before every timed step, and the tools alternate which goes first across ROUNDS.
+
+Goals (issue 16): incremental <= 5% of the full's time and <= 5% of its bytes; guest
+4 KiB write p99 during the full backup into the repository no worse than during the
+backup into a raw file; the first read of an instant restore under a second.
+
+Usage: cargo build --release -p stillpoint && apt-get install restic python3-libnbd &&
+       python3 bench/live_repo_vs_restic.py [--size 4G] [--rounds 3] [--chunk-size 256K] [--dir DIR]
+"""
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import backup_vs_qsd as common  # noqa: E402
+import repo_vs_restic as repo_bench  # noqa: E402
+
+PASS = "bench passphrase"
+WRITE = b"\xa5" * 4096
+
+
+class GuestWriter:
+    """The guest: QD1 random 4 KiB writes through the daemon's NBD export."""
+
+    def __init__(self, socket_path, seed):
+        import nbd
+
+        self.h = nbd.NBD()
+        self.h.set_export_name("disk")
+        self.h.connect_unix(socket_path)
+        self.size = self.h.get_size()
+        self.rng = random.Random(seed)
+
+    def write_until(self, done):
+        """4 KiB writes, each timed (microseconds), until done() is true."""
+        samples = []
+        while not done():
+            offset = self.rng.randrange(self.size // 4096) * 4096
+            t = time.perf_counter()
+            self.h.pwrite(WRITE, offset)
+            samples.append((time.perf_counter() - t) * 1e6)
+        return samples
+
+    def churn(self, seed, fraction=0.01, block=64 << 10):
+        """Rewrites `fraction` of the disk in random 64 KiB blocks (flushed)."""
+        rng = random.Random(seed)
+        blocks = []
+        for _ in range(int(self.size * fraction) // block):
+            offset = rng.randrange(self.size // block) * block
+            data = rng.randbytes(block)
+            self.h.pwrite(data, offset)
+            blocks.append((offset, data))
+        self.h.flush()
+        return blocks
+
+    def close(self):
+        self.h.shutdown()
+
+
+def job_done(qmp, job):
+    with qmp.cond:
+        return any(e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["device"] == job for e in qmp.events)
+
+
+def completed(qmp, job):
+    with qmp.cond:
+        qmp.cond.wait_for(lambda: any(e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["device"] == job
+                                      for e in qmp.events), 3600)
+        data = [e for e in qmp.events if e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["device"] == job][-1]["data"]
+    if "error" in data:
+        raise RuntimeError(f"{job} failed: {data['error']}")
+    return data
+
+
+def repo_node(qmp, name, repo, pass_file, size, parent):
+    qmp.cmd("blockdev-add", driver="repository", **{"node-name": name, "passphrase-file": pass_file},
+            repository=repo, disk="disk", size=size, parent=parent)
+
+
+def node_data(qmp, name):
+    for n in qmp.cmd("query-named-block-nodes"):
+        if n["node-name"] == name:
+            return n["image"]["format-specific"]["data"]
+    raise RuntimeError(f"no node {name}")
+
+
+def init_repo(repo, pass_file, chunk_size):
+    shutil.rmtree(repo, ignore_errors=True)
+    subprocess.run([common.STILLPOINT, "repo", "init", repo, "--encrypt", "--chunk-size", chunk_size,
+                    "--passphrase-file", pass_file], check=True, stdout=subprocess.DEVNULL)
+
+
+def daemon_round(tmp, original, size, round_, chunk_size):
+    image = os.path.join(tmp, "disk.raw")
+    subprocess.run(["cp", "--sparse=always", original, image], check=True)
+    pass_file = os.path.join(tmp, "passphrase")
+    with open(pass_file, "w") as f:
+        f.write(PASS + "\n")
+    # The latency backups go into a repository of their own, so the timed full below
+    # starts from an empty one.
+    lat_repo = os.path.join(tmp, "repo-latency")
+    init_repo(lat_repo, pass_file, chunk_size)
+    repo = os.path.join(tmp, "repo")
+    init_repo(repo, pass_file, chunk_size)
+    raw_target = os.path.join(tmp, "target.raw")
+    common.fresh_target(raw_target, size)
+    nbd_path = os.path.join(tmp, "nbd.sock")
+    if os.path.exists(nbd_path):
+        os.unlink(nbd_path)
+    repo_bench.drop_caches(image)
+    proc, qmp = common.start_qsd(tmp, [
+        "--blockdev", f"driver=file,node-name=src-file,filename={image}",
+        "--blockdev", "driver=raw,node-name=src,file=src-file",
+        "--nbd-server", f"addr.type=unix,addr.path={nbd_path}",
+        "--export", "type=nbd,id=exp0,node-name=src,name=disk,writable=on",
+    ], (common.STILLPOINT, "daemon"))
+    result = {}
+    try:
+        guest = GuestWriter(nbd_path, 100 + round_)
+        result["alone"] = common.percentiles(
+            guest.write_until(lambda deadline=time.monotonic() + 5: time.monotonic() > deadline))
+
+        def latency_into(job, target):
+            repo_bench.drop_caches(image)
+            start = time.monotonic()
+            qmp.cmd("blockdev-backup", **{"job-id": job}, device="src", target=target, sync="full")
+            samples = guest.write_until(lambda: job_done(qmp, job))
+            completed(qmp, job)
+            qmp.cmd("blockdev-del", **{"node-name": target})
+            result[f"{job}_s"] = time.monotonic() - start
+            result[f"{job}_p"] = common.percentiles(samples)
+
+        def into_repo():
+            repo_node(qmp, "lat", lat_repo, pass_file, size, None)
+            latency_into("repo_lat", "lat")
+
+        def into_raw():
+            common.add_raw(qmp, "tgt", raw_target)
+            latency_into("raw", "tgt")
+
+        for step in ([into_repo, into_raw] if round_ % 2 == 0 else [into_raw, into_repo]):
+            step()
+        os.unlink(raw_target)
+        shutil.rmtree(lat_repo, ignore_errors=True)
+
+        # The incremental flow: a full with the bitmap (the guest idle, so the bitmap
+        # holds exactly the churn), 1% rewritten through NBD, the incremental.
+        repo_bench.drop_caches(image)
+        repo_node(qmp, "r0", repo, pass_file, size, None)
+        start = time.monotonic()
+        qmp.cmd("transaction", actions=[
+            {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b0"}},
+            {"type": "blockdev-backup", "data": {"job-id": "full", "device": "src", "target": "r0",
+                                                 "sync": "full"}}])
+        completed(qmp, "full")
+        result["full_s"] = time.monotonic() - start
+        result["after_full"] = repo_bench.du(repo)
+        churned = guest.churn(7 + round_)
+        guest.close()
+        repo_bench.drop_caches(image, repo)
+        repo_node(qmp, "r1", repo, pass_file, size, "latest")
+        start = time.monotonic()
+        qmp.cmd("blockdev-backup", **{"job-id": "inc"}, device="src", target="r1", sync="incremental",
+                bitmap="b0")
+        done = completed(qmp, "inc")
+        result["inc_s"] = time.monotonic() - start
+        result["inc_read"] = done["len"]
+        result["after_inc"] = repo_bench.du(repo)
+        snapshot = node_data(qmp, "r1")["snapshot"]
+    finally:
+        common.stop_qsd(proc, qmp)
+    result["first_read_s"], result["first_read_ok"] = instant_restore(tmp, repo, pass_file, snapshot, image)
+    result["churned"] = len(churned)
+    os.unlink(image)
+    shutil.rmtree(repo, ignore_errors=True)
+    return result
+
+
+def instant_restore(tmp, repo, pass_file, snapshot, image):
+    """Seconds from starting a daemon to the first read of a qcow2 overlay over the
+    snapshot, through NBD; and whether that read equals the disk."""
+    import nbd
+
+    overlay = os.path.join(tmp, "restoring.qcow2")
+    size = os.path.getsize(image)
+    subprocess.run([common.STILLPOINT, "create", "-f", "qcow2", overlay, str(size)], check=True,
+                   stdout=subprocess.DEVNULL)
+    nbd_path = os.path.join(tmp, "restore.sock")
+    if os.path.exists(nbd_path):
+        os.unlink(nbd_path)
+    repo_bench.drop_caches(repo)
+    start = time.monotonic()
+    proc, qmp = common.start_qsd(tmp, [], (common.STILLPOINT, "daemon"))
+    try:
+        qmp.cmd("blockdev-add", driver="repository", **{"node-name": "snap", "passphrase-file": pass_file,
+                                                        "read-only": True},
+                repository=repo, snapshot=snapshot)
+        qmp.cmd("blockdev-add", driver="qcow2", **{"node-name": "disk"}, backing="snap",
+                file={"driver": "file", "filename": overlay})
+        qmp.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": nbd_path}})
+        qmp.cmd("block-export-add", type="nbd", id="e", **{"node-name": "disk"}, name="disk", writable=True)
+        h = nbd.NBD()
+        h.set_export_name("disk")
+        h.connect_unix(nbd_path)
+        offset = random.Random(1).randrange(size // 4096) * 4096
+        got = h.pread(4096, offset)
+        took = time.monotonic() - start
+        h.shutdown()
+    finally:
+        common.stop_qsd(proc, qmp)
+    with open(image, "rb") as f:
+        f.seek(offset)
+        ok = f.read(4096) == got
+    os.unlink(overlay)
+    return took, ok
+
+
+def restic_round(tmp, original, size, round_):
+    image = os.path.join(tmp, "disk.raw")
+    subprocess.run(["cp", "--sparse=always", original, image], check=True)
+    tool = repo_bench.Tool("restic", tmp, None)
+    tool.init()
+    repo_bench.drop_caches(image, tool.repo)
+    full, _ = tool.backup(image, 1)
+    full += repo_bench.timed_sync()
+    after_full = repo_bench.du(tool.repo)
+    repo_bench.churn(image, size, 7 + round_)
+    repo_bench.drop_caches(image, tool.repo)
+    second, _ = tool.backup(image, 2)
+    second += repo_bench.timed_sync()
+    after_second = repo_bench.du(tool.repo)
+    shutil.rmtree(tool.repo, ignore_errors=True)
+    os.unlink(image)
+    return dict(full_s=full, inc_s=second, after_full=after_full, after_inc=after_second)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="4G")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--chunk-size", default="256K")
+    ap.add_argument("--dir", default=None)
+    args = ap.parse_args()
+    size = common.parse_size(args.size)
+    if shutil.which("restic") is None:
+        sys.exit("restic is needed: apt-get install restic")
+    if not os.path.exists(common.STILLPOINT):
+        sys.exit("build first: cargo build --release -p stillpoint")
+    tmp = tempfile.mkdtemp(prefix="stillpoint-live-repo-bench-", dir=args.dir)
+    try:
+        original = os.path.join(tmp, "original.raw")
+        print(f"making a {size >> 20} MiB mixed image in {tmp}", flush=True)
+        common.make_image(original, size, 1)
+        results = {"stillpoint": [], "restic": []}
+        for r in range(args.rounds):
+            order = ["stillpoint", "restic"] if r % 2 == 0 else ["restic", "stillpoint"]
+            for name in order:
+                if name == "stillpoint":
+                    x = daemon_round(tmp, original, size, r, args.chunk_size)
+                    print(f"  round {r + 1} stillpoint: full {x['full_s']:.2f} s; under the guest: into the repository"
+                          f" {x['repo_lat_s']:.2f} s (write p99 {x['repo_lat_p']['p99_us']:.0f} us),"
+                          f" into raw {x['raw_s']:.2f} s (p99 {x['raw_p']['p99_us']:.0f} us),"
+                          f" alone p99 {x['alone']['p99_us']:.0f} us; incremental {x['inc_s']:.2f} s reading"
+                          f" {x['inc_read'] >> 20} MiB; repo {x['after_full'] >> 20} -> {x['after_inc'] >> 20} MiB;"
+                          f" first read {x['first_read_s'] * 1000:.0f} ms"
+                          f" ({'right' if x['first_read_ok'] else 'WRONG'})", flush=True)
+                else:
+                    x = restic_round(tmp, original, size, r)
+                    print(f"  round {r + 1} restic: full {x['full_s']:.2f} s, second {x['inc_s']:.2f} s;"
+                          f" repo {x['after_full'] >> 20} -> {x['after_inc'] >> 20} MiB", flush=True)
+                results[name].append(x)
+
+        def med(name, f):
+            values = [f(x) for x in results[name]]
+            return statistics.median(values), min(values), max(values)
+
+        def show(name, label, f, fmt):
+            m, lo, hi = med(name, f)
+            return f"{label} {fmt(m)} ({fmt(lo)}-{fmt(hi)})"
+
+        sec = lambda v: f"{v:.2f} s"
+        pct = lambda v: f"{100 * v:.2f}%"
+        us = lambda v: f"{v:.0f} us"
+        print(f"\n{size >> 20} MiB mixed disk, encrypted repositories, chunk size {args.chunk_size},"
+              f" {args.rounds} round(s); median (min-max)")
+        for name in results:
+            print(f"{name}: " + ", ".join([
+                show(name, "full", lambda x: x["full_s"], sec),
+                show(name, "incremental" if name == "stillpoint" else "second", lambda x: x["inc_s"], sec),
+                show(name, "time ratio", lambda x: x["inc_s"] / x["full_s"], pct),
+                show(name, "growth", lambda x: (x["after_inc"] - x["after_full"]) / x["after_full"], pct),
+            ]))
+        sp = "stillpoint"
+        print("stillpoint guest 4 KiB writes: " + ", ".join([
+            show(sp, "p99 alone", lambda x: x["alone"]["p99_us"], us),
+            show(sp, "during the backup into the repository", lambda x: x["repo_lat_p"]["p99_us"], us),
+            show(sp, "into a raw file", lambda x: x["raw_p"]["p99_us"], us),
+        ]))
+        print("stillpoint: " + ", ".join([
+            show(sp, "under the guest: backup into the repository", lambda x: x["repo_lat_s"], sec),
+            show(sp, "into a raw file", lambda x: x["raw_s"], sec),
+            show(sp, "incremental read", lambda x: x["inc_read"] / 2**20, lambda v: f"{v:.0f} MiB"),
+            show(sp, "instant restore first read", lambda x: x["first_read_s"] * 1000, lambda v: f"{v:.0f} ms"),
+        ]) + ("" if all(x["first_read_ok"] for x in results[sp]) else "  FIRST READ WRONG"))
+        m = lambda name, f: statistics.median(f(x) for x in results[name])
+        print(f"\ngoals: incremental / full time {pct(m(sp, lambda x: x['inc_s'] / x['full_s']))} (<= 5%),"
+              f" bytes {pct(m(sp, lambda x: (x['after_inc'] - x['after_full']) / x['after_full']))} (<= 5%);"
+              f" write p99 repository / raw file"
+              f" {m(sp, lambda x: x['repo_lat_p']['p99_us'] / x['raw_p']['p99_us']):.2f} (<= 1);"
+              f" first read {m(sp, lambda x: x['first_read_s']):.2f} s (< 1 s)")
+        print(f"stillpoint / restic: full {m(sp, lambda x: x['full_s']) / m('restic', lambda x: x['full_s']):.2f},"
+              f" incremental / restic's second {m(sp, lambda x: x['inc_s']) / m('restic', lambda x: x['inc_s']):.3f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
