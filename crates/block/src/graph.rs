@@ -411,6 +411,26 @@ impl NodeGraph {
         Ok(())
     }
 
+    /// Closes node `name` if the graph opened it implicitly (a backing file the header
+    /// named, an inline child) and nothing uses it any more, with its own implicit
+    /// children: what a parent that dropped its link (`block-stream`'s end) leaves.
+    /// Monitor-owned nodes stay.
+    pub async fn close_if_unused_implicit(&self, name: &str) {
+        let _reconfigure = self.reconfigure.lock().await;
+        let node = {
+            let mut state = self.state();
+            let Some(node) = state.nodes.get(name).cloned() else {
+                return;
+            };
+            if !node.implicit || state.first_user(&node).is_some() {
+                return;
+            }
+            state.nodes.remove(name);
+            node
+        };
+        self.close_tree(node).await;
+    }
+
     /// Closes a node already out of the map, then its implicit children that nobody
     /// else uses.
     async fn close_tree(&self, node: Arc<Node>) {

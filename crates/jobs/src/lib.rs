@@ -100,6 +100,7 @@ pub mod cluster_size;
 pub mod copy_before_write;
 pub mod job;
 pub mod ratelimit;
+pub mod stream;
 
 pub use backup::BackupOptions;
 pub use backup::BackupRequest;
@@ -113,3 +114,5 @@ pub use job::Job;
 pub use job::JobEvent;
 pub use job::JobRegistry;
 pub use job::JobStatus;
+pub use stream::StreamOptions;
+pub use stream::start_stream;

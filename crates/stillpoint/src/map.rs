@@ -142,7 +142,7 @@ pub fn layer_names(node: &Attachment) -> Vec<String> {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
         );
-        let Some(below) = current.backing().map(Attachment::node) else {
+        let Some(below) = current.backing().map(|b| b.node()) else {
             break;
         };
         current = below;

@@ -323,7 +323,7 @@ fn bitmap_state(q: &mut Qmp, node: &str, name: &str) -> Value {
 }
 
 fn nbd_write(q: &mut Qmp, dir: &Path, commands: &[&str]) {
-    nbd_write_to(q, dir, "src", commands)
+    nbd_write_to(q, dir, "src", commands);
 }
 
 /// Writes through a writable NBD export of `node`, as a guest would.
@@ -649,8 +649,9 @@ fn five_incremental_rounds_of_two_disks_restore_each_and_survive_forget_and_gc()
                     let offset = rng.below((size - CHUNK) / 4096) * 4096;
                     let pattern = 1 + rng.below(254);
                     commands.push(format!("write -P {pattern} {offset} 64k"));
+                    let last_byte = offset + CHUNK - 1;
                     touched.insert(offset / CHUNK);
-                    touched.insert((offset + CHUNK - 1) / CHUNK);
+                    touched.insert(last_byte / CHUNK);
                 }
                 let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
                 nbd_write_to(&mut q, dir.path(), &format!("src{i}"), &commands);

@@ -229,9 +229,19 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
 }
 
 /// A format whose unallocated ranges fall through to a backing node (qcow2).
+#[async_trait]
 pub trait BackingFile: Send + Sync {
+    /// `block-stream`: copies what the backing chain reads at `offset` into this image,
+    /// for the cluster there, unless the image has data of its own there (a guest write
+    /// that came first wins). Returns how many bytes from `offset` on that settled (at
+    /// least one, at most `len`).
+    async fn populate_from_backing(&self, offset: u64, len: u64) -> Result<u64>;
+
+    /// `block-stream`'s end: drops the backing link, in the image's header too.
+    async fn drop_backing(&self) -> Result<()>;
+
     /// The backing node, if any.
-    fn backing(&self) -> Option<&Attachment>;
+    fn backing(&self) -> Option<std::sync::Arc<Attachment>>;
 
     /// Takes `backing` as the backing node of an image opened without one
     /// (`blockdev-snapshot` of an overlay opened with `backing: null`); refused if it

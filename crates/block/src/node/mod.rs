@@ -405,7 +405,7 @@ impl Node {
     }
 
     /// The backing node reads of unallocated ranges fall through to (qcow2), if any.
-    pub fn backing(&self) -> Option<&Attachment> {
+    pub fn backing(&self) -> Option<std::sync::Arc<Attachment>> {
         self.driver.backing_file().and_then(|b| b.backing())
     }
 

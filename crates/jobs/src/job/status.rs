@@ -127,6 +127,8 @@ impl JobVerb {
 pub enum JobType {
     /// A backup job.
     Backup,
+    /// `block-stream`: a backing chain's data copied into the top image.
+    Stream,
     /// `blockdev-create`: formats an image; not a block job (no BLOCK_JOB_* events).
     Create,
 }
@@ -136,6 +138,7 @@ impl JobType {
     pub fn as_str(self) -> &'static str {
         match self {
             JobType::Backup => "backup",
+            JobType::Stream => "stream",
             JobType::Create => "create",
         }
     }
@@ -143,7 +146,7 @@ impl JobType {
     /// Whether it is a block job: listed by query-block-jobs, reported with
     /// BLOCK_JOB_COMPLETED / CANCELLED / PENDING events.
     pub fn is_block_job(self) -> bool {
-        matches!(self, JobType::Backup)
+        matches!(self, JobType::Backup | JobType::Stream)
     }
 }
 

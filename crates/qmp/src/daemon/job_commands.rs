@@ -135,6 +135,78 @@ pub(super) fn parse_backup(mut m: Members) -> Result<jobs::BackupRequest, QmpErr
     })
 }
 
+/// Parses `block-stream` arguments: QEMU's names; what Stillpoint cannot do yet is
+/// refused by name.
+fn parse_stream(mut m: Members) -> Result<(String, jobs::StreamOptions), QmpError> {
+    let device = m.required("device", Members::string)?;
+    let job_id = m.optional("job-id", Members::string)?.unwrap_or_default();
+    let base = m.optional("base", Members::string)?;
+    let base_node = m.optional("base-node", Members::string)?;
+    let bottom = m.optional("bottom", Members::string)?;
+    let backing_file = m.optional("backing-file", Members::string)?;
+    let _mask = m.optional("backing-mask-protocol", Members::boolean)?;
+    let speed = m.optional("speed", |m, k, v| match v.as_i64() {
+        Some(n) if n < 0 => Err(block::Error::invalid(
+            "Parameter 'speed' expects a non-negative value",
+        )),
+        Some(n) => Ok(n as u64),
+        None => Err(m.type_error(k, "integer")),
+    })?;
+    let on_error = m.optional("on-error", |m, k, v| {
+        Ok(
+            match m
+                .enumeration(k, v, &["report", "ignore", "enospc", "stop", "auto"])?
+                .as_str()
+            {
+                "ignore" => ErrorPolicy::Ignore,
+                "enospc" => ErrorPolicy::Enospc,
+                "stop" => ErrorPolicy::Stop,
+                "auto" => ErrorPolicy::Auto,
+                _ => ErrorPolicy::Report,
+            },
+        )
+    })?;
+    let filter_node_name = m.optional("filter-node-name", Members::string)?;
+    let auto_finalize = m
+        .optional("auto-finalize", Members::boolean)?
+        .unwrap_or(true);
+    let auto_dismiss = m
+        .optional("auto-dismiss", Members::boolean)?
+        .unwrap_or(true);
+    m.finish()?;
+    if base.is_some() && base_node.is_some() {
+        return Err(QmpError::generic(
+            "'base' and 'base-node' cannot be specified at the same time",
+        ));
+    }
+    if bottom.is_some() && (base.is_some() || base_node.is_some()) {
+        return Err(QmpError::generic(
+            "'bottom' and 'base' or 'base-node' cannot be specified at the same time",
+        ));
+    }
+    if filter_node_name.is_some() {
+        return Err(QmpError::generic(
+            "filter-node-name is not supported by stillpoint's block-stream yet",
+        ));
+    }
+    let options = jobs::StreamOptions {
+        job_id,
+        base_node,
+        base_file: base,
+        // `bottom` names the lowest node to copy from; the top itself means nothing
+        // to copy, as QEMU does (a job of length 0).
+        bottom,
+        backing_file,
+        on_error: on_error.unwrap_or_default(),
+        job: jobs::job::JobOptions {
+            auto_finalize,
+            auto_dismiss,
+            speed: speed.unwrap_or(0),
+        },
+    };
+    Ok((device, options))
+}
+
 pub(super) fn block_job_missing(id: &str) -> QmpError {
     QmpError {
         class: "DeviceNotActive",
@@ -185,6 +257,12 @@ impl Daemon {
             "block-job-finalize" => job.finalize()?,
             _ => job.dismiss()?,
         }
+        Ok(json!({}))
+    }
+
+    pub(crate) fn block_stream(&self, m: Members) -> Reply {
+        let (device, options) = parse_stream(m)?;
+        jobs::start_stream(&self.graph, &self.jobs, &device, options)?;
         Ok(json!({}))
     }
 

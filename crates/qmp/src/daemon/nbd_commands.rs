@@ -240,8 +240,8 @@ impl Daemon {
                         node = n
                             .driver()
                             .filtered_child()
-                            .or(n.backing())
-                            .map(|a| a.node());
+                            .map(|a| a.node())
+                            .or_else(|| n.backing().map(|a| a.node()));
                     }
                     found.ok_or_else(|| {
                         QmpError::generic(format!("Bitmap '{bname}' is not found"))

@@ -222,7 +222,7 @@ impl Qcow2Driver {
             &mut cluster0,
             self.header.header_length as usize,
             &extensions,
-            self.header.backing_file.as_deref(),
+            m.backing_file.as_deref(),
         )?;
         let autoclear = if new_dir.is_some() {
             header::AUTOCLEAR_BITMAPS

@@ -115,7 +115,7 @@ impl Qcow2Driver {
     /// Reads from the backing node, zeros past its end.
     pub(super) async fn read_backing(&self, offset: u64, len: usize) -> Result<IoBuf> {
         let mut out = IoBuf::zeroed(len);
-        if let Some(backing) = self.backing.get() {
+        if let Some(backing) = self.backing_link() {
             let blen = backing.length();
             let have = blen.saturating_sub(offset).min(len as u64) as usize;
             if have == len {
@@ -224,7 +224,26 @@ impl Qcow2Driver {
                 .await
         };
         drop(io);
+        self.finish_allocation(first, n, host, &olds, result, flags)
+            .await?;
+        Ok(covered)
+    }
 
+    /// Ends an allocating write of clusters `[first, first + n)` at `host` whose data
+    /// write ended with `result`: points their L2 entries at the new clusters (the old
+    /// ones freed), or on failure gives the new clusters back; then wakes the requests
+    /// that waited for them.
+    async fn finish_allocation(
+        &self,
+        first: u64,
+        n: u64,
+        host: u64,
+        olds: &[Cluster],
+        result: Result<()>,
+        flags: WriteFlags,
+    ) -> Result<()> {
+        let geo = self.geo;
+        let cs = geo.cluster_size;
         let mut m = self.meta.lock().await;
         for c in first..first + n {
             m.allocating.remove(&c);
@@ -266,8 +285,58 @@ impl Qcow2Driver {
         };
         drop(m);
         self.allocated.notify_waiters();
-        outcome?;
-        Ok(covered)
+        outcome
+    }
+
+    /// `block-stream`'s copy of one cluster: if the image has nothing of its own there
+    /// (unallocated), what the backing chain reads there is written into a new cluster.
+    /// The backing chain is read-only, so its data can be read before the check; the
+    /// check and the allocation happen under the metadata lock, after any allocation in
+    /// flight there settled, so a guest write that got there first wins and one that
+    /// comes later waits for the new cluster and then overwrites it. Where the chain
+    /// reads zeros nothing is written: once the backing link is dropped an unallocated
+    /// cluster reads zeros too. Returns whether it wrote.
+    pub(super) async fn populate_cluster(&self, cluster: u64) -> Result<bool> {
+        let geo = self.geo;
+        let cs = geo.cluster_size;
+        let start = cluster * cs;
+        let len = cs.min(geo.size - start) as usize;
+        {
+            let mut m = self.lock_settled(cluster, cluster).await;
+            self.check_open(&m)?;
+            if !matches!(self.cluster(&mut m, cluster).await?, Cluster::Unallocated) {
+                return Ok(false);
+            }
+        }
+        let data = self.read_backing(start, len).await?;
+        if data.iter().all(|&b| b == 0) {
+            return Ok(false);
+        }
+        let mut m = self.lock_settled(cluster, cluster).await;
+        self.check_open(&m)?;
+        if self.read_only {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                "the image is read-only: it cannot take its backing file's data",
+            ));
+        }
+        let old = self.cluster(&mut m, cluster).await?;
+        if !matches!(old, Cluster::Unallocated) {
+            return Ok(false);
+        }
+        self.ensure_l2(&mut m, cluster).await?;
+        let host = self.alloc_clusters(&mut m, 1).await?;
+        m.allocating.insert(cluster);
+        let io = self.gate.read().await;
+        drop(m);
+        let flags = WriteFlags::default();
+        let result = self
+            .fill_new_clusters(start, &data, cluster, 1, host, &[old], flags)
+            .await;
+        drop(io);
+        self.finish_allocation(cluster, 1, host, &[old], result, flags)
+            .await?;
+        Ok(true)
     }
 
     /// Writes the clusters `[first, first + n)` at `host`: the request's bytes, with
@@ -403,7 +472,7 @@ impl Qcow2Driver {
                     // An unallocated cluster reads as zeros only while no backing file
                     // is set; a zero cluster stays zeros under a later rebase (QEMU
                     // marks it too). A discard may leave it unallocated.
-                    Cluster::Unallocated if self.backing.get().is_none() && discard => continue,
+                    Cluster::Unallocated if self.backing_link().is_none() && discard => continue,
                     Cluster::Zero { host: None } => continue,
                     Cluster::Zero { host: Some(_) } if !unmap && !discard => continue,
                     Cluster::Data { host, copied: true } if !unmap && !discard => {
@@ -433,7 +502,7 @@ impl Qcow2Driver {
         Ok(run.len >= len
             && match run.kind {
                 Cluster::Zero { .. } => true,
-                Cluster::Unallocated => self.backing.get().is_none(),
+                Cluster::Unallocated => self.backing_link().is_none(),
                 _ => false,
             })
     }

@@ -64,6 +64,8 @@ pub(super) struct Meta {
     pub(super) bitmap_dir: Option<(u64, u64, Vec<bitmaps::Entry>, Vec<u64>)>,
     /// The header extensions as on disk (the bitmaps one changes on close).
     pub(super) extensions: Vec<(u32, Vec<u8>)>,
+    /// The backing file name in the header (`block-stream` removes it).
+    pub(super) backing_file: Option<String>,
     /// The dirty bit is set on disk by us.
     pub(super) dirty_bit: bool,
     /// The last metadata flush failed part-way: the next one rewrites every cached

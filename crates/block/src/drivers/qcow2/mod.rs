@@ -111,9 +111,11 @@ pub const MAX_CHAIN_DEPTH: usize = 32;
 /// A qcow2 node over a `file` child, with an optional backing node.
 pub struct Qcow2Driver {
     file: Attachment,
-    /// The backing node: set at open, or once later (`blockdev-snapshot` of an overlay
-    /// opened with `backing: null`).
-    backing: std::sync::OnceLock<Attachment>,
+    /// The backing node: set at open, or later (`blockdev-snapshot` of an overlay
+    /// opened with `backing: null`), and dropped by `block-stream` once the image holds
+    /// everything. Requests clone the `Arc`, so one in flight when the link is dropped
+    /// finishes on the node it started on.
+    backing: std::sync::RwLock<Option<std::sync::Arc<Attachment>>>,
     header: Header,
     geo: Geometry,
     read_only: bool,
@@ -292,6 +294,7 @@ impl Qcow2Driver {
             compressed_tail: None,
             bitmap_dir: None,
             extensions: header.extensions.clone(),
+            backing_file: header.backing_file.clone(),
             dirty_bit: false,
             flush_failed: false,
             preallocated: None,
@@ -299,7 +302,7 @@ impl Qcow2Driver {
         };
         let driver = Self {
             file,
-            backing: backing.map(std::sync::OnceLock::from).unwrap_or_default(),
+            backing: std::sync::RwLock::new(backing.map(std::sync::Arc::new)),
             header,
             geo,
             read_only,
@@ -486,7 +489,7 @@ impl BlockDriver for Qcow2Driver {
         }
         let cs = self.geo.cluster_size;
         let end = offset + len;
-        if !self.geo.v3 && self.backing.get().is_some() {
+        if !self.geo.v3 && self.backing_link().is_some() {
             // Version 2 cannot mark zeros over a backing file.
             return crate::node::driver::write_zeroes_by_writing(self, offset, len, flags).await;
         }
@@ -609,7 +612,7 @@ impl BlockDriver for Qcow2Driver {
             },
             Cluster::Unallocated => {
                 // Zeros unless a backing node supplies something there.
-                let zero = match self.backing.get() {
+                let zero = match self.backing_link() {
                     None => true,
                     Some(b) => {
                         let blen = b.length();
@@ -642,15 +645,85 @@ impl BlockDriver for Qcow2Driver {
     }
 }
 
+impl Qcow2Driver {
+    /// The backing node now, if any (a clone of the link, so a request keeps using it
+    /// even if `block-stream` drops the link meanwhile).
+    pub(super) fn backing_link(&self) -> Option<std::sync::Arc<Attachment>> {
+        self.backing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Qcow2Driver {
+    /// `block-stream`'s end: the image holds everything its backing chain supplied, so
+    /// the header stops naming a backing file and the link goes. Metadata is flushed
+    /// and synced first: a header without a backing name over L2 entries not yet on
+    /// disk would read zeros where the streamed data is.
+    async fn unlink_backing(&self) -> Result<()> {
+        let mut m = self.meta.lock().await;
+        self.check_open(&m)?;
+        if self.read_only {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                "the image is read-only: its backing file link cannot be removed",
+            ));
+        }
+        self.flush_meta(&mut m).await?;
+        self.sync_file().await?;
+        if m.backing_file.is_some() {
+            let extensions: Vec<(u32, Vec<u8>)> = m
+                .extensions
+                .iter()
+                .filter(|(kind, _)| *kind != header::EXT_BACKING_FORMAT)
+                .cloned()
+                .collect();
+            let cs = self.geo.cluster_size as usize;
+            let mut cluster0 = self.file.read(0, IoBuf::zeroed(cs)).await?.to_vec();
+            header::rewrite_extensions(
+                &mut cluster0,
+                self.header.header_length as usize,
+                &extensions,
+                None,
+            )?;
+            // No backing file: offset and length zero.
+            cluster0[8..20].fill(0);
+            self.write_file(0, IoBuf::from_slice(&cluster0), WriteFlags::default())
+                .await?;
+            self.sync_file().await?;
+            m.extensions = extensions;
+            m.backing_file = None;
+        }
+        *self.backing.write().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(())
+    }
+}
+
+#[async_trait]
 impl BackingFile for Qcow2Driver {
-    fn backing(&self) -> Option<&Attachment> {
-        self.backing.get()
+    async fn populate_from_backing(&self, offset: u64, len: u64) -> Result<u64> {
+        let cs = self.geo.cluster_size;
+        let cluster = offset / cs;
+        self.populate_cluster(cluster).await?;
+        Ok(((cluster + 1) * cs).min(self.geo.size).min(offset + len) - offset)
+    }
+
+    async fn drop_backing(&self) -> Result<()> {
+        self.unlink_backing().await
+    }
+
+    fn backing(&self) -> Option<std::sync::Arc<Attachment>> {
+        self.backing_link()
     }
 
     fn set_backing(&self, backing: Attachment) -> Result<()> {
-        self.backing
-            .set(backing)
-            .map_err(|_| Error::invalid("The overlay already has a backing image"))
+        let mut link = self.backing.write().unwrap_or_else(|e| e.into_inner());
+        if link.is_some() {
+            return Err(Error::invalid("The overlay already has a backing image"));
+        }
+        *link = Some(std::sync::Arc::new(backing));
+        Ok(())
     }
 }
 
