@@ -1,0 +1,191 @@
+//! `block-stream` under guest writes: a qcow2 image over a seeded raw backing file is
+//! streamed while two writers write and zero random, unaligned ranges of it (one in
+//! each half, so the final content is defined). Afterwards the image reads exactly the
+//! backing data under every write, its backing link and header name are gone, and a
+//! fresh open of the file alone reads the same.
+//!
+//! Each seed picks the size, the cluster size (4 KiB to 64 KiB) and the speed.
+//! `STILLPOINT_SEEDS=N` / `STILLPOINT_SEED=S` as in the backup invariant test.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+
+use block::AttachUser;
+use block::IoBuf;
+use block::NodeGraph;
+use block::WriteFlags;
+use block::ZeroFlags;
+use block::drivers::qcow2;
+use common::Rng;
+use common::events_until;
+use common::first_difference;
+use common::options;
+use common::seeded_source;
+use jobs::JobEvent;
+use jobs::JobRegistry;
+use jobs::JobStatus;
+use jobs::StreamOptions;
+use jobs::start_stream;
+use serde_json::json;
+
+async fn read_all(graph: &NodeGraph, node: &str, size: u64) -> Vec<u8> {
+    let reader = graph
+        .attach(node, AttachUser::Other("test reader".into()))
+        .unwrap();
+    let mut out = Vec::with_capacity(size as usize);
+    let mut at = 0;
+    while at < size {
+        let len = (1 << 20).min(size - at);
+        let buf = reader
+            .read(at, IoBuf::zeroed(len as usize))
+            .await
+            .unwrap();
+        out.extend_from_slice(&buf);
+        at += len;
+    }
+    out
+}
+
+async fn run_seed(seed: u64) {
+    let mut rng = Rng(seed ^ 0x57_4ea3);
+    let size = (1 << 20) + 4096 * rng.below(256);
+    let cluster_bits = 12 + rng.below(5) as u32;
+    let speed = if rng.below(2) == 0 {
+        0
+    } else {
+        (4 << 20) + rng.below(8 << 20)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    seeded_source(&base, size, &mut rng);
+    let top = dir.path().join("top.qcow2");
+    qcow2::create_file(
+        &top,
+        &qcow2::header::CreateOptions {
+            size,
+            cluster_bits,
+            backing_file: Some(base.display().to_string()),
+            backing_format: Some("raw".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let graph = Arc::new(NodeGraph::new());
+    graph
+        .add(options(json!({"driver":"qcow2","node-name":"top",
+            "file":{"driver":"file","filename":top}})))
+        .await
+        .unwrap();
+    let model = Arc::new(Mutex::new(std::fs::read(&base).unwrap()));
+    model.lock().unwrap().resize(size as usize, 0);
+
+    let registry = JobRegistry::new();
+    let mut events = registry.subscribe();
+    let mut stream = StreamOptions {
+        job_id: "s".into(),
+        ..Default::default()
+    };
+    stream.job.speed = speed;
+    start_stream(&graph, &registry, "top", stream).unwrap();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for half in 0..2u64 {
+        let guest = graph
+            .attach("top", AttachUser::Other(format!("writer {half}")))
+            .unwrap();
+        let model = model.clone();
+        let done = done.clone();
+        let mut rng = Rng(seed * 2 + half + 1);
+        let (from, to) = (half * size / 2, (half + 1) * size / 2);
+        writers.push(tokio::spawn(async move {
+            let mut n = 0;
+            // Until the job ends, and a few after.
+            let mut after = 0;
+            while after < 8 {
+                if done.load(Ordering::Relaxed) {
+                    after += 1;
+                }
+                let longest = if rng.below(2) == 0 { 16 << 10 } else { 128 << 10 };
+                let len = 1 + rng.below(longest);
+                let len = len.min(to - from);
+                let at = from + rng.below(to - from - len + 1);
+                if rng.below(5) == 0 {
+                    guest
+                        .write_zeroes(at, len, ZeroFlags::default())
+                        .await
+                        .unwrap();
+                    model.lock().unwrap()[at as usize..(at + len) as usize].fill(0);
+                } else {
+                    let data = rng.bytes(len as usize);
+                    guest
+                        .write(at, IoBuf::from_slice(&data), WriteFlags::default())
+                        .await
+                        .unwrap();
+                    model.lock().unwrap()[at as usize..(at + len) as usize]
+                        .copy_from_slice(&data);
+                }
+                n += 1;
+                tokio::task::yield_now().await;
+            }
+            n
+        }));
+    }
+    let seen = events_until(&mut events, "s", JobStatus::Concluded).await;
+    done.store(true, Ordering::Relaxed);
+    let mut writes = 0;
+    for w in writers {
+        writes += w.await.unwrap();
+    }
+    let completed = seen
+        .iter()
+        .find_map(|e| match e {
+            JobEvent::Completed { error, len, .. } => Some((error.clone(), *len)),
+            _ => None,
+        })
+        .expect("BLOCK_JOB_COMPLETED");
+    assert_eq!(completed, (None, size), "seed {seed}");
+    let node = graph.node("top").unwrap();
+    assert!(node.backing().is_none(), "seed {seed}: still linked");
+
+    let expect = model.lock().unwrap().clone();
+    let got = read_all(&graph, "top", size).await;
+    assert!(
+        got == expect,
+        "seed {seed} ({writes} writes, clusters {}): differs at {:?}",
+        1u64 << cluster_bits,
+        first_difference(&got, &expect)
+    );
+    drop(node);
+    graph.close_all().await.unwrap();
+
+    // The file alone: no backing name, same content.
+    let header = qcow2::read_file_header(&top).unwrap().unwrap();
+    assert_eq!(header.backing_file, None, "seed {seed}");
+    assert_eq!(header.backing_format, None, "seed {seed}");
+    std::fs::remove_file(&base).unwrap();
+    let fresh = NodeGraph::new();
+    fresh
+        .add(options(json!({"driver":"qcow2","node-name":"alone",
+            "file":{"driver":"file","filename":top}})))
+        .await
+        .unwrap();
+    let again = read_all(&fresh, "alone", size).await;
+    assert!(
+        again == expect,
+        "seed {seed}: reopened differs at {:?}",
+        first_difference(&again, &expect)
+    );
+    fresh.close_all().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_under_guest_writes_leaves_the_image_standing_alone_with_every_write() {
+    for seed in common::seeds(12) {
+        run_seed(seed).await;
+    }
+}
