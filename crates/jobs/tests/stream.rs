@@ -40,10 +40,7 @@ async fn read_all(graph: &NodeGraph, node: &str, size: u64) -> Vec<u8> {
     let mut at = 0;
     while at < size {
         let len = (1 << 20).min(size - at);
-        let buf = reader
-            .read(at, IoBuf::zeroed(len as usize))
-            .await
-            .unwrap();
+        let buf = reader.read(at, IoBuf::zeroed(len as usize)).await.unwrap();
         out.extend_from_slice(&buf);
         at += len;
     }
@@ -110,7 +107,11 @@ async fn run_seed(seed: u64) {
                 if done.load(Ordering::Relaxed) {
                     after += 1;
                 }
-                let longest = if rng.below(2) == 0 { 16 << 10 } else { 128 << 10 };
+                let longest = if rng.below(2) == 0 {
+                    16 << 10
+                } else {
+                    128 << 10
+                };
                 let len = 1 + rng.below(longest);
                 let len = len.min(to - from);
                 let at = from + rng.below(to - from - len + 1);
@@ -126,8 +127,7 @@ async fn run_seed(seed: u64) {
                         .write(at, IoBuf::from_slice(&data), WriteFlags::default())
                         .await
                         .unwrap();
-                    model.lock().unwrap()[at as usize..(at + len) as usize]
-                        .copy_from_slice(&data);
+                    model.lock().unwrap()[at as usize..(at + len) as usize].copy_from_slice(&data);
                 }
                 n += 1;
                 tokio::task::yield_now().await;

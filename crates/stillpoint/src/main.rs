@@ -14,6 +14,7 @@ mod daemon_cmd;
 mod demo;
 mod image;
 mod info;
+mod live_restore;
 mod map;
 mod nbd_cmd;
 mod repo_cmd;
@@ -278,6 +279,22 @@ enum Command {
         /// the STILLPOINT_PASSPHRASE environment variable).
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
+        /// With --repo: make OUTPUT a qcow2 image usable at once, served over NBD on
+        /// --socket while the snapshot streams into it (rerun to resume an interrupted
+        /// one); it stands alone when the stream ends, and serving goes on until
+        /// SIGINT/SIGTERM.
+        #[arg(long, requires_all = ["repo", "socket"])]
+        live: bool,
+        /// With --live: the UNIX socket to serve the restoring disk on.
+        #[arg(long, requires = "live")]
+        socket: Option<PathBuf>,
+        /// With --live: the NBD export name.
+        #[arg(long, requires = "live", default_value = "")]
+        name: String,
+        /// With --live: limit the stream to this many bytes per second (the guest's
+        /// own reads and writes are not limited).
+        #[arg(long, requires = "live")]
+        speed: Option<String>,
     },
     /// The backup repository: create, list, prune, collect garbage, stats, verify.
     Repo {
@@ -616,6 +633,36 @@ async fn run(command: Command) -> anyhow::Result<()> {
             target_format,
             repo: Some(repo),
             passphrase_file,
+            live: true,
+            socket: Some(socket),
+            name,
+            speed,
+        } => {
+            if target_format == Some(Format::Raw) {
+                bail!("a live restore writes a qcow2 image (its backing is the snapshot)");
+            }
+            let speed = match speed {
+                Some(s) => size::parse_size(&s).context("invalid --speed")?,
+                None => 0,
+            };
+            live_restore::run(live_restore::LiveRestore {
+                repo: &repo,
+                pass_file: passphrase_file.as_deref(),
+                snapshot: &chain_top.to_string_lossy(),
+                target: &output,
+                listen: SocketAddress::Unix(socket),
+                name,
+                speed,
+            })
+            .await
+        }
+        Command::Restore {
+            chain_top,
+            output,
+            target_format,
+            repo: Some(repo),
+            passphrase_file,
+            ..
         } => {
             repo_cmd::restore(
                 &repo,
@@ -709,6 +756,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             target_format,
             repo: None,
             passphrase_file: _,
+            ..
         } => {
             // The input is a qcow2 backup chain by definition of the command, so its
             // format is given, not probed, and its backing files are followed.

@@ -104,20 +104,45 @@ async fn serve(
     writable: bool,
     limits: nbd::ServerLimits,
 ) -> anyhow::Result<()> {
-    let disk = graph.attach("disk", AttachUser::Other(format!("NBD export '{name}'")))?;
     let flusher = graph.attach("disk", AttachUser::Other("nbd command".into()))?;
+    let (serving, where_) = listen_and_serve(graph, &listen, &name, writable, limits).await?;
+    eprintln!(
+        "stillpoint: serving '{what}' as NBD export '{name}' ({}) on {where_}",
+        if writable { "writable" } else { "read-only" }
+    );
+    interrupts.recv().await;
+    stop_serving(serving, &listen);
+    flusher.flush().await.context("failed to flush the image")?;
+    // Closing writes a qcow2 image's metadata and clears its dirty bit.
+    graph
+        .close_all()
+        .await
+        .context("failed to close the image")?;
+    eprintln!("stillpoint: NBD server stopped, image flushed");
+    Ok(())
+}
+
+/// Exports node "disk" of `graph` as `name` and serves it on `listen` (a task);
+/// returns the task and where it listens, as "unix:PATH" or "tcp:HOST:PORT".
+pub async fn listen_and_serve(
+    graph: &NodeGraph,
+    listen: &SocketAddress,
+    name: &str,
+    writable: bool,
+    limits: nbd::ServerLimits,
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, String)> {
+    let disk = graph.attach("disk", AttachUser::Other(format!("NBD export '{name}'")))?;
     let server = NbdServer::with_limits(limits);
     server
         .add_export(Export {
-            name: name.clone(),
+            name: name.to_string(),
             description: String::new(),
             disk,
             writable,
             bitmaps: Vec::new(),
         })
         .map_err(anyhow::Error::msg)?;
-
-    let (serving, where_) = match &listen {
+    Ok(match listen {
         SocketAddress::Unix(path) => {
             let listener = nbd::listener::bind_unix(path, nbd::listener::NBD_SOCKET_MODE)
                 .with_context(|| format!("cannot listen on '{}'", path.display()))?;
@@ -133,22 +158,13 @@ async fn serve(
             let task = tokio::spawn(server.clone().serve_tcp(listener));
             (task, format!("tcp:{bound}"))
         }
-    };
-    eprintln!(
-        "stillpoint: serving '{what}' as NBD export '{name}' ({}) on {where_}",
-        if writable { "writable" } else { "read-only" }
-    );
-    interrupts.recv().await;
+    })
+}
+
+/// Stops a server [`listen_and_serve`] started and removes its UNIX socket.
+pub fn stop_serving(serving: tokio::task::JoinHandle<()>, listen: &SocketAddress) {
     serving.abort();
-    if let SocketAddress::Unix(path) = &listen {
+    if let SocketAddress::Unix(path) = listen {
         std::fs::remove_file(path).ok();
     }
-    flusher.flush().await.context("failed to flush the image")?;
-    // Closing writes a qcow2 image's metadata and clears its dirty bit.
-    graph
-        .close_all()
-        .await
-        .context("failed to close the image")?;
-    eprintln!("stillpoint: NBD server stopped, image flushed");
-    Ok(())
 }
