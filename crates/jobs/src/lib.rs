@@ -14,6 +14,8 @@
 //!   for backups and standalone (fleecing); [`cluster_size`]: the copy granularity both
 //!   use.
 //! * [`backup`]: the backup job (sync modes, bitmaps, completion), built from the above.
+//! * [`stream`]: the stream job (`block-stream`): a qcow2 image's backing chain copied
+//!   into it while it is in use, then the link dropped (live restore is built on it).
 //!
 //! # The invariant
 //!
