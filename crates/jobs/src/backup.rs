@@ -442,6 +442,7 @@ async fn prepare_backup(
     }
     check_min_cluster_size(min_cluster).map_err(JobError::generic)?;
     let target_cluster = u64::from(target_node.limits().cluster_size.unwrap_or(0));
+    let assembles = target_node.driver().assembles_clusters();
     let cluster = copy_cluster_size(target_node.limits(), min_cluster);
     if options.max_chunk != 0 && options.max_chunk < cluster {
         return Err(JobError::generic(format!(
@@ -488,14 +489,26 @@ async fn prepare_backup(
         unallocated_may_stay_sparse: options.sync == SyncMode::Full,
         on_cbw_error: options.on_cbw_error,
         compress: options.compress,
-        sparse_block: target_cluster.max(4096),
+        // A target that assembles its clusters takes 4 KiB pieces of them.
+        sparse_block: if assembles {
+            4096
+        } else {
+            target_cluster.max(4096)
+        },
         standalone: false,
         cbw_timeout: None,
         // Fragments need a background pass that copies every dirty cluster (not none,
         // not top) and a target that takes sub-cluster writes as they are.
         partial_cbw: matches!(options.sync, SyncMode::Full | SyncMode::Bitmap)
             && !options.compress
-            && target_cluster.max(4096) < cluster,
+            && (target_cluster.max(4096) < cluster || assembles),
+        // An assembling target keeps the fragments of each cluster in memory until the
+        // cluster is copied whole, so their bytes are bounded; a file keeps them.
+        max_fragment_bytes: if assembles {
+            crate::block_copy::ASSEMBLED_FRAGMENT_BYTES
+        } else {
+            u64::MAX
+        },
         // A held write waits for its cluster's copy: only where the background pass
         // copies every cluster it must (not sync=none).
         redirect_writes: options.sync != SyncMode::None,

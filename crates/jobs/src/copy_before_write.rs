@@ -103,6 +103,7 @@ pub fn standalone(
             .then(|| std::time::Duration::from_secs(options.cbw_timeout)),
         // Snapshot reads would have to merge fragments: whole clusters only.
         partial_cbw: false,
+        max_fragment_bytes: u64::MAX,
         // No background pass copies the clusters: a held write would wait for ever.
         redirect_writes: false,
     };

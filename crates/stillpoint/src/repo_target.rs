@@ -4,8 +4,14 @@
 //! read-only, see [`crate::repo_node`]).
 //!
 //! The backup's copy cluster is the repository's chunk size (the node reports it as its
-//! cluster), so every write is whole chunks, or zeros over whole chunks. Writes are
-//! handed to a feeder thread that owns the repository's snapshot writer (its worker
+//! cluster), so most writes are whole chunks, or zeros over whole chunks. Some come in
+//! parts: a guest write into a chunk not copied yet saves only its own 4 KiB blocks of
+//! old data (a fragment; reading the whole 256 KiB chunk first was the main cost of a
+//! guest write during the backup), the background copies the rest around it, and zero
+//! runs inside a chunk come as zeros. The node keeps the parts of such a chunk until
+//! they cover it, each byte once, then stores it whole (`Partial`); the engine bounds
+//! the fragments it lets wait (`ASSEMBLED_FRAGMENT_BYTES`). Writes are handed to a
+//! feeder thread that owns the repository's snapshot writer (its worker
 //! threads hash, compress and seal; its packer stores packs): the async side never
 //! blocks a runtime thread, and waits only when the writer's queues are full. A write
 //! therefore completes before its chunk is durable: nothing is durable before the
@@ -16,7 +22,12 @@
 //! Chunks never written by the time of the commit are the parent snapshot's (an
 //! incremental backup copies only what its bitmap marks); a node without a parent of
 //! the disk's size refuses to commit with chunks missing, rather than making a snapshot
-//! with holes nobody wrote.
+//! with holes nobody wrote. A chunk still in parts at the commit fails it: taking the
+//! parent's chunk there would mix old and new bytes.
+//!
+//! The feeder and the writer's threads run at a lower CPU priority (nice 10): on a
+//! machine with few cores, hashing, compressing and sealing at full speed took the CPU
+//! from the threads serving the guest (`bench/RESULTS.md`, issue 16).
 
 use std::path::Path;
 use std::path::PathBuf;
@@ -73,8 +84,10 @@ fn repo_error(dir: &Path, e: impl std::fmt::Display) -> Error {
 /// the blocking pool) and the node the options ask for.
 fn open_node(options: &RepositoryOptions) -> Result<Box<dyn BlockDriver>> {
     let dir = &options.repository;
-    let repo = crate::repo_cmd::open(dir, options.passphrase_file.as_deref())
+    let mut repo = crate::repo_cmd::open(dir, options.passphrase_file.as_deref())
         .map_err(|e| Error::invalid(format!("{e:#}")))?;
+    // A live backup's hashing, compression and sealing give way to the guest.
+    repo.set_background(true);
     let repo = Arc::new(repo);
     match &options.role {
         RepositoryRole::Read { snapshot } => {
@@ -158,7 +171,35 @@ enum Stage {
 struct Progress {
     /// Chunks written (data or zeros), by position.
     given: Vec<bool>,
+    /// Chunks written in parts so far, until they are whole (see [`Partial`]).
+    partial: std::collections::HashMap<u64, Partial>,
     stage: Stage,
+}
+
+/// A chunk written in parts: the guest's blocks a copy-before-write saved (a fragment),
+/// the rest around them, zero runs inside it. Each part once; the chunk goes to the
+/// writer when they cover it.
+#[derive(Default)]
+struct Partial {
+    /// (offset in the chunk, length, data or `None` for zeros), in arrival order.
+    pieces: Vec<(u64, u64, Option<IoBuf>)>,
+    covered: u64,
+}
+
+impl Partial {
+    /// The chunk's bytes, or `None` when every piece is zeros.
+    fn assemble(self, len: u64) -> Option<IoBuf> {
+        if self.pieces.iter().all(|(_, _, data)| data.is_none()) {
+            return None;
+        }
+        let mut out = IoBuf::zeroed(len as usize);
+        for (at, n, data) in self.pieces {
+            if let Some(data) = data {
+                out[at as usize..(at + n) as usize].copy_from_slice(&data);
+            }
+        }
+        Some(out)
+    }
 }
 
 /// A new snapshot of one disk, written by one backup.
@@ -202,6 +243,7 @@ impl SnapshotTarget {
         let chunks = size.div_ceil(chunk_size) as usize;
         let progress = Arc::new(Mutex::new(Progress {
             given: vec![false; chunks],
+            partial: std::collections::HashMap::new(),
             stage: Stage::Writing,
         }));
         // A few requests queued: the writer's own queues hold the rest.
@@ -210,7 +252,10 @@ impl SnapshotTarget {
             let progress = progress.clone();
             std::thread::Builder::new()
                 .name("repo-target".into())
-                .spawn(move || feed_writer(writer, queue, &progress))
+                .spawn(move || {
+                    let _ = repo::repository::writer::lower_thread_priority();
+                    feed_writer(writer, queue, &progress);
+                })
                 .map_err(|e| Error::new(ErrorKind::Io, format!("cannot start a thread: {e}")))?
         };
         Ok(Self {
@@ -230,35 +275,29 @@ impl SnapshotTarget {
         self.progress.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The chunks `offset..offset+len` covers, which must be whole (the last one may
-    /// end at the disk's end), not written before; marks them written.
-    fn claim(&self, op: &str, offset: u64, len: u64) -> Result<(u64, u64)> {
-        block::node::driver::check_request(op, offset, len, self.size)?;
-        let end = offset + len;
-        if len == 0
-            || !offset.is_multiple_of(self.chunk_size)
-            || (!end.is_multiple_of(self.chunk_size) && end != self.size)
-        {
-            return Err(Error::invalid(format!(
-                "the repository node takes whole chunks of {} bytes: {op} of {len} bytes at \
-                 {offset} is not",
-                self.chunk_size
-            )));
+    /// Whether writes are still taken.
+    fn check_writing(progress: &Progress) -> Result<()> {
+        match &progress.stage {
+            Stage::Writing => Ok(()),
+            Stage::Committed(id) => Err(Error::invalid(format!(
+                "snapshot {id} is committed: a new backup needs a new repository node"
+            ))),
+            Stage::Failed(why) => Err(Error::new(ErrorKind::Io, why.clone())),
         }
+    }
+
+    /// The length of chunk `index` (the last one may be short).
+    fn chunk_len(&self, index: u64) -> u64 {
+        self.chunk_size.min(self.size - index * self.chunk_size)
+    }
+
+    /// The whole chunks `offset..offset+len` covers (the last one may end at the
+    /// disk's end), not written before; marks them written.
+    fn claim(&self, offset: u64, len: u64) -> Result<(u64, u64)> {
         let first = offset / self.chunk_size;
         let count = len.div_ceil(self.chunk_size);
         let mut progress = self.progress();
-        match &progress.stage {
-            Stage::Writing => {}
-            Stage::Committed(id) => {
-                return Err(Error::invalid(format!(
-                    "snapshot {id} is committed: a new backup needs a new repository node"
-                )));
-            }
-            Stage::Failed(why) => {
-                return Err(Error::new(ErrorKind::Io, why.clone()));
-            }
-        }
+        Self::check_writing(&progress)?;
         let range = first as usize..(first + count) as usize;
         if let Some(n) = progress.given[range.clone()].iter().position(|&g| g) {
             return Err(Error::invalid(format!(
@@ -266,8 +305,115 @@ impl SnapshotTarget {
                 first as usize + n
             )));
         }
+        if let Some(n) = (first..first + count).find(|i| progress.partial.contains_key(i)) {
+            return Err(Error::invalid(format!(
+                "chunk {n} of the snapshot was written in part already"
+            )));
+        }
         progress.given[range].fill(true);
         Ok((first, count))
+    }
+
+    /// Takes a part of chunk `index`: `len` bytes at `at` inside it, `data` or zeros.
+    /// Returns the chunk when this part completes it (its bytes, or `None` for zeros).
+    fn add_part(
+        &self,
+        index: u64,
+        at: u64,
+        len: u64,
+        data: Option<IoBuf>,
+    ) -> Result<Option<Option<IoBuf>>> {
+        let chunk_len = self.chunk_len(index);
+        let mut progress = self.progress();
+        Self::check_writing(&progress)?;
+        if progress.given[index as usize] {
+            return Err(Error::invalid(format!(
+                "chunk {index} of the snapshot was written already"
+            )));
+        }
+        let partial = progress.partial.entry(index).or_default();
+        if let Some(&(s, n, _)) = partial
+            .pieces
+            .iter()
+            .find(|&&(s, n, _)| s < at + len && at < s + n)
+        {
+            return Err(Error::invalid(format!(
+                "bytes {}..{} of chunk {index} were written already",
+                s.max(at),
+                (s + n).min(at + len)
+            )));
+        }
+        partial.pieces.push((at, len, data));
+        partial.covered += len;
+        if partial.covered < chunk_len {
+            return Ok(None);
+        }
+        let whole = progress.partial.remove(&index).expect("just added");
+        progress.given[index as usize] = true;
+        drop(progress);
+        Ok(Some(whole.assemble(chunk_len)))
+    }
+
+    /// Takes `len` bytes at `offset` (`data`, or zeros when `None`): whole chunks go
+    /// to the writer as they are, parts of chunks wait in [`Partial`] until whole.
+    async fn take(&self, op: &str, offset: u64, len: u64, data: Option<&IoBuf>) -> Result<()> {
+        block::node::driver::check_request(op, offset, len, self.size)?;
+        if len == 0 {
+            return Err(Error::invalid(format!("{op} of 0 bytes")));
+        }
+        let end = offset + len;
+        let cs = self.chunk_size;
+        // The whole chunks in the middle, [whole_start, whole_end).
+        let whole_start = offset.div_ceil(cs) * cs;
+        let whole_end = if end == self.size { end } else { end / cs * cs };
+        let slice = |from: u64, to: u64| -> Option<IoBuf> {
+            data.map(|d| {
+                if from == offset && to == end {
+                    d.clone() // shares the memory
+                } else {
+                    IoBuf::from_slice(&d[(from - offset) as usize..(to - offset) as usize])
+                }
+            })
+        };
+        let mut parts = Vec::new();
+        if whole_start < whole_end {
+            if offset < whole_start {
+                parts.push((offset, whole_start));
+            }
+            let (first, count) = self.claim(whole_start, whole_end - whole_start)?;
+            let feed = match slice(whole_start, whole_end) {
+                Some(data) => Feed::Data { first, data },
+                None => Feed::Zeros { first, count },
+            };
+            self.send(feed).await?;
+            if whole_end < end {
+                parts.push((whole_end, end));
+            }
+        } else {
+            // Inside one chunk, or across one chunk boundary.
+            let mut at = offset;
+            while at < end {
+                let next = ((at / cs + 1) * cs).min(end);
+                parts.push((at, next));
+                at = next;
+            }
+        }
+        for (from, to) in parts {
+            let index = from / cs;
+            let done = self.add_part(index, from - index * cs, to - from, slice(from, to))?;
+            match done {
+                None => {}
+                Some(Some(data)) => self.send(Feed::Data { first: index, data }).await?,
+                Some(None) => {
+                    self.send(Feed::Zeros {
+                        first: index,
+                        count: 1,
+                    })
+                    .await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn send(&self, feed: Feed) -> Result<()> {
@@ -366,19 +512,17 @@ impl BlockDriver for SnapshotTarget {
     }
 
     async fn write(&self, offset: u64, buf: IoBuf, _flags: WriteFlags) -> Result<IoBuf> {
-        let (first, _) = self.claim("write", offset, buf.len() as u64)?;
-        // The clone shares the memory (copy on write): the caller keeps its buffer.
-        self.send(Feed::Data {
-            first,
-            data: buf.clone(),
-        })
-        .await?;
+        self.take("write", offset, buf.len() as u64, Some(&buf))
+            .await?;
         Ok(buf)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
-        let (first, count) = self.claim("write zeroes", offset, len)?;
-        self.send(Feed::Zeros { first, count }).await
+        self.take("write zeroes", offset, len, None).await
+    }
+
+    fn assembles_clusters(&self) -> bool {
+        true
     }
 
     fn commits_backups(&self) -> bool {
@@ -410,6 +554,21 @@ impl BlockDriver for SnapshotTarget {
                     }
                     _ => self.failure(),
                 });
+            }
+            // A chunk written in part is a bug above (the backup copies every cluster
+            // whole, in one piece or around its fragments), never something to fill
+            // from the parent: that would keep the parent's bytes beside the new ones.
+            if let Some((index, partial)) = progress.partial.iter().min_by_key(|(i, _)| **i) {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "chunk {index} was written only in part ({} of {} bytes, {} more \
+                         chunks in part): the snapshot is not committed",
+                        partial.covered,
+                        self.chunk_len(*index),
+                        progress.partial.len() - 1
+                    ),
+                ));
             }
             let mut runs: Vec<(u64, u64)> = Vec::new();
             for (i, &given) in progress.given.iter().enumerate() {

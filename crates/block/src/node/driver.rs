@@ -138,6 +138,14 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
         None
     }
 
+    /// Whether the target takes parts of a cluster and puts each cluster together
+    /// itself before storing it whole (the repository node). A backup into it then
+    /// saves only the guest's own blocks of a cluster in a copy-before-write (a
+    /// fragment), as into a file, though the cluster is the unit it stores.
+    fn assembles_clusters(&self) -> bool {
+        false
+    }
+
     /// Whether writes with [`WriteFlags::compressed`] are stored compressed.
     fn supports_compression(&self) -> bool {
         false

@@ -27,12 +27,23 @@ pub const MAX_FRAGMENTED_CLUSTERS: usize = 65536;
 #[derive(Debug, Default)]
 pub struct Fragments {
     clusters: BTreeMap<u64, Vec<(u64, u64)>>,
+    /// The bytes the ranges cover, in all.
+    bytes: u64,
 }
 
 impl Fragments {
     /// How many clusters have fragments.
     pub fn clusters(&self) -> usize {
         self.clusters.len()
+    }
+
+    /// How many bytes the fragments cover.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn cluster_bytes(ranges: &[(u64, u64)]) -> u64 {
+        ranges.iter().map(|(s, e)| e - s).sum()
     }
 
     /// The parts of `[start, end)`, inside the cluster at `cluster`, that no fragment
@@ -49,6 +60,7 @@ impl Fragments {
     /// Notes `ranges` (inside the cluster at `cluster`) as saved.
     pub fn add(&mut self, cluster: u64, ranges: &[(u64, u64)]) {
         let saved = self.clusters.entry(cluster).or_default();
+        self.bytes -= Self::cluster_bytes(saved);
         saved.extend_from_slice(ranges);
         saved.sort_unstable();
         let mut merged: Vec<(u64, u64)> = Vec::with_capacity(saved.len());
@@ -58,6 +70,7 @@ impl Fragments {
                 _ => merged.push((s, e)),
             }
         }
+        self.bytes += Self::cluster_bytes(&merged);
         *saved = merged;
     }
 
@@ -73,7 +86,9 @@ impl Fragments {
     pub fn remove_within(&mut self, start: u64, end: u64) {
         let keys: Vec<u64> = self.clusters.range(start..end).map(|(&k, _)| k).collect();
         for key in keys {
-            self.clusters.remove(&key);
+            if let Some(ranges) = self.clusters.remove(&key) {
+                self.bytes -= Self::cluster_bytes(&ranges);
+            }
         }
     }
 }
@@ -120,6 +135,7 @@ mod tests {
         f.add(65536, &[(65536 + 4096, 65536 + 8192)]);
         f.add(0, &[(4096, 8192)]);
         assert_eq!(f.clusters(), 2);
+        assert_eq!(f.bytes(), 8192 + 4096);
         assert_eq!(f.within(65536, 131072), vec![(65536 + 4096, 65536 + 12288)]);
         assert_eq!(
             f.missing(65536, 65536, 65536 + 16384),
@@ -129,6 +145,7 @@ mod tests {
         assert_eq!(f.within(0, 131072).len(), 2);
         f.remove_within(0, 65536);
         assert_eq!(f.clusters(), 1);
+        assert_eq!(f.bytes(), 8192);
         assert_eq!(f.within(0, 65536), vec![]);
     }
 }

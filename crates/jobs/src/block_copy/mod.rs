@@ -148,12 +148,19 @@ pub struct BlockCopyOptions {
     /// copies every dirty cluster (not sync=none or top) into a target that takes
     /// writes smaller than a cluster uncompressed (`sparse_block` below the cluster).
     pub partial_cbw: bool,
+    /// Bytes of fragments noted at once, at most (their clusters not copied yet); past
+    /// it a copy-before-write saves whole clusters again.
+    pub max_fragment_bytes: u64,
     /// Aligned guest writes to clusters not copied yet are held in memory and written
     /// to the source once the cluster's old data is in hand, instead of waiting for a
     /// copy-before-write read (see `redirect`). Only for a job whose background pass
     /// copies every cluster (a write is held until its cluster is copied).
     pub redirect_writes: bool,
 }
+
+/// [`BlockCopyOptions::max_fragment_bytes`] for a target that assembles its clusters
+/// (and so holds fragments in memory until their cluster is copied).
+pub const ASSEMBLED_FRAGMENT_BYTES: u64 = 64 << 20;
 
 /// A copy that failed in the background.
 #[derive(Debug)]

@@ -164,6 +164,7 @@ impl BlockCopy {
         let mut partial = Vec::new();
         if !self.options.partial_cbw
             || state.fragments.clusters() >= fragments::MAX_FRAGMENTED_CLUSTERS
+            || state.fragments.bytes() >= self.options.max_fragment_bytes
         {
             return (whole, partial);
         }

@@ -58,6 +58,8 @@ pub struct Repository {
     config: Config,
     keys: Option<Keys>,
     condemn_margin: std::time::Duration,
+    /// Writers' threads run at a lower CPU priority (see [`Repository::set_background`]).
+    background: bool,
 }
 
 impl std::fmt::Debug for Repository {
@@ -116,6 +118,7 @@ impl Repository {
             config,
             keys,
             condemn_margin: gc::CONDEMN_MARGIN,
+            background: false,
         })
     }
 
@@ -153,6 +156,7 @@ impl Repository {
             config,
             keys,
             condemn_margin: gc::CONDEMN_MARGIN,
+            background: false,
         })
     }
 
@@ -161,6 +165,14 @@ impl Repository {
     /// shares this host's clock and objects are visible within the margin (tests).
     pub fn set_condemn_margin(&mut self, margin: std::time::Duration) {
         self.condemn_margin = margin;
+    }
+
+    /// Makes the threads of later writers (chunk workers and packer) run at a lower CPU
+    /// priority (nice [`writer::BACKGROUND_NICE`]): for a backup of a running disk, so
+    /// hashing, compressing and sealing give way to the threads serving the guest. Only
+    /// the scheduler's weights change: on an idle CPU the backup runs as fast.
+    pub fn set_background(&mut self, background: bool) {
+        self.background = background;
     }
 
     /// The storage under the repository.

@@ -139,6 +139,26 @@ impl std::fmt::Debug for SnapshotWriter {
     }
 }
 
+/// The nice value of a background writer's threads (`Repository::set_background`).
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`]. On Linux the nice
+/// value belongs to a thread, so this leaves the rest of the process alone. Callers
+/// ignore a failure (a sandbox refusing it): it costs the guest some latency, never
+/// data.
+pub fn lower_thread_priority() -> std::io::Result<()> {
+    // SAFETY: gettid and setpriority take and return plain integers.
+    let rc = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 impl SnapshotWriter {
     pub(super) fn start(
         repo: &Repository,
@@ -163,12 +183,18 @@ impl SnapshotWriter {
         let (jobs, job_queue) = mpsc::sync_channel::<Job>(2 * workers);
         let (done, done_queue) = mpsc::sync_channel::<Encoded>(2 * workers);
         let job_queue = Arc::new(Mutex::new(job_queue));
+        let background = repo.background;
         let workers = (0..workers)
             .map(|n| {
                 let (shared, job_queue, done) = (shared.clone(), job_queue.clone(), done.clone());
                 std::thread::Builder::new()
                     .name(format!("repo-chunk-{n}"))
-                    .spawn(move || encode_jobs(&shared, &job_queue, &done))
+                    .spawn(move || {
+                        if background {
+                            let _ = lower_thread_priority();
+                        }
+                        encode_jobs(&shared, &job_queue, &done);
+                    })
                     .expect("a chunk worker starts")
             })
             .collect();
@@ -179,6 +205,9 @@ impl SnapshotWriter {
             std::thread::Builder::new()
                 .name("repo-packer".into())
                 .spawn(move || {
+                    if background {
+                        let _ = lower_thread_priority();
+                    }
                     let result = pack_blobs(&*backend, &shared, chunk_count, &done_queue);
                     if result.is_err() {
                         shared.failed.store(true, Ordering::SeqCst);
