@@ -16,6 +16,9 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 use block::BlockDriver;
+
+use super::SnapshotTarget;
+use super::Stage;
 use block::IoBuf;
 use block::WriteFlags;
 use block::node::driver::ZeroFlags;
@@ -303,5 +306,100 @@ async fn a_snapshot_equals_the_disk_at_the_backups_start_while_nbd_clients_hamme
         seeds.len() < 4 || raced * 2 >= seeds.len() as u64,
         "only {raced} of {} seeds wrote during their backup",
         seeds.len()
+    );
+}
+
+/// A chunk written in parts (pieces of data and of zeros, in any order, across chunk
+/// boundaries) is stored as the bytes the parts make; a byte written twice is refused;
+/// and a chunk still in parts at the commit fails it instead of taking the parent's.
+#[tokio::test]
+async fn chunks_written_in_parts_are_assembled_once_and_a_part_missing_fails_the_commit() {
+    const CHUNK: u64 = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let repo_dir = dir.path().join("repo");
+    std::fs::create_dir(&repo_dir).unwrap();
+    let repo = Arc::new(
+        Repository::init(
+            Box::new(LocalDir::new(&repo_dir)),
+            CHUNK,
+            repo::Compression::Zstd,
+            None,
+        )
+        .unwrap(),
+    );
+    // Three chunks and a short fourth.
+    let size = 3 * CHUNK + 12288;
+    let mut rng = testkit::Rng(77);
+    let expect = {
+        let mut data = rng.bytes(size as usize);
+        data[(CHUNK + 4096) as usize..(CHUNK + 12288) as usize].fill(0);
+        data
+    };
+    let target = SnapshotTarget::start(repo.clone(), repo_dir.clone(), "d", size, None).unwrap();
+    let write = |from: u64, to: u64| {
+        target.write(
+            from,
+            IoBuf::from_slice(&expect[from as usize..to as usize]),
+            WriteFlags::default(),
+        )
+    };
+    // Chunk 1 in four parts, out of order, one of them zeros; a piece across the
+    // boundary of chunks 2 and 3 and the rest of each; chunk 0 whole.
+    write(CHUNK + 12288, 2 * CHUNK - 4096).await.unwrap();
+    write(CHUNK, CHUNK + 4096).await.unwrap();
+    target
+        .write_zeroes(CHUNK + 4096, 8192, ZeroFlags::default())
+        .await
+        .unwrap();
+    let twice = write(CHUNK + 8192, CHUNK + 16384).await.unwrap_err();
+    assert!(twice.to_string().contains("written already"), "{twice}");
+    write(2 * CHUNK - 4096, 2 * CHUNK).await.unwrap();
+    write(3 * CHUNK - 4096, 3 * CHUNK + 4096).await.unwrap();
+    write(2 * CHUNK, 3 * CHUNK - 4096).await.unwrap();
+    write(0, CHUNK).await.unwrap();
+    let whole_again = write(0, CHUNK).await.unwrap_err();
+    assert!(
+        whole_again.to_string().contains("written already"),
+        "{whole_again}"
+    );
+    // The short last chunk still lacks its end: the commit refuses.
+    let refused = target.commit_backup().await.unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("chunk 3 was written only in part"),
+        "{refused}"
+    );
+    target.close().await.unwrap();
+
+    // The same parts with the last one given: the snapshot is the bytes.
+    let target = SnapshotTarget::start(repo.clone(), repo_dir.clone(), "d", size, None).unwrap();
+    let write = |from: u64, to: u64| {
+        target.write(
+            from,
+            IoBuf::from_slice(&expect[from as usize..to as usize]),
+            WriteFlags::default(),
+        )
+    };
+    write(3 * CHUNK + 4096, size).await.unwrap();
+    write(CHUNK + 12288, 2 * CHUNK).await.unwrap();
+    target
+        .write_zeroes(CHUNK + 4096, 8192, ZeroFlags::default())
+        .await
+        .unwrap();
+    write(CHUNK, CHUNK + 4096).await.unwrap();
+    write(0, CHUNK).await.unwrap();
+    write(2 * CHUNK, 3 * CHUNK + 4096).await.unwrap();
+    target.commit_backup().await.unwrap();
+    let id = match &target.progress().stage {
+        Stage::Committed(id) => id.clone(),
+        other => panic!("{other:?}"),
+    };
+    target.close().await.unwrap();
+    let got = snapshot_bytes(&repo_dir, &id);
+    assert!(
+        got == expect,
+        "differs at {:?}",
+        first_difference(&got, &expect)
     );
 }
