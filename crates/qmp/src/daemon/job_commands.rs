@@ -11,6 +11,33 @@ use jobs::job::ErrorPolicy;
 use serde_json::Value;
 use serde_json::json;
 
+/// A job's `speed`: bytes per second, refused when negative (QEMU's words).
+fn job_speed(m: &Members, k: &str, v: Value) -> block::Result<u64> {
+    match v.as_i64() {
+        Some(n) if n < 0 => Err(block::Error::invalid(
+            "Parameter 'speed' expects a non-negative value",
+        )),
+        Some(n) => Ok(n as u64),
+        None => Err(m.type_error(k, "integer")),
+    }
+}
+
+/// `on-error`, `on-source-error`, `on-target-error` (QEMU's `BlockdevOnError`).
+fn error_policy(m: &Members, k: &str, v: Value) -> block::Result<ErrorPolicy> {
+    Ok(
+        match m
+            .enumeration(k, v, &["report", "ignore", "enospc", "stop", "auto"])?
+            .as_str()
+        {
+            "ignore" => ErrorPolicy::Ignore,
+            "enospc" => ErrorPolicy::Enospc,
+            "stop" => ErrorPolicy::Stop,
+            "auto" => ErrorPolicy::Auto,
+            _ => ErrorPolicy::Report,
+        },
+    )
+}
+
 /// Parses `blockdev-backup` arguments, applying QEMU's rules and refusing what
 /// Stillpoint cannot do yet.
 pub(super) fn parse_backup(mut m: Members) -> Result<jobs::BackupRequest, QmpError> {
@@ -23,34 +50,18 @@ pub(super) fn parse_backup(mut m: Members) -> Result<jobs::BackupRequest, QmpErr
     // qemu-storage-daemon has none, so an id-less job is refused ("Invalid job ID ''")
     // when it is created, after the other checks, and so is ours.
     let job_id = m.optional("job-id", Members::string)?.unwrap_or_default();
-    let speed = m.optional("speed", |m, k, v| match v.as_i64() {
-        Some(n) if n < 0 => Err(block::Error::invalid(
-            "Parameter 'speed' expects a non-negative value",
-        )),
-        Some(n) => Ok(n as u64),
-        None => Err(m.type_error(k, "integer")),
-    })?;
+    let speed = m.optional("speed", job_speed)?;
     let bitmap = m.optional("bitmap", Members::string)?;
     let bitmap_mode = m.optional("bitmap-mode", |m, k, v| {
         m.enumeration(k, v, &["on-success", "never", "always"])
     })?;
     let compress = m.optional("compress", Members::boolean)?.unwrap_or(false);
-    let policy = |m: &Members, k: &str, v: Value| -> block::Result<ErrorPolicy> {
-        Ok(
-            match m
-                .enumeration(k, v, &["report", "ignore", "enospc", "stop", "auto"])?
-                .as_str()
-            {
-                "ignore" => ErrorPolicy::Ignore,
-                "enospc" => ErrorPolicy::Enospc,
-                "stop" => ErrorPolicy::Stop,
-                "auto" => ErrorPolicy::Auto,
-                _ => ErrorPolicy::Report,
-            },
-        )
-    };
-    let on_source_error = m.optional("on-source-error", policy)?.unwrap_or_default();
-    let on_target_error = m.optional("on-target-error", policy)?.unwrap_or_default();
+    let on_source_error = m
+        .optional("on-source-error", error_policy)?
+        .unwrap_or_default();
+    let on_target_error = m
+        .optional("on-target-error", error_policy)?
+        .unwrap_or_default();
     let auto_finalize = m
         .optional("auto-finalize", Members::boolean)?
         .unwrap_or(true);
@@ -145,27 +156,8 @@ fn parse_stream(mut m: Members) -> Result<(String, jobs::StreamOptions), QmpErro
     let bottom = m.optional("bottom", Members::string)?;
     let backing_file = m.optional("backing-file", Members::string)?;
     let _mask = m.optional("backing-mask-protocol", Members::boolean)?;
-    let speed = m.optional("speed", |m, k, v| match v.as_i64() {
-        Some(n) if n < 0 => Err(block::Error::invalid(
-            "Parameter 'speed' expects a non-negative value",
-        )),
-        Some(n) => Ok(n as u64),
-        None => Err(m.type_error(k, "integer")),
-    })?;
-    let on_error = m.optional("on-error", |m, k, v| {
-        Ok(
-            match m
-                .enumeration(k, v, &["report", "ignore", "enospc", "stop", "auto"])?
-                .as_str()
-            {
-                "ignore" => ErrorPolicy::Ignore,
-                "enospc" => ErrorPolicy::Enospc,
-                "stop" => ErrorPolicy::Stop,
-                "auto" => ErrorPolicy::Auto,
-                _ => ErrorPolicy::Report,
-            },
-        )
-    })?;
+    let speed = m.optional("speed", job_speed)?;
+    let on_error = m.optional("on-error", error_policy)?;
     let filter_node_name = m.optional("filter-node-name", Members::string)?;
     let auto_finalize = m
         .optional("auto-finalize", Members::boolean)?
