@@ -14,6 +14,7 @@ use std::io::Write;
 use std::ops::Range;
 use std::path::Path;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 
@@ -34,6 +35,11 @@ pub trait Backend: Send + Sync {
 
     /// Removes the object; a missing one is not an error.
     fn delete(&self, key: &str) -> Result<()>;
+
+    /// A hint that later writes serve a backup of a running disk, which shares the
+    /// device with a guest: an implementation may trade some throughput for shorter
+    /// device requests. Nothing by default.
+    fn set_background(&self, _background: bool) {}
 }
 
 /// A repository in a local directory. Each object is a file, written under a temporary
@@ -42,6 +48,9 @@ pub trait Backend: Send + Sync {
 #[derive(Debug)]
 pub struct LocalDir {
     root: PathBuf,
+    /// Direct writes go out in pieces of [`BACKGROUND_PIECE`] instead of
+    /// [`FOREGROUND_PIECE`] ([`Backend::set_background`]).
+    background: AtomicBool,
 }
 
 /// Numbers temporary names. One counter for the whole process, not one per
@@ -53,7 +62,10 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 impl LocalDir {
     /// The repository at `root` (which must exist).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            background: AtomicBool::new(false),
+        }
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
@@ -79,13 +91,23 @@ const DIRECT_MIN: usize = 1 << 20;
 /// The alignment `O_DIRECT` needs on the filesystems we support.
 const DIRECT_ALIGN: usize = 4096;
 
+/// A direct write's largest request: the device gets a pack in writes of this size.
+const FOREGROUND_PIECE: usize = 8 << 20;
+
+/// The same while a guest shares the device: one pack write queues at most this much
+/// in front of a guest's read. Measured (issue 16, 2 GiB, QD1 guest through NBD, 2
+/// rounds each, noisy): the guest's write p99 during a live backup into the repository
+/// 0.59 ms with 1 MiB pieces against 0.76-2.3 ms with 8 MiB; an offline backup of the
+/// same disk was 1-2% slower with 1 MiB pieces, so those keep 8 MiB.
+const BACKGROUND_PIECE: usize = 1 << 20;
+
 /// Writes `data` to a new file at `path` and syncs it. Large objects bypass the page
 /// cache: they are synced at once anyway, and on this VM a buffered write and fsync
 /// of 1 GiB took 3.5 s where `O_DIRECT` took 0.8 s (the copy into the page cache was
 /// the packer's main cost). Filesystems without `O_DIRECT` (tmpfs) get a plain write.
-fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+fn write_synced(path: &Path, data: &[u8], piece: usize) -> std::io::Result<()> {
     if data.len() >= DIRECT_MIN {
-        match write_direct(path, data) {
+        match write_direct(path, data, piece) {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 let _ = fs::remove_file(path);
             }
@@ -102,11 +124,10 @@ thread_local! {
     static STAGING: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn write_direct(path: &Path, data: &[u8]) -> std::io::Result<()> {
+fn write_direct(path: &Path, data: &[u8], piece_size: usize) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     use std::os::unix::fs::OpenOptionsExt;
-    const PIECE: usize = 8 << 20;
     let file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -115,15 +136,15 @@ fn write_direct(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let aligned = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
     STAGING.with(|staging| -> std::io::Result<()> {
         let mut staging = staging.borrow_mut();
-        if staging.len() < PIECE + DIRECT_ALIGN {
-            *staging = vec![0; PIECE + DIRECT_ALIGN];
+        if staging.len() < piece_size + DIRECT_ALIGN {
+            *staging = vec![0; piece_size + DIRECT_ALIGN];
         }
         // An aligned window of a plain vector: no unsafe allocation needed.
         let skew = staging.as_ptr().align_offset(DIRECT_ALIGN);
-        let window = &mut staging[skew..skew + PIECE];
-        for (n, piece) in data[..aligned].chunks(PIECE).enumerate() {
+        let window = &mut staging[skew..skew + piece_size];
+        for (n, piece) in data[..aligned].chunks(piece_size).enumerate() {
             window[..piece.len()].copy_from_slice(piece);
-            file.write_all_at(&window[..piece.len()], (n * PIECE) as u64)?;
+            file.write_all_at(&window[..piece.len()], (n * piece_size) as u64)?;
         }
         Ok(())
     })?;
@@ -211,7 +232,12 @@ impl Backend for LocalDir {
             std::process::id(),
             TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        let written = write_synced(&tmp, data);
+        let piece = if self.background.load(Ordering::Relaxed) {
+            BACKGROUND_PIECE
+        } else {
+            FOREGROUND_PIECE
+        };
+        let written = write_synced(&tmp, data, piece);
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
             return Err(Error::io(what(), e));
@@ -310,6 +336,10 @@ impl Backend for LocalDir {
             Err(e) => Err(Error::io(format!("deleting {key}"), e)),
         }
     }
+
+    fn set_background(&self, background: bool) {
+        self.background.store(background, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
@@ -341,6 +371,23 @@ mod tests {
                 .next()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn large_objects_read_back_whole_in_foreground_and_background_pieces() {
+        // 2.5 pieces of the background size and an unaligned tail: the pieces land at
+        // their offsets and the tail goes through the page cache.
+        let data: Vec<u8> = (0..(5 * BACKGROUND_PIECE / 2 + 123))
+            .map(|n| (n * 7 + n / 4096) as u8)
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalDir::new(dir.path());
+        assert!(b.put_if_absent("packs/fo/fore", &data).unwrap());
+        b.set_background(true);
+        assert!(b.put_if_absent("packs/ba/back", &data).unwrap());
+        for key in ["packs/fo/fore", "packs/ba/back"] {
+            assert!(b.get(key, None).unwrap() == data, "{key}");
+        }
     }
 
     #[test]

@@ -167,12 +167,14 @@ impl Repository {
         self.condemn_margin = margin;
     }
 
-    /// Makes the threads of later writers (chunk workers and packer) run at a lower CPU
-    /// priority (nice [`writer::BACKGROUND_NICE`]): for a backup of a running disk, so
-    /// hashing, compressing and sealing give way to the threads serving the guest. Only
-    /// the scheduler's weights change: on an idle CPU the backup runs as fast.
+    /// Makes later writers give way to a running disk's guest: their threads (chunk
+    /// workers and packer) run at the lowest CPU priority
+    /// ([`writer::lower_thread_priority`]), and the backend is told to keep its device
+    /// requests short ([`Backend::set_background`]). On an idle machine the backup runs
+    /// as fast.
     pub fn set_background(&mut self, background: bool) {
         self.background = background;
+        self.backend.set_background(background);
     }
 
     /// The storage under the repository.
