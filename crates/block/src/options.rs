@@ -126,6 +126,10 @@ pub enum RepositoryRole {
         size: u64,
         /// `parent`: the snapshot unchanged chunks are taken from.
         parent: ParentSnapshot,
+        /// `bitmap`: the source's persistent dirty bitmap created or cleared at the
+        /// backup's instant (in its `transaction`), recorded in the snapshot so a later
+        /// `stillpoint backup --bitmap NAME` of the disk reads only what it marks.
+        bitmap: Option<String>,
     },
     /// `snapshot`: an id, or a disk name for its latest snapshot.
     Read {
@@ -659,9 +663,12 @@ fn parse_repository(m: &mut Members) -> Result<RepositoryOptions> {
         Value::String(s) => Ok(ParentSnapshot::Id(s)),
         _ => Err(m.type_error(key, "string or null")),
     })?;
+    let bitmap = m.optional("bitmap", Members::string)?;
     let prefix = m.prefix().to_string();
     let role = match (snapshot, disk, size) {
-        (Some(snapshot), None, None) if parent.is_none() => RepositoryRole::Read { snapshot },
+        (Some(snapshot), None, None) if parent.is_none() && bitmap.is_none() => {
+            RepositoryRole::Read { snapshot }
+        }
         (None, Some(disk), Some(size)) => {
             if size == 0 {
                 return Err(Error::invalid(format!(
@@ -672,12 +679,13 @@ fn parse_repository(m: &mut Members) -> Result<RepositoryOptions> {
                 disk,
                 size,
                 parent: parent.unwrap_or_default(),
+                bitmap,
             }
         }
         (Some(_), _, _) => {
             return Err(Error::invalid(format!(
                 "Parameter '{prefix}snapshot' reads an existing snapshot and cannot be \
-                 given with 'disk', 'size' or 'parent'"
+                 given with 'disk', 'size', 'parent' or 'bitmap'"
             )));
         }
         (None, None, _) => {

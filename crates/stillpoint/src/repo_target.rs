@@ -25,9 +25,11 @@
 //! with holes nobody wrote. A chunk still in parts at the commit fails it: taking the
 //! parent's chunk there would mix old and new bytes.
 //!
-//! The feeder and the writer's threads run at a lower CPU priority (nice 10): on a
-//! machine with few cores, hashing, compressing and sealing at full speed took the CPU
-//! from the threads serving the guest (`bench/RESULTS.md`, issue 16).
+//! The feeder and the writer's threads run at the lowest CPU priority (`SCHED_IDLE`),
+//! and the repository's packs go to the device in 1 MiB writes: on a machine with few
+//! cores, hashing, compressing and sealing at full speed took the CPU from the threads
+//! serving the guest, and at nice 10 a guest request still waited for a worker's
+//! slice to end (`bench/RESULTS.md`, issue 16).
 
 use std::path::Path;
 use std::path::PathBuf;
@@ -97,9 +99,15 @@ fn open_node(options: &RepositoryOptions) -> Result<Box<dyn BlockDriver>> {
             let driver = SnapshotDriver::open(repo, &info.id).map_err(|e| repo_error(dir, e))?;
             Ok(Box::new(driver))
         }
-        RepositoryRole::Write { disk, size, parent } => {
+        RepositoryRole::Write {
+            disk,
+            size,
+            parent,
+            bitmap,
+        } => {
             let parent = find_parent(&repo, dir, disk, parent)?;
-            let target = SnapshotTarget::start(repo, dir.clone(), disk, *size, parent)?;
+            let target =
+                SnapshotTarget::start(repo, dir.clone(), disk, *size, parent, bitmap.clone())?;
             Ok(Box::new(target))
         }
     }
@@ -233,12 +241,14 @@ impl SnapshotTarget {
         disk: &str,
         size: u64,
         parent: Option<(String, u64, Vec<ChunkId>)>,
+        bitmap: Option<String>,
     ) -> Result<Self> {
         let chunk_size = repo.config().chunk_size;
         let parent_id = parent.as_ref().map(|p| p.0.clone());
-        let writer = repo
+        let mut writer = repo
             .writer(disk, size, parent_id.clone())
             .map_err(|e| repo_error(&dir, e))?;
+        writer.set_bitmap(bitmap);
         let parent_chunks = parent.and_then(|(_, psize, chunks)| (psize == size).then_some(chunks));
         let chunks = size.div_ceil(chunk_size) as usize;
         let progress = Arc::new(Mutex::new(Progress {

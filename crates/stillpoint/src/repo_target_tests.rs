@@ -335,7 +335,8 @@ async fn chunks_written_in_parts_are_assembled_once_and_a_part_missing_fails_the
         data[(CHUNK + 4096) as usize..(CHUNK + 12288) as usize].fill(0);
         data
     };
-    let target = SnapshotTarget::start(repo.clone(), repo_dir.clone(), "d", size, None).unwrap();
+    let target =
+        SnapshotTarget::start(repo.clone(), repo_dir.clone(), "d", size, None, None).unwrap();
     let write = |from: u64, to: u64| {
         target.write(
             from,
@@ -373,7 +374,8 @@ async fn chunks_written_in_parts_are_assembled_once_and_a_part_missing_fails_the
     target.close().await.unwrap();
 
     // The same parts with the last one given: the snapshot is the bytes.
-    let target = SnapshotTarget::start(repo.clone(), repo_dir.clone(), "d", size, None).unwrap();
+    let target =
+        SnapshotTarget::start(repo.clone(), repo_dir.clone(), "d", size, None, None).unwrap();
     let write = |from: u64, to: u64| {
         target.write(
             from,

@@ -758,3 +758,65 @@ fn five_incremental_rounds_of_two_disks_restore_each_and_survive_forget_and_gc()
         }
     }
 }
+
+#[test]
+fn a_daemon_snapshot_that_records_its_bitmap_lets_the_cli_read_only_what_changed() {
+    for record in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        ours(&["repo", "init", s(&repo), "--chunk-size", "64K"]);
+        let image = dir.path().join("disk.raw");
+        let size = 4 << 20;
+        mixed_image(&image, size, 21);
+
+        let (daemon, qmp) = start(dir.path(), &[]);
+        let (mut q, _) = Qmp::connect(&qmp);
+        q.cmd("qmp_capabilities", json!({}));
+        q.cmd("blockdev-add", raw_node("src", &image));
+        let mut node = repo_node("r0", &repo, "vm", size, Value::Null);
+        if record {
+            node["bitmap"] = json!("b0");
+        }
+        q.cmd("blockdev-add", node);
+        let r = q.cmd(
+            "transaction",
+            json!({"actions": [
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": "src", "name": "b0", "persistent": true}},
+                {"type": "blockdev-backup", "data":
+                    {"job-id": "full", "device": "src", "target": "r0", "sync": "full"}}]}),
+        );
+        assert!(r.get("return").is_some(), "{r}");
+        let done = q.wait_event("BLOCK_JOB_COMPLETED")["data"].clone();
+        assert!(done.get("error").is_none(), "{done}");
+        nbd_write(&mut q, dir.path(), &["write -P 0x5a 1M 64k"]);
+        q.cmd("quit", json!({}));
+        drop(q);
+        let mut daemon = daemon;
+        daemon.0.wait().unwrap();
+
+        // The CLI takes over the disk and its bitmap from the daemon.
+        let out = ours(&[
+            "backup",
+            s(&image),
+            "--repo",
+            s(&repo),
+            "--disk",
+            "vm",
+            "--bitmap",
+            "b0",
+            "--json",
+        ]);
+        let summary: Value = serde_json::from_str(&out).unwrap();
+        if record {
+            assert_eq!(summary["incremental"], true, "{summary}");
+            assert_eq!(summary["read"], 65536, "one chunk read: {summary}");
+        } else {
+            assert_eq!(summary["incremental"], false, "{summary}");
+            let why = summary["whole_read_because"].as_str().unwrap_or_default();
+            assert!(why.contains("was not taken with bitmap b0"), "{summary}");
+        }
+        let snapshot = summary["snapshot"].as_str().unwrap().to_string();
+        restored_equals(&repo, &snapshot, &image, dir.path());
+    }
+}
