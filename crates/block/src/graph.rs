@@ -73,6 +73,17 @@ impl GraphState {
             .map(|s| s.user.clone())
     }
 
+    /// The user that attached to `node` last: `blockdev-del` names it, as QEMU names
+    /// the newest of a node's blockers (after `block-stream` with a base, the image
+    /// relinked to it rather than the layer that was its parent first).
+    fn newest_user(&mut self, node: &Arc<Node>) -> Option<AttachUser> {
+        self.live_slots()
+            .into_iter()
+            .rev()
+            .find(|s| Arc::ptr_eq(&s.target.read().unwrap_or_else(|e| e.into_inner()), node))
+            .map(|s| s.user.clone())
+    }
+
     /// The node at the top of the filter chain above `name`.
     fn top_of(&self, name: &str) -> Option<Arc<Node>> {
         let mut current = name;
@@ -278,6 +289,31 @@ impl NodeGraph {
         Ok(state.attach(target, user, true))
     }
 
+    /// A new backing link from `overlay` to `below` (`block-stream` with a base). The
+    /// link is to `below` itself, not to filters above it, as an image's own backing
+    /// link is; and an implicit `below` becomes the overlay's to close with it.
+    pub fn attach_backing(&self, overlay: &Node, below: &Arc<Node>) -> Attachment {
+        let mut state = self.state();
+        let link = state.attach(
+            below.clone(),
+            AttachUser::Parent {
+                parent: overlay.name().to_string(),
+                role: "backing",
+            },
+            false,
+        );
+        if below.implicit {
+            let mut adopted = overlay
+                .implicit_children
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if !adopted.contains(&below.name) {
+                adopted.push(below.name.clone());
+            }
+        }
+        link
+    }
+
     /// The node named `name`, if any.
     pub fn node(&self, name: &str) -> Option<Arc<Node>> {
         self.state().nodes.get(name).cloned()
@@ -400,7 +436,7 @@ impl NodeGraph {
                     .node();
                 state.splice_out(name, &below);
                 moves = users.into_iter().map(|s| (s, below.clone())).collect();
-            } else if let Some(user) = state.first_user(&node) {
+            } else if let Some(user) = state.newest_user(&node) {
                 return Err(user.busy_error(name));
             }
             state.nodes.remove(name);
@@ -438,7 +474,11 @@ impl NodeGraph {
         while let Some(node) = pending.pop() {
             // Failures are logged by close; removal goes on regardless.
             let _ = node.close().await;
-            let children = node.implicit_children.clone();
+            let children = node
+                .implicit_children
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             // Dropping the node drops its driver and with it the child attachments.
             drop(node);
             let mut state = self.state();
@@ -584,7 +624,7 @@ impl NodeGraph {
                     let filter = Arc::new(Node {
                         name: plan.name.clone(),
                         implicit: plan.implicit,
-                        implicit_children: std::mem::take(&mut plan.implicit_children),
+                        implicit_children: Mutex::new(std::mem::take(&mut plan.implicit_children)),
                         policy,
                         growable: Default::default(),
                         bitmaps: Default::default(),

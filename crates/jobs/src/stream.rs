@@ -16,15 +16,24 @@
 //! for the allocation and then overwrites it. Clusters the chain reads as zeros are not
 //! written: once the link is gone, unallocated clusters read zeros too.
 //!
+//! # A base that stays
+//!
+//! With `base`, `base-node` or a `bottom` inside the chain, only what the layers above
+//! the base allocate is copied (the chain's block status says which layer holds each
+//! run); what only the base or its own chain holds stays there. Zeros such a layer
+//! records are written as zero clusters, since the base would show through an
+//! unallocated cluster once the layers between are gone.
+//!
 //! # The end
 //!
 //! After the last cluster the image's metadata is flushed and synced, then its header
 //! stops naming a backing file and the link is dropped (the backing node can then be
-//! deleted). A job that fails or is cancelled leaves the link, and what it copied
-//! (which reads the same as before).
+//! deleted); with a base, the header names the base (`backing-file`, or the base's
+//! file name) and its format, and the link goes to the base. The layers left out of
+//! the chain close if the image's header had opened them. A job that fails or is
+//! cancelled leaves the link, and what it copied (which reads the same as before).
 //!
-//! Not supported yet: `base`/`base-node` other than "stream everything" (refused), and
-//! `filter-node-name` (QEMU's copy-on-read filter; refused).
+//! Not supported yet: `filter-node-name` (QEMU's copy-on-read filter; refused).
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -34,6 +43,7 @@ use block::AttachUser;
 use block::Attachment;
 use block::Node;
 use block::graph::NodeGraph;
+use block::node::driver::BackingFile;
 
 use crate::job::ErrorAction;
 use crate::job::ErrorPolicy;
@@ -75,6 +85,17 @@ struct StreamJob {
     on_error: ErrorPolicy,
     /// `bottom` was the top: copy nothing, keep the link.
     nothing: bool,
+    /// The node that stays below, if any.
+    base: Option<Base>,
+}
+
+/// A stream's base: the node that stays the image's backing node.
+struct Base {
+    node: Arc<Node>,
+    /// Its place in the chain: 0 for the image's backing node, 1 below it, and so on.
+    depth: u32,
+    /// The name the image's header gets for it.
+    header_name: String,
 }
 
 /// Starts streaming the whole backing chain of node `device` into it.
@@ -96,49 +117,55 @@ pub fn start_stream(
         below = node.backing().map(|b| b.node());
         chain.push(node);
     }
-    let unsupported = || {
-        JobError::generic(
-            "block-stream of part of a backing chain is not supported yet: only the whole \
-             chain streams (leave out base and base-node, or give the lowest node as bottom)",
-        )
-    };
-    if let Some(base) = &options.base_node {
-        if !chain.iter().any(|n| n.name() == base) {
+    let file_name = |n: &Arc<Node>| n.filename().map(|f| f.to_string_lossy().into_owned());
+    // The base, by its place in the chain, and the name the header will give it.
+    let mut base: Option<(usize, String)> = None;
+    if let Some(name) = &options.base_node {
+        let Some(at) = chain.iter().position(|n| n.name() == name) else {
             return Err(JobError::generic(format!(
-                "Node '{base}' is not a backing image of '{device}'"
+                "Node '{name}' is not a backing image of '{device}'"
             )));
-        }
-        return Err(unsupported());
+        };
+        base = Some((at, file_name(&chain[at]).unwrap_or_default()));
     }
-    if let Some(base) = &options.base_file {
-        let named = |n: &Arc<Node>| n.filename().is_some_and(|f| f.to_string_lossy() == *base);
-        if !chain.iter().any(named) {
+    if let Some(file) = &options.base_file {
+        let Some(at) = chain
+            .iter()
+            .position(|n| file_name(n).as_deref() == Some(file.as_str()))
+        else {
             return Err(JobError::generic(format!(
-                "Can't find '{base}' in the backing chain"
+                "Can't find '{file}' in the backing chain"
             )));
-        }
-        return Err(unsupported());
+        };
+        base = Some((at, file.clone()));
     }
     // `bottom` at the top itself streams nothing (a job of length 0, as QEMU's); at
-    // the chain's lowest node, everything.
+    // the chain's lowest node, everything; inside the chain, the node below it stays.
     let mut nothing = false;
     if let Some(bottom) = &options.bottom {
         if bottom == device {
             nothing = true;
-        } else if chain.last().is_none_or(|n| n.name() != bottom) {
-            if chain.iter().any(|n| n.name() == bottom) {
-                return Err(unsupported());
+        } else {
+            let Some(at) = chain.iter().position(|n| n.name() == bottom) else {
+                return Err(JobError::generic(format!(
+                    "Node '{bottom}' is not in the backing chain of '{device}'"
+                )));
+            };
+            if at + 1 < chain.len() {
+                base = Some((at + 1, file_name(&chain[at + 1]).unwrap_or_default()));
             }
-            return Err(JobError::generic(format!(
-                "Node '{bottom}' is not in the backing chain of '{device}'"
-            )));
         }
     }
-    if options.backing_file.is_some() {
+    if options.backing_file.is_some() && base.is_none() {
         return Err(JobError::generic(
             "backing file specified, but streaming the entire chain",
         ));
     }
+    let base = base.map(|(at, name)| Base {
+        node: chain[at].clone(),
+        depth: at as u32,
+        header_name: options.backing_file.clone().unwrap_or(name),
+    });
     if top.driver().backing_file().is_none() && top.backing().is_none() {
         // A raw node has no backing chain to stream, and nowhere to put one.
         return Err(JobError::generic(format!(
@@ -175,6 +202,7 @@ pub fn start_stream(
         hold: Mutex::new(Some(hold)),
         on_error: options.on_error,
         nothing,
+        base,
     }));
     Ok(job)
 }
@@ -187,9 +215,16 @@ impl JobDriver for StreamJob {
                 "the image has no backing file support".into(),
             ));
         };
-        // Nothing below: nothing to copy, and QEMU reports a length of 0.
-        if self.nothing || self.top.backing().is_none() {
+        // Nothing below, or nothing between the image and its base: nothing to copy,
+        // and QEMU reports a length of 0.
+        let Some(backing) = self.top.backing() else {
             return Ok(());
+        };
+        if self.nothing {
+            return Ok(());
+        }
+        if self.base.as_ref().is_some_and(|b| b.depth == 0) {
+            return self.finish(format).await;
         }
         let len = self.top.length();
         job.progress_meter().set_total(len);
@@ -203,13 +238,15 @@ impl JobDriver for StreamJob {
                 continue;
             }
             job.set_busy(true);
-            let done = format.populate_from_backing(offset, len - offset).await;
+            let done = self.stream_some(format, &backing, offset, len).await;
             job.set_busy(false);
             match done {
-                Ok(n) => {
+                Ok((n, copied)) => {
                     offset += n;
                     job.progress_meter().add_done(n);
-                    job.rate_limit().throttle(n).await;
+                    if copied {
+                        job.rate_limit().throttle(n).await;
+                    }
                 }
                 Err(e) => {
                     // One request reads the chain and writes the image; QEMU reports
@@ -223,22 +260,67 @@ impl JobDriver for StreamJob {
                 }
             }
         }
+        drop(backing);
+        self.finish(format).await
+    }
+
+    async fn clean(&self, _job: &Arc<Job>) {
+        self.hold.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+impl StreamJob {
+    /// Streams what needs it from `offset` on: one cluster, or a run the layers above
+    /// the base leave to it (skipped). Returns the bytes settled and whether any were
+    /// copied.
+    async fn stream_some(
+        &self,
+        format: &dyn BackingFile,
+        backing: &Attachment,
+        offset: u64,
+        len: u64,
+    ) -> block::Result<(u64, bool)> {
+        let Some(base) = &self.base else {
+            let n = format
+                .populate_from_backing(offset, len - offset, false)
+                .await?;
+            return Ok((n, true));
+        };
+        let status = block::chain::block_status_above(backing, offset, len - offset).await?;
+        let run = status.extent.length.max(1).min(len - offset);
+        if !status.extent.status.allocated || status.depth >= base.depth {
+            // The base's own (or nobody's): it stays below.
+            return Ok((run, false));
+        }
+        let n = format.populate_from_backing(offset, run, true).await?;
+        Ok((n, true))
+    }
+
+    /// The job's end: the link dropped, or moved to the base, in the header too; and
+    /// the layers left out closed if the header had opened them (one the monitor added
+    /// stays, for the user to delete).
+    async fn finish(&self, format: &dyn BackingFile) -> Result<(), JobFailure> {
         let former = self.top.backing().map(|b| b.node());
-        format
-            .drop_backing()
-            .await
-            .map_err(|e| JobFailure::Failed(format!("could not drop the backing file: {e}")))?;
-        // The chain the header had opened is closed now that nothing uses it; one the
-        // monitor added stays, for the user to delete.
+        match &self.base {
+            None => format
+                .drop_backing()
+                .await
+                .map_err(|e| JobFailure::Failed(format!("could not drop the backing file: {e}")))?,
+            Some(base) => {
+                let link = self.graph.attach_backing(&self.top, &base.node);
+                format
+                    .relink_backing(link, &base.header_name, base.node.driver_name())
+                    .await
+                    .map_err(|e| {
+                        JobFailure::Failed(format!("could not change the backing file: {e}"))
+                    })?;
+            }
+        }
         if let Some(former) = former {
             let name = former.name().to_string();
             drop(former);
             self.graph.close_if_unused_implicit(&name).await;
         }
         Ok(())
-    }
-
-    async fn clean(&self, _job: &Arc<Job>) {
-        self.hold.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }

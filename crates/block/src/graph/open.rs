@@ -97,7 +97,7 @@ impl NodeGraph {
         let node = Arc::new(Node {
             name: name.to_string(),
             implicit: false,
-            implicit_children: Vec::new(),
+            implicit_children: Default::default(),
             policy: NodePolicy {
                 read_only,
                 ..NodePolicy::default()
@@ -360,7 +360,7 @@ impl NodeGraph {
             let node = Arc::new(Node {
                 name: name.clone(),
                 implicit,
-                implicit_children,
+                implicit_children: Mutex::new(implicit_children),
                 policy,
                 growable: Default::default(),
                 bitmaps: Mutex::new(stored),

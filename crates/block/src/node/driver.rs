@@ -242,11 +242,17 @@ pub trait BackingFile: Send + Sync {
     /// `block-stream`: copies what the backing chain reads at `offset` into this image,
     /// for the cluster there, unless the image has data of its own there (a guest write
     /// that came first wins). Returns how many bytes from `offset` on that settled (at
-    /// least one, at most `len`).
-    async fn populate_from_backing(&self, offset: u64, len: u64) -> Result<u64>;
+    /// least one, at most `len`). Where the chain reads zeros nothing is written, unless
+    /// `keep_zeros`: a stream that keeps a base below must record those zeros, or the
+    /// base would show through once the layers between are gone.
+    async fn populate_from_backing(&self, offset: u64, len: u64, keep_zeros: bool) -> Result<u64>;
 
     /// `block-stream`'s end: drops the backing link, in the image's header too.
     async fn drop_backing(&self) -> Result<()>;
+
+    /// `block-stream`'s end with a base: the header names `name` (of format `format`)
+    /// as the backing file and the link goes to `base`.
+    async fn relink_backing(&self, base: Attachment, name: &str, format: &str) -> Result<()>;
 
     /// The backing node, if any.
     fn backing(&self) -> Option<std::sync::Arc<Attachment>>;

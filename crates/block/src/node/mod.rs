@@ -61,8 +61,9 @@ pub struct Node {
     pub(crate) name: String,
     /// Created inline as a child; deleted with its parent, not by the monitor.
     pub(crate) implicit: bool,
-    /// Names of the implicit children this node created.
-    pub(crate) implicit_children: Vec<String>,
+    /// Names of the implicit children this node created, or adopted (a backing node
+    /// that `block-stream` with a base relinked it to).
+    pub(crate) implicit_children: Mutex<Vec<String>>,
     pub(crate) policy: NodePolicy,
     /// Writes may extend the node past its end (the file under a qcow2 node).
     pub(crate) growable: std::sync::atomic::AtomicBool,

@@ -171,9 +171,14 @@ fn parse_stream(mut m: Members) -> Result<(String, jobs::StreamOptions), QmpErro
             "'base' and 'base-node' cannot be specified at the same time",
         ));
     }
-    if bottom.is_some() && (base.is_some() || base_node.is_some()) {
+    if bottom.is_some() && base.is_some() {
         return Err(QmpError::generic(
-            "'bottom' and 'base' or 'base-node' cannot be specified at the same time",
+            "'base' and 'bottom' cannot be specified at the same time",
+        ));
+    }
+    if bottom.is_some() && base_node.is_some() {
+        return Err(QmpError::generic(
+            "'bottom' and 'base-node' cannot be specified at the same time",
         ));
     }
     if filter_node_name.is_some() {

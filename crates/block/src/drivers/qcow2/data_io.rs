@@ -296,7 +296,7 @@ impl Qcow2Driver {
     /// comes later waits for the new cluster and then overwrites it. Where the chain
     /// reads zeros nothing is written: once the backing link is dropped an unallocated
     /// cluster reads zeros too. Returns whether it wrote.
-    pub(super) async fn populate_cluster(&self, cluster: u64) -> Result<bool> {
+    pub(super) async fn populate_cluster(&self, cluster: u64, keep_zeros: bool) -> Result<bool> {
         let geo = self.geo;
         let cs = geo.cluster_size;
         let start = cluster * cs;
@@ -309,7 +309,8 @@ impl Qcow2Driver {
             }
         }
         let data = self.read_backing(start, len).await?;
-        if data.iter().all(|&b| b == 0) {
+        let zeros = data.iter().all(|&b| b == 0);
+        if zeros && !keep_zeros {
             return Ok(false);
         }
         let mut m = self.lock_settled(cluster, cluster).await;
@@ -325,6 +326,12 @@ impl Qcow2Driver {
             return Ok(false);
         }
         self.ensure_l2(&mut m, cluster).await?;
+        if zeros && self.geo.v3 {
+            // A zero cluster: no data, and it hides whatever lies below it. (Version 2
+            // has no zero flag: the zeros are written as data below.)
+            self.set_l2_entry(&mut m, cluster, ZERO);
+            return Ok(true);
+        }
         let host = self.alloc_clusters(&mut m, 1).await?;
         m.allocating.insert(cluster);
         let io = self.gate.read().await;

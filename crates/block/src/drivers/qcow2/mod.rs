@@ -657,11 +657,12 @@ impl Qcow2Driver {
 }
 
 impl Qcow2Driver {
-    /// `block-stream`'s end: the image holds everything its backing chain supplied, so
-    /// the header stops naming a backing file and the link goes. Metadata is flushed
-    /// and synced first: a header without a backing name over L2 entries not yet on
-    /// disk would read zeros where the streamed data is.
-    async fn unlink_backing(&self) -> Result<()> {
+    /// `block-stream`'s end: the image holds everything its backing chain supplied
+    /// (above `base`, when one stays), so the header stops naming a backing file, or
+    /// names the base's, and the link goes (to the base). Metadata is flushed and synced
+    /// first: a header without the old backing name over L2 entries not yet on disk
+    /// would read zeros, or the base's data, where the streamed data is.
+    async fn replace_backing(&self, base: Option<(Attachment, &str, &str)>) -> Result<()> {
         let mut m = self.meta.lock().await;
         self.check_open(&m)?;
         if self.read_only {
@@ -672,45 +673,55 @@ impl Qcow2Driver {
         }
         self.flush_meta(&mut m).await?;
         self.sync_file().await?;
-        if m.backing_file.is_some() {
-            let extensions: Vec<(u32, Vec<u8>)> = m
-                .extensions
-                .iter()
-                .filter(|(kind, _)| *kind != header::EXT_BACKING_FORMAT)
-                .cloned()
-                .collect();
+        let name = base.as_ref().map(|(_, name, _)| name.to_string());
+        if m.backing_file.is_some() || name.is_some() {
+            let mut extensions: Vec<(u32, Vec<u8>)> = Vec::new();
+            if let Some((_, _, format)) = &base {
+                extensions.push((header::EXT_BACKING_FORMAT, format.as_bytes().to_vec()));
+            }
+            extensions.extend(
+                m.extensions
+                    .iter()
+                    .filter(|(kind, _)| *kind != header::EXT_BACKING_FORMAT)
+                    .cloned(),
+            );
             let cs = self.geo.cluster_size as usize;
             let mut cluster0 = self.file.read(0, IoBuf::zeroed(cs)).await?.to_vec();
+            // No backing file: offset and length zero (a name sets them again).
+            cluster0[8..20].fill(0);
             header::rewrite_extensions(
                 &mut cluster0,
                 self.header.header_length as usize,
                 &extensions,
-                None,
+                name.as_deref(),
             )?;
-            // No backing file: offset and length zero.
-            cluster0[8..20].fill(0);
             self.write_file(0, IoBuf::from_slice(&cluster0), WriteFlags::default())
                 .await?;
             self.sync_file().await?;
             m.extensions = extensions;
-            m.backing_file = None;
+            m.backing_file = name;
         }
-        *self.backing.write().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.backing.write().unwrap_or_else(|e| e.into_inner()) =
+            base.map(|(link, _, _)| std::sync::Arc::new(link));
         Ok(())
     }
 }
 
 #[async_trait]
 impl BackingFile for Qcow2Driver {
-    async fn populate_from_backing(&self, offset: u64, len: u64) -> Result<u64> {
+    async fn populate_from_backing(&self, offset: u64, len: u64, keep_zeros: bool) -> Result<u64> {
         let cs = self.geo.cluster_size;
         let cluster = offset / cs;
-        self.populate_cluster(cluster).await?;
+        self.populate_cluster(cluster, keep_zeros).await?;
         Ok(((cluster + 1) * cs).min(self.geo.size).min(offset + len) - offset)
     }
 
     async fn drop_backing(&self) -> Result<()> {
-        self.unlink_backing().await
+        self.replace_backing(None).await
+    }
+
+    async fn relink_backing(&self, base: Attachment, name: &str, format: &str) -> Result<()> {
+        self.replace_backing(Some((base, name, format))).await
     }
 
     fn backing(&self) -> Option<std::sync::Arc<Attachment>> {
