@@ -111,6 +111,19 @@ impl GraphState {
         }
     }
 
+    /// An image's backing link from `overlay` to `below`: to `below` itself, not to
+    /// filters above it.
+    fn backing_link(&mut self, overlay: &Node, below: Arc<Node>) -> Attachment {
+        self.attach(
+            below,
+            AttachUser::Parent {
+                parent: overlay.name().to_string(),
+                role: "backing",
+            },
+            false,
+        )
+    }
+
     fn attach(&mut self, target: Arc<Node>, user: AttachUser, follows_filters: bool) -> Attachment {
         let held = follows_filters
             .then(|| self.filtering.get_mut(&target.name))
@@ -293,15 +306,7 @@ impl NodeGraph {
     /// link is to `below` itself, not to filters above it, as an image's own backing
     /// link is; and an implicit `below` becomes the overlay's to close with it.
     pub fn attach_backing(&self, overlay: &Node, below: &Arc<Node>) -> Attachment {
-        let mut state = self.state();
-        let link = state.attach(
-            below.clone(),
-            AttachUser::Parent {
-                parent: overlay.name().to_string(),
-                role: "backing",
-            },
-            false,
-        );
+        let link = self.state().backing_link(overlay, below.clone());
         if below.implicit {
             let mut adopted = overlay
                 .implicit_children

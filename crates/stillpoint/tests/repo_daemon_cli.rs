@@ -80,6 +80,22 @@ fn backup(q: &mut Qmp, args: Value) -> Value {
     }
 }
 
+/// A full backup of `src` into `target` in one `transaction` with a new persistent
+/// bitmap `b0` on `src`, waited for.
+fn full_with_new_bitmap(q: &mut Qmp, job: &str, target: &str) {
+    let r = q.cmd(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "src", "name": "b0", "persistent": true}},
+            {"type": "blockdev-backup", "data":
+                {"job-id": job, "device": "src", "target": target, "sync": "full"}}]}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let done = q.wait_event("BLOCK_JOB_COMPLETED")["data"].clone();
+    assert!(done.get("error").is_none(), "{done}");
+}
+
 fn snapshots(repo: &Path) -> Vec<Value> {
     let out = ours(&["repo", "snapshots", s(repo), "--json"]);
     serde_json::from_str::<Vec<Value>>(&out).unwrap()
@@ -386,17 +402,7 @@ fn a_raw_disks_bitmap_survives_a_restart_and_a_crash_makes_it_inconsistent() {
             "blockdev-add",
             repo_node("r0", &repo, "vm", size, Value::Null),
         );
-        let r = q.cmd(
-            "transaction",
-            json!({"actions": [
-                {"type": "block-dirty-bitmap-add",
-                 "data": {"node": "src", "name": "b0", "persistent": true}},
-                {"type": "blockdev-backup", "data":
-                    {"job-id": "full", "device": "src", "target": "r0", "sync": "full"}}]}),
-        );
-        assert!(r.get("return").is_some(), "{r}");
-        let done = q.wait_event("BLOCK_JOB_COMPLETED")["data"].clone();
-        assert!(done.get("error").is_none(), "{done}");
+        full_with_new_bitmap(&mut q, "full", "r0");
         let files = sidecar();
         assert_eq!(files.len(), 1, "state dir {state_dir}: {files:?}");
         assert_eq!(files[0].starts_with(&state), state_dir, "{files:?}");
@@ -465,17 +471,7 @@ fn a_raw_disks_bitmap_survives_a_restart_and_a_crash_makes_it_inconsistent() {
             "block-dirty-bitmap-remove",
             json!({"node": "src", "name": "b0"}),
         );
-        let r = q.cmd(
-            "transaction",
-            json!({"actions": [
-                {"type": "block-dirty-bitmap-add",
-                 "data": {"node": "src", "name": "b0", "persistent": true}},
-                {"type": "blockdev-backup", "data":
-                    {"job-id": "full2", "device": "src", "target": "r2", "sync": "full"}}]}),
-        );
-        assert!(r.get("return").is_some(), "{r}");
-        let done = q.wait_event("BLOCK_JOB_COMPLETED")["data"].clone();
-        assert!(done.get("error").is_none(), "{done}");
+        full_with_new_bitmap(&mut q, "full2", "r2");
         let third = node_state(&mut q, "r2")["snapshot"]
             .as_str()
             .unwrap()
@@ -778,17 +774,7 @@ fn a_daemon_snapshot_that_records_its_bitmap_lets_the_cli_read_only_what_changed
             node["bitmap"] = json!("b0");
         }
         q.cmd("blockdev-add", node);
-        let r = q.cmd(
-            "transaction",
-            json!({"actions": [
-                {"type": "block-dirty-bitmap-add",
-                 "data": {"node": "src", "name": "b0", "persistent": true}},
-                {"type": "blockdev-backup", "data":
-                    {"job-id": "full", "device": "src", "target": "r0", "sync": "full"}}]}),
-        );
-        assert!(r.get("return").is_some(), "{r}");
-        let done = q.wait_event("BLOCK_JOB_COMPLETED")["data"].clone();
-        assert!(done.get("error").is_none(), "{done}");
+        full_with_new_bitmap(&mut q, "full", "r0");
         nbd_write(&mut q, dir.path(), &["write -P 0x5a 1M 64k"]);
         q.cmd("quit", json!({}));
         drop(q);

@@ -92,14 +92,7 @@ impl NodeGraph {
             if top.backing().is_some() {
                 return Err(Error::invalid("The overlay already has a backing image"));
             }
-            let link = state.attach(
-                below.clone(),
-                AttachUser::Parent {
-                    parent: top.name().to_string(),
-                    role: "backing",
-                },
-                false,
-            );
+            let link = state.backing_link(&top, below.clone());
             top.driver()
                 .backing_file()
                 .ok_or_else(|| Error::unsupported("The overlay does not support backing images"))?
