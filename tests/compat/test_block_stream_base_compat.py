@@ -12,6 +12,8 @@ content, what it reads once the layers between are gone, and `qemu-img check`.
 import json
 import subprocess
 
+import pytest
+
 from harness import run_both
 from test_block_stream_compat import digest, nbd_io, qemu_io_file, until_gone
 
@@ -58,7 +60,8 @@ async def stream_and_check(d, t, args, expected_len):
     return r
 
 
-def test_block_stream_with_base_node_keeps_the_base_as_qemu_does(tmp_path):
+@pytest.mark.parametrize("keep", [{"base-node": "base"}, {"bottom": "mid"}], ids=["base-node", "bottom"])
+def test_block_stream_with_base_node_keeps_the_base_as_qemu_does(tmp_path, keep):
     async def scenario(d):
         t = d.tmp
         make_chain(t)
@@ -79,7 +82,7 @@ def test_block_stream_with_base_node_keeps_the_base_as_qemu_does(tmp_path):
              await d.run("block-stream", {"job-id": "x", "device": "top", "base": f"{t}/base.qcow2",
                                           "bottom": "mid"}),
              await d.run("block-stream", {"job-id": "x", "device": "mid", "base-node": "top"})]
-        r += await stream_and_check(d, t, {"base-node": "base"}, 8 << 20)
+        r += await stream_and_check(d, t, keep, 8 << 20)
         r.append(nodes(t, await d.run("query-named-block-nodes")))
         r.append(await d.run("blockdev-del", {"node-name": "base"}))
         r.append(await d.run("block-export-del", {"id": "e"}))
