@@ -4,6 +4,11 @@
 //! backing data under every write, its backing link and header name are gone, and a
 //! fresh open of the file alone reads the same.
 //!
+//! And down to a base that stays: the image over a qcow2 layer (seeded data and zeros)
+//! over the raw file, streamed with `base` naming the raw file. Afterwards the header
+//! names the raw file, the middle layer is deleted, and a fresh open over the raw file
+//! alone reads the same (so the layer's zeros were kept where the raw file has data).
+//!
 //! Each seed picks the size, the cluster size (4 KiB to 64 KiB) and the speed.
 //! `STILLPOINT_SEEDS=N` / `STILLPOINT_SEED=S` as in the backup invariant test.
 
@@ -47,7 +52,41 @@ async fn read_all(graph: &NodeGraph, node: &str, size: u64) -> Vec<u8> {
     out
 }
 
-async fn run_seed(seed: u64) {
+/// Writes seeded data and zeros into `layer` (a qcow2 image over `model`'s content),
+/// and into `model`.
+async fn fill_layer(layer: &std::path::Path, size: u64, rng: &mut Rng, model: &mut [u8]) {
+    let graph = NodeGraph::new();
+    graph
+        .add(options(json!({"driver":"qcow2","node-name":"layer",
+            "file":{"driver":"file","filename":layer}})))
+        .await
+        .unwrap();
+    let writer = graph
+        .attach("layer", AttachUser::Other("fill".into()))
+        .unwrap();
+    for _ in 0..24 {
+        let len = 1 + rng.below(96 << 10).min(size - 1);
+        let at = rng.below(size - len + 1);
+        if rng.below(2) == 0 {
+            writer
+                .write_zeroes(at, len, ZeroFlags::default())
+                .await
+                .unwrap();
+            model[at as usize..(at + len) as usize].fill(0);
+        } else {
+            let data = rng.bytes(len as usize);
+            writer
+                .write(at, IoBuf::from_slice(&data), WriteFlags::default())
+                .await
+                .unwrap();
+            model[at as usize..(at + len) as usize].copy_from_slice(&data);
+        }
+    }
+    drop(writer);
+    graph.close_all().await.unwrap();
+}
+
+async fn run_seed(seed: u64, keep_base: bool) {
     let mut rng = Rng(seed ^ 0x57_4ea3);
     let size = (1 << 20) + 4096 * rng.below(256);
     let cluster_bits = 12 + rng.below(5) as u32;
@@ -59,31 +98,43 @@ async fn run_seed(seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.raw");
     seeded_source(&base, size, &mut rng);
+    let mut content = std::fs::read(&base).unwrap();
+    content.resize(size as usize, 0);
+    let layer_over = |path: &std::path::Path, below: &std::path::Path, format: &str| {
+        qcow2::create_file(
+            path,
+            &qcow2::header::CreateOptions {
+                size,
+                cluster_bits,
+                backing_file: Some(below.display().to_string()),
+                backing_format: Some(format.into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    };
+    let mid = dir.path().join("mid.qcow2");
     let top = dir.path().join("top.qcow2");
-    qcow2::create_file(
-        &top,
-        &qcow2::header::CreateOptions {
-            size,
-            cluster_bits,
-            backing_file: Some(base.display().to_string()),
-            backing_format: Some("raw".into()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    if keep_base {
+        layer_over(&mid, &base, "raw");
+        fill_layer(&mid, size, &mut rng, &mut content).await;
+        layer_over(&top, &mid, "qcow2");
+    } else {
+        layer_over(&top, &base, "raw");
+    }
     let graph = Arc::new(NodeGraph::new());
     graph
         .add(options(json!({"driver":"qcow2","node-name":"top",
             "file":{"driver":"file","filename":top}})))
         .await
         .unwrap();
-    let model = Arc::new(Mutex::new(std::fs::read(&base).unwrap()));
-    model.lock().unwrap().resize(size as usize, 0);
+    let model = Arc::new(Mutex::new(content));
 
     let registry = JobRegistry::new();
     let mut events = registry.subscribe();
     let mut stream = StreamOptions {
         job_id: "s".into(),
+        base_file: keep_base.then(|| base.display().to_string()),
         ..Default::default()
     };
     stream.job.speed = speed;
@@ -150,7 +201,12 @@ async fn run_seed(seed: u64) {
         .expect("BLOCK_JOB_COMPLETED");
     assert_eq!(completed, (None, size), "seed {seed}");
     let node = graph.node("top").unwrap();
-    assert!(node.backing().is_none(), "seed {seed}: still linked");
+    let linked = node.backing().and_then(|b| b.node().filename());
+    assert_eq!(
+        linked,
+        keep_base.then(|| base.clone()),
+        "seed {seed}: the link"
+    );
 
     let expect = model.lock().unwrap().clone();
     let got = read_all(&graph, "top", size).await;
@@ -163,11 +219,24 @@ async fn run_seed(seed: u64) {
     drop(node);
     graph.close_all().await.unwrap();
 
-    // The file alone: no backing name, same content.
+    // The file alone (or over the base alone): the header says so, same content.
     let header = qcow2::read_file_header(&top).unwrap().unwrap();
-    assert_eq!(header.backing_file, None, "seed {seed}");
-    assert_eq!(header.backing_format, None, "seed {seed}");
-    std::fs::remove_file(&base).unwrap();
+    let base_name = base.display().to_string();
+    assert_eq!(
+        header.backing_file.as_deref(),
+        keep_base.then_some(base_name.as_str()),
+        "seed {seed}"
+    );
+    assert_eq!(
+        header.backing_format.as_deref(),
+        keep_base.then_some("raw"),
+        "seed {seed}"
+    );
+    if keep_base {
+        std::fs::remove_file(&mid).unwrap();
+    } else {
+        std::fs::remove_file(&base).unwrap();
+    }
     let fresh = NodeGraph::new();
     fresh
         .add(options(json!({"driver":"qcow2","node-name":"alone",
@@ -186,6 +255,13 @@ async fn run_seed(seed: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_under_guest_writes_leaves_the_image_standing_alone_with_every_write() {
     for seed in common::seeds(12) {
-        run_seed(seed).await;
+        run_seed(seed, false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_down_to_a_base_under_guest_writes_leaves_the_image_over_the_base_alone() {
+    for seed in common::seeds(12) {
+        run_seed(seed, true).await;
     }
 }
