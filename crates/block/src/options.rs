@@ -857,6 +857,40 @@ mod tests {
     }
 
     #[test]
+    fn a_repository_node_writes_a_snapshot_with_a_bitmap_or_reads_one_without() {
+        let opts = parse(
+            json!({"driver":"repository","node-name":"r","repository":"/srv/r",
+            "disk":"vm1","size":1048576,"parent":"latest","bitmap":"daily"}),
+        )
+        .unwrap();
+        let DriverOptions::Repository(repo) = opts.driver else {
+            panic!()
+        };
+        assert_eq!(
+            repo.role,
+            RepositoryRole::Write {
+                disk: "vm1".into(),
+                size: 1048576,
+                parent: ParentSnapshot::Latest,
+                bitmap: Some("daily".into()),
+            }
+        );
+        let refused = err(
+            json!({"driver":"repository","node-name":"r","repository":"/srv/r",
+            "snapshot":"vm1","bitmap":"daily"}),
+        );
+        assert!(
+            refused.contains("cannot be given with 'disk', 'size', 'parent' or 'bitmap'"),
+            "{refused}"
+        );
+        let refused = err(
+            json!({"driver":"repository","node-name":"r","repository":"/srv/r",
+            "disk":"vm1","size":1048576,"bitmap":7}),
+        );
+        assert!(refused.contains("bitmap"), "{refused}");
+    }
+
+    #[test]
     fn a_child_may_name_an_existing_node() {
         let opts =
             parse(json!({"driver":"raw","node-name":"d","file":"file0","offset":512})).unwrap();
