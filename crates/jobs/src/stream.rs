@@ -166,6 +166,14 @@ pub fn start_stream(
         depth: at as u32,
         header_name: options.backing_file.clone().unwrap_or(name),
     });
+    if let Some(base) = base.as_ref().filter(|b| b.header_name.is_empty()) {
+        // An empty name would leave the header without a backing file while the data
+        // below the image still lives in the base: a reopened image would read zeros.
+        return Err(JobError::generic(format!(
+            "Node '{}' has no file name to record as the backing file: give backing-file",
+            base.node.name()
+        )));
+    }
     if top.driver().backing_file().is_none() && top.backing().is_none() {
         // A raw node has no backing chain to stream, and nowhere to put one.
         return Err(JobError::generic(format!(

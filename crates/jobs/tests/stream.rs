@@ -265,3 +265,54 @@ async fn a_stream_down_to_a_base_under_guest_writes_leaves_the_image_over_the_ba
         run_seed(seed, true).await;
     }
 }
+
+#[tokio::test]
+async fn a_base_without_a_file_name_is_refused_unless_backing_file_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path().join("top.qcow2");
+    qcow2::create_file(
+        &top,
+        &qcow2::header::CreateOptions {
+            size: 1 << 20,
+            cluster_bits: 16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let graph = Arc::new(NodeGraph::new());
+    graph
+        .add(options(
+            json!({"driver":"null-co","node-name":"nameless","size":1 << 20}),
+        ))
+        .await
+        .unwrap();
+    graph
+        .add(options(
+            json!({"driver":"qcow2","node-name":"top","backing":"nameless",
+            "file":{"driver":"file","filename":top}}),
+        ))
+        .await
+        .unwrap();
+    let registry = JobRegistry::new();
+    let stream = |backing_file: Option<&str>| StreamOptions {
+        job_id: "s".into(),
+        base_node: Some("nameless".into()),
+        backing_file: backing_file.map(str::to_string),
+        ..Default::default()
+    };
+    let refused = start_stream(&graph, &registry, "top", stream(None))
+        .err()
+        .expect("refused");
+    assert!(
+        refused.to_string().contains("no file name to record"),
+        "{refused}"
+    );
+    // Nothing changed: the image is still linked and its header names nothing new.
+    assert!(graph.node("top").unwrap().backing().is_some());
+    let mut events = registry.subscribe();
+    start_stream(&graph, &registry, "top", stream(Some("nameless.img"))).unwrap();
+    events_until(&mut events, "s", JobStatus::Concluded).await;
+    graph.close_all().await.unwrap();
+    let header = qcow2::read_file_header(&top).unwrap().unwrap();
+    assert_eq!(header.backing_file.as_deref(), Some("nameless.img"));
+}
