@@ -300,9 +300,9 @@ async fn a_base_without_a_file_name_is_refused_unless_backing_file_names_it() {
         backing_file: backing_file.map(str::to_string),
         ..Default::default()
     };
-    let refused = start_stream(&graph, &registry, "top", stream(None))
-        .err()
-        .expect("refused");
+    let Err(refused) = start_stream(&graph, &registry, "top", stream(None)) else {
+        panic!("a base with no file name was taken");
+    };
     assert!(
         refused.to_string().contains("no file name to record"),
         "{refused}"
