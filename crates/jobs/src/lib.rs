@@ -15,7 +15,8 @@
 //!   use.
 //! * [`backup`]: the backup job (sync modes, bitmaps, completion), built from the above.
 //! * [`stream`]: the stream job (`block-stream`): a qcow2 image's backing chain copied
-//!   into it while it is in use, then the link dropped (live restore is built on it).
+//!   into it while it is in use, then the link dropped (live restore is built on it),
+//!   with the copy-on-read filter it puts above the image meanwhile (`copy_on_read`).
 //!
 //! # The invariant
 //!
@@ -100,6 +101,7 @@ pub mod backup;
 pub mod block_copy;
 pub mod cluster_size;
 pub mod copy_before_write;
+mod copy_on_read;
 pub mod job;
 pub mod ratelimit;
 pub mod stream;

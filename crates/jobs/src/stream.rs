@@ -33,7 +33,13 @@
 //! the chain close if the image's header had opened them. A job that fails or is
 //! cancelled leaves the link, and what it copied (which reads the same as before).
 //!
-//! Not supported yet: `filter-node-name` (QEMU's copy-on-read filter; refused).
+//! # The filter
+//!
+//! While the job runs, a copy-on-read filter sits above the image (as QEMU's does,
+//! named by `filter-node-name` or generated): a guest read copies what it covers from
+//! the layers being streamed into the image first (`crate::copy_on_read`), so a live
+//! restore fetches what the guest reads once. The filter goes before the link changes
+//! at the end, and with the job whatever way it ends.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -42,8 +48,11 @@ use async_trait::async_trait;
 use block::AttachUser;
 use block::Attachment;
 use block::Node;
+use block::graph::FilterSpec;
 use block::graph::NodeGraph;
 use block::node::driver::BackingFile;
+
+use crate::copy_on_read::CorFilter;
 
 use crate::job::ErrorAction;
 use crate::job::ErrorPolicy;
@@ -69,6 +78,8 @@ pub struct StreamOptions {
     pub bottom: Option<String>,
     /// `backing-file`: the name to write into the header (only with a base).
     pub backing_file: Option<String>,
+    /// `filter-node-name`: the copy-on-read filter's name (generated when absent).
+    pub filter_node_name: Option<String>,
     /// `on-error`.
     pub on_error: ErrorPolicy,
     /// Finalize, dismiss, speed.
@@ -83,6 +94,15 @@ struct StreamJob {
     /// Holds the node for the job ("in use by block job: stream").
     hold: Mutex<Option<Attachment>>,
     on_error: ErrorPolicy,
+    /// What to copy; the copy-on-read filter shares it.
+    copy: Arc<ChainCopy>,
+    /// The copy-on-read filter's node name, until the filter is removed.
+    filter: Mutex<Option<String>>,
+}
+
+/// What a stream copies into its image, for the job's pass and its filter alike.
+#[derive(Debug)]
+pub(crate) struct ChainCopy {
     /// `bottom` was the top: copy nothing, keep the link.
     nothing: bool,
     /// The node that stays below, if any.
@@ -90,6 +110,7 @@ struct StreamJob {
 }
 
 /// A stream's base: the node that stays the image's backing node.
+#[derive(Debug)]
 struct Base {
     node: Arc<Node>,
     /// Its place in the chain: 0 for the image's backing node, 1 below it, and so on.
@@ -98,8 +119,9 @@ struct Base {
     header_name: String,
 }
 
-/// Starts streaming the whole backing chain of node `device` into it.
-pub fn start_stream(
+/// Starts streaming the whole backing chain of node `device` into it, or the part
+/// above the base the options name, with a copy-on-read filter above the image.
+pub async fn start_stream(
     graph: &Arc<NodeGraph>,
     registry: &JobRegistry,
     device: &str,
@@ -156,6 +178,17 @@ pub fn start_stream(
             }
         }
     }
+    // A node some job holds (the image, or a stream's own filter above it) is busy,
+    // checked before the rest, as QEMU checks its blockers.
+    let busy = graph
+        .users_of(device)
+        .into_iter()
+        .find(|u| matches!(u, AttachUser::Job { .. }));
+    if let Some(AttachUser::Job { job_type }) = busy {
+        return Err(JobError::generic(format!(
+            "Node '{device}' is busy: block device is in use by block job: {job_type}"
+        )));
+    }
     if options.backing_file.is_some() && base.is_none() {
         return Err(JobError::generic(
             "backing file specified, but streaming the entire chain",
@@ -182,16 +215,6 @@ pub fn start_stream(
         )));
     }
     let job = registry.create(&options.job_id, JobType::Stream, options.job)?;
-    let busy = graph
-        .users_of(device)
-        .into_iter()
-        .find(|u| matches!(u, AttachUser::Job { .. }));
-    if let Some(AttachUser::Job { job_type }) = busy {
-        registry.discard(&job);
-        return Err(JobError::generic(format!(
-            "Node '{device}' is busy: block device is in use by block job: {job_type}"
-        )));
-    }
     let hold = match graph.attach(
         device,
         AttachUser::Job {
@@ -204,13 +227,34 @@ pub fn start_stream(
             return Err(JobError::generic(e.to_string()));
         }
     };
+    let copy = Arc::new(ChainCopy { nothing, base });
+    let filter_copy = copy.clone();
+    let spec = FilterSpec {
+        above: device.to_string(),
+        name: options.filter_node_name.clone(),
+        build: Box::new(move |image| {
+            Ok(Box::new(CorFilter::new(image, filter_copy)) as Box<dyn block::BlockDriver>)
+        }),
+        // "Node X is in use" to blockdev-del, as QEMU answers for its stream filter.
+        owner: Some(AttachUser::Other("stream".into())),
+        implicit_children: Vec::new(),
+        discard: None,
+    };
+    let filter = match graph.insert_filters(vec![spec]).await {
+        Ok(mut filters) => filters.remove(0),
+        Err(e) => {
+            drop(hold);
+            registry.discard(&job);
+            return Err(JobError::generic(format!("Could not create node: {e}")));
+        }
+    };
     job.start(Arc::new(StreamJob {
         graph: graph.clone(),
         top,
         hold: Mutex::new(Some(hold)),
         on_error: options.on_error,
-        nothing,
-        base,
+        copy,
+        filter: Mutex::new(Some(filter.name().to_string())),
     }));
     Ok(job)
 }
@@ -228,11 +272,11 @@ impl JobDriver for StreamJob {
         let Some(backing) = self.top.backing() else {
             return Ok(());
         };
-        if self.nothing {
+        if self.copy.nothing {
             return Ok(());
         }
-        if self.base.as_ref().is_some_and(|b| b.depth == 0) {
-            return self.finish(format).await;
+        if self.copy.base.as_ref().is_some_and(|b| b.depth == 0) {
+            return self.finish(job.id(), format).await;
         }
         let len = self.top.length();
         job.progress_meter().set_total(len);
@@ -246,7 +290,7 @@ impl JobDriver for StreamJob {
                 continue;
             }
             job.set_busy(true);
-            let done = self.stream_some(format, &backing, offset, len).await;
+            let done = self.copy.copy_some(format, &backing, offset, len).await;
             job.set_busy(false);
             match done {
                 Ok((n, copied)) => {
@@ -269,33 +313,37 @@ impl JobDriver for StreamJob {
             }
         }
         drop(backing);
-        self.finish(format).await
+        self.finish(job.id(), format).await
     }
 
-    async fn clean(&self, _job: &Arc<Job>) {
+    async fn clean(&self, job: &Arc<Job>) {
+        self.remove_filter(job.id()).await;
         self.hold.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
-impl StreamJob {
-    /// Streams what needs it from `offset` on: one cluster, or a run the layers above
-    /// the base leave to it (skipped). Returns the bytes settled and whether any were
-    /// copied.
-    async fn stream_some(
+impl ChainCopy {
+    /// Copies what needs it from `offset` on, up to `end`: one cluster, or a run the
+    /// layers above the base leave to it (skipped). Returns the bytes settled and
+    /// whether any were copied.
+    pub(crate) async fn copy_some(
         &self,
         format: &dyn BackingFile,
         backing: &Attachment,
         offset: u64,
-        len: u64,
+        end: u64,
     ) -> block::Result<(u64, bool)> {
+        if self.nothing {
+            return Ok((end - offset, false));
+        }
         let Some(base) = &self.base else {
             let n = format
-                .populate_from_backing(offset, len - offset, false)
+                .populate_from_backing(offset, end - offset, false)
                 .await?;
             return Ok((n, true));
         };
-        let status = block::chain::block_status_above(backing, offset, len - offset).await?;
-        let run = status.extent.length.max(1).min(len - offset);
+        let status = block::chain::block_status_above(backing, offset, end - offset).await?;
+        let run = status.extent.length.max(1).min(end - offset);
         if !status.extent.status.allocated || status.depth >= base.depth {
             // The base's own (or nobody's): it stays below.
             return Ok((run, false));
@@ -303,13 +351,27 @@ impl StreamJob {
         let n = format.populate_from_backing(offset, run, true).await?;
         Ok((n, true))
     }
+}
+
+impl StreamJob {
+    /// Takes the copy-on-read filter out, once: its users go back to the image.
+    async fn remove_filter(&self, job: &str) {
+        let name = self.filter.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(name) = name
+            && let Err(e) = self.graph.remove_filter(&name).await
+        {
+            tracing::error!(job, "failed to remove the stream's filter {name}: {e}");
+        }
+    }
 
     /// The job's end: the link dropped, or moved to the base, in the header too; and
     /// the layers left out closed if the header had opened them (one the monitor added
     /// stays, for the user to delete).
-    async fn finish(&self, format: &dyn BackingFile) -> Result<(), JobFailure> {
+    async fn finish(&self, job: &str, format: &dyn BackingFile) -> Result<(), JobFailure> {
+        // The filter copies for the chain as it is; it goes before the chain changes.
+        self.remove_filter(job).await;
         let former = self.top.backing().map(|b| b.node());
-        match &self.base {
+        match &self.copy.base {
             None => format
                 .drop_backing()
                 .await

@@ -9,6 +9,9 @@
 //! names the raw file, the middle layer is deleted, and a fresh open over the raw file
 //! alone reads the same (so the layer's zeros were kept where the raw file has data).
 //!
+//! A reader reads random ranges meanwhile, through the stream's copy-on-read filter,
+//! whose copies race the writers' writes.
+//!
 //! Each seed picks the size, the cluster size (4 KiB to 64 KiB) and the speed.
 //! `STILLPOINT_SEEDS=N` / `STILLPOINT_SEED=S` as in the backup invariant test.
 
@@ -138,7 +141,9 @@ async fn run_seed(seed: u64, keep_base: bool) {
         ..Default::default()
     };
     stream.job.speed = speed;
-    start_stream(&graph, &registry, "top", stream).unwrap();
+    start_stream(&graph, &registry, "top", stream)
+        .await
+        .unwrap();
 
     let done = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
@@ -186,8 +191,27 @@ async fn run_seed(seed: u64, keep_base: bool) {
             n
         }));
     }
+    // A reader across both halves: its reads go through the stream's copy-on-read
+    // filter, which copies clusters in while the writers write them (what it reads is
+    // not checked here, racing the writers; the content after is).
+    let reader = {
+        let guest = graph
+            .attach("top", AttachUser::Other("reader".into()))
+            .unwrap();
+        let done = done.clone();
+        let mut rng = Rng(seed * 2 + 7);
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                let len = 1 + rng.below(64 << 10);
+                let at = rng.below(size - len + 1);
+                guest.read(at, IoBuf::zeroed(len as usize)).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
     let seen = events_until(&mut events, "s", JobStatus::Concluded).await;
     done.store(true, Ordering::Relaxed);
+    reader.await.unwrap();
     let mut writes = 0;
     for w in writers {
         writes += w.await.unwrap();
@@ -300,7 +324,7 @@ async fn a_base_without_a_file_name_is_refused_unless_backing_file_names_it() {
         backing_file: backing_file.map(str::to_string),
         ..Default::default()
     };
-    let Err(refused) = start_stream(&graph, &registry, "top", stream(None)) else {
+    let Err(refused) = start_stream(&graph, &registry, "top", stream(None)).await else {
         panic!("a base with no file name was taken");
     };
     assert!(
@@ -310,7 +334,9 @@ async fn a_base_without_a_file_name_is_refused_unless_backing_file_names_it() {
     // Nothing changed: the image is still linked and its header names nothing new.
     assert!(graph.node("top").unwrap().backing().is_some());
     let mut events = registry.subscribe();
-    start_stream(&graph, &registry, "top", stream(Some("nameless.img"))).unwrap();
+    start_stream(&graph, &registry, "top", stream(Some("nameless.img")))
+        .await
+        .unwrap();
     events_until(&mut events, "s", JobStatus::Concluded).await;
     graph.close_all().await.unwrap();
     let header = qcow2::read_file_header(&top).unwrap().unwrap();

@@ -132,6 +132,7 @@ pub async fn run(request: LiveRestore<'_>) -> anyhow::Result<()> {
         };
         options.job.speed = request.speed;
         let job = jobs::start_stream(&graph, &registry, "disk", options)
+            .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let finished = loop {
             tokio::select! {

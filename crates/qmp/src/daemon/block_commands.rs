@@ -16,16 +16,23 @@ pub(super) fn node_info(node: &block::Node) -> Value {
         DetectZeroes::On => "on",
         DetectZeroes::Unmap => "unmap",
     };
-    // The backing chain: its depth and the first backing file's name.
+    // The backing file's name, and the chain's depth: as QEMU counts it, a filter's
+    // link to the node it filters is a step too (a stream's copy-on-read filter over
+    // an image with two backing layers is 3 deep).
+    let backing_name = node
+        .backing()
+        .and_then(|b| b.node().filename())
+        .map(|p| p.display().to_string());
+    let below = |n: &block::Node| {
+        n.backing()
+            .map(|b| b.node())
+            .or_else(|| n.driver().filtered_child().map(|c| c.node()))
+    };
     let mut depth = 0;
-    let mut backing_name = None;
-    let mut below = node.backing().map(|b| b.node());
-    while let Some(b) = below {
+    let mut next = below(node);
+    while let Some(n) = next {
         depth += 1;
-        if backing_name.is_none() {
-            backing_name = b.filename().map(|p| p.display().to_string());
-        }
-        below = b.backing().map(|a| a.node());
+        next = below(&n);
     }
     let mut image = json!({
         "filename": filename, "format": node.driver_name(), "virtual-size": node.length(),

@@ -109,7 +109,7 @@ pub(super) static COMMANDS: &[Command] = &[
         ))
     }),
     command!("blockdev-backup", |d, _, m| d.blockdev_backup(m).await),
-    command!("block-stream", |d, _, m| d.block_stream(m)),
+    command!("block-stream", |d, _, m| d.block_stream(m).await),
     command!("query-block-jobs", |d, _, m| {
         m.finish()?;
         Ok(Value::Array(

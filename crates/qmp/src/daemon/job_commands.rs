@@ -146,8 +146,7 @@ pub(super) fn parse_backup(mut m: Members) -> Result<jobs::BackupRequest, QmpErr
     })
 }
 
-/// Parses `block-stream` arguments: QEMU's names; what Stillpoint cannot do yet is
-/// refused by name.
+/// Parses `block-stream` arguments, QEMU's names and all.
 fn parse_stream(mut m: Members) -> Result<(String, jobs::StreamOptions), QmpError> {
     let device = m.required("device", Members::string)?;
     let job_id = m.optional("job-id", Members::string)?.unwrap_or_default();
@@ -181,11 +180,6 @@ fn parse_stream(mut m: Members) -> Result<(String, jobs::StreamOptions), QmpErro
             "'bottom' and 'base-node' cannot be specified at the same time",
         ));
     }
-    if filter_node_name.is_some() {
-        return Err(QmpError::generic(
-            "filter-node-name is not supported by stillpoint's block-stream yet",
-        ));
-    }
     let options = jobs::StreamOptions {
         job_id,
         base_node,
@@ -194,6 +188,7 @@ fn parse_stream(mut m: Members) -> Result<(String, jobs::StreamOptions), QmpErro
         // to copy, as QEMU does (a job of length 0).
         bottom,
         backing_file,
+        filter_node_name,
         on_error: on_error.unwrap_or_default(),
         job: jobs::job::JobOptions {
             auto_finalize,
@@ -257,9 +252,9 @@ impl Daemon {
         Ok(json!({}))
     }
 
-    pub(crate) fn block_stream(&self, m: Members) -> Reply {
+    pub(crate) async fn block_stream(&self, m: Members) -> Reply {
         let (device, options) = parse_stream(m)?;
-        jobs::start_stream(&self.graph, &self.jobs, &device, options)?;
+        jobs::start_stream(&self.graph, &self.jobs, &device, options).await?;
         Ok(json!({}))
     }
 
