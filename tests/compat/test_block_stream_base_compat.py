@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from harness import run_both
-from test_block_stream_compat import digest, nbd_io, qemu_io_file, until_gone
+from test_block_stream_compat import digest, nbd_io, open_and_export_top, qemu_io_file, until_gone
 
 
 def make_chain(t):
@@ -111,11 +111,7 @@ def test_block_stream_with_base_by_file_name_closes_the_layers_between(tmp_path)
     async def scenario(d):
         t = d.tmp
         make_chain(t)
-        r = [await d.run("blockdev-add", {"driver": "qcow2", "node-name": "top",
-                                          "file": {"driver": "file", "filename": f"{t}/top.qcow2"}}),
-             await d.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": f"{t}/nbd.sock"}}}),
-             await d.run("block-export-add", {"type": "nbd", "id": "e", "node-name": "top",
-                                              "writable": True}),
+        r = await open_and_export_top(d) + [
              await d.run("block-stream", {"job-id": "x", "device": "top", "base": "nosuch.qcow2"})]
         anonymous = lambda reply: sum(1 for n in reply[1] if n["node-name"].startswith("#"))
         r.append(anonymous(await d.run("query-named-block-nodes")))

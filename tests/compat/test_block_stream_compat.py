@@ -53,6 +53,16 @@ async def nbd_io(d, *commands):
     return io.returncode, "verification failed" in io.stdout or "Pattern verification" in io.stdout
 
 
+async def open_and_export_top(d):
+    """top.qcow2 with the chain its header names, exported writable over NBD as "top"."""
+    t = d.tmp
+    return [await d.run("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                                         "file": {"driver": "file", "filename": f"{t}/top.qcow2"}}),
+            await d.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": f"{t}/nbd.sock"}}}),
+            await d.run("block-export-add", {"type": "nbd", "id": "e", "node-name": "top",
+                                             "writable": True})]
+
+
 async def until_gone(d, job, timeout=30):
     """Events up to job's JOB_STATUS_CHANGE to null (qemu-storage-daemon's refused
     jobs leave created/null pairs of their own before it)."""
@@ -70,13 +80,9 @@ def test_block_stream_of_a_live_qcow2_chain_matches_qemu(tmp_path):
         t = d.tmp
         make_chain(t)
         expected_before = digest(f"{t}/top.qcow2")
-        r = [await d.run("blockdev-add", {"driver": "qcow2", "node-name": "top",
-                                          "file": {"driver": "file", "filename": f"{t}/top.qcow2"}}),
+        r = await open_and_export_top(d) + [
              await d.run("blockdev-add", {"driver": "qcow2", "node-name": "solo",
                                           "file": {"driver": "file", "filename": f"{t}/solo.qcow2"}}),
-             await d.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": f"{t}/nbd.sock"}}}),
-             await d.run("block-export-add", {"type": "nbd", "id": "e", "node-name": "top",
-                                              "writable": True}),
              # Refusals, each in QEMU's words.
              await d.run("block-stream", {"job-id": "x", "device": "nosuch"}),
              await d.run("block-stream", {"device": "top"}),

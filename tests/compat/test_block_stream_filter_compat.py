@@ -15,7 +15,7 @@ import json
 import subprocess
 
 from harness import run_both
-from test_block_stream_compat import digest, make_chain, nbd_io, until_gone
+from test_block_stream_compat import digest, make_chain, nbd_io, open_and_export_top, until_gone
 
 
 def named(reply):
@@ -47,11 +47,7 @@ def test_block_stream_copy_on_read_filter_matches_qemu(tmp_path):
     async def scenario(d):
         t = d.tmp
         make_chain(t)
-        r = [await d.run("blockdev-add", {"driver": "qcow2", "node-name": "top",
-                                          "file": {"driver": "file", "filename": f"{t}/top.qcow2"}}),
-             await d.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": f"{t}/nbd.sock"}}}),
-             await d.run("block-export-add", {"type": "nbd", "id": "e", "node-name": "top",
-                                              "writable": True}),
+        r = await open_and_export_top(d) + [
              # Bad filter names, in QEMU's words.
              await d.run("block-stream", {"job-id": "x", "device": "top", "filter-node-name": "top"}),
              await d.run("block-stream", {"job-id": "x", "device": "top", "filter-node-name": "1bad"}),
