@@ -66,16 +66,10 @@ impl GraphState {
         self.slots.iter().filter_map(Weak::upgrade).collect()
     }
 
-    fn first_user(&mut self, node: &Arc<Node>) -> Option<AttachUser> {
-        self.live_slots()
-            .into_iter()
-            .find(|s| Arc::ptr_eq(&s.target.read().unwrap_or_else(|e| e.into_inner()), node))
-            .map(|s| s.user.clone())
-    }
-
-    /// The user that attached to `node` last: `blockdev-del` names it, as QEMU names
-    /// the newest of a node's blockers (after `block-stream` with a base, the image
-    /// relinked to it rather than the layer that was its parent first).
+    /// The user that attached to `node` last, or `None` when nothing uses it:
+    /// `blockdev-del` names it, as QEMU names the newest of a node's blockers (after
+    /// `block-stream` with a base, the image relinked to it rather than the layer that
+    /// was its parent first).
     fn newest_user(&mut self, node: &Arc<Node>) -> Option<AttachUser> {
         self.live_slots()
             .into_iter()
@@ -463,7 +457,7 @@ impl NodeGraph {
             let Some(node) = state.nodes.get(name).cloned() else {
                 return;
             };
-            if !node.implicit || state.first_user(&node).is_some() {
+            if !node.implicit || state.newest_user(&node).is_some() {
                 return;
             }
             state.nodes.remove(name);
@@ -491,7 +485,7 @@ impl NodeGraph {
                 let Some(child_node) = state.nodes.get(&child).cloned() else {
                     continue;
                 };
-                if state.first_user(&child_node).is_none() {
+                if state.newest_user(&child_node).is_none() {
                     state.nodes.remove(&child);
                     pending.push(child_node);
                 }
