@@ -26,7 +26,7 @@ use block::Result;
 use block::WriteFlags;
 use block::ZeroFlags;
 
-use crate::stream::ChainCopy;
+use crate::chain_copy::ChainCopy;
 
 /// The filter: its fixed link to the image being streamed, and what to copy.
 #[derive(Debug)]

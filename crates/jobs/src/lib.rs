@@ -16,7 +16,8 @@
 //! * [`backup`]: the backup job (sync modes, bitmaps, completion), built from the above.
 //! * [`stream`]: the stream job (`block-stream`): a qcow2 image's backing chain copied
 //!   into it while it is in use, then the link dropped (live restore is built on it),
-//!   with the copy-on-read filter it puts above the image meanwhile (`copy_on_read`).
+//!   with the copy-on-read filter it puts above the image meanwhile (`copy_on_read`);
+//!   both copy through `chain_copy`.
 //!
 //! # The invariant
 //!
@@ -99,6 +100,7 @@
 
 pub mod backup;
 pub mod block_copy;
+mod chain_copy;
 pub mod cluster_size;
 pub mod copy_before_write;
 mod copy_on_read;

@@ -52,6 +52,8 @@ use block::graph::FilterSpec;
 use block::graph::NodeGraph;
 use block::node::driver::BackingFile;
 
+use crate::chain_copy::Base;
+use crate::chain_copy::ChainCopy;
 use crate::copy_on_read::CorFilter;
 
 use crate::job::ErrorAction;
@@ -98,25 +100,6 @@ struct StreamJob {
     copy: Arc<ChainCopy>,
     /// The copy-on-read filter's node name, until the filter is removed.
     filter: Mutex<Option<String>>,
-}
-
-/// What a stream copies into its image, for the job's pass and its filter alike.
-#[derive(Debug)]
-pub(crate) struct ChainCopy {
-    /// `bottom` was the top: copy nothing, keep the link.
-    nothing: bool,
-    /// The node that stays below, if any.
-    base: Option<Base>,
-}
-
-/// A stream's base: the node that stays the image's backing node.
-#[derive(Debug)]
-struct Base {
-    node: Arc<Node>,
-    /// Its place in the chain: 0 for the image's backing node, 1 below it, and so on.
-    depth: u32,
-    /// The name the image's header gets for it.
-    header_name: String,
 }
 
 /// Starts streaming the whole backing chain of node `device` into it, or the part
@@ -319,37 +302,6 @@ impl JobDriver for StreamJob {
     async fn clean(&self, job: &Arc<Job>) {
         self.remove_filter(job.id()).await;
         self.hold.lock().unwrap_or_else(|e| e.into_inner()).take();
-    }
-}
-
-impl ChainCopy {
-    /// Copies what needs it from `offset` on, up to `end`: one cluster, or a run the
-    /// layers above the base leave to it (skipped). Returns the bytes settled and
-    /// whether any were copied.
-    pub(crate) async fn copy_some(
-        &self,
-        format: &dyn BackingFile,
-        backing: &Attachment,
-        offset: u64,
-        end: u64,
-    ) -> block::Result<(u64, bool)> {
-        if self.nothing {
-            return Ok((end - offset, false));
-        }
-        let Some(base) = &self.base else {
-            let n = format
-                .populate_from_backing(offset, end - offset, false)
-                .await?;
-            return Ok((n, true));
-        };
-        let status = block::chain::block_status_above(backing, offset, end - offset).await?;
-        let run = status.extent.length.max(1).min(end - offset);
-        if !status.extent.status.allocated || status.depth >= base.depth {
-            // The base's own (or nobody's): it stays below.
-            return Ok((run, false));
-        }
-        let n = format.populate_from_backing(offset, run, true).await?;
-        Ok((n, true))
     }
 }
 
