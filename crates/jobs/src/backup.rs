@@ -512,6 +512,12 @@ async fn prepare_backup(
         // A held write waits for its cluster's copy: only where the background pass
         // copies every cluster it must (not sync=none).
         redirect_writes: options.sync != SyncMode::None,
+        // A repository node encodes and stores each chunk after the copy has ended.
+        busy_pause_ratio: if assembles {
+            crate::block_copy::guest::REPOSITORY_BUSY_PAUSE_RATIO
+        } else {
+            crate::block_copy::guest::BUSY_PAUSE_RATIO
+        },
     };
     let progress = job.progress_meter().clone();
     let engine: Arc<Mutex<Option<Arc<BlockCopy>>>> = Arc::new(Mutex::new(None));

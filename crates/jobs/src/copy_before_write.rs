@@ -106,6 +106,7 @@ pub fn standalone(
         max_fragment_bytes: u64::MAX,
         // No background pass copies the clusters: a held write would wait for ever.
         redirect_writes: false,
+        busy_pause_ratio: crate::block_copy::guest::BUSY_PAUSE_RATIO,
     };
     let copy = BlockCopy::new(
         file,

@@ -156,6 +156,9 @@ pub struct BlockCopyOptions {
     /// copy-before-write read (see `redirect`). Only for a job whose background pass
     /// copies every cluster (a write is held until its cluster is copied).
     pub redirect_writes: bool,
+    /// While the guest is busy, each background copy is followed by a pause this many
+    /// times as long as it took (`guest`).
+    pub busy_pause_ratio: u32,
 }
 
 /// [`BlockCopyOptions::max_fragment_bytes`] for a target that assembles its clusters

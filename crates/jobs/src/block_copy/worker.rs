@@ -177,7 +177,9 @@ impl BlockCopy {
                         self.save_held_early().await;
                     }
                     if copied.is_ok()
-                        && let Some(pause) = self.guest.pause_after(began.elapsed())
+                        && let Some(pause) = self
+                            .guest
+                            .pause_after(began.elapsed(), self.options.busy_pause_ratio)
                         && !pause.is_zero()
                     {
                         // The slot stays taken: the guest has the disk to itself.
