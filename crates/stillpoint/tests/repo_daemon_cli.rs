@@ -487,8 +487,10 @@ fn a_daemon_killed_during_a_backup_into_the_repository_leaves_every_snapshot_who
     let repo = dir.path().join("repo");
     ours(&["repo", "init", s(&repo), "--chunk-size", "64K"]);
     let image = dir.path().join("disk.raw");
-    // Past one pack (32 MiB), so the kill comes after the second backup stored some.
-    let size = 48 << 20;
+    // Past two packs (32 MiB each) of the second backup's data, so its first pack is
+    // stored seconds before its end at the speed below (at 48 MiB the first pack came
+    // moments before the commit, and a loaded CI machine saw it only after).
+    let size = 96 << 20;
     mixed_image(&image, size, 5);
     let at_first = dir.path().join("first.raw");
     std::fs::copy(&image, &at_first).unwrap();
