@@ -55,7 +55,6 @@ use block::node::driver::BackingFile;
 use crate::chain_copy::Base;
 use crate::chain_copy::ChainCopy;
 use crate::copy_on_read::CorFilter;
-
 use crate::job::ErrorAction;
 use crate::job::ErrorPolicy;
 use crate::job::IoOperation;
