@@ -448,7 +448,8 @@ pub fn repo_files(data: &[u8]) {
                 assert_eq!((info2.disk, chunks2), (info.disk, chunks));
             }
         }
-        // A stored chunk: zstd or plain bytes claiming some plain length.
+        // A stored chunk: zstd or plain bytes claiming some plain length, whole or a
+        // delta.
         _ => {
             let raw_len = body.first().map_or(0, |&b| u32::from(b) << 12);
             let blob = format::BlobRef {
@@ -460,9 +461,27 @@ pub fn repo_files(data: &[u8]) {
                 } else {
                     format::Compression::None
                 },
+                // Bit 3: a delta (its header and runs come from the body), over a
+                // base of the claimed length.
+                base: (which & 8 != 0).then(|| format::ChunkId::of(b"base")),
             };
             let id = format::ChunkId::of(body);
-            let _ = format::decode_blob("fuzz", None, &id, &blob, body);
+            if blob.base.is_some() {
+                let base = vec![0xa5; raw_len as usize];
+                let mut out = vec![0; raw_len as usize];
+                let mut stored = body.to_vec();
+                let _ = format::decode_delta_into(
+                    "fuzz",
+                    None,
+                    &id,
+                    &blob,
+                    &mut stored,
+                    Some(&base),
+                    &mut out,
+                );
+            } else {
+                let _ = format::decode_blob("fuzz", None, &id, &blob, body);
+            }
         }
     }
 }

@@ -9,6 +9,10 @@
 //! Chunks added while the index is in use (a writer's own new packs) go into a small
 //! map beside it. `bench/chunk_index_memory` measures a 10-million-chunk index.
 //!
+//! A delta ([`BlobRef::base`]) is rare (an incremental's partly changed chunks): its
+//! entry has a flag, and its base's id sits in a map beside the entries, by the blob's
+//! place, so the 48 bytes stay the common case.
+//!
 //! A chunk can be in two packs (two writers stored it at once, or a repack copied it);
 //! lookups then prefer the copy in a pack that is not condemned ([`ChunkIndex::condemn`]).
 
@@ -21,6 +25,9 @@ use crate::format::Compression;
 
 /// The top bit of `raw_and_codec`: the blob is a zstd frame.
 const ZSTD_BIT: u32 = 1 << 31;
+/// The next bit: the blob is a delta; its base is in [`ChunkIndex::bases`].
+const DELTA_BIT: u32 = 1 << 30;
+const LEN_MASK: u32 = DELTA_BIT - 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
@@ -38,7 +45,8 @@ impl Entry {
             Compression::None => 0,
             Compression::Zstd => ZSTD_BIT,
         };
-        if blob.raw_len >= ZSTD_BIT {
+        let delta = if blob.base.is_some() { DELTA_BIT } else { 0 };
+        if blob.raw_len > LEN_MASK {
             return None;
         }
         Some(Self {
@@ -46,19 +54,25 @@ impl Entry {
             pack,
             offset: u32::try_from(blob.offset).ok()?,
             stored_len: blob.stored_len,
-            raw_and_codec: blob.raw_len | codec,
+            raw_and_codec: blob.raw_len | codec | delta,
         })
     }
 
-    fn blob(&self) -> BlobRef {
+    /// The blob, its base looked up in `bases` when it is a delta.
+    fn blob(&self, bases: &HashMap<(u32, u32), ChunkId>) -> BlobRef {
         BlobRef {
             offset: u64::from(self.offset),
             stored_len: self.stored_len,
-            raw_len: self.raw_and_codec & !ZSTD_BIT,
+            raw_len: self.raw_and_codec & LEN_MASK,
             codec: if self.raw_and_codec & ZSTD_BIT != 0 {
                 Compression::Zstd
             } else {
                 Compression::None
+            },
+            base: if self.raw_and_codec & DELTA_BIT != 0 {
+                bases.get(&(self.pack, self.offset)).copied()
+            } else {
+                None
             },
         }
     }
@@ -75,6 +89,8 @@ pub struct ChunkIndex {
     condemned: HashSet<u32>,
     sorted: Vec<Entry>,
     recent: HashMap<ChunkId, Entry>,
+    /// The bases of deltas, by (pack number, offset).
+    bases: HashMap<(u32, u32), ChunkId>,
     /// Entries pushed since the last sort.
     unsorted: bool,
 }
@@ -103,7 +119,12 @@ impl ChunkIndex {
         self.sorted.reserve(entries.len());
         for (id, blob) in entries {
             match Entry::new(*id, n, blob) {
-                Some(e) => self.sorted.push(e),
+                Some(e) => {
+                    if let Some(base) = blob.base {
+                        self.bases.insert((n, e.offset), base);
+                    }
+                    self.sorted.push(e)
+                }
                 None => return false,
             }
         }
@@ -121,14 +142,22 @@ impl ChunkIndex {
     }
 
     /// Sorts what was loaded, keeping one entry per chunk (one outside a condemned pack
-    /// where there is one), and gives back spare capacity.
+    /// where there is one, a whole one before a delta), and gives back spare capacity.
     pub fn finish_loading(&mut self) {
         if !self.unsorted {
             return;
         }
         let condemned = &self.condemned;
-        self.sorted
-            .sort_unstable_by_key(|e| (e.id, condemned.contains(&e.pack), e.pack));
+        // A whole copy before a delta of the same chunk: it reads without a base, and
+        // a collection then need not keep the base for it.
+        self.sorted.sort_unstable_by_key(|e| {
+            (
+                e.id,
+                condemned.contains(&e.pack),
+                e.raw_and_codec & DELTA_BIT != 0,
+                e.pack,
+            )
+        });
         self.sorted.dedup_by(|later, first| later.id == first.id);
         self.sorted.shrink_to_fit();
         self.unsorted = false;
@@ -140,6 +169,9 @@ impl ChunkIndex {
         // The offsets of packs this tool writes fit; a pack that did not would be one
         // we failed to write, so the assertion guards our own writer.
         let entry = Entry::new(id, n, &blob).expect("a pack we wrote has small offsets");
+        if let Some(base) = blob.base {
+            self.bases.insert((n, entry.offset), base);
+        }
         self.recent.insert(id, entry);
     }
 
@@ -158,7 +190,27 @@ impl ChunkIndex {
     /// Where `id` is: its pack and blob.
     pub fn get(&self, id: &ChunkId) -> Option<(&str, BlobRef)> {
         self.find(id)
-            .map(|e| (self.packs[e.pack as usize].as_str(), e.blob()))
+            .map(|e| (self.packs[e.pack as usize].as_str(), e.blob(&self.bases)))
+    }
+
+    /// The base `id` is a delta of, if it is one.
+    pub fn base_of(&self, id: &ChunkId) -> Option<ChunkId> {
+        self.find(id)
+            .filter(|e| e.raw_and_codec & DELTA_BIT != 0)
+            .and_then(|e| self.bases.get(&(e.pack, e.offset)).copied())
+    }
+
+    /// How many bases reading `id` reads first (0 for a whole chunk), up to `limit`
+    /// (a longer chain, or a loop in a damaged index, answers `limit`).
+    pub fn delta_depth(&self, id: &ChunkId, limit: usize) -> usize {
+        let mut at = *id;
+        for depth in 0..limit {
+            match self.base_of(&at) {
+                Some(base) => at = base,
+                None => return depth,
+            }
+        }
+        limit
     }
 
     /// Whether the repository has `id`.
@@ -166,10 +218,24 @@ impl ChunkIndex {
         self.find(id).is_some()
     }
 
-    /// Whether `id` is stored outside condemned packs (what a writer may dedup against).
+    /// Whether `id` is stored outside condemned packs (what a writer may dedup
+    /// against), and so is every base it is a delta of: a delta whose base only a
+    /// condemned pack holds would be lost with that pack.
     pub fn contains_live(&self, id: &ChunkId) -> bool {
-        self.find(id)
-            .is_some_and(|e| !self.condemned.contains(&e.pack))
+        let mut at = *id;
+        for _ in 0..=crate::format::MAX_DELTA_DEPTH {
+            if !self
+                .find(&at)
+                .is_some_and(|e| !self.condemned.contains(&e.pack))
+            {
+                return false;
+            }
+            match self.base_of(&at) {
+                Some(base) => at = base,
+                None => return true,
+            }
+        }
+        false
     }
 
     /// Whether a pack is condemned.
@@ -204,7 +270,7 @@ impl ChunkIndex {
             (
                 ChunkId(e.id),
                 self.packs[e.pack as usize].as_str(),
-                e.blob(),
+                e.blob(&self.bases),
             )
         })
     }
@@ -218,6 +284,7 @@ impl ChunkIndex {
     pub fn memory_bytes(&self) -> usize {
         self.sorted.capacity() * BYTES_PER_CHUNK
             + self.recent.capacity() * (32 + BYTES_PER_CHUNK + 8)
+            + self.bases.capacity() * (8 + 32 + 8)
             + self
                 .packs
                 .iter()
@@ -236,6 +303,7 @@ mod tests {
             stored_len: len,
             raw_len: len * 2,
             codec,
+            base: None,
         }
     }
 

@@ -20,6 +20,21 @@ const MANIFEST_MAGIC: &[u8; 4] = b"SPSN";
 /// Ends a pack whose index is sealed: the sealed index, its length, this magic.
 const SEALED_INDEX_MAGIC: &[u8; 4] = b"SPEX";
 const INDEX_ENTRY: usize = 32 + 8 + 4 + 4 + 1;
+/// A delta's index entry adds its base's id.
+const DELTA_ENTRY_EXTRA: usize = 32;
+/// The codec byte of an index entry: bit 0, a zstd frame; bit 1, a delta (the base's
+/// id follows the byte).
+const CODEC_ZSTD: u8 = 1;
+const CODEC_DELTA: u8 = 2;
+
+/// The longest chain of deltas: reading a chunk reads at most this many bases first.
+/// Writers make a delta only of a base with a shorter chain; readers refuse a longer
+/// one as damage (a loop in a hostile index ends here too).
+pub const MAX_DELTA_DEPTH: usize = 4;
+
+/// The most changed runs one delta holds (a chunk changed in more pieces is stored
+/// whole): bounds the header a reader allocates for.
+pub const MAX_DELTA_RUNS: usize = 128;
 
 /// The largest chunk a repository holds (its largest chunk size).
 pub const MAX_CHUNK: u64 = 4 << 20;
@@ -86,6 +101,9 @@ pub struct BlobRef {
     pub raw_len: u32,
     /// How the bytes are stored.
     pub codec: Compression,
+    /// For a delta, the chunk it changes: the blob holds only the changed runs
+    /// ([`encode_delta`]), and the chunk is that base with them written over it.
+    pub base: Option<ChunkId>,
 }
 
 /// Compresses `data` when that shrinks it.
@@ -97,6 +115,38 @@ pub fn encode_blob(data: &[u8], compression: Compression) -> (Vec<u8>, Compressi
         return (packed, Compression::Zstd);
     }
     (data.to_vec(), Compression::None)
+}
+
+/// A delta: the chunk `data` is its base with `runs` (offset, length, sorted, apart)
+/// changed, and every other byte as the base has it. Stored as the run count (u16),
+/// each run's offset and length (u32 each), then the runs' bytes back to back, that
+/// whole body compressed when that shrinks it. `None` when the runs are not a valid
+/// set for `data` (unsorted, overlapping, empty, past its end, more than
+/// [`MAX_DELTA_RUNS`]).
+pub fn encode_delta(
+    data: &[u8],
+    runs: &[(u32, u32)],
+    compression: Compression,
+) -> Option<(Vec<u8>, Compression)> {
+    if runs.is_empty() || runs.len() > MAX_DELTA_RUNS {
+        return None;
+    }
+    let mut body = Vec::with_capacity(2 + 8 * runs.len());
+    body.extend_from_slice(&(runs.len() as u16).to_le_bytes());
+    let mut end = 0u64;
+    for (n, &(at, len)) in runs.iter().enumerate() {
+        let run_end = u64::from(at) + u64::from(len);
+        if len == 0 || (n > 0 && u64::from(at) <= end) || run_end > data.len() as u64 {
+            return None;
+        }
+        end = run_end;
+        body.extend_from_slice(&at.to_le_bytes());
+        body.extend_from_slice(&len.to_le_bytes());
+    }
+    for &(at, len) in runs {
+        body.extend_from_slice(&data[at as usize..(at + len) as usize]);
+    }
+    Some(encode_blob(&body, compression))
 }
 
 /// The plaintext of a stored blob (opened first when `keys` is given), checked against
@@ -124,13 +174,28 @@ pub fn decode_blob(
 
 /// [`decode_blob`] into the chunk's place: `stored` is opened where it lies (so it is
 /// changed) and the plaintext lands in `out`, which must be the chunk's length. No
-/// allocation: what restore and large reads use.
+/// allocation: what restore and large reads use. A delta needs its base: see
+/// [`decode_delta_into`].
 pub fn decode_blob_into(
     key: &str,
     keys: Option<&Keys>,
     id: &ChunkId,
     blob: &BlobRef,
     stored: &mut [u8],
+    out: &mut [u8],
+) -> Result<()> {
+    decode_delta_into(key, keys, id, blob, stored, None, out)
+}
+
+/// [`decode_blob_into`] for any blob: a delta's `base` is its base chunk's plaintext
+/// (read and checked by the caller), `None` for a whole blob.
+pub fn decode_delta_into(
+    key: &str,
+    keys: Option<&Keys>,
+    id: &ChunkId,
+    blob: &BlobRef,
+    stored: &mut [u8],
+    base: Option<&[u8]>,
     out: &mut [u8],
 ) -> Result<()> {
     let stored: &[u8] = match keys {
@@ -145,6 +210,24 @@ pub fn decode_blob_into(
             out.len()
         )));
     }
+    match (blob.base, base) {
+        (None, None) => {}
+        (Some(_), Some(base)) => {
+            apply_delta(blob, stored, base, out).map_err(|why| bad(why.to_string()))?;
+            if ChunkId::keyed(keys, out) != *id {
+                return Err(bad("does not match its id".into()));
+            }
+            return Ok(());
+        }
+        (Some(b), None) => {
+            return Err(Error::Invalid(format!(
+                "chunk {} is a delta of chunk {}, which was not read",
+                id.hex(),
+                b.hex()
+            )));
+        }
+        (None, Some(_)) => return Err(Error::Invalid(format!("chunk {} is no delta", id.hex()))),
+    }
     match blob.codec {
         Compression::None if stored.len() == out.len() => out.copy_from_slice(stored),
         Compression::None => return Err(bad("does not match its id".into())),
@@ -156,6 +239,52 @@ pub fn decode_blob_into(
     }
     if ChunkId::keyed(keys, out) != *id {
         return Err(bad("does not match its id".into()));
+    }
+    Ok(())
+}
+
+/// A delta's body (decompressed) written over its base into `out`.
+fn apply_delta(
+    blob: &BlobRef,
+    stored: &[u8],
+    base: &[u8],
+    out: &mut [u8],
+) -> std::result::Result<(), &'static str> {
+    if base.len() != out.len() {
+        return Err("is a delta of a chunk of another length");
+    }
+    let unpacked;
+    let body: &[u8] = match blob.codec {
+        Compression::None => stored,
+        Compression::Zstd => {
+            // The body is the runs' bytes (at most the chunk) and their header.
+            let most = out.len() + 2 + 8 * MAX_DELTA_RUNS;
+            unpacked = zstd::bulk::decompress(stored, most).map_err(|_| "does not decompress")?;
+            &unpacked
+        }
+    };
+    let count = body
+        .get(..2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+        .ok_or("has a truncated delta")?;
+    if count == 0 || count > MAX_DELTA_RUNS || body.len() < 2 + 8 * count {
+        return Err("has a bad delta header");
+    }
+    let (header, mut bytes) = body[2..].split_at(8 * count);
+    out.copy_from_slice(base);
+    let mut end = 0usize;
+    for (n, run) in header.chunks_exact(8).enumerate() {
+        let at = u32::from_le_bytes(run[..4].try_into().unwrap()) as usize;
+        let len = u32::from_le_bytes(run[4..].try_into().unwrap()) as usize;
+        if len == 0 || (n > 0 && at <= end) || at + len > out.len() || len > bytes.len() {
+            return Err("has a bad delta run");
+        }
+        out[at..at + len].copy_from_slice(&bytes[..len]);
+        bytes = &bytes[len..];
+        end = at + len;
+    }
+    if !bytes.is_empty() {
+        return Err("has bytes past its delta runs");
     }
     Ok(())
 }
@@ -183,7 +312,7 @@ impl PackBuilder {
         for (id, blob) in &finished.entries {
             let at = blob.offset as usize;
             let stored = &finished.bytes[at..at + blob.stored_len as usize];
-            again.add(*id, stored, blob.raw_len, blob.codec);
+            again.add_blob(*id, stored, blob.raw_len, blob.codec, blob.base);
         }
         again
     }
@@ -202,11 +331,24 @@ impl PackBuilder {
 
     /// Appends a chunk's stored bytes.
     pub fn add(&mut self, id: ChunkId, stored: &[u8], raw_len: u32, codec: Compression) {
+        self.add_blob(id, stored, raw_len, codec, None);
+    }
+
+    /// Appends a chunk's stored bytes, a delta of `base` when given ([`encode_delta`]).
+    pub fn add_blob(
+        &mut self,
+        id: ChunkId,
+        stored: &[u8],
+        raw_len: u32,
+        codec: Compression,
+        base: Option<ChunkId>,
+    ) {
         let blob = BlobRef {
             offset: self.bytes.len() as u64,
             stored_len: stored.len() as u32,
             raw_len,
             codec,
+            base,
         };
         self.bytes.extend_from_slice(stored);
         self.entries.push((id, blob));
@@ -266,10 +408,17 @@ fn encode_index(entries: &[(ChunkId, BlobRef)]) -> Vec<u8> {
         body.extend_from_slice(&b.offset.to_le_bytes());
         body.extend_from_slice(&b.stored_len.to_le_bytes());
         body.extend_from_slice(&b.raw_len.to_le_bytes());
-        body.push(match b.codec {
+        let zstd = match b.codec {
             Compression::None => 0,
-            Compression::Zstd => 1,
-        });
+            Compression::Zstd => CODEC_ZSTD,
+        };
+        match b.base {
+            None => body.push(zstd),
+            Some(base) => {
+                body.push(zstd | CODEC_DELTA);
+                body.extend_from_slice(&base.0);
+            }
+        }
     }
     let digest = blake3::hash(&body);
     let mut out = body;
@@ -342,27 +491,51 @@ pub fn decode_index(
         return Err(bad("index too short"));
     }
     let count = u32::from_le_bytes(body[..4].try_into().unwrap()) as usize;
-    if body.len() != 4 + count * INDEX_ENTRY {
-        return Err(bad("index entry count does not match its length"));
+    let short = || bad("index entry count does not match its length");
+    // Entries are 49 bytes, a delta's 32 more: the count bounds the allocation.
+    if body.len() < 4 + count.checked_mul(INDEX_ENTRY).ok_or_else(short)? {
+        return Err(short());
     }
     let mut out = Vec::with_capacity(count);
-    for e in body[4..].chunks_exact(INDEX_ENTRY) {
+    let mut rest = &body[4..];
+    for _ in 0..count {
+        let e = rest.get(..INDEX_ENTRY).ok_or_else(short)?;
         let id = ChunkId(e[..32].try_into().unwrap());
+        let codec_byte = e[48];
+        if codec_byte & !(CODEC_ZSTD | CODEC_DELTA) != 0 {
+            return Err(bad("unknown compression"));
+        }
+        rest = &rest[INDEX_ENTRY..];
+        let base = if codec_byte & CODEC_DELTA != 0 {
+            let b = rest.get(..DELTA_ENTRY_EXTRA).ok_or_else(short)?;
+            rest = &rest[DELTA_ENTRY_EXTRA..];
+            let base = ChunkId(b.try_into().unwrap());
+            if base == ChunkId::ZERO || base == id {
+                return Err(bad("a delta of the zero chunk or of itself"));
+            }
+            Some(base)
+        } else {
+            None
+        };
         let blob = BlobRef {
             offset: u64::from_le_bytes(e[32..40].try_into().unwrap()),
             stored_len: u32::from_le_bytes(e[40..44].try_into().unwrap()),
             raw_len: u32::from_le_bytes(e[44..48].try_into().unwrap()),
-            codec: match e[48] {
-                0 => Compression::None,
-                1 => Compression::Zstd,
-                _ => return Err(bad("unknown compression")),
+            codec: if codec_byte & CODEC_ZSTD != 0 {
+                Compression::Zstd
+            } else {
+                Compression::None
             },
+            base,
         };
         let end = blob.offset.checked_add(u64::from(blob.stored_len));
         if blob.offset < 5 || end.is_none() || blobs_end.is_some_and(|limit| end.unwrap() > limit) {
             return Err(bad("blob outside the pack"));
         }
         out.push((id, blob));
+    }
+    if !rest.is_empty() {
+        return Err(short());
     }
     Ok(out)
 }

@@ -475,12 +475,20 @@ impl Repository {
                 Err(e) => return Err(e),
             };
             for c in chunks {
-                if c != ChunkId::ZERO
-                    && named.insert(c)
-                    && let Some((pack, blob)) = index.get(&c)
-                    && let Some(u) = usage.get_mut(pack)
-                {
-                    u.live += u64::from(blob.stored_len);
+                // A named delta names its base, and the base's base (a chain is at
+                // most MAX_DELTA_DEPTH long; the bound also ends a damaged loop).
+                let mut next = Some(c);
+                for _ in 0..=format::MAX_DELTA_DEPTH {
+                    let Some(c) = next.take() else { break };
+                    if c == ChunkId::ZERO || !named.insert(c) {
+                        break;
+                    }
+                    if let Some((pack, blob)) = index.get(&c) {
+                        if let Some(u) = usage.get_mut(pack) {
+                            u.live += u64::from(blob.stored_len);
+                        }
+                        next = blob.base;
+                    }
                 }
             }
         }
@@ -573,9 +581,10 @@ impl Repository {
                     let stored = whole
                         .get(at..at + blob.stored_len as usize)
                         .ok_or_else(|| Error::damaged(&key, "shorter than its index says"))?;
-                    // Checked before it is copied: damage is never carried on.
-                    format::decode_blob(&key, self.keys.as_ref(), c, &blob, stored)?;
-                    pack.add(*c, stored, blob.raw_len, blob.codec);
+                    // Checked before it is copied (a delta with its base): damage is
+                    // never carried on. A delta stays a delta of the same base.
+                    self.decode_stored(&index, &key, c, &blob, stored)?;
+                    pack.add_blob(*c, stored, blob.raw_len, blob.codec, blob.base);
                     if pack.len() >= super::PACK_TARGET_BYTES {
                         pack = store(pack)?;
                     }

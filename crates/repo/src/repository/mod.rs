@@ -258,17 +258,45 @@ impl Repository {
         })
     }
 
-    /// One chunk's plaintext, checked against its id.
+    /// One chunk's plaintext, checked against its id (a delta's base read first).
     pub fn read_chunk(&self, index: &ChunkIndex, id: &ChunkId) -> Result<Vec<u8>> {
-        let (pack, blob) = index
+        let (_, blob) = index
             .get(id)
             .ok_or_else(|| Error::NotFound(format!("chunk {} is in no pack", id.hex())))?;
-        let key = pack_key(pack);
-        let start = blob.offset;
-        let stored = self
-            .backend
-            .get(&key, Some(start..start + u64::from(blob.stored_len)))?;
-        format::decode_blob(&key, self.keys.as_ref(), id, &blob, &stored)
+        let mut out = vec![0; blob.raw_len as usize];
+        self.read_chunks_into(index, vec![(*id, &mut out[..])])?;
+        Ok(out)
+    }
+
+    /// A stored blob's plaintext, checked against its id, when the caller has its
+    /// stored bytes (verify, repack): a delta's base is read from the repository.
+    pub(crate) fn decode_stored(
+        &self,
+        index: &ChunkIndex,
+        key: &str,
+        id: &ChunkId,
+        blob: &format::BlobRef,
+        stored: &[u8],
+    ) -> Result<Vec<u8>> {
+        if u64::from(blob.raw_len) > format::MAX_CHUNK {
+            return format::decode_blob(key, self.keys.as_ref(), id, blob, stored);
+        }
+        let base = match blob.base {
+            Some(base) => Some(self.read_chunk(index, &base)?),
+            None => None,
+        };
+        let mut stored = stored.to_vec();
+        let mut out = vec![0; blob.raw_len as usize];
+        format::decode_delta_into(
+            key,
+            self.keys.as_ref(),
+            id,
+            blob,
+            &mut stored,
+            base.as_deref(),
+            &mut out,
+        )?;
+        Ok(out)
     }
 
     /// Starts a snapshot of `disk`, `size` bytes long; chunks are added in order.

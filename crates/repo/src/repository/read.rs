@@ -3,7 +3,9 @@
 //! [`COALESCE_GAP`] apart are fetched as one range (at most [`MAX_RANGE`]), and the
 //! ranges are fetched, opened, decompressed and checked on [`READ_THREADS`] threads
 //! (more than the cores: a thread waiting on the disk or, later, on S3 does not
-//! compute). Each chunk lands in the caller's buffer for it.
+//! compute). Each chunk lands in the caller's buffer for it. A delta's base is read
+//! first, the same way, into a buffer of its own ([`format::MAX_DELTA_DEPTH`] bounds
+//! the rounds).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -29,6 +31,8 @@ pub const READ_THREADS: usize = 4;
 struct Target<'a> {
     id: ChunkId,
     blob: BlobRef,
+    /// A delta's base, read.
+    base: Option<&'a [u8]>,
     out: &'a mut [u8],
 }
 
@@ -48,6 +52,38 @@ impl Repository {
         index: &ChunkIndex,
         wanted: Vec<(ChunkId, &mut [u8])>,
     ) -> Result<()> {
+        self.read_chunks_at_depth(index, wanted, 0)
+    }
+
+    fn read_chunks_at_depth(
+        &self,
+        index: &ChunkIndex,
+        wanted: Vec<(ChunkId, &mut [u8])>,
+        depth: usize,
+    ) -> Result<()> {
+        let mut bases: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+        for (id, _) in &wanted {
+            let Some(base) = index.base_of(id) else {
+                continue;
+            };
+            if depth >= format::MAX_DELTA_DEPTH {
+                let pack = index.get(id).map_or("", |(p, _)| p);
+                return Err(Error::damaged(
+                    &pack_key(pack),
+                    format!(
+                        "chunk {} is a delta more than {} deep",
+                        id.hex(),
+                        format::MAX_DELTA_DEPTH
+                    ),
+                ));
+            }
+            let len = index.get(&base).map_or(0, |(_, b)| b.raw_len as usize);
+            bases.entry(base).or_insert_with(|| vec![0; len]);
+        }
+        if !bases.is_empty() {
+            let wanted = bases.iter_mut().map(|(id, b)| (*id, &mut b[..])).collect();
+            self.read_chunks_at_depth(index, wanted, depth + 1)?;
+        }
         let mut by_pack: HashMap<String, Vec<Target<'_>>> = HashMap::new();
         for (id, out) in wanted {
             if id == ChunkId::ZERO {
@@ -68,10 +104,12 @@ impl Repository {
                     ),
                 ));
             }
-            by_pack
-                .entry(pack.to_string())
-                .or_default()
-                .push(Target { id, blob, out });
+            by_pack.entry(pack.to_string()).or_default().push(Target {
+                id,
+                blob,
+                base: blob.base.and_then(|b| bases.get(&b)).map(|b| &b[..]),
+                out,
+            });
         }
         let mut ranges: Vec<RangeRead<'_>> = Vec::new();
         for (pack, mut targets) in by_pack {
@@ -140,7 +178,15 @@ impl Repository {
             }
             let at = (t.blob.offset - range.start) as usize;
             let stored = &mut bytes[at..at + t.blob.stored_len as usize];
-            format::decode_blob_into(&key, self.keys.as_ref(), &t.id, &t.blob, stored, t.out)?;
+            format::decode_delta_into(
+                &key,
+                self.keys.as_ref(),
+                &t.id,
+                &t.blob,
+                stored,
+                t.base,
+                t.out,
+            )?;
             done = Some((t.id, &*t.out));
         }
         Ok(())

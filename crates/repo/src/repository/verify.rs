@@ -186,7 +186,8 @@ impl Repository {
             let start = blob.offset as usize;
             let stored = bytes.get(start..start + blob.stored_len as usize);
             let checked = match stored {
-                Some(stored) => format::decode_blob(&key, keys, c, &blob, stored).map(drop),
+                // A delta is checked whole: its base is read too.
+                Some(stored) => self.decode_stored(index, &key, c, &blob, stored).map(drop),
                 None => Err(Error::damaged(&key, "shorter than its index says")),
             };
             if let Err(e) = checked {

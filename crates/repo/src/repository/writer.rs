@@ -9,6 +9,14 @@
 //! before it encodes it, so two workers meeting the same chunk store it once. The
 //! repository's index, loaded when the writer starts, is read-only here; ids in packs a
 //! collection condemned are not deduplicated against ([`super::gc`]).
+//!
+//! A chunk the caller knows to be an earlier chunk with some runs changed (an
+//! incremental backup's chunk, whose dirty bitmap marks only part of it:
+//! [`SnapshotWriter::add_changed_at`]) is stored as a *delta* of that chunk when it is
+//! new: only the changed runs, so a 64 KiB write into a 256 KiB chunk stores about
+//! 64 KiB, not the chunk. Its id is still the digest of the whole chunk, so dedup,
+//! manifests and every reader see one chunk like any other; readers read the base
+//! first, and a collection keeps a named delta's base.
 
 use std::collections::HashSet;
 use std::ops::Deref;
@@ -50,6 +58,8 @@ pub struct WriteStats {
     pub new_bytes: u64,
     /// Bytes written to packs (compressed).
     pub stored_bytes: u64,
+    /// New chunks stored as deltas of an earlier chunk (counted in `new_chunks`).
+    pub delta_chunks: u64,
     /// Packs written.
     pub packs: u64,
 }
@@ -61,6 +71,8 @@ enum Job {
     Data {
         first: u64,
         data: ChunkBytes,
+        /// For one chunk: the chunk it changes and the runs changed.
+        changed: Option<Changed>,
     },
     Zeros {
         first: u64,
@@ -73,11 +85,18 @@ enum Job {
     },
 }
 
+/// A chunk known to be `base` with `runs` (offset, length) changed.
+struct Changed {
+    base: ChunkId,
+    runs: Vec<(u32, u32)>,
+}
+
 struct Blob {
     id: ChunkId,
     stored: Vec<u8>,
     raw_len: u32,
     codec: Compression,
+    base: Option<ChunkId>,
 }
 
 struct Encoded {
@@ -273,6 +292,46 @@ impl SnapshotWriter {
         self.send(Job::Data {
             first,
             data: Box::new(data),
+            changed: None,
+        })
+    }
+
+    /// Hands over chunk `index`, known to be chunk `base` (of an earlier snapshot of
+    /// the disk) with only `runs` changed: (offset, length) in the chunk, sorted and
+    /// apart. If the chunk is new to the repository it is stored as a delta of `base`
+    /// when that pays: the runs are at most half of it, `base` is stored (outside
+    /// condemned packs) with the same length and a chain shorter than
+    /// [`format::MAX_DELTA_DEPTH`]. Otherwise as [`SnapshotWriter::add_at`].
+    ///
+    /// The caller vouches that every byte outside `runs` equals `base`'s (a dirty
+    /// bitmap's promise); if it does not, the delta does not match the chunk's id and
+    /// every read of it says the chunk is damaged, never returns other data.
+    pub fn add_changed_at<B>(
+        &mut self,
+        index: u64,
+        data: B,
+        base: ChunkId,
+        runs: Vec<(u32, u32)>,
+    ) -> Result<()>
+    where
+        B: Deref<Target = [u8]> + Send + 'static,
+    {
+        let chunk = self.info.chunk_size;
+        let start = index.checked_mul(chunk);
+        let fits = start.is_some_and(|s| {
+            s < self.info.size && data.len() as u64 == chunk.min(self.info.size - s)
+        });
+        if !fits {
+            return Err(Error::Invalid(format!(
+                "{} bytes are not chunk {index} of a disk of {} bytes in chunks of {chunk}",
+                data.len(),
+                self.info.size
+            )));
+        }
+        self.send(Job::Data {
+            first: index,
+            data: Box::new(data),
+            changed: Some(Changed { base, runs }),
         })
     }
 
@@ -437,7 +496,11 @@ fn encode_jobs(
                 zero: count,
                 deduplicated: 0,
             },
-            Job::Data { first, data } => encode(shared, first, &data),
+            Job::Data {
+                first,
+                data,
+                changed,
+            } => encode(shared, first, &data, changed.as_ref()),
             Job::Known { first, ids } => match known(shared, first, ids) {
                 Ok(encoded) => encoded,
                 Err(e) => {
@@ -457,7 +520,7 @@ fn encode_jobs(
     }
 }
 
-fn encode(shared: &Shared, first: u64, data: &[u8]) -> Encoded {
+fn encode(shared: &Shared, first: u64, data: &[u8], changed: Option<&Changed>) -> Encoded {
     shared.taken.fetch_add(data.len() as u64, Ordering::Relaxed);
     let keys = shared.keys.as_ref();
     let mut out = Encoded {
@@ -484,7 +547,16 @@ fn encode(shared: &Shared, first: u64, data: &[u8]) -> Encoded {
             out.deduplicated += 1;
             continue;
         }
-        let (stored, codec) = format::encode_blob(chunk, shared.compression);
+        let delta = changed
+            .filter(|c| delta_pays(shared, id, chunk.len(), c))
+            .and_then(|c| {
+                format::encode_delta(chunk, &c.runs, shared.compression)
+                    .map(|(stored, codec)| (stored, codec, Some(c.base)))
+            });
+        let (stored, codec, base) = delta.unwrap_or_else(|| {
+            let (stored, codec) = format::encode_blob(chunk, shared.compression);
+            (stored, codec, None)
+        });
         // Sealed after compression; the id is the associated data, so a blob cannot
         // be passed off as another chunk.
         let stored = match keys {
@@ -496,9 +568,67 @@ fn encode(shared: &Shared, first: u64, data: &[u8]) -> Encoded {
             stored,
             raw_len: chunk.len() as u32,
             codec,
+            base,
         });
     }
     out
+}
+
+/// Whether chunk `id` (`len` bytes) is better stored as a delta: its changed runs are
+/// at most half of it, and its base can be read without surprises (stored outside
+/// condemned packs, of the same length, a chain short enough to extend).
+fn delta_pays(shared: &Shared, id: ChunkId, len: usize, changed: &Changed) -> bool {
+    let changed_bytes: u64 = changed.runs.iter().map(|&(_, n)| u64::from(n)).sum();
+    let base = changed.base;
+    changed_bytes * 2 <= len as u64
+        && base != ChunkId::ZERO
+        && base != id
+        && shared.index.contains_live(&base)
+        && shared
+            .index
+            .get(&base)
+            .is_some_and(|(_, b)| b.raw_len as usize == len)
+        && shared.index.delta_depth(&base, format::MAX_DELTA_DEPTH) < format::MAX_DELTA_DEPTH
+}
+
+/// A stored chunk's plaintext, checked (a delta's base read first).
+fn read_stored(shared: &Shared, id: &ChunkId, depth: usize) -> Result<Vec<u8>> {
+    let (pack, blob) = shared
+        .index
+        .get(id)
+        .ok_or_else(|| Error::NotFound(format!("chunk {} is in no pack", id.hex())))?;
+    let key = pack_key(pack);
+    let base = match blob.base {
+        Some(_) if depth >= format::MAX_DELTA_DEPTH => {
+            return Err(Error::damaged(
+                &key,
+                format!("chunk {} is a delta too deep", id.hex()),
+            ));
+        }
+        Some(base) => Some(read_stored(shared, &base, depth + 1)?),
+        None => None,
+    };
+    if u64::from(blob.raw_len) > format::MAX_CHUNK {
+        return Err(Error::damaged(
+            &key,
+            format!("chunk {} claims {} bytes", id.hex(), blob.raw_len),
+        ));
+    }
+    let mut stored = shared.backend.get(
+        &key,
+        Some(blob.offset..blob.offset + u64::from(blob.stored_len)),
+    )?;
+    let mut out = vec![0; blob.raw_len as usize];
+    format::decode_delta_into(
+        &key,
+        shared.keys.as_ref(),
+        id,
+        &blob,
+        &mut stored,
+        base.as_deref(),
+        &mut out,
+    )?;
+    Ok(out)
 }
 
 /// Chunks by id: those stored outside condemned packs are taken as they are; one only
@@ -522,20 +652,15 @@ fn known(shared: &Shared, first: u64, ids: Vec<ChunkId>) -> Result<Encoded> {
             out.deduplicated += 1;
             continue;
         }
-        let (pack, blob) = shared.index.get(&id).ok_or_else(|| {
-            Error::NotFound(format!(
+        if !shared.index.contains(&id) {
+            return Err(Error::NotFound(format!(
                 "chunk {} (position {}) of the parent snapshot is in no pack",
                 id.hex(),
                 first + n as u64
-            ))
-        })?;
-        let key = pack_key(pack);
-        let stored = shared.backend.get(
-            &key,
-            Some(blob.offset..blob.offset + u64::from(blob.stored_len)),
-        )?;
-        let data = format::decode_blob(&key, shared.keys.as_ref(), &id, &blob, &stored)?;
-        let again = encode(shared, first + n as u64, &data);
+            )));
+        }
+        let data = read_stored(shared, &id, 0)?;
+        let again = encode(shared, first + n as u64, &data, None);
         out.ids.extend(again.ids);
         out.blobs.extend(again.blobs);
         out.zero += again.zero;
@@ -569,8 +694,9 @@ fn pack_blobs(
         stats.zero_chunks += encoded.zero;
         stats.deduplicated += encoded.deduplicated;
         for blob in encoded.blobs {
-            pack.add(blob.id, &blob.stored, blob.raw_len, blob.codec);
+            pack.add_blob(blob.id, &blob.stored, blob.raw_len, blob.codec, blob.base);
             stats.new_chunks += 1;
+            stats.delta_chunks += u64::from(blob.base.is_some());
             stats.new_bytes += u64::from(blob.raw_len);
             stats.stored_bytes += blob.stored.len() as u64;
             if pack.len() >= PACK_TARGET_BYTES {
