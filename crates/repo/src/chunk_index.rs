@@ -123,7 +123,7 @@ impl ChunkIndex {
                     if let Some(base) = blob.base {
                         self.bases.insert((n, e.offset), base);
                     }
-                    self.sorted.push(e)
+                    self.sorted.push(e);
                 }
                 None => return false,
             }
@@ -224,9 +224,9 @@ impl ChunkIndex {
     pub fn contains_live(&self, id: &ChunkId) -> bool {
         let mut at = *id;
         for _ in 0..=crate::format::MAX_DELTA_DEPTH {
-            if !self
+            if self
                 .find(&at)
-                .is_some_and(|e| !self.condemned.contains(&e.pack))
+                .is_none_or(|e| self.condemned.contains(&e.pack))
             {
                 return false;
             }
