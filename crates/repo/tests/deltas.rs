@@ -3,7 +3,6 @@
 //! their parent, never lean on a condemned base, stop at the chain limit, and a wrong
 //! base or a broken promise is reported as damage, never restored.
 
-use repo::ChunkId;
 use repo::Compression;
 use repo::Error;
 use repo::LocalDir;
