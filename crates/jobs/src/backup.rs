@@ -538,6 +538,9 @@ async fn prepare_backup(
                 }
                 None => None,
             };
+            if let Some(bits) = &initial {
+                copy_target.node().driver().backup_copies_only(bits);
+            }
             let copy = Arc::new(BlockCopy::new(
                 source,
                 copy_target,

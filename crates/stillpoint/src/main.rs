@@ -10,6 +10,7 @@
 //! prints exactly what `qemu-img map --output=json` prints for a raw image.
 
 mod backup;
+mod changed_chunks;
 mod daemon_cmd;
 mod demo;
 mod image;

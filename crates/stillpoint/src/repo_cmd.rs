@@ -159,7 +159,8 @@ impl BackupSummary {
                 "parent": self.parent, "read": self.read, "new": stats.new_bytes,
                 "stored": stats.stored_bytes, "chunks": stats.chunks,
                 "zero_chunks": stats.zero_chunks, "deduplicated_chunks": stats.deduplicated,
-                "new_chunks": stats.new_chunks, "seconds": seconds,
+                "new_chunks": stats.new_chunks, "delta_chunks": stats.delta_chunks,
+                "seconds": seconds,
                 "bitmap": self.bitmap, "incremental": self.incremental,
                 "whole_read_because": self.whole_read_why,
             });
@@ -171,9 +172,13 @@ impl BackupSummary {
             (Some(_), false, Some(why)) => format!(" (the whole disk read: {why})"),
             _ => String::new(),
         };
+        let deltas = match stats.delta_chunks {
+            0 => String::new(),
+            n => format!(", {n} of them as deltas of their parent's"),
+        };
         println!(
-            "snapshot {} of {}: {} read{how}, {} new ({} stored), {} of {} chunks already \
-             in the repository, {} zero, {seconds:.2} s",
+            "snapshot {} of {}: {} read{how}, {} new ({} stored{deltas}), {} of {} chunks \
+             already in the repository, {} zero, {seconds:.2} s",
             self.snapshot,
             self.disk,
             crate::info::human_size(self.read),
@@ -298,7 +303,20 @@ async fn backup_on(
         } else {
             let buf = node.read(offset, IoBuf::zeroed(len as usize)).await?;
             read += len;
-            writer.add_at(first, buf)?;
+            match &reading {
+                // A chunk the bitmap marks in part goes as a delta of its parent's.
+                Reading::Changed { parent, marked } => {
+                    crate::changed_chunks::add(
+                        &mut writer,
+                        parent,
+                        chunk as usize,
+                        marked,
+                        first,
+                        buf,
+                    )?;
+                }
+                Reading::Whole { .. } => writer.add_at(first, buf)?,
+            }
         }
         first += count;
         if let Some(bar) = &bar {
@@ -681,9 +699,13 @@ pub fn stats(dir: &Path, pass_file: Option<&Path>, json: bool) -> anyhow::Result
         return Ok(());
     }
     let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let deltas = match stats.delta_chunks {
+        0 => String::new(),
+        n => format!(", {n} of them deltas"),
+    };
     println!(
-        "{} snapshots of {} in all; {} unique chunks ({} plain, {} stored) in {} packs; \
-         logical / stored = {:.2}",
+        "{} snapshots of {} in all; {} unique chunks ({} plain, {} stored{deltas}) in {} \
+         packs; logical / stored = {:.2}",
         stats.snapshots,
         crate::info::human_size(stats.logical_bytes),
         stats.chunks,

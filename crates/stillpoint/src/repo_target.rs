@@ -25,6 +25,12 @@
 //! with holes nobody wrote. A chunk still in parts at the commit fails it: taking the
 //! parent's chunk there would mix old and new bytes.
 //!
+//! An incremental's bitmap is finer than a chunk (64 KiB against 256 KiB by default):
+//! a chunk it marks only in part goes to the writer with the runs it marks and the
+//! parent's chunk there ([`crate::changed_chunks`]), which stores only those runs (a
+//! delta) when the chunk is new. A 64 KiB guest write then adds about 64 KiB to the
+//! repository, not 256.
+//!
 //! The feeder and the writer's threads run at the lowest CPU priority (`SCHED_IDLE`),
 //! and the repository's packs go to the device in 1 MiB writes: on a machine with few
 //! cores, hashing, compressing and sealing at full speed took the CPU from the threads
@@ -179,6 +185,9 @@ enum Stage {
 struct Progress {
     /// Chunks written (data or zeros), by position.
     given: Vec<bool>,
+    /// What an incremental backup copies ([`BlockDriver::backup_copies_only`]): with
+    /// the parent's chunks, the runs a chunk's delta holds.
+    changed: Option<Arc<bitmap::Bitmap>>,
     /// Chunks written in parts so far, until they are whole (see [`Partial`]).
     partial: std::collections::HashMap<u64, Partial>,
     stage: Stage,
@@ -253,6 +262,7 @@ impl SnapshotTarget {
         let chunks = size.div_ceil(chunk_size) as usize;
         let progress = Arc::new(Mutex::new(Progress {
             given: vec![false; chunks],
+            changed: None,
             partial: std::collections::HashMap::new(),
             stage: Stage::Writing,
         }));
@@ -260,11 +270,15 @@ impl SnapshotTarget {
         let (feed, queue) = mpsc::channel(4);
         let feeder = {
             let progress = progress.clone();
+            let deltas = parent_chunks.clone().map(|parent| Deltas {
+                parent,
+                chunk_size: chunk_size as usize,
+            });
             std::thread::Builder::new()
                 .name("repo-target".into())
                 .spawn(move || {
                     let _ = repo::repository::writer::lower_thread_priority();
-                    feed_writer(writer, queue, &progress);
+                    feed_writer(writer, queue, &progress, deltas.as_ref());
                 })
                 .map_err(|e| Error::new(ErrorKind::Io, format!("cannot start a thread: {e}")))?
         };
@@ -442,12 +456,19 @@ impl SnapshotTarget {
     }
 }
 
+/// What the feeder needs to hand chunks over as changed runs of the parent's.
+struct Deltas {
+    parent: Vec<ChunkId>,
+    chunk_size: usize,
+}
+
 /// The feeder thread: requests into the snapshot writer, in order; the first failure
 /// is kept for every later request.
 fn feed_writer(
     mut writer: SnapshotWriter,
     mut queue: mpsc::Receiver<Feed>,
     progress: &Mutex<Progress>,
+    deltas: Option<&Deltas>,
 ) {
     let fail = |why: String| {
         progress.lock().unwrap_or_else(|e| e.into_inner()).stage = Stage::Failed(why);
@@ -461,7 +482,22 @@ fn feed_writer(
                     writer.set_time_now();
                     timed = true;
                 }
-                writer.add_at(first, data)
+                let changed = progress
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .changed
+                    .clone();
+                match (deltas, changed) {
+                    (Some(deltas), Some(changed)) => crate::changed_chunks::add(
+                        &mut writer,
+                        &deltas.parent,
+                        deltas.chunk_size,
+                        &changed,
+                        first,
+                        data,
+                    ),
+                    _ => writer.add_at(first, data),
+                }
             }
             Feed::Zeros { first, count } => writer.add_zeros_at(first, count),
             Feed::Commit { inherit, done } => {
@@ -533,6 +569,13 @@ impl BlockDriver for SnapshotTarget {
 
     fn assembles_clusters(&self) -> bool {
         true
+    }
+
+    fn backup_copies_only(&self, changed: &bitmap::Bitmap) {
+        // Only of use with a parent to take the unchanged runs from.
+        if self.parent_chunks.is_some() && changed.size() == self.size {
+            self.progress().changed = Some(Arc::new(changed.clone()));
+        }
     }
 
     fn commits_backups(&self) -> bool {

@@ -219,6 +219,26 @@ fn a_full_then_an_incremental_backup_commit_snapshots_that_restore_identically()
     restored_equals(&repo, &first, &at_first, dir.path());
     let verify = stillpoint(&["repo", "verify", s(&repo)]);
     assert!(verify.status.success(), "{}", stderr(&verify));
+    // The bitmap (64 KiB granules) marks half of each of the two chunks: each is
+    // stored as that half over the first snapshot's chunk, where that one is stored
+    // (not all zeros).
+    let old = std::fs::read(&at_first).unwrap();
+    let stored_before = |offset: usize| old[offset..offset + (128 << 10)].iter().any(|&b| b != 0);
+    let expect = [1 << 20, 3 << 20]
+        .into_iter()
+        .filter(|&o| stored_before(o))
+        .count();
+    assert!(expect > 0, "the seed makes at least one delta");
+    let stats: Value = serde_json::from_str(&ours(&["repo", "stats", s(&repo), "--json"])).unwrap();
+    assert_eq!(stats["delta_chunks"], expect, "{stats}");
+
+    // The first snapshot forgotten and collected: the deltas' bases stay.
+    ours(&["repo", "forget", s(&repo), &first]);
+    ours(&["repo", "gc", s(&repo)]);
+    ours(&["repo", "gc", s(&repo)]);
+    restored_equals(&repo, &second, &image, dir.path());
+    let verify = stillpoint(&["repo", "verify", s(&repo)]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
     q.cmd("quit", json!({}));
 }
 

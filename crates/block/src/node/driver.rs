@@ -217,6 +217,15 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
         false
     }
 
+    /// The backup writing into this node copies only what `changed` marks (`sync:
+    /// bitmap`), frozen at the backup's instant: every byte it does not mark is as it
+    /// was when the bitmap started recording. A repository node whose parent is that
+    /// earlier state stores a chunk the bitmap marks only in part as the changed runs
+    /// over the parent's chunk. Called once, before the first write.
+    fn backup_copies_only(&self, changed: &bitmap::Bitmap) {
+        let _ = changed;
+    }
+
     /// Whether a backup may start writing into this node now (a repository node that
     /// committed its snapshot takes no second backup).
     fn check_backup_target(&self) -> Result<()> {

@@ -347,6 +347,7 @@ impl Repository {
         for (_, _, blob) in index.iter() {
             stats.chunk_bytes += u64::from(blob.raw_len);
             stats.stored_bytes += u64::from(blob.stored_len);
+            stats.delta_chunks += u64::from(blob.base.is_some());
         }
         Ok(stats)
     }
@@ -367,4 +368,6 @@ pub struct RepoStats {
     pub stored_bytes: u64,
     /// Packs holding them.
     pub packs: u64,
+    /// Chunks stored as deltas of another (counted in `chunks`).
+    pub delta_chunks: u64,
 }
