@@ -763,3 +763,98 @@ fn a_raw_source_keeps_its_bitmap_beside_it_and_backs_up_by_it() {
     ]);
     assert!(raw_compare(s(&disk), s(&restored)).status.success());
 }
+
+/// With 256 KiB chunks and a 64 KiB bitmap, a write makes its chunk a delta of the
+/// parent's: the backup stores the write's granule, not the chunk, says so, and every
+/// snapshot of the chain restores whole, also once the first is forgotten.
+#[test]
+fn a_chunk_changed_in_part_is_stored_as_a_delta_of_its_parents() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let repo = s(&repo);
+    ours(&["repo", "init", repo, "--chunk-size", "256K"]);
+    let disk = dir.path().join("disk.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&disk), "4M"]);
+    // Data that does not compress, so what is stored shows what was taken.
+    let noise = dir.path().join("noise");
+    std::fs::write(&noise, testkit::Rng(5).bytes(4 << 20)).unwrap();
+    ok(
+        "qemu-img",
+        &[
+            "dd",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &format!("if={}", s(&noise)),
+            &format!("of={}", s(&disk)),
+            "bs=1M",
+            "count=4",
+        ],
+    );
+    let mut taken = vec![backup_by_bitmap(repo, &disk)];
+    for commands in [
+        &["write -P 0x33 512k 64k"][..],
+        &["write -P 0x44 704k 4k"][..],
+    ] {
+        qemu_io(&disk, commands);
+        let next = backup_by_bitmap(repo, &disk);
+        assert_eq!(next["incremental"], true, "{next}");
+        assert_eq!(next["read"].as_u64(), Some(256 << 10), "{next}");
+        assert_eq!(next["delta_chunks"].as_u64(), Some(1), "{next}");
+        // At most its 64 KiB granule of noise; the chunk whole would be 192 KiB.
+        assert!(next["stored"].as_u64().unwrap() < 70 << 10, "{next}");
+        let copy = dir.path().join(format!("at{}.qcow2", taken.len()));
+        std::fs::copy(&disk, &copy).unwrap();
+        taken.push(next);
+        let id = taken.last().unwrap()["snapshot"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let restored = dir.path().join(format!("restored{}.raw", taken.len()));
+        ours(&["restore", "--repo", repo, &id, s(&restored)]);
+        let same = run(
+            "qemu-img",
+            &[
+                "compare",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                s(&copy),
+                s(&restored),
+            ],
+        );
+        assert!(same.status.success(), "snapshot {id} differs");
+    }
+    let text = ours(&["repo", "stats", repo]);
+    assert!(text.contains("2 of them deltas"), "{text}");
+    let first = taken[0]["snapshot"].as_str().unwrap();
+    ours(&["repo", "forget", repo, first]);
+    ours(&["repo", "gc", repo]);
+    ours(&["repo", "gc", repo]);
+    let last = taken.last().unwrap()["snapshot"].as_str().unwrap();
+    let restored = dir.path().join("last.raw");
+    ours(&["restore", "--repo", repo, last, s(&restored)]);
+    let copy = dir.path().join("at2.qcow2");
+    let same = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            s(&copy),
+            s(&restored),
+        ],
+    );
+    assert!(
+        same.status.success(),
+        "the last snapshot differs after the collection"
+    );
+    let verify = stillpoint(&["repo", "verify", repo]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+}
