@@ -11,8 +11,9 @@
 //! 500 MB for 10 million chunks, 2.4 TiB of unique data at 256 KiB). Writers take
 //! chunks by position, so a live backup (the daemon's `repository` node, in the
 //! `stillpoint` crate) hands them over in any order, and an incremental takes unchanged
-//! chunks from its parent by id ([`repository::SnapshotWriter::add_known_at`]). Not
-//! yet: S3.
+//! chunks from its parent by id ([`repository::SnapshotWriter::add_known_at`]) and
+//! stores a chunk changed in part as a delta of its parent's
+//! ([`repository::SnapshotWriter::add_changed_at`]). Not yet: S3.
 //!
 //! # Format, version 1
 //!
@@ -30,8 +31,18 @@
 //!   puts zero bytes before the chunks to make another.
 //! * `index/ID`: a copy of pack ID's index, so opening a repository reads indexes, not
 //!   packs; a lost index object can be rebuilt from the pack's tail. An index is a count,
-//!   then per chunk its id, offset, stored length, plain length and codec (49 bytes),
-//!   then the body's length, its BLAKE3 digest and `SPIX`.
+//!   then per chunk its id, offset, stored length, plain length and codec (49 bytes;
+//!   codec bit 0 zstd, bit 1 a delta, followed by its base's 32-byte id), then the
+//!   body's length, its BLAKE3 digest and `SPIX`.
+//! * A *delta* is a chunk stored as the runs that changed since another chunk, its
+//!   base (an incremental's chunk that its dirty bitmap marks only in part): the run
+//!   count (u16), each run's offset and length (u32), the runs' bytes, that body
+//!   compressed like any blob. Its id is still the digest of the whole chunk, so
+//!   manifests, dedup and every check are the same; a reader reads the base first
+//!   (chains are at most [`format::MAX_DELTA_DEPTH`] long), a collection keeps a named
+//!   delta's base, and a writer never deduplicates against a delta whose base only a
+//!   condemned pack holds. Builds before deltas refuse such an index ("unknown
+//!   compression").
 //! * `snapshots/ID`: a manifest: `SPSN`, version, a JSON header (disk, time, size,
 //!   chunk size, parent, bytes stored, tool version, and the dirty bitmap cleared when
 //!   it was taken, if any; the time in nanoseconds), one 32-byte chunk id per chunk of
