@@ -6,14 +6,19 @@ The disk: bench/backup_vs_qsd.py's seeded mixed raw image (SIZE, 4 GiB by defaul
 data, a quarter written zeros, a quarter holes), served by `stillpoint daemon` as a
 writable NBD export, the way a guest would use it. Each round, for the daemon:
 
-1. A fresh encrypted repository. The guest's QD1 random 4 KiB writes (python3-libnbd)
-   run through the export for the whole of each backup. In the order the round gives:
+1. The guest's QD1 random 4 KiB writes (python3-libnbd) run through the export for the
+   whole of each backup, on a copy of the disk of their own (their writes would
+   otherwise stay on the disk the timed backups below read: at 4 GiB a minute of them
+   rewrites about a third of it with one pattern, so it compresses better than the
+   disk restic backs up). In the order the round gives:
    * a full `blockdev-backup` into a `repository` node, in one `transaction` with the
      dirty bitmap for the next backup (timed from the transaction to
      BLOCK_JOB_COMPLETED, which means the snapshot is committed and durable);
    * a full `blockdev-backup` into a fresh raw file (the same run's reference for the
      guest's write latency; the target node is deleted after, which flushes it).
-2. 1% of the disk rewritten through the export in seeded random 64 KiB blocks.
+2. On a fresh copy of the disk in a fresh daemon and a fresh encrypted repository, the
+   guest idle: a timed full backup with the bitmap, then 1% of the disk rewritten
+   through the export in seeded random 64 KiB blocks.
 3. An incremental `blockdev-backup` (sync incremental, the bitmap) into a repository
    node whose parent is the latest snapshot: timed, and the repository's growth measured
    (on-disk bytes, as `du` counts them).
@@ -124,20 +129,12 @@ def init_repo(repo, pass_file, chunk_size):
                     "--passphrase-file", pass_file], check=True, stdout=subprocess.DEVNULL)
 
 
-def daemon_round(tmp, original, size, round_, chunk_size):
+def start_daemon(tmp, original):
+    """A fresh copy of the disk, served writable over NBD by `stillpoint daemon`."""
     image = os.path.join(tmp, "disk.raw")
+    if os.path.exists(image):
+        os.unlink(image)
     subprocess.run(["cp", "--sparse=always", original, image], check=True)
-    pass_file = os.path.join(tmp, "passphrase")
-    with open(pass_file, "w") as f:
-        f.write(PASS + "\n")
-    # The latency backups go into a repository of their own, so the timed full below
-    # starts from an empty one.
-    lat_repo = os.path.join(tmp, "repo-latency")
-    init_repo(lat_repo, pass_file, chunk_size)
-    repo = os.path.join(tmp, "repo")
-    init_repo(repo, pass_file, chunk_size)
-    raw_target = os.path.join(tmp, "target.raw")
-    common.fresh_target(raw_target, size)
     nbd_path = os.path.join(tmp, "nbd.sock")
     if os.path.exists(nbd_path):
         os.unlink(nbd_path)
@@ -148,7 +145,19 @@ def daemon_round(tmp, original, size, round_, chunk_size):
         "--nbd-server", f"addr.type=unix,addr.path={nbd_path}",
         "--export", "type=nbd,id=exp0,node-name=src,name=disk,writable=on",
     ], (common.STILLPOINT, "daemon"))
+    return image, nbd_path, proc, qmp
+
+
+def daemon_round(tmp, original, size, round_, chunk_size):
+    pass_file = os.path.join(tmp, "passphrase")
+    with open(pass_file, "w") as f:
+        f.write(PASS + "\n")
+    lat_repo = os.path.join(tmp, "repo-latency")
+    init_repo(lat_repo, pass_file, chunk_size)
+    raw_target = os.path.join(tmp, "target.raw")
+    common.fresh_target(raw_target, size)
     result = {}
+    image, nbd_path, proc, qmp = start_daemon(tmp, original)
     try:
         guest = GuestWriter(nbd_path, 100 + round_)
         result["alone"] = common.percentiles(
@@ -174,12 +183,20 @@ def daemon_round(tmp, original, size, round_, chunk_size):
 
         for step in ([into_repo, into_raw] if round_ % 2 == 0 else [into_raw, into_repo]):
             step()
-        os.unlink(raw_target)
-        shutil.rmtree(lat_repo, ignore_errors=True)
+        guest.close()
+    finally:
+        common.stop_qsd(proc, qmp)
+    os.unlink(raw_target)
+    shutil.rmtree(lat_repo, ignore_errors=True)
 
-        # The incremental flow: a full with the bitmap (the guest idle, so the bitmap
-        # holds exactly the churn), 1% rewritten through NBD, the incremental.
-        repo_bench.drop_caches(image)
+    # The incremental flow, on the disk as it was made: a full with the bitmap (the
+    # guest idle, so the bitmap holds exactly the churn), 1% rewritten through NBD,
+    # the incremental.
+    repo = os.path.join(tmp, "repo")
+    init_repo(repo, pass_file, chunk_size)
+    image, nbd_path, proc, qmp = start_daemon(tmp, original)
+    try:
+        guest = GuestWriter(nbd_path, 200 + round_)
         repo_node(qmp, "r0", repo, pass_file, size, None)
         start = time.monotonic()
         qmp.cmd("transaction", actions=[
