@@ -4,7 +4,8 @@
 //! backup copies it into a `repository` node; the committed snapshot, read back from
 //! the repository, equals the disk as it was when the backup started, and the disk
 //! equals every write applied. Half the seeds are incrementals over a parent snapshot
-//! (a dirty bitmap added with the parent's backup), so inherited chunks are judged too.
+//! (a dirty bitmap added with the parent's backup), so inherited chunks are judged too,
+//! and chunks the bitmap marks in part, stored as deltas of the parent's.
 //!
 //! Each seed picks the disk's size (with a short last chunk on some), the chunk size,
 //! workers, speed and whether the backup is full or incremental. `STILLPOINT_SEEDS=N`
@@ -107,7 +108,9 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 }
 
 /// Returns whether the disk changed after the instant (the writers raced the backup).
-async fn run_seed(seed: u64) -> bool {
+/// Runs one seed: whether the disk changed during the backup, and how many chunks the
+/// repository holds as deltas.
+async fn run_seed(seed: u64) -> (bool, u64) {
     let mut rng = Rng(seed ^ 0x7e90);
     let dir = tempfile::tempdir().unwrap();
     let size: u64 = match rng.below(3) {
@@ -285,16 +288,20 @@ async fn run_seed(seed: u64) -> bool {
     if let Some(at) = first_difference(&disk, &model.lock().unwrap()) {
         panic!("seed {seed}: the disk lost a write at byte {at}");
     }
-    disk != instant
+    let repo = Repository::open(Box::new(LocalDir::new(&repo_dir)), None).unwrap();
+    (disk != instant, repo.stats().unwrap().delta_chunks)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_equals_the_disk_at_the_backups_start_while_nbd_clients_hammer_it() {
     let seeds = seeds(12);
-    let mut raced = 0;
+    let (mut raced, mut deltas) = (0, 0);
     for &seed in &seeds {
         match tokio::spawn(run_seed(seed)).await {
-            Ok(changed) => raced += u64::from(changed),
+            Ok((changed, made)) => {
+                raced += u64::from(changed);
+                deltas += made;
+            }
             Err(panic) => {
                 eprintln!("FAILED seed {seed}; reproduce with STILLPOINT_SEED={seed}");
                 std::panic::resume_unwind(panic.into_panic());
@@ -305,6 +312,12 @@ async fn a_snapshot_equals_the_disk_at_the_backups_start_while_nbd_clients_hamme
     assert!(
         seeds.len() < 4 || raced * 2 >= seeds.len() as u64,
         "only {raced} of {} seeds wrote during their backup",
+        seeds.len()
+    );
+    // Some incremental snapshots held deltas, so those were judged too.
+    assert!(
+        seeds.len() < 12 || deltas > 0,
+        "no seed of {} stored a delta",
         seeds.len()
     );
 }
