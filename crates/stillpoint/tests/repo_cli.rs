@@ -13,6 +13,32 @@ fn raw_compare(a: &str, b: &str) -> std::process::Output {
     )
 }
 
+/// Restores snapshot `id` into a raw file at `restored`, and qemu-img's verdict on it
+/// against the qcow2 image `image`: identical or not.
+fn restores_as_qcow2(
+    repo: &str,
+    id: &str,
+    image: &std::path::Path,
+    restored: &std::path::Path,
+) -> bool {
+    ours(&["restore", "--repo", repo, id, s(restored)]);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            s(image),
+            s(restored),
+        ],
+    )
+    .status
+    .success()
+}
+
 /// Writes `data` into the image at `disk` at `offset`, as a guest would between backups.
 fn write_at(disk: &std::path::Path, data: &[u8], offset: u64) {
     let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
@@ -635,21 +661,10 @@ fn backups_by_bitmap_read_only_what_changed_and_every_snapshot_restores_whole() 
 
     for (i, (id, image)) in taken.iter().enumerate() {
         let restored = dir.path().join(format!("restored{i}.raw"));
-        ours(&["restore", "--repo", repo, id, s(&restored)]);
-        let same = run(
-            "qemu-img",
-            &[
-                "compare",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "raw",
-                s(image),
-                s(&restored),
-            ],
+        assert!(
+            restores_as_qcow2(repo, id, image, &restored),
+            "snapshot {i} ({id}) differs"
         );
-        assert!(same.status.success(), "snapshot {i} ({id}) differs");
     }
     let listed: serde_json::Value =
         serde_json::from_str(&ours(&["repo", "snapshots", repo, "--json"])).unwrap();
@@ -703,22 +718,8 @@ fn a_bitmap_left_inconsistent_by_a_crash_means_a_whole_read_not_a_wrong_snapshot
     assert!(why.contains("inconsistent"), "{why}");
     let restored = dir.path().join("restored.raw");
     let id = after["snapshot"].as_str().unwrap();
-    ours(&["restore", "--repo", repo, id, s(&restored)]);
-    let same = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            s(&disk),
-            s(&restored),
-        ],
-    );
     assert!(
-        same.status.success(),
+        restores_as_qcow2(repo, id, &disk, &restored),
         "the write the crash hid is in the snapshot"
     );
     // The bitmap was made anew: the next backup is incremental again.
@@ -812,21 +813,10 @@ fn a_chunk_changed_in_part_is_stored_as_a_delta_of_its_parents() {
             .unwrap()
             .to_string();
         let restored = dir.path().join(format!("restored{}.raw", taken.len()));
-        ours(&["restore", "--repo", repo, &id, s(&restored)]);
-        let same = run(
-            "qemu-img",
-            &[
-                "compare",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "raw",
-                s(&copy),
-                s(&restored),
-            ],
+        assert!(
+            restores_as_qcow2(repo, &id, &copy, &restored),
+            "snapshot {id} differs"
         );
-        assert!(same.status.success(), "snapshot {id} differs");
     }
     let text = ours(&["repo", "stats", repo]);
     assert!(text.contains("2 of them deltas"), "{text}");
@@ -836,23 +826,9 @@ fn a_chunk_changed_in_part_is_stored_as_a_delta_of_its_parents() {
     ours(&["repo", "gc", repo]);
     let last = taken.last().unwrap()["snapshot"].as_str().unwrap();
     let restored = dir.path().join("last.raw");
-    ours(&["restore", "--repo", repo, last, s(&restored)]);
     let copy = dir.path().join("at2.qcow2");
-    let same = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            s(&copy),
-            s(&restored),
-        ],
-    );
     assert!(
-        same.status.success(),
+        restores_as_qcow2(repo, last, &copy, &restored),
         "the last snapshot differs after the collection"
     );
     let verify = stillpoint(&["repo", "verify", repo]);
