@@ -77,8 +77,17 @@ impl Repository {
                     ),
                 ));
             }
-            let len = index.get(&base).map_or(0, |(_, b)| b.raw_len as usize);
-            bases.entry(base).or_insert_with(|| vec![0; len]);
+            // A missing base is reported by the read below; a length no chunk has is
+            // damage, not a reason to allocate it.
+            let len = index.get(&base).map_or(0, |(_, b)| b.raw_len);
+            if u64::from(len) > format::MAX_CHUNK {
+                let pack = index.get(&base).map_or("", |(p, _)| p);
+                return Err(Error::damaged(
+                    &pack_key(pack),
+                    format!("chunk {} claims {len} bytes", base.hex()),
+                ));
+            }
+            bases.entry(base).or_insert_with(|| vec![0; len as usize]);
         }
         if !bases.is_empty() {
             let wanted = bases.iter_mut().map(|(id, b)| (*id, &mut b[..])).collect();
