@@ -258,16 +258,6 @@ impl Repository {
         })
     }
 
-    /// One chunk's plaintext, checked against its id (a delta's base read first).
-    pub fn read_chunk(&self, index: &ChunkIndex, id: &ChunkId) -> Result<Vec<u8>> {
-        let (_, blob) = index
-            .get(id)
-            .ok_or_else(|| Error::NotFound(format!("chunk {} is in no pack", id.hex())))?;
-        let mut out = vec![0; blob.raw_len as usize];
-        self.read_chunks_into(index, vec![(*id, &mut out[..])])?;
-        Ok(out)
-    }
-
     /// A stored blob's plaintext, checked against its id, when the caller has its
     /// stored bytes (verify, repack): a delta's base is read from the repository.
     pub(crate) fn decode_stored(

@@ -12,7 +12,9 @@ use std::sync::Mutex;
 
 use super::Repository;
 use super::pack_key;
+use crate::backend::Backend;
 use crate::chunk_index::ChunkIndex;
+use crate::crypto::Keys;
 use crate::error::Error;
 use crate::error::Result;
 use crate::format;
@@ -52,7 +54,45 @@ impl Repository {
         index: &ChunkIndex,
         wanted: Vec<(ChunkId, &mut [u8])>,
     ) -> Result<()> {
-        self.read_chunks_at_depth(index, wanted, 0)
+        self.reader().read_chunks_at_depth(index, wanted, 0)
+    }
+
+    /// One chunk's plaintext, checked against its id (a delta's base read first).
+    pub fn read_chunk(&self, index: &ChunkIndex, id: &ChunkId) -> Result<Vec<u8>> {
+        self.reader().read_chunk(index, id)
+    }
+
+    pub(crate) fn reader(&self) -> ChunkReader<'_> {
+        ChunkReader {
+            backend: &*self.backend,
+            keys: self.keys.as_ref(),
+        }
+    }
+}
+
+/// What reading chunks needs: the backend holding the packs and the keys that open
+/// them. The repository reads through one, and so do a snapshot writer's workers,
+/// which hold no `Repository` (a chunk only a condemned pack holds is read back).
+pub(crate) struct ChunkReader<'a> {
+    pub(crate) backend: &'a dyn Backend,
+    pub(crate) keys: Option<&'a Keys>,
+}
+
+impl ChunkReader<'_> {
+    /// One chunk's plaintext, checked against its id (a delta's base read first).
+    pub(crate) fn read_chunk(&self, index: &ChunkIndex, id: &ChunkId) -> Result<Vec<u8>> {
+        let (pack, blob) = index
+            .get(id)
+            .ok_or_else(|| Error::NotFound(format!("chunk {} is in no pack", id.hex())))?;
+        if u64::from(blob.raw_len) > format::MAX_CHUNK {
+            return Err(Error::damaged(
+                &pack_key(pack),
+                format!("chunk {} claims {} bytes", id.hex(), blob.raw_len),
+            ));
+        }
+        let mut out = vec![0; blob.raw_len as usize];
+        self.read_chunks_at_depth(index, vec![(*id, &mut out[..])], 0)?;
+        Ok(out)
     }
 
     fn read_chunks_at_depth(
@@ -187,15 +227,7 @@ impl Repository {
             }
             let at = (t.blob.offset - range.start) as usize;
             let stored = &mut bytes[at..at + t.blob.stored_len as usize];
-            format::decode_delta_into(
-                &key,
-                self.keys.as_ref(),
-                &t.id,
-                &t.blob,
-                stored,
-                t.base,
-                t.out,
-            )?;
+            format::decode_delta_into(&key, self.keys, &t.id, &t.blob, stored, t.base, t.out)?;
             done = Some((t.id, &*t.out));
         }
         Ok(())

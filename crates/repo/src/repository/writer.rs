@@ -591,46 +591,6 @@ fn delta_pays(shared: &Shared, id: ChunkId, len: usize, changed: &Changed) -> bo
         && shared.index.delta_depth(&base, format::MAX_DELTA_DEPTH) < format::MAX_DELTA_DEPTH
 }
 
-/// A stored chunk's plaintext, checked (a delta's base read first).
-fn read_stored(shared: &Shared, id: &ChunkId, depth: usize) -> Result<Vec<u8>> {
-    let (pack, blob) = shared
-        .index
-        .get(id)
-        .ok_or_else(|| Error::NotFound(format!("chunk {} is in no pack", id.hex())))?;
-    let key = pack_key(pack);
-    let base = match blob.base {
-        Some(_) if depth >= format::MAX_DELTA_DEPTH => {
-            return Err(Error::damaged(
-                &key,
-                format!("chunk {} is a delta too deep", id.hex()),
-            ));
-        }
-        Some(base) => Some(read_stored(shared, &base, depth + 1)?),
-        None => None,
-    };
-    if u64::from(blob.raw_len) > format::MAX_CHUNK {
-        return Err(Error::damaged(
-            &key,
-            format!("chunk {} claims {} bytes", id.hex(), blob.raw_len),
-        ));
-    }
-    let mut stored = shared.backend.get(
-        &key,
-        Some(blob.offset..blob.offset + u64::from(blob.stored_len)),
-    )?;
-    let mut out = vec![0; blob.raw_len as usize];
-    format::decode_delta_into(
-        &key,
-        shared.keys.as_ref(),
-        id,
-        &blob,
-        &mut stored,
-        base.as_deref(),
-        &mut out,
-    )?;
-    Ok(out)
-}
-
 /// Chunks by id: those stored outside condemned packs are taken as they are; one only
 /// a condemned pack holds is read, checked and stored again (as new data).
 fn known(shared: &Shared, first: u64, ids: Vec<ChunkId>) -> Result<Encoded> {
@@ -659,7 +619,11 @@ fn known(shared: &Shared, first: u64, ids: Vec<ChunkId>) -> Result<Encoded> {
                 first + n as u64
             )));
         }
-        let data = read_stored(shared, &id, 0)?;
+        let reader = super::read::ChunkReader {
+            backend: &*shared.backend,
+            keys: shared.keys.as_ref(),
+        };
+        let data = reader.read_chunk(&shared.index, &id)?;
         let again = encode(shared, first + n as u64, &data, None);
         out.ids.extend(again.ids);
         out.blobs.extend(again.blobs);
