@@ -111,8 +111,22 @@ pub struct RepositoryOptions {
     /// `passphrase-file`: the passphrase of an encrypted repository (else the daemon's
     /// `STILLPOINT_PASSPHRASE`).
     pub passphrase_file: Option<PathBuf>,
+    /// `s3-endpoint`, `s3-region`, `s3-virtual-hosted`: how to reach a repository
+    /// given as `s3://BUCKET/PREFIX` (else the daemon's flags and `AWS_*` environment).
+    pub s3: S3Members,
     /// What the node is.
     pub role: RepositoryRole,
+}
+
+/// How a `repository` node reaches S3, where its members say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Members {
+    /// `s3-endpoint`: the server's URL.
+    pub endpoint: Option<String>,
+    /// `s3-region`.
+    pub region: Option<String>,
+    /// `s3-virtual-hosted`: `BUCKET.host` requests instead of path-style.
+    pub virtual_hosted: Option<bool>,
 }
 
 /// A repository node writes one new snapshot or reads one existing snapshot.
@@ -654,6 +668,11 @@ fn parse_repository(m: &mut Members) -> Result<RepositoryOptions> {
     let passphrase_file = m
         .optional("passphrase-file", Members::string)?
         .map(PathBuf::from);
+    let s3 = S3Members {
+        endpoint: m.optional("s3-endpoint", Members::string)?,
+        region: m.optional("s3-region", Members::string)?,
+        virtual_hosted: m.optional("s3-virtual-hosted", Members::boolean)?,
+    };
     let snapshot = m.optional("snapshot", Members::string)?;
     let disk = m.optional("disk", Members::string)?;
     let size = m.optional("size", Members::unsigned)?;
@@ -702,6 +721,7 @@ fn parse_repository(m: &mut Members) -> Result<RepositoryOptions> {
     Ok(RepositoryOptions {
         repository,
         passphrase_file,
+        s3,
         role,
     })
 }

@@ -40,6 +40,34 @@ pub trait Backend: Send + Sync {
     /// device with a guest: an implementation may trade some throughput for shorter
     /// device requests. Nothing by default.
     fn set_background(&self, _background: bool) {}
+
+    /// Whether [`Backend::put_if_absent`] is exclusive: of two callers racing to create
+    /// one key, exactly one is told it wrote. True of a local directory and of S3
+    /// servers that honour `If-None-Match: *`; where it is false, an object is written
+    /// at most with the same bytes twice, except where the caller takes care
+    /// (`repository::gc`'s marker).
+    fn honours_put_if_absent(&self) -> bool {
+        true
+    }
+}
+
+/// Checks that `key` is a repository key: `/`-separated parts of ASCII letters,
+/// digits, `-`, `_` and `.`, none empty, `.` or `..`.
+pub(crate) fn check_key(key: &str) -> Result<()> {
+    let valid = !key.is_empty()
+        && key.split('/').all(|part| {
+            !part.is_empty()
+                && part != "."
+                && part != ".."
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!("bad object key '{key}'")))
+    }
 }
 
 /// A repository in a local directory. Each object is a file, written under a temporary
@@ -69,18 +97,7 @@ impl LocalDir {
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
-        let valid = !key.is_empty()
-            && key.split('/').all(|part| {
-                !part.is_empty()
-                    && part != "."
-                    && part != ".."
-                    && part
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-            });
-        if !valid {
-            return Err(Error::Invalid(format!("bad object key '{key}'")));
-        }
+        check_key(key)?;
         Ok(self.root.join(key))
     }
 }

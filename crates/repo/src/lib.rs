@@ -82,6 +82,7 @@ pub mod format;
 pub mod hex;
 pub mod repository;
 pub mod retention;
+pub mod s3;
 
 pub use backend::Backend;
 pub use backend::LocalDir;
@@ -91,3 +92,6 @@ pub use error::Result;
 pub use format::ChunkId;
 pub use format::Compression;
 pub use repository::Repository;
+pub use s3::S3;
+pub use s3::S3Options;
+pub use s3::S3Url;

@@ -19,6 +19,7 @@ mod live_restore;
 mod map;
 mod nbd_cmd;
 mod repo_cmd;
+mod repo_location;
 mod repo_node;
 mod repo_target;
 mod signals;
@@ -44,6 +45,24 @@ use crate::image::os_text;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// An S3 repository's server (`http://127.0.0.1:8333`); else `AWS_ENDPOINT_URL`,
+    /// else AWS. Credentials come from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`;
+    /// a plain-http endpoint needs `AWS_ALLOW_HTTP=true`.
+    #[arg(long, global = true, value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// An S3 repository's region; else `AWS_REGION`, else `us-east-1`.
+    #[arg(long, global = true, value_name = "REGION")]
+    s3_region: Option<String>,
+    /// Address S3 buckets as `BUCKET.host` (virtual-hosted style) instead of path-style.
+    #[arg(long, global = true)]
+    s3_virtual_hosted: bool,
+    /// Where S3 repositories' index objects and manifests are cached (deletable at any
+    /// time); else `STILLPOINT_CACHE_DIR`, else `~/.cache/stillpoint/s3`.
+    #[arg(long, global = true, value_name = "DIR")]
+    s3_cache: Option<PathBuf>,
+    /// Do not cache S3 repositories' index objects and manifests.
+    #[arg(long, global = true)]
+    no_s3_cache: bool,
 }
 
 /// How to print a report.
@@ -434,6 +453,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    repo_location::set_flags(repo_location::S3Flags {
+        endpoint: cli.s3_endpoint,
+        region: cli.s3_region,
+        virtual_hosted: cli.s3_virtual_hosted,
+        cache_dir: cli.s3_cache,
+        no_cache: cli.no_s3_cache,
+    });
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

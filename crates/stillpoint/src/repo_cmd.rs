@@ -12,7 +12,6 @@ use block::AttachUser;
 use block::IoBuf;
 use block::NodeGraph;
 use repo::Compression;
-use repo::LocalDir;
 use repo::Repository;
 use repo::repository::gc::LEASE_TTL;
 use serde_json::json;
@@ -21,6 +20,7 @@ use crate::image::Format;
 use crate::image::ImageFormat;
 use crate::image::node_options;
 use crate::image::resolve_format;
+use crate::repo_location;
 
 /// The passphrase: the first line of `file`, else `STILLPOINT_PASSPHRASE`, else none.
 pub(crate) fn passphrase(file: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>> {
@@ -43,10 +43,21 @@ pub(crate) fn passphrase(file: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>>
     Ok(pass)
 }
 
-/// Opens the repository in `dir`, with the passphrase if one is given.
+/// Opens the repository at `dir` (a directory or `s3://BUCKET/PREFIX`, reached with
+/// the command line's `--s3-*` flags), with the passphrase if one is given.
 pub fn open(dir: &Path, pass_file: Option<&Path>) -> anyhow::Result<Repository> {
+    open_with(dir, pass_file, &repo_location::flags())
+}
+
+/// [`open`], reaching S3 with `flags`.
+pub fn open_with(
+    dir: &Path,
+    pass_file: Option<&Path>,
+    flags: &repo_location::S3Flags,
+) -> anyhow::Result<Repository> {
     let pass = passphrase(pass_file)?;
-    Repository::open(Box::new(LocalDir::new(dir)), pass.as_deref())
+    repo_location::backend(dir, flags, false)
+        .and_then(|backend| Ok(Repository::open(backend, pass.as_deref())?))
         .with_context(|| format!("cannot open the repository {}", dir.display()))
 }
 
@@ -66,14 +77,16 @@ pub fn init(
     } else {
         None
     };
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let repo = Repository::init(
-        Box::new(LocalDir::new(dir)),
-        chunk_size,
-        compression,
-        pass.as_deref(),
-    )
-    .with_context(|| format!("cannot create a repository in {}", dir.display()))?;
+    let repo = repo_location::backend(dir, &repo_location::flags(), true)
+        .and_then(|backend| {
+            Ok(Repository::init(
+                backend,
+                chunk_size,
+                compression,
+                pass.as_deref(),
+            )?)
+        })
+        .with_context(|| format!("cannot create a repository in {}", dir.display()))?;
     println!(
         "created repository {} in {} (chunk size {}, compression {:?}{})",
         repo.config().id,

@@ -92,7 +92,12 @@ fn repo_error(dir: &Path, e: impl std::fmt::Display) -> Error {
 /// the blocking pool) and the node the options ask for.
 fn open_node(options: &RepositoryOptions) -> Result<Box<dyn BlockDriver>> {
     let dir = &options.repository;
-    let mut repo = crate::repo_cmd::open(dir, options.passphrase_file.as_deref())
+    let mut flags = crate::repo_location::flags();
+    let members = &options.s3;
+    flags.endpoint = members.endpoint.clone().or(flags.endpoint);
+    flags.region = members.region.clone().or(flags.region);
+    flags.virtual_hosted = members.virtual_hosted.unwrap_or(flags.virtual_hosted);
+    let mut repo = crate::repo_cmd::open_with(dir, options.passphrase_file.as_deref(), &flags)
         .map_err(|e| Error::invalid(format!("{e:#}")))?;
     // A live backup's hashing, compression and sealing give way to the guest.
     repo.set_background(true);

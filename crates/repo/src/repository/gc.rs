@@ -173,6 +173,10 @@ pub const UNREADABLE_LEASES: &str = "leases-unreadable/";
 /// The object that says a collection runs.
 const GC_MARKER: &str = "gc";
 
+/// Claims of collections on backends whose `put_if_absent` is not exclusive
+/// ([`Repository::claim_gc`]).
+pub const GC_CLAIMS: &str = "gc-claims/";
+
 /// What a running collection writes into `gc`: when it started and which process it
 /// is, as `START BOOT_ID PID_NAMESPACE PID` (a marker of the first slice holds `START`
 /// alone). A process id names a process only within one boot of one machine and one
@@ -387,16 +391,69 @@ impl Repository {
     pub fn gc(&self) -> Result<GcStats> {
         let backend = self.backend();
         let marker = GcMarker::ours();
-        let mut took_over = None;
-        if !backend.put_if_absent(GC_MARKER, marker.to_string().as_bytes())? {
-            took_over = self.take_over_gc_marker(&marker)?;
+        let claim = if backend.honours_put_if_absent() {
+            None
+        } else {
+            Some(self.claim_gc(&marker)?)
+        };
+        let result = (|| {
+            let mut took_over = None;
+            if !backend.put_if_absent(GC_MARKER, marker.to_string().as_bytes())? {
+                took_over = self.take_over_gc_marker(&marker)?;
+            }
+            let result = self.collect().map(|mut stats| {
+                stats.stale_marker_pid = took_over;
+                stats
+            });
+            let _ = backend.delete(GC_MARKER);
+            result
+        })();
+        if let Some(claim) = claim {
+            let _ = backend.delete(&claim);
         }
-        let result = self.collect().map(|mut stats| {
-            stats.stale_marker_pid = took_over;
-            stats
-        });
-        let _ = backend.delete(GC_MARKER);
         result
+    }
+
+    /// Where [`crate::Backend::put_if_absent`] is not exclusive (an S3 server that
+    /// ignores `If-None-Match`), two collections could both "create" the `gc` marker.
+    /// So each first writes a claim under [`GC_CLAIMS`] and lists them: it goes on only
+    /// if its claim is the only one, and withdraws it otherwise. With listings that
+    /// show every object written before them (S3's read-after-write consistency), two
+    /// collections cannot both see only their own claim: whichever lists second sees
+    /// the first. Two that see each other both give way. Claims of collections of
+    /// this machine that died are removed, as their markers are.
+    fn claim_gc(&self, ours: &GcMarker) -> Result<String> {
+        let backend = self.backend();
+        let key = format!(
+            "{GC_CLAIMS}{}-{}-{}",
+            ours.start,
+            ours.pid,
+            crate::hex::hex(&crate::crypto::random::<4>())
+        );
+        backend.put_if_absent(&key, ours.to_string().as_bytes())?;
+        let mut others = Vec::new();
+        for claim in backend.list(GC_CLAIMS)? {
+            if claim == key {
+                continue;
+            }
+            let theirs = match backend.get(&claim, None) {
+                Ok(bytes) => GcMarker::parse(&bytes),
+                Err(Error::NotFound(_)) => continue,
+                Err(e) => {
+                    let _ = backend.delete(&key);
+                    return Err(e);
+                }
+            };
+            match theirs {
+                Some(m) if m.is_dead_here() => backend.delete(&claim)?,
+                other => others.push(other),
+            }
+        }
+        if let Some(other) = others.first() {
+            let _ = backend.delete(&key);
+            return Err(running(other.as_ref()));
+        }
+        Ok(key)
     }
 
     /// `gc` exists: if a collection of this machine that is gone left it, replaces it
