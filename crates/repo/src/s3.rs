@@ -88,6 +88,9 @@ pub struct S3Options {
     pub retry_timeout: Option<Duration>,
     /// The local cache's directory; `None` for no cache.
     pub cache_dir: Option<PathBuf>,
+    /// An access key id and secret (else `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY`, or the other ways `object_store` finds credentials).
+    pub credentials: Option<(String, String)>,
 }
 
 /// An `s3://BUCKET/PREFIX` location.
@@ -197,6 +200,11 @@ impl S3 {
         }
         if options.allow_http {
             builder = builder.with_allow_http(true);
+        }
+        if let Some((key_id, secret)) = &options.credentials {
+            builder = builder
+                .with_access_key_id(key_id)
+                .with_secret_access_key(secret);
         }
         let retry = RetryConfig {
             retry_timeout: options.retry_timeout.unwrap_or(RETRY_TIMEOUT),
@@ -366,13 +374,21 @@ impl S3 {
         outcome.map_err(|e| self.failed(format!("writing {key}"), &e))
     }
 
-    fn fetch(&self, key: &str, range: Option<Range<u64>>) -> Result<(Vec<u8>, Option<String>)> {
+    /// The object's bytes (or a range of them) and its ETag. With `unless_etag`, `None`
+    /// if the object still has that ETag (a conditional GET: no bytes sent).
+    fn fetch(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+        unless_etag: Option<String>,
+    ) -> Result<Option<(Vec<u8>, Option<String>)>> {
         let path = self.path(key)?;
         let store = self.store.clone();
         let wanted = range.clone();
         let outcome = self.run(async move {
             let options = GetOptions {
                 range: wanted.map(GetRange::Bounded),
+                if_none_match: unless_etag,
                 ..GetOptions::default()
             };
             let result = store.get_opts(&path, options).await?;
@@ -380,10 +396,14 @@ impl S3 {
             let bytes = result.bytes().await?;
             Ok::<_, object_store::Error>((bytes.to_vec(), etag))
         });
-        let (bytes, etag) = outcome.map_err(|e| match e {
-            object_store::Error::NotFound { .. } => Error::NotFound(format!("{key} is missing")),
-            e => self.failed(format!("reading {key}"), &e),
-        })?;
+        let (bytes, etag) = match outcome {
+            Ok(found) => found,
+            Err(object_store::Error::NotModified { .. }) => return Ok(None),
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(Error::NotFound(format!("{key} is missing")));
+            }
+            Err(e) => return Err(self.failed(format!("reading {key}"), &e)),
+        };
         if let Some(range) = range
             && (bytes.len() as u64) < range.end - range.start
         {
@@ -395,7 +415,29 @@ impl S3 {
                 ),
             ));
         }
-        Ok((bytes, etag))
+        Ok(Some((bytes, etag)))
+    }
+
+    /// An index object or manifest, through the cache: served from it when this
+    /// backend's latest listing shows the same object, else fetched unless unchanged
+    /// since it was cached (a conditional GET), and cached.
+    fn get_cached(&self, key: &str, cache: &Mutex<Cache>) -> Result<Vec<u8>> {
+        let lock = || cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(bytes) = lock().get(key) {
+            return Ok(bytes);
+        }
+        let entry = lock().entry(key);
+        let unless = entry.as_ref().map(|(etag, _)| etag.clone());
+        match self.fetch(key, None, unless)? {
+            None => Ok(entry.expect("a conditional GET had an ETag").1),
+            Some((bytes, etag)) => {
+                if let Some(etag) = etag {
+                    // A cache that cannot be written only costs downloads.
+                    let _ = lock().put(key, &etag, bytes.len() as u64, &bytes);
+                }
+                Ok(bytes)
+            }
+        }
     }
 }
 
@@ -435,24 +477,15 @@ impl Backend for S3 {
     }
 
     fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Vec<u8>> {
-        let cached = range.is_none() && Cache::holds(key);
-        if cached
+        if range.is_none()
+            && Cache::holds(key)
             && let Some(cache) = &self.cache
-            && let Some(bytes) = cache.lock().expect("cache lock").get(key)
         {
-            return Ok(bytes);
+            return self.get_cached(key, cache);
         }
-        let (bytes, etag) = self.fetch(key, range)?;
-        if cached
-            && let Some(cache) = &self.cache
-            && let Some(etag) = etag
-        {
-            // A cache that cannot be written only costs downloads.
-            let _ = cache
-                .lock()
-                .expect("cache lock")
-                .put(key, &etag, bytes.len() as u64, &bytes);
-        }
+        let (bytes, _) = self
+            .fetch(key, range, None)?
+            .expect("an unconditional GET has bytes");
         Ok(bytes)
     }
 
@@ -480,7 +513,10 @@ impl Backend for S3 {
         if Cache::holds(prefix)
             && let Some(cache) = &self.cache
         {
-            cache.lock().expect("cache lock").listed(prefix, &keys);
+            cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .listed(prefix, &keys);
         }
         Ok(keys.into_iter().map(|(key, _, _)| key).collect())
     }

@@ -1,6 +1,11 @@
-//! The repository's library, end to end on a local directory: snapshots round-trip,
-//! a second backup stores only what changed, and every flipped byte is found.
+//! The repository's library, end to end: snapshots round-trip, a second backup stores
+//! only what changed, every flipped byte is found, collections run beside backups.
+//! The tests marked `store_matrix!` run twice: on a local directory and on a bucket
+//! of a real S3 server (SeaweedFS) with the local cache.
 
+mod common;
+
+use common::Store;
 use repo::ChunkId;
 use repo::Compression;
 use repo::Error;
@@ -58,29 +63,52 @@ fn restore(repo: &Repository, id: &str) -> Vec<u8> {
     out
 }
 
-/// A new repository in `dir`.
+/// A new repository in `store`.
 fn init(
-    dir: &std::path::Path,
+    store: &Store,
     chunk: u64,
     compression: Compression,
     passphrase: Option<&[u8]>,
 ) -> repo::Result<Repository> {
-    Repository::init(Box::new(LocalDir::new(dir)), chunk, compression, passphrase)
+    Repository::init(store.backend(), chunk, compression, passphrase)
 }
 
-fn open(dir: &std::path::Path) -> Repository {
-    open_with(dir, None)
+fn open(store: &Store) -> Repository {
+    open_with(store, None)
 }
 
-fn open_with(dir: &std::path::Path, passphrase: Option<&[u8]>) -> Repository {
-    Repository::open(Box::new(LocalDir::new(dir)), passphrase).unwrap()
+fn open_with(store: &Store, passphrase: Option<&[u8]>) -> Repository {
+    Repository::open(store.backend(), passphrase).unwrap()
 }
 
-#[test]
-fn a_snapshot_restores_byte_for_byte_and_a_second_backup_stores_only_what_changed() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
-    assert!(init(dir.path(), CHUNK, Compression::Zstd, None).is_err());
+/// Runs each test body (`fn NAME(store: Store)`) on a local directory (`NAME_local`)
+/// and on S3 (`NAME_s3`).
+macro_rules! store_matrix {
+    ($($name:ident),* $(,)?) => {
+        mod local {
+            $(#[test] fn $name() { super::$name(super::Store::local()) })*
+        }
+        mod s3 {
+            $(#[test] fn $name() { super::$name(super::Store::s3()) })*
+        }
+    };
+}
+
+store_matrix!(
+    a_snapshot_restores_byte_for_byte_and_a_second_backup_stores_only_what_changed,
+    a_flipped_byte_in_any_pack_index_or_manifest_is_detected,
+    a_flipped_byte_in_an_encrypted_repository_is_detected_too,
+    gc_condemns_then_deletes_and_a_backup_running_beside_it_stays_complete,
+    a_writer_never_relies_on_a_condemned_pack_it_makes_again,
+    gc_repacks_a_mostly_dead_pack_and_the_snapshot_still_restores,
+    verify_new_reads_only_packs_written_since_the_last_verify,
+    concurrent_backups_prune_and_gc_keep_every_surviving_snapshot_whole,
+    an_incremental_takes_unchanged_chunks_by_id_and_stores_again_those_only_a_condemned_pack_holds,
+);
+
+fn a_snapshot_restores_byte_for_byte_and_a_second_backup_stores_only_what_changed(store: Store) {
+    let repo = init(&store, CHUNK, Compression::Zstd, None).unwrap();
+    assert!(init(&store, CHUNK, Compression::Zstd, None).is_err());
     let first = disk(1, 30, 4097);
     let (a, stats) = backup(&repo, "vm1", &first);
     assert_eq!(stats.chunks, 31);
@@ -90,7 +118,7 @@ fn a_snapshot_restores_byte_for_byte_and_a_second_backup_stores_only_what_change
         stats.stored_bytes < stats.new_bytes,
         "the text chunks compress"
     );
-    assert_eq!(restore(&open(dir.path()), &a.id), first);
+    assert_eq!(restore(&open(&store), &a.id), first);
 
     // Change two chunks: only they are new.
     let mut second = first.clone();
@@ -124,8 +152,8 @@ fn a_snapshot_restores_byte_for_byte_and_a_second_backup_stores_only_what_change
 
 #[test]
 fn a_writer_refuses_chunks_of_the_wrong_size_and_an_unfinished_snapshot_is_not_visible() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = init(dir.path(), CHUNK, Compression::None, None).unwrap();
+    let store = Store::local();
+    let repo = init(&store, CHUNK, Compression::None, None).unwrap();
     let mut w = repo.writer("d", 3 * CHUNK, None).unwrap();
     assert!(w.add_chunk(&[1; 100]).is_err());
     w.add_chunk(&vec![1; CHUNK as usize]).unwrap();
@@ -134,64 +162,63 @@ fn a_writer_refuses_chunks_of_the_wrong_size_and_an_unfinished_snapshot_is_not_v
     let mut w = repo.writer("d", 3 * CHUNK, None).unwrap();
     w.add_chunk(&vec![1; CHUNK as usize]).unwrap();
     assert!(w.commit().is_err(), "two chunks are missing");
-    assert!(init(dir.path(), 3000, Compression::None, None).is_err());
+    assert!(init(&store, 3000, Compression::None, None).is_err());
 }
 
 /// Flips one byte in the middle of every object under `prefix` in turn; each time,
 /// reading or verifying must report damage, and putting the byte back heals it.
-fn flipped_bytes_are_detected(passphrase: Option<&[u8]>) {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = init(dir.path(), CHUNK, Compression::Zstd, passphrase).unwrap();
+fn flipped_bytes_are_detected(store: &Store, passphrase: Option<&[u8]>) {
+    let repo = init(store, CHUNK, Compression::Zstd, passphrase).unwrap();
     let data = disk(7, 12, 0);
     let (snap, _) = backup(&repo, "vm1", &data);
-    let mut files = Vec::new();
-    for sub in ["packs", "index", "snapshots"] {
-        for entry in walk(&dir.path().join(sub)) {
-            files.push(entry);
-        }
+    let mut keys = Vec::new();
+    for prefix in ["packs/", "index/", "snapshots/"] {
+        keys.extend(store.keys(prefix));
     }
-    assert!(files.len() >= 3);
-    // Opened once: it reads every object afresh on each verify.
-    let reopened = open_with(dir.path(), passphrase);
+    assert!(keys.len() >= 3);
+    // Opened once: it reads every object afresh on each verify (on S3, its cache holds
+    // the index objects and manifests, and must not serve a copy the bucket no longer
+    // holds).
+    let reopened = open_with(store, passphrase);
+    assert_eq!(restore(&reopened, &snap.id), data);
     let mut rng = Rng(3);
-    for file in files {
-        let original = std::fs::read(&file).unwrap();
-        for _ in 0..8 {
+    let flips = if store.is_s3() { 3 } else { 8 };
+    for key in keys {
+        let original = store.read(&key);
+        for _ in 0..flips {
             let mut bad = original.clone();
             let at = rng.below(bad.len() as u64) as usize;
             bad[at] ^= 1 << rng.below(8);
-            std::fs::write(&file, &bad).unwrap();
+            store.overwrite(&key, &bad);
             let found = match reopened.verify(std::slice::from_ref(&snap.id)) {
                 Ok(report) => !report[0].1.is_empty(),
                 Err(_) => true,
             };
-            assert!(found, "a flip at {at} of {} went unnoticed", file.display());
+            assert!(found, "a flip at {at} of {key} went unnoticed");
         }
-        std::fs::write(&file, &original).unwrap();
+        store.overwrite(&key, &original);
         assert_eq!(restore(&reopened, &snap.id), data);
     }
 }
 
-#[test]
-fn a_flipped_byte_in_any_pack_index_or_manifest_is_detected() {
-    flipped_bytes_are_detected(None);
+fn a_flipped_byte_in_any_pack_index_or_manifest_is_detected(store: Store) {
+    flipped_bytes_are_detected(&store, None);
 }
 
-#[test]
-fn a_flipped_byte_in_an_encrypted_repository_is_detected_too() {
-    flipped_bytes_are_detected(Some(b"correct horse"));
+fn a_flipped_byte_in_an_encrypted_repository_is_detected_too(store: Store) {
+    flipped_bytes_are_detected(&store, Some(b"correct horse"));
 }
 
 #[test]
 fn an_encrypted_repository_needs_its_passphrase_and_shows_no_plaintext() {
-    let dir = tempfile::tempdir().unwrap();
+    let store = Store::local();
     let pass: &[u8] = b"correct horse";
-    let repo = init(dir.path(), CHUNK, Compression::None, Some(pass)).unwrap();
+    let repo = init(&store, CHUNK, Compression::None, Some(pass)).unwrap();
     // Text that would show in a plain pack.
     let data = "a secret line of the guest's disk\n".repeat(2 * CHUNK as usize / 34 + 1);
     let data = &data.as_bytes()[..2 * CHUNK as usize];
     let (snap, _) = backup(&repo, "vm1", data);
-    for file in walk(dir.path()) {
+    for file in walk(store.path()) {
         let bytes = std::fs::read(&file).unwrap();
         assert!(
             !bytes.windows(10).any(|w| w == b"a secret l"),
@@ -204,15 +231,16 @@ fn an_encrypted_repository_needs_its_passphrase_and_shows_no_plaintext() {
             file.display()
         );
     }
-    let no = Repository::open(Box::new(LocalDir::new(dir.path())), None).unwrap_err();
+    let no = Repository::open(Box::new(LocalDir::new(store.path())), None).unwrap_err();
     assert!(no.to_string().contains("encrypted"), "{no}");
-    let wrong = Repository::open(Box::new(LocalDir::new(dir.path())), Some(b"wrong")).unwrap_err();
+    let wrong =
+        Repository::open(Box::new(LocalDir::new(store.path())), Some(b"wrong")).unwrap_err();
     assert_eq!(wrong.to_string(), "wrong passphrase");
-    let repo = open_with(dir.path(), Some(pass));
+    let repo = open_with(&store, Some(pass));
     assert_eq!(restore(&repo, &snap.id), data);
     // The same data in a plain repository gets other ids: ids are keyed.
-    let plain_dir = tempfile::tempdir().unwrap();
-    let plain = init(plain_dir.path(), CHUNK, Compression::None, None).unwrap();
+    let plain_dir = Store::local();
+    let plain = init(&plain_dir, CHUNK, Compression::None, None).unwrap();
     backup(&plain, "vm1", data);
     let (_, enc_chunks) = repo.read_snapshot(&snap.id).unwrap();
     let plain_snap = plain.snapshots().unwrap().remove(0);
@@ -233,16 +261,14 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-#[test]
-fn gc_condemns_then_deletes_and_a_backup_running_beside_it_stays_complete() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
+fn gc_condemns_then_deletes_and_a_backup_running_beside_it_stays_complete(store: Store) {
+    let repo = init(&store, CHUNK, Compression::Zstd, None).unwrap();
     let a_data = disk(21, 9, 0);
     // Nothing in common with a's (the text chunks of disk() repeat across seeds).
     let b_data = Rng(22).bytes(9 * CHUNK as usize);
     let (a, _) = backup(&repo, "a", &a_data);
     let (b, _) = backup(&repo, "b", &b_data);
-    assert_eq!(walk(&dir.path().join("packs")).len(), 2);
+    assert_eq!(store.keys("packs/").len(), 2);
     assert_eq!(
         repo.gc().unwrap().condemned_packs,
         0,
@@ -269,14 +295,14 @@ fn gc_condemns_then_deletes_and_a_backup_running_beside_it_stays_complete() {
 
     // Unreferenced again: condemned by one collection, deleted by the next; a lease
     // left by a writer that died long ago does not hold that up.
-    std::fs::write(dir.path().join("leases/1-1-dead"), "1").unwrap();
+    store.overwrite("leases/1-1-dead", b"1");
     repo.forget(std::slice::from_ref(&c.id)).unwrap();
     assert_eq!(repo.gc().unwrap().condemned_packs, 1);
     let stats = repo.gc().unwrap();
     assert_eq!((stats.packs, stats.deleted_packs), (2, 1));
-    assert!(walk(&dir.path().join("leases")).is_empty());
-    assert_eq!(walk(&dir.path().join("packs")).len(), 1);
-    assert_eq!(walk(&dir.path().join("index")).len(), 1);
+    assert!(store.keys("leases/").is_empty());
+    assert_eq!(store.keys("packs/").len(), 1);
+    assert_eq!(store.keys("index/").len(), 1);
     assert_eq!(restore(&repo, &b.id), b_data);
 
     // A writer that starts after a condemnation stores the chunks again rather than
@@ -292,18 +318,16 @@ fn gc_condemns_then_deletes_and_a_backup_running_beside_it_stays_complete() {
     assert!(repo.verify(&[]).unwrap().iter().all(|(_, p)| p.is_empty()));
 
     // Two collections never run at once.
-    std::fs::write(dir.path().join("gc"), "1").unwrap();
+    store.overwrite("gc", b"1");
     assert!(repo.gc().is_err(), "a second collection");
 }
 
-#[test]
-fn a_writer_never_relies_on_a_condemned_pack_it_makes_again() {
+fn a_writer_never_relies_on_a_condemned_pack_it_makes_again(store: Store) {
     // Packs are named by their digest: one chunk, unencrypted, makes the same pack
     // every time. A writer that starts after that pack's condemnation (past the
     // margin, so no collection waits for it) must not find "its" pack already there
     // and rely on it: the next collection deletes what was condemned.
-    let dir = tempfile::tempdir().unwrap();
-    let mut repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
+    let mut repo = init(&store, CHUNK, Compression::Zstd, None).unwrap();
     repo.set_condemn_margin(std::time::Duration::ZERO);
     let data = Rng(31).bytes(CHUNK as usize);
     let (a, _) = backup(&repo, "a", &data);
@@ -316,7 +340,7 @@ fn a_writer_never_relies_on_a_condemned_pack_it_makes_again() {
         "not deduplicated against the condemned pack"
     );
     assert_eq!(
-        walk(&dir.path().join("packs")).len(),
+        store.keys("packs/").len(),
         2,
         "stored under a name of its own"
     );
@@ -326,11 +350,10 @@ fn a_writer_never_relies_on_a_condemned_pack_it_makes_again() {
     assert!(repo.verify(&[]).unwrap().iter().all(|(_, p)| p.is_empty()));
 }
 
-#[test]
-fn gc_repacks_a_mostly_dead_pack_and_the_snapshot_still_restores() {
+fn gc_repacks_a_mostly_dead_pack_and_the_snapshot_still_restores(store: Store) {
     for passphrase in [None, Some(&b"pw"[..])] {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = init(dir.path(), CHUNK, Compression::Zstd, passphrase).unwrap();
+        let store = store.another();
+        let repo = init(&store, CHUNK, Compression::Zstd, passphrase).unwrap();
         let old = Rng(31).bytes(8 * CHUNK as usize);
         let mut new = old.clone();
         new[2 * CHUNK as usize..].copy_from_slice(&Rng(32).bytes(6 * CHUNK as usize));
@@ -346,8 +369,8 @@ fn gc_repacks_a_mostly_dead_pack_and_the_snapshot_still_restores() {
         assert_eq!(restore(&repo, &s2.id), new);
         let stats = repo.gc().unwrap();
         assert_eq!(stats.deleted_packs, 1, "{stats:?}");
-        assert_eq!(walk(&dir.path().join("packs")).len(), 2);
-        let repo = open_with(dir.path(), passphrase);
+        assert_eq!(store.keys("packs/").len(), 2);
+        let repo = open_with(&store, passphrase);
         assert_eq!(restore(&repo, &s2.id), new);
         assert!(repo.verify(&[]).unwrap().iter().all(|(_, p)| p.is_empty()));
         let stored = repo.stats().unwrap();
@@ -355,16 +378,15 @@ fn gc_repacks_a_mostly_dead_pack_and_the_snapshot_still_restores() {
     }
 }
 
-#[test]
-fn verify_new_reads_only_packs_written_since_the_last_verify() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
+fn verify_new_reads_only_packs_written_since_the_last_verify(store: Store) {
+    let repo = init(&store, CHUNK, Compression::Zstd, None).unwrap();
     let (a, _) = backup(&repo, "a", &Rng(41).bytes(5 * CHUNK as usize));
     let first = repo.verify_with(&[], true).unwrap();
     assert_eq!((first.packs_read, first.packs_skipped), (1, 0));
-    let a_pack = walk(&dir.path().join("packs"));
+    let a_pack = store.keys("packs/");
     let (b, _) = backup(&repo, "b", &Rng(42).bytes(5 * CHUNK as usize));
-    let b_pack: Vec<_> = walk(&dir.path().join("packs"))
+    let b_pack: Vec<_> = store
+        .keys("packs/")
         .into_iter()
         .filter(|p| !a_pack.contains(p))
         .collect();
@@ -372,13 +394,13 @@ fn verify_new_reads_only_packs_written_since_the_last_verify() {
     assert_eq!((second.packs_read, second.packs_skipped), (1, 1));
     let third = repo.verify_with(&[], true).unwrap();
     assert_eq!((third.packs_read, third.packs_skipped), (0, 2));
-    assert_eq!(walk(&dir.path().join("verified")).len(), 1, "one list kept");
+    assert_eq!(store.keys("verified/").len(), 1, "one list kept");
 
     // Damage in a pack verified before: --new does not read it, a full verify finds it.
-    let flip = |path: &std::path::Path| {
-        let mut bytes = std::fs::read(path).unwrap();
+    let flip = |key: &str| {
+        let mut bytes = store.read(key);
         bytes[100] ^= 1;
-        std::fs::write(path, bytes).unwrap();
+        store.overwrite(key, &bytes);
     };
     flip(&a_pack[0]);
     let quick = repo.verify_with(&[], true).unwrap();
@@ -398,7 +420,8 @@ fn verify_new_reads_only_packs_written_since_the_last_verify() {
 
     // A new pack damaged before its first verify is read by --new.
     let (c, _) = backup(&repo, "c", &Rng(43).bytes(5 * CHUNK as usize));
-    let c_pack: Vec<_> = walk(&dir.path().join("packs"))
+    let c_pack: Vec<_> = store
+        .keys("packs/")
         .into_iter()
         .filter(|p| !a_pack.contains(p) && !b_pack.contains(p))
         .collect();
@@ -416,16 +439,14 @@ fn verify_new_reads_only_packs_written_since_the_last_verify() {
 /// thread prunes each disk to its newest two snapshots and collects garbage: at the end
 /// every surviving snapshot verifies and restores to exactly the disk it was taken of,
 /// and the collections did delete packs along the way.
-#[test]
-fn concurrent_backups_prune_and_gc_keep_every_surviving_snapshot_whole() {
+fn concurrent_backups_prune_and_gc_keep_every_surviving_snapshot_whole(store: Store) {
     use std::collections::HashMap;
     use std::sync::Mutex;
     use std::sync::atomic::AtomicBool;
     use std::sync::atomic::Ordering;
 
-    let dir = tempfile::tempdir().unwrap();
-    init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
-    let mut repo = open(dir.path());
+    init(&store, CHUNK, Compression::Zstd, None).unwrap();
+    let mut repo = open(&store);
     // Writers here share one clock, and a list is visible long before a second passes.
     repo.set_condemn_margin(std::time::Duration::from_secs(1));
     let repo = &repo;
@@ -525,8 +546,8 @@ fn concurrent_backups_prune_and_gc_keep_every_surviving_snapshot_whole() {
 
 #[test]
 fn a_renewed_lease_holds_up_deletion_for_a_long_backup_and_a_stale_one_does_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
+    let store = Store::local();
+    let repo = init(&store, CHUNK, Compression::Zstd, None).unwrap();
     let (a, _) = backup(&repo, "a", &Rng(51).bytes(3 * CHUNK as usize));
     repo.forget(std::slice::from_ref(&a.id)).unwrap();
     let now = std::time::SystemTime::now()
@@ -535,7 +556,7 @@ fn a_renewed_lease_holds_up_deletion_for_a_long_backup_and_a_stale_one_does_not(
         .as_nanos() as u64;
     let two_days = 2 * 86_400 * 1_000_000_000u64;
     // A backup that started two days ago and renewed its lease just now.
-    let lease = dir.path().join("leases/1-1-long");
+    let lease = store.path().join("leases/1-1-long");
     std::fs::write(&lease, format!("{} {now}", now - two_days)).unwrap();
     assert_eq!(repo.gc().unwrap().condemned_packs, 1);
     let held = repo.gc().unwrap();
@@ -551,26 +572,26 @@ fn a_renewed_lease_holds_up_deletion_for_a_long_backup_and_a_stale_one_does_not(
         text.split_whitespace().next().unwrap().to_string()
     };
     let mut held = repo.lease().unwrap();
-    let before = walk(&dir.path().join("leases"));
+    let before = walk(&store.path().join("leases"));
     let started = start(&before[0]);
     held.renew().unwrap();
-    let after = walk(&dir.path().join("leases"));
+    let after = walk(&store.path().join("leases"));
     assert_eq!(after.len(), 1);
     assert_ne!(before, after);
     assert_eq!(start(&after[0]), started);
     drop(held);
-    assert!(walk(&dir.path().join("leases")).is_empty());
+    assert!(store.keys("leases/").is_empty());
 }
 
 #[test]
 fn an_unreadable_lease_holds_up_deletion_for_a_day_after_it_is_found_not_for_ever() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
+    let store = Store::local();
+    let repo = init(&store, CHUNK, Compression::Zstd, None).unwrap();
     let (a, _) = backup(&repo, "a", &Rng(52).bytes(3 * CHUNK as usize));
     let (b, _) = backup(&repo, "b", &Rng(53).bytes(2 * CHUNK as usize));
     repo.forget(std::slice::from_ref(&a.id)).unwrap();
-    let lease = dir.path().join("leases/1-1-torn");
-    let note = dir.path().join("leases-unreadable/1-1-torn");
+    let lease = store.path().join("leases/1-1-torn");
+    let note = store.path().join("leases-unreadable/1-1-torn");
     std::fs::write(&lease, "not a lease").unwrap();
     let first = repo.gc().unwrap();
     assert_eq!((first.condemned_packs, first.unreadable_leases), (1, 1));
@@ -600,7 +621,7 @@ fn an_unreadable_lease_holds_up_deletion_for_a_day_after_it_is_found_not_for_eve
 
     // A note whose lease is gone goes too; so does a damaged note, which starts again.
     std::fs::write(&lease, "").unwrap();
-    std::fs::write(dir.path().join("leases-unreadable/1-1-gone"), "5").unwrap();
+    store.overwrite("leases-unreadable/1-1-gone", b"5");
     std::fs::write(&note, "garbage").unwrap();
     let stats = repo.gc().unwrap();
     assert_eq!(
@@ -608,14 +629,14 @@ fn an_unreadable_lease_holds_up_deletion_for_a_day_after_it_is_found_not_for_eve
         (1, 0)
     );
     assert_eq!(
-        walk(&dir.path().join("leases-unreadable")),
+        walk(&store.path().join("leases-unreadable")),
         vec![note.clone()]
     );
     let again: u64 = std::fs::read_to_string(&note).unwrap().parse().unwrap();
     assert!(again >= first_seen);
     std::fs::remove_file(&lease).unwrap();
     repo.gc().unwrap();
-    assert!(walk(&dir.path().join("leases-unreadable")).is_empty());
+    assert!(walk(&store.path().join("leases-unreadable")).is_empty());
 }
 
 #[test]
@@ -623,15 +644,15 @@ fn a_collection_that_died_on_this_machine_does_not_block_the_next() {
     // What a `repo gc` killed mid-run leaves is its `gc` marker. The next collection
     // replaces a marker whose process is gone (same boot, same PID namespace), and
     // refuses every other one, leaving it as it was.
-    let dir = tempfile::tempdir().unwrap();
-    let repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
+    let store = Store::local();
+    let repo = init(&store, CHUNK, Compression::Zstd, None).unwrap();
     let data = Rng(41).bytes(3 * CHUNK as usize);
     let (a, _) = backup(&repo, "a", &data);
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     let boot = boot.trim();
     let ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
     let ns = ns.to_str().unwrap();
-    let marker = dir.path().join("gc");
+    let marker = store.path().join("gc");
     let mut child = std::process::Command::new("true").spawn().unwrap();
     child.wait().unwrap();
     let dead = child.id();
@@ -642,7 +663,7 @@ fn a_collection_that_died_on_this_machine_does_not_block_the_next() {
 
     // Refused, and left alone: a live process, another boot, the first slice's format,
     // a takeover already under way.
-    let takeover = dir.path().join("gc-takeover").join(format!("5-{dead}"));
+    let takeover = store.path().join("gc-takeover").join(format!("5-{dead}"));
     std::fs::create_dir_all(takeover.parent().unwrap()).unwrap();
     std::fs::write(&takeover, "x").unwrap();
     for (held, says) in [
@@ -672,7 +693,7 @@ fn a_collection_that_died_on_this_machine_does_not_block_the_next() {
     assert!(!marker.exists(), "its own marker is gone when it ends");
     assert!(!takeover.exists());
     assert_eq!(
-        std::fs::read_dir(dir.path().join("gc-takeover"))
+        std::fs::read_dir(store.path().join("gc-takeover"))
             .unwrap()
             .count(),
         0,
@@ -681,11 +702,10 @@ fn a_collection_that_died_on_this_machine_does_not_block_the_next() {
     assert_eq!(repo.gc().unwrap().stale_marker_pid, None);
 }
 
-#[test]
-fn an_incremental_takes_unchanged_chunks_by_id_and_stores_again_those_only_a_condemned_pack_holds()
-{
-    let dir = tempfile::tempdir().unwrap();
-    let mut repo = init(dir.path(), CHUNK, Compression::Zstd, None).unwrap();
+fn an_incremental_takes_unchanged_chunks_by_id_and_stores_again_those_only_a_condemned_pack_holds(
+    store: Store,
+) {
+    let mut repo = init(&store, CHUNK, Compression::Zstd, None).unwrap();
     repo.set_condemn_margin(std::time::Duration::ZERO);
     let old = disk(41, 8, 100);
     let (a, _) = backup(&repo, "d", &old);
@@ -724,4 +744,79 @@ fn an_incremental_takes_unchanged_chunks_by_id_and_stores_again_those_only_a_con
     let err = w.commit().unwrap_err().to_string();
     assert!(err.contains("in no pack"), "{err}");
     assert_eq!(repo.snapshots().unwrap().len(), 1);
+}
+
+/// A store whose put-if-absent is not exclusive, as on an S3 server that ignores
+/// `If-None-Match` (Garage): it asks whether the object exists, then writes it, so
+/// two racing writers may both "create" it.
+struct NotExclusive(LocalDir);
+
+impl repo::Backend for NotExclusive {
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> repo::Result<bool> {
+        if self.0.get(key, None).is_ok() {
+            return Ok(false);
+        }
+        self.0.delete(key)?;
+        self.0.put_if_absent(key, data)
+    }
+    fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> repo::Result<Vec<u8>> {
+        self.0.get(key, range)
+    }
+    fn list(&self, prefix: &str) -> repo::Result<Vec<String>> {
+        self.0.list(prefix)
+    }
+    fn delete(&self, key: &str) -> repo::Result<()> {
+        self.0.delete(key)
+    }
+    fn honours_put_if_absent(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn where_put_if_absent_is_not_exclusive_a_collection_runs_only_on_a_claim_it_alone_holds() {
+    let store = Store::local();
+    init(&store, CHUNK, Compression::Zstd, None).unwrap();
+    let repo = Repository::open(Box::new(NotExclusive(LocalDir::new(store.path()))), None).unwrap();
+    let data = Rng(51).bytes(3 * CHUNK as usize);
+    let (a, _) = backup(&repo, "a", &data);
+    repo.forget(std::slice::from_ref(&a.id)).unwrap();
+    let claims = store.path().join(gc::GC_CLAIMS.trim_end_matches('/'));
+
+    // Another collection's claim (of another machine): this one gives way, withdraws
+    // its own claim and touches nothing.
+    std::fs::create_dir_all(&claims).unwrap();
+    let theirs = claims.join("5-77-abcd");
+    std::fs::write(&theirs, "5 another-boot pid:[1] 77").unwrap();
+    let err = repo.gc().unwrap_err().to_string();
+    assert!(
+        err.contains("another garbage collection is running"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&claims).unwrap().count(),
+        1,
+        "ours withdrawn"
+    );
+    assert!(
+        repo.condemnations().unwrap().is_empty(),
+        "nothing collected"
+    );
+
+    // Alone: it collects, and leaves neither claim nor marker behind.
+    std::fs::remove_file(&theirs).unwrap();
+    assert_eq!(repo.gc().unwrap().condemned_packs, 1);
+    assert_eq!(repo.gc().unwrap().deleted_packs, 1);
+    assert_eq!(std::fs::read_dir(&claims).unwrap().count(), 0);
+    assert!(!store.path().join("gc").exists());
+
+    // A claim left by a collection of this machine that died is cleared.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    child.wait().unwrap();
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
+    let dead = format!("5 {} {} {}", boot.trim(), ns.to_str().unwrap(), child.id());
+    std::fs::write(claims.join("5-1-dead"), dead).unwrap();
+    repo.gc().unwrap();
+    assert_eq!(std::fs::read_dir(&claims).unwrap().count(), 0);
 }

@@ -87,6 +87,7 @@ pub fn backend(location: &Path, flags: &S3Flags, create: bool) -> anyhow::Result
         allow_http: false,
         retry_timeout,
         cache_dir: cache_dir(flags),
+        credentials: None,
     };
     Ok(Box::new(S3::connect(url, &options)?))
 }

@@ -4,6 +4,7 @@
 //! from its seed. No dependencies; besides the tests, `stillpoint demo` uses it.
 //! [`tools`] runs the external programs the tests take as oracles.
 
+pub mod s3;
 pub mod tools;
 
 /// splitmix64: a tiny, fast, seeded generator (not for cryptography).

@@ -50,18 +50,17 @@ impl Repository {
     pub fn verify_with(&self, ids: &[String], only_new: bool) -> Result<VerifyReport> {
         let index = self.load_index()?;
         let listed = ids.is_empty();
-        let ids: Vec<String> = if listed {
-            let mut all: Vec<String> = self
-                .backend
-                .list("snapshots/")?
-                .into_iter()
-                .map(|k| k.trim_start_matches("snapshots/").to_string())
-                .collect();
-            all.sort();
-            all
-        } else {
-            ids.to_vec()
-        };
+        // Listed even when named: a backend's cache (S3's) trusts a copy of a manifest
+        // only as the bucket's latest listing shows that object, and a verify must
+        // read what the repository holds now.
+        let mut all: Vec<String> = self
+            .backend
+            .list("snapshots/")?
+            .into_iter()
+            .map(|k| k.trim_start_matches("snapshots/").to_string())
+            .collect();
+        all.sort();
+        let ids: Vec<String> = if listed { all } else { ids.to_vec() };
         let earlier = self.pack_lists("verified/")?;
         let known_sound: HashSet<&str> = earlier
             .iter()

@@ -54,19 +54,27 @@ impl Cache {
         })
     }
 
-    /// The cached bytes of `key`, if the latest listing shows that very object.
-    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let (etag, size) = self.listed.get(key)?;
+    /// The cached bytes of `key`, if the latest listing shows that very object. A
+    /// listing vouches for one read: the next read of `key` without a new listing
+    /// asks the bucket ([`Cache::entry`]), so a copy cannot outlive a change that
+    /// came after the listing.
+    pub fn get(&mut self, key: &str) -> Option<Vec<u8>> {
+        let (etag, size) = self.listed.remove(key)?;
+        let (cached_etag, bytes) = self.entry(key)?;
+        (cached_etag == etag && bytes.len() as u64 == size).then_some(bytes)
+    }
+
+    /// The cached copy of `key` and the ETag it was fetched with, if its bytes still
+    /// match their digest (a damaged file is removed); for a conditional GET.
+    pub fn entry(&self, key: &str) -> Option<(String, Vec<u8>)> {
         let path = self.dir.join(key);
         let file = fs::read(&path).ok()?;
         let entry = parse_entry(&file).filter(|entry| {
-            entry.etag == etag
-                && entry.size == *size
-                && entry.bytes.len() as u64 == *size
+            entry.bytes.len() as u64 == entry.size
                 && blake3::hash(entry.bytes).to_hex().as_str() == entry.digest
         });
         match entry {
-            Some(entry) => Some(entry.bytes.to_vec()),
+            Some(entry) => Some((entry.etag.to_string(), entry.bytes.to_vec())),
             None => {
                 let _ = fs::remove_file(&path);
                 None
@@ -76,6 +84,9 @@ impl Cache {
 
     /// Keeps `bytes`, the object `key` as fetched with `etag`.
     pub fn put(&mut self, key: &str, etag: &str, size: u64, bytes: &[u8]) -> std::io::Result<()> {
+        if etag.is_empty() || etag.contains(char::is_whitespace) {
+            return Ok(());
+        }
         let path = self.dir.join(key);
         let dir = path.parent().expect("keys have a parent");
         fs::create_dir_all(dir)?;
@@ -87,7 +98,7 @@ impl Cache {
         let written = (|| {
             let mut file = fs::File::create(&tmp)?;
             let digest = blake3::hash(bytes).to_hex();
-            writeln!(file, "{} {size} {digest}", etag.replace(' ', "_"))?;
+            writeln!(file, "{etag} {size} {digest}")?;
             file.write_all(bytes)?;
             fs::rename(&tmp, &path)
         })();
@@ -103,8 +114,7 @@ impl Cache {
         self.listed.retain(|key, _| !key.starts_with(prefix));
         for (key, etag, size) in objects {
             if let Some(etag) = etag {
-                self.listed
-                    .insert(key.clone(), (etag.replace(' ', "_"), *size));
+                self.listed.insert(key.clone(), (etag.clone(), *size));
             }
         }
         let Ok(entries) = fs::read_dir(self.dir.join(prefix.trim_end_matches('/'))) else {
@@ -162,11 +172,12 @@ mod tests {
         let listing = |etag: &str| vec![("index/aa".to_string(), Some(etag.to_string()), 3)];
         cache.listed("index/", &listing("\"e1\""));
         assert_eq!(cache.get("index/aa").as_deref(), Some(&b"abc"[..]));
-        // The bucket now holds another object of that name: a miss, and the entry goes.
+        // A listing vouches for one read only; the copy stays for a conditional GET.
+        assert_eq!(cache.get("index/aa"), None);
+        assert_eq!(cache.entry("index/aa").unwrap().0, "\"e1\"");
+        // The bucket now holds another object of that name: a miss.
         cache.listed("index/", &listing("\"e2\""));
         assert_eq!(cache.get("index/aa"), None);
-        cache.listed("index/", &listing("\"e1\""));
-        assert_eq!(cache.get("index/aa"), None, "the stale entry was removed");
     }
 
     #[test]
