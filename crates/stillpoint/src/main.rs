@@ -175,6 +175,27 @@ enum RepoCommand {
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
     },
+    /// Copy snapshots to another repository (an off-site copy: local to S3, S3 to
+    /// local, bucket to bucket): only the chunks DST lacks travel, each checked before
+    /// it does, still compressed and sealed (an encrypted repository stays encrypted,
+    /// with the same passphrase). DST is created as a copy of SRC if it holds nothing.
+    /// Rerun after an interruption, it resumes.
+    Sync {
+        /// The repository to copy from.
+        src: PathBuf,
+        /// The repository to copy into.
+        dst: PathBuf,
+        /// Only this disk's snapshots.
+        #[arg(long)]
+        disk: Option<String>,
+        /// The passphrase of an encrypted repository (both have the same): this file's
+        /// first line (else the STILLPOINT_PASSPHRASE environment variable).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Logical bytes against stored bytes, chunks, packs.
     Stats {
         /// The repository.
@@ -764,6 +785,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 dir,
                 passphrase_file,
             } => repo_cmd::gc(&dir, passphrase_file.as_deref()),
+            RepoCommand::Sync {
+                src,
+                dst,
+                disk,
+                passphrase_file,
+                json,
+            } => repo_cmd::sync(
+                &src,
+                &dst,
+                disk.as_deref(),
+                passphrase_file.as_deref(),
+                json,
+            ),
             RepoCommand::Stats {
                 dir,
                 passphrase_file,

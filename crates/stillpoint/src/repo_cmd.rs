@@ -731,6 +731,63 @@ pub fn stats(dir: &Path, pass_file: Option<&Path>, json: bool) -> anyhow::Result
 }
 
 /// `repo gc DIR`.
+/// `repo sync SRC DST [--disk NAME]`: copies SRC's snapshots that DST lacks.
+pub fn sync(
+    src: &Path,
+    dst: &Path,
+    disk: Option<&str>,
+    pass_file: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let source = open(src, pass_file)?;
+    let pass = passphrase(pass_file)?;
+    let dest = repo_location::backend(dst, &repo_location::flags(), true)
+        .and_then(|backend| Ok(source.copy_into(backend, pass.as_deref())?))
+        .with_context(|| {
+            format!(
+                "cannot open {} as a copy of {}",
+                dst.display(),
+                src.display()
+            )
+        })?;
+    let stats = source
+        .sync_to(&dest, disk, |snapshot| {
+            if !json {
+                println!(
+                    "copied snapshot {} of {} ({})",
+                    snapshot.id,
+                    snapshot.disk,
+                    crate::info::human_size(snapshot.size)
+                );
+            }
+        })
+        .with_context(|| format!("sync from {} to {} stopped", src.display(), dst.display()))?;
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        let summary = json!({
+            "snapshots_copied": stats.snapshots_copied,
+            "snapshots_present": stats.snapshots_present,
+            "chunks_copied": stats.chunks_copied, "bytes_copied": stats.bytes_copied,
+            "packs": stats.packs, "seconds": seconds,
+        });
+        println!("{summary}");
+    } else {
+        println!(
+            "synced {} to {}: {} snapshots copied, {} there already; {} chunks ({}) in {} \
+             packs; {seconds:.2} s",
+            src.display(),
+            dst.display(),
+            stats.snapshots_copied,
+            stats.snapshots_present,
+            stats.chunks_copied,
+            crate::info::human_size(stats.bytes_copied),
+            stats.packs
+        );
+    }
+    Ok(())
+}
+
 pub fn gc(dir: &Path, pass_file: Option<&Path>) -> anyhow::Result<()> {
     let started = Instant::now();
     let stats = open(dir, pass_file)?.gc()?;

@@ -85,7 +85,16 @@ impl S3 {
         let restored = self.dir.path().join("restored.raw");
         let _ = std::fs::remove_file(&restored);
         self.ok(&["restore", "--repo", repo, snapshot, s(&restored)]);
-        let same = qemu_img(&["compare", "-q", "-f", "raw", "-F", "raw", s(disk), s(&restored)]);
+        let same = qemu_img(&[
+            "compare",
+            "-q",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            s(disk),
+            s(&restored),
+        ]);
         std::fs::remove_file(&restored).unwrap();
         same.status.success()
     }
@@ -121,25 +130,54 @@ fn every_repository_command_takes_an_s3_url() {
     assert!(created.contains(repo), "{created}");
     let again = s3.run(&["repo", "init", repo]);
     assert!(!again.status.success());
-    assert!(stderr(&again).contains("a repository exists there already"), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("a repository exists there already"),
+        "{}",
+        stderr(&again)
+    );
 
     // A qcow2 disk with data, zeros and holes; a full backup, then an incremental by
     // its persistent bitmap.
     let raw = s3.dir.path().join("disk.raw");
     seeded_image(&raw, 5);
     let disk = s3.dir.path().join("disk.qcow2");
-    ok("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&disk)]);
+    ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&disk)],
+    );
     let full = s3.ok(&[
-        "backup", s(&disk), "--repo", repo, "--disk", "vm1", "--bitmap", "b0", "--json",
+        "backup",
+        s(&disk),
+        "--repo",
+        repo,
+        "--disk",
+        "vm1",
+        "--bitmap",
+        "b0",
+        "--json",
     ]);
     let full: serde_json::Value = serde_json::from_str(&full).unwrap();
-    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 1M 100k", s(&disk)]);
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5a 1M 100k", s(&disk)],
+    );
     let incremental = s3.ok(&[
-        "backup", s(&disk), "--repo", repo, "--disk", "vm1", "--bitmap", "b0", "--json",
+        "backup",
+        s(&disk),
+        "--repo",
+        repo,
+        "--disk",
+        "vm1",
+        "--bitmap",
+        "b0",
+        "--json",
     ]);
     let incremental: serde_json::Value = serde_json::from_str(&incremental).unwrap();
     assert_eq!(incremental["incremental"], true, "{incremental}");
-    assert!(incremental["read"].as_u64().unwrap() < 1 << 20, "{incremental}");
+    assert!(
+        incremental["read"].as_u64().unwrap() < 1 << 20,
+        "{incremental}"
+    );
     let list = s3.snapshots(repo);
     assert_eq!(list.len(), 2);
     assert_eq!(list[1]["parent"], full["snapshot"]);
@@ -147,13 +185,27 @@ fn every_repository_command_takes_an_s3_url() {
     // Restore: as qcow2, compared with the disk by qemu-img.
     let restored = s3.dir.path().join("restored.qcow2");
     s3.ok(&[
-        "restore", "--repo", repo, "vm1", s(&restored), "--target-format", "qcow2",
+        "restore",
+        "--repo",
+        repo,
+        "vm1",
+        s(&restored),
+        "--target-format",
+        "qcow2",
     ]);
     ok("qemu-img", &["compare", "-q", s(&disk), s(&restored)]);
 
     // The snapshot served over NBD, read by qemu-img.
     let socket = s3.dir.path().join("nbd.sock");
-    let args = ["nbd", "--repo", repo, "--snapshot", "vm1", "--socket", s(&socket)];
+    let args = [
+        "nbd",
+        "--repo",
+        repo,
+        "--snapshot",
+        "vm1",
+        "--socket",
+        s(&socket),
+    ];
     let server = Running::start(&args, &socket, |c| {
         c.envs(s3.env());
     });
@@ -162,25 +214,45 @@ fn every_repository_command_takes_an_s3_url() {
     drop(server);
 
     // Another disk shares the data: nothing new is stored.
-    let second = s3.ok(&["backup", s(&disk), "--repo", repo, "--disk", "vm2", "--json"]);
+    let second = s3.ok(&[
+        "backup",
+        s(&disk),
+        "--repo",
+        repo,
+        "--disk",
+        "vm2",
+        "--json",
+    ]);
     let second: serde_json::Value = serde_json::from_str(&second).unwrap();
     assert_eq!(second["new_chunks"], 0, "{second}");
 
     // Verify, stats, prune, gc, with the cache deleted in between: it is only a cache.
     let verified = s3.ok(&["repo", "verify", repo, "--json"]);
-    assert!(verified.contains("\"ok\":true") && !verified.contains("\"ok\":false"), "{verified}");
+    assert!(
+        verified.contains("\"ok\":true") && !verified.contains("\"ok\":false"),
+        "{verified}"
+    );
     std::fs::remove_dir_all(s3.dir.path().join("cache")).unwrap();
     let stats: serde_json::Value =
         serde_json::from_str(&s3.ok(&["repo", "stats", repo, "--json"])).unwrap();
     assert_eq!(stats["snapshots"], 3, "{stats}");
     s3.ok(&["repo", "prune", repo, "--disk", "vm1", "--keep-last", "1"]);
     let left: Vec<_> = s3.snapshots(repo).iter().map(|s| s["id"].clone()).collect();
-    assert_eq!(left, vec![incremental["snapshot"].clone(), second["snapshot"].clone()]);
+    assert_eq!(
+        left,
+        vec![incremental["snapshot"].clone(), second["snapshot"].clone()]
+    );
     let gc = s3.ok(&["repo", "gc", repo]);
     assert!(gc.contains("garbage collection"), "{gc}");
     let _ = std::fs::remove_file(&restored);
     s3.ok(&[
-        "restore", "--repo", repo, "vm1", s(&restored), "--target-format", "qcow2",
+        "restore",
+        "--repo",
+        repo,
+        "vm1",
+        s(&restored),
+        "--target-format",
+        "qcow2",
     ]);
     ok("qemu-img", &["compare", "-q", s(&disk), s(&restored)]);
     s3.ok(&["repo", "verify", repo]);
@@ -192,7 +264,11 @@ fn every_repository_command_takes_an_s3_url() {
     let missing = s3.run(&["repo", "snapshots", "s3://backups/nothing-here"]);
     assert!(!missing.status.success());
     assert_eq!(stderr(&missing).lines().count(), 1, "{}", stderr(&missing));
-    assert!(stderr(&missing).contains("no repository there"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("no repository there"),
+        "{}",
+        stderr(&missing)
+    );
 }
 
 /// How many packs the bucket's repository `prefix` holds, listed directly.
@@ -202,10 +278,15 @@ fn packs_in(s3: &S3, prefix: &str) -> usize {
         endpoint: Some(s3.server.endpoint.clone()),
         allow_http: true,
         retry_timeout: Some(Duration::from_secs(2)),
-        credentials: Some((testkit::s3::ACCESS_KEY.into(), testkit::s3::SECRET_KEY.into())),
+        credentials: Some((
+            testkit::s3::ACCESS_KEY.into(),
+            testkit::s3::SECRET_KEY.into(),
+        )),
         ..repo::S3Options::default()
     };
-    let url = repo::S3Url::parse(&format!("s3://backups/{prefix}")).unwrap().unwrap();
+    let url = repo::S3Url::parse(&format!("s3://backups/{prefix}"))
+        .unwrap()
+        .unwrap();
     repo::S3::connect(url, &options)
         .and_then(|b| b.list("packs/"))
         .map_or(0, |keys| keys.len())
@@ -232,15 +313,24 @@ fn a_server_stopped_mid_backup_fails_it_with_one_line_and_the_rerun_reuses_what_
         .unwrap();
     let start = Instant::now();
     while packs_in(&s3, "r") < before + 2 {
-        assert!(start.elapsed() < Duration::from_secs(60), "no packs uploaded");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no packs uploaded"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     s3.server.stop();
     let out = child.wait_with_output().unwrap();
     let err = stderr(&out);
-    assert!(!out.status.success(), "the backup succeeded without its server");
+    assert!(
+        !out.status.success(),
+        "the backup succeeded without its server"
+    );
     assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(err.starts_with("stillpoint: ") && err.contains(repo), "{err}");
+    assert!(
+        err.starts_with("stillpoint: ") && err.contains(repo),
+        "{err}"
+    );
     eprintln!("the backup whose server stopped said: {err}");
 
     // Back up: the earlier snapshot is whole, no new one appeared, and the rerun
@@ -252,7 +342,10 @@ fn a_server_stopped_mid_backup_fails_it_with_one_line_and_the_rerun_reuses_what_
     s3.ok(&["repo", "verify", repo]);
     let rerun = s3.backup(repo, &disk, "big");
     let reused = rerun["deduplicated_chunks"].as_u64().unwrap();
-    assert!(reused >= 2 * 128, "the uploaded packs' chunks are reused: {rerun}");
+    assert!(
+        reused >= 2 * 128,
+        "the uploaded packs' chunks are reused: {rerun}"
+    );
     assert!(s3.restores_as(repo, "big", &disk));
     assert!(s3.restores_as(repo, "small", &small));
     s3.ok(&["repo", "verify", repo]);
@@ -351,17 +444,32 @@ fn several_writer_processes_and_collections_share_one_bucket() {
         .iter()
         .enumerate()
         .map(|(i, disk)| {
-            s3.command(&["backup", s(disk), "--repo", repo, "--disk", &format!("vm{i}")])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
+            s3.command(&[
+                "backup",
+                s(disk),
+                "--repo",
+                repo,
+                "--disk",
+                &format!("vm{i}"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
         })
         .collect();
     let mut collections = 0;
     while collections < 3 {
         for i in 0..3 {
-            s3.ok(&["repo", "prune", repo, "--disk", &format!("vm{i}"), "--keep-last", "1"]);
+            s3.ok(&[
+                "repo",
+                "prune",
+                repo,
+                "--disk",
+                &format!("vm{i}"),
+                "--keep-last",
+                "1",
+            ]);
         }
         // A collection may find another one running (the marker): that is its answer.
         let gc = s3.run(&["repo", "gc", repo]);
@@ -382,6 +490,66 @@ fn several_writer_processes_and_collections_share_one_bucket() {
     s3.ok(&["repo", "gc", repo]);
     s3.ok(&["repo", "verify", repo]);
     for (i, disk) in disks.iter().enumerate() {
-        assert!(s3.restores_as(repo, &format!("vm{i}"), disk), "vm{i} after gc");
+        assert!(
+            s3.restores_as(repo, &format!("vm{i}"), disk),
+            "vm{i} after gc"
+        );
     }
+}
+
+#[test]
+fn sync_copies_local_to_s3_and_back_and_resumes_after_a_kill() {
+    let s3 = S3::start();
+    let local = s3.dir.path().join("local");
+    let local = s(&local);
+    s3.ok(&["repo", "init", local]);
+    let big = s3.dir.path().join("big.raw");
+    random_disk(&big, 96, 30);
+    let small = s3.dir.path().join("small.raw");
+    random_disk(&small, 2, 31);
+    let big_id = s3.backup(local, &big, "big")["snapshot"].clone();
+    s3.backup(local, &small, "small");
+
+    // Killed once a pack is up: the rerun copies only the rest.
+    let offsite = "s3://backups/offsite";
+    let mut child = s3
+        .command(&["repo", "sync", local, offsite, "--disk", "big"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while packs_in(&s3, "offsite") < 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no pack uploaded"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let killed_after_commit = child.wait().unwrap().success();
+    let summary: serde_json::Value =
+        serde_json::from_str(&s3.ok(&["repo", "sync", local, offsite, "--json"])).unwrap();
+    let total = 96 * 4 + 2 * 4;
+    let copied = summary["chunks_copied"].as_u64().unwrap();
+    assert!(
+        killed_after_commit || copied < total,
+        "the rerun copied {copied} of {total} chunks: {summary}"
+    );
+    let list = s3.snapshots(offsite);
+    assert_eq!(list.len(), 2);
+    assert!(list.iter().any(|s| s["id"] == big_id));
+    let again: serde_json::Value =
+        serde_json::from_str(&s3.ok(&["repo", "sync", local, offsite, "--json"])).unwrap();
+    assert_eq!(again["chunks_copied"], 0, "{again}");
+    assert_eq!(again["snapshots_present"], 2, "{again}");
+
+    // Back from S3 into a new local directory: restores as the disks were.
+    let back = s3.dir.path().join("back");
+    let back = s(&back);
+    s3.ok(&["repo", "sync", offsite, back]);
+    s3.ok(&["repo", "verify", back]);
+    s3.ok(&["repo", "verify", offsite]);
+    assert!(s3.restores_as(back, "big", &big));
+    assert!(s3.restores_as(back, "small", &small));
+    assert!(s3.restores_as(offsite, "big", &big));
 }

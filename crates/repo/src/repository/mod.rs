@@ -4,6 +4,7 @@
 pub mod gc;
 pub mod pack_list;
 mod read;
+pub mod sync;
 pub mod verify;
 pub mod writer;
 
