@@ -107,13 +107,6 @@ impl S3 {
             .unwrap()
             .clone()
     }
-
-    /// How many packs the bucket holds.
-    fn packs(&self, repo: &str) -> u64 {
-        let stats: serde_json::Value =
-            serde_json::from_str(&self.ok(&["repo", "stats", repo, "--json"])).unwrap();
-        stats["packs"].as_u64().unwrap()
-    }
 }
 
 /// A raw image of `mib` MiB of seeded random data (incompressible: every chunk is a
