@@ -49,6 +49,12 @@ pub trait Backend: Send + Sync {
     fn honours_put_if_absent(&self) -> bool {
         true
     }
+
+    /// How many objects a writer may be storing at once: 1 (the default) where a
+    /// store is device-bound, more where each mostly waits on a network.
+    fn uploads_in_flight(&self) -> usize {
+        1
+    }
 }
 
 /// Checks that `key` is a repository key: `/`-separated parts of ASCII letters,

@@ -35,6 +35,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -63,6 +64,9 @@ pub const MULTIPART_MIN: usize = 16 << 20;
 
 /// A multipart upload's part size (S3 needs at least 5 MiB but for the last).
 pub const PART_SIZE: usize = 8 << 20;
+
+/// Packs a writer uploads at once (each in parts, all in flight).
+pub const UPLOADS_IN_FLIGHT: usize = 3;
 
 /// How long an operation keeps retrying by default.
 pub const RETRY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -151,12 +155,59 @@ pub struct S3 {
     /// Whether the server refuses a PUT with `If-None-Match: *` over an existing object.
     conditional_put: AtomicBool,
     cache: Option<Mutex<Cache>>,
+    /// Requests made, for `requests()` and `STILLPOINT_S3_STATS`.
+    requests: Requests,
+}
+
+/// Requests an [`S3`] backend made (retries inside `object_store` not counted), and
+/// the bytes they carried.
+#[derive(Debug, Default)]
+pub struct Requests {
+    /// GETs, ranged or whole, conditional ones included.
+    pub gets: AtomicU64,
+    /// GETs a cache entry answered without a request.
+    pub cache_hits: AtomicU64,
+    /// Conditional GETs answered "not modified".
+    pub not_modified: AtomicU64,
+    /// PUTs (a multipart upload's parts each count, and its start and completion).
+    pub puts: AtomicU64,
+    /// HEADs.
+    pub heads: AtomicU64,
+    /// LIST pages' worth of listings (one per call; a call may page).
+    pub lists: AtomicU64,
+    /// DELETEs.
+    pub deletes: AtomicU64,
+    /// Bytes received in GET bodies.
+    pub bytes_down: AtomicU64,
+    /// Bytes sent in PUT bodies.
+    pub bytes_up: AtomicU64,
+}
+
+impl Requests {
+    fn count(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counts as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "gets": get(&self.gets), "cache_hits": get(&self.cache_hits),
+            "not_modified": get(&self.not_modified), "puts": get(&self.puts),
+            "heads": get(&self.heads), "lists": get(&self.lists),
+            "deletes": get(&self.deletes), "bytes_down": get(&self.bytes_down),
+            "bytes_up": get(&self.bytes_up),
+        })
+    }
 }
 
 impl Drop for S3 {
     fn drop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
+        }
+        if std::env::var_os("STILLPOINT_S3_STATS").is_some() {
+            eprintln!("s3 requests: {}", self.requests.to_json());
         }
     }
 }
@@ -231,6 +282,7 @@ impl S3 {
             runtime: Some(runtime),
             conditional_put: AtomicBool::new(true),
             cache,
+            requests: Requests::default(),
         };
         let honoured = match backend.get(CAPABILITIES, None) {
             Ok(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -252,6 +304,11 @@ impl S3 {
     /// The repository's location.
     pub fn url(&self) -> &S3Url {
         &self.url
+    }
+
+    /// The requests made so far.
+    pub fn requests(&self) -> &Requests {
+        &self.requests
     }
 
     /// Whether the server refuses to overwrite an object on `If-None-Match: *` (found
@@ -322,6 +379,8 @@ impl S3 {
     /// PUTs `data` under `key` whatever is there.
     fn put(&self, key: &str, data: Vec<u8>) -> Result<()> {
         let path = self.path(key)?;
+        Requests::count(&self.requests.puts, 1);
+        Requests::count(&self.requests.bytes_up, data.len() as u64);
         let store = self.store.clone();
         self.run(async move { store.put(&path, PutPayload::from(data)).await })
             .map(|_| ())
@@ -331,6 +390,7 @@ impl S3 {
     /// Whether `key` exists.
     fn exists(&self, key: &str) -> Result<bool> {
         let path = self.path(key)?;
+        Requests::count(&self.requests.heads, 1);
         let store = self.store.clone();
         match self.run(async move { store.head(&path).await }) {
             Ok(_) => Ok(true),
@@ -342,6 +402,11 @@ impl S3 {
     /// Uploads a large object in parts, every part in flight at once.
     fn put_multipart(&self, key: &str, data: &[u8]) -> Result<()> {
         let path = self.path(key)?;
+        Requests::count(
+            &self.requests.puts,
+            2 + data.len().div_ceil(PART_SIZE) as u64,
+        );
+        Requests::count(&self.requests.bytes_up, data.len() as u64);
         let store = self.store.clone();
         let data = Bytes::copy_from_slice(data);
         let outcome = self.run(async move {
@@ -383,6 +448,7 @@ impl S3 {
         unless_etag: Option<String>,
     ) -> Result<Option<(Vec<u8>, Option<String>)>> {
         let path = self.path(key)?;
+        Requests::count(&self.requests.gets, 1);
         let store = self.store.clone();
         let wanted = range.clone();
         let outcome = self.run(async move {
@@ -398,12 +464,16 @@ impl S3 {
         });
         let (bytes, etag) = match outcome {
             Ok(found) => found,
-            Err(object_store::Error::NotModified { .. }) => return Ok(None),
+            Err(object_store::Error::NotModified { .. }) => {
+                Requests::count(&self.requests.not_modified, 1);
+                return Ok(None);
+            }
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(Error::NotFound(format!("{key} is missing")));
             }
             Err(e) => return Err(self.failed(format!("reading {key}"), &e)),
         };
+        Requests::count(&self.requests.bytes_down, bytes.len() as u64);
         if let Some(range) = range
             && (bytes.len() as u64) < range.end - range.start
         {
@@ -424,6 +494,7 @@ impl S3 {
     fn get_cached(&self, key: &str, cache: &Mutex<Cache>) -> Result<Vec<u8>> {
         let lock = || cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(bytes) = lock().get(key) {
+            Requests::count(&self.requests.cache_hits, 1);
             return Ok(bytes);
         }
         let entry = lock().entry(key);
@@ -460,6 +531,8 @@ impl Backend for S3 {
             return Ok(true);
         }
         let path = self.path(key)?;
+        Requests::count(&self.requests.puts, 1);
+        Requests::count(&self.requests.bytes_up, data.len() as u64);
         let store = self.store.clone();
         let payload = PutPayload::from(data.to_vec());
         let outcome = self.run(async move {
@@ -491,6 +564,7 @@ impl Backend for S3 {
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let path = self.path(prefix.trim_end_matches('/'))?;
+        Requests::count(&self.requests.lists, 1);
         let store = self.store.clone();
         let outcome = self.run(async move {
             let mut listing = store.list(Some(&path));
@@ -523,6 +597,7 @@ impl Backend for S3 {
 
     fn delete(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
+        Requests::count(&self.requests.deletes, 1);
         let store = self.store.clone();
         match self.run(async move { store.delete(&path).await }) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -532,6 +607,10 @@ impl Backend for S3 {
 
     fn honours_put_if_absent(&self) -> bool {
         self.conditional_put()
+    }
+
+    fn uploads_in_flight(&self) -> usize {
+        UPLOADS_IN_FLIGHT
     }
 }
 

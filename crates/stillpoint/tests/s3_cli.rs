@@ -264,7 +264,8 @@ fn every_repository_command_takes_an_s3_url() {
     );
 }
 
-/// How many packs the bucket's repository `prefix` holds, listed directly.
+/// How many packs the bucket's repository `prefix` holds with their index objects (a
+/// pack is known to later writers once its index is up), listed directly.
 fn packs_in(s3: &S3, prefix: &str) -> usize {
     use repo::Backend;
     let options = repo::S3Options {
@@ -281,7 +282,7 @@ fn packs_in(s3: &S3, prefix: &str) -> usize {
         .unwrap()
         .unwrap();
     repo::S3::connect(url, &options)
-        .and_then(|b| b.list("packs/"))
+        .and_then(|b| b.list("index/"))
         .map_or(0, |keys| keys.len())
 }
 

@@ -634,18 +634,96 @@ fn known(shared: &Shared, first: u64, ids: Vec<ChunkId>) -> Result<Encoded> {
 }
 
 /// The packer: blobs into packs, each full pack stored with its index object, the
-/// chunk list filled in by position.
+/// chunk list filled in by position. Packs are stored by up to
+/// [`Backend::uploads_in_flight`] threads at once: on S3 a pack's upload is mostly
+/// waiting on the network, so several overlap while the next pack fills; on a local
+/// disk the packer stores one at a time itself, which keeps the device's queue short
+/// for a guest sharing it. Memory: the pack being filled plus that many.
 fn pack_blobs(
     backend: &dyn Backend,
     shared: &Shared,
     chunk_count: usize,
     done: &mpsc::Receiver<Encoded>,
 ) -> Result<Packed> {
+    let lanes = backend.uploads_in_flight().max(1);
+    if lanes == 1 {
+        return fill_packs(shared, chunk_count, done, &mut |finished| {
+            put_pack(backend, &finished)?;
+            Ok(Some(finished.bytes))
+        });
+    }
+    let (tx, rx) = mpsc::sync_channel::<format::FinishedPack>(lanes);
+    let rx = Mutex::new(rx);
+    let error: Mutex<Option<Error>> = Mutex::new(None);
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let uploaders: Vec<_> = (0..lanes)
+            .map(|_| {
+                scope.spawn(|| {
+                    loop {
+                        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok(finished) = next else { return };
+                        if failed.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        if let Err(e) = put_pack(backend, &finished) {
+                            failed.store(true, Ordering::SeqCst);
+                            error
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .get_or_insert(e);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let first_error = || {
+            error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .unwrap_or_else(|| Error::Invalid("a pack upload failed".into()))
+        };
+        let packed = fill_packs(shared, chunk_count, done, &mut |finished| {
+            if failed.load(Ordering::SeqCst) {
+                return Err(first_error());
+            }
+            tx.send(finished)
+                .map_err(|_| Error::Invalid("the pack uploaders stopped".into()))?;
+            Ok(None)
+        });
+        drop(tx);
+        for uploader in uploaders {
+            if uploader.join().is_err() {
+                return Err(Error::Invalid("a pack uploader panicked".into()));
+            }
+        }
+        // Every pack is stored (or one failed) before the snapshot may be committed.
+        if failed.load(Ordering::SeqCst) {
+            return Err(first_error());
+        }
+        packed
+    })
+}
+
+/// Fills packs with the workers' blobs and hands each full one to `store`, which may
+/// give its buffer back for the next pack.
+fn fill_packs(
+    shared: &Shared,
+    chunk_count: usize,
+    done: &mpsc::Receiver<Encoded>,
+    store: &mut dyn FnMut(format::FinishedPack) -> Result<Option<Vec<u8>>>,
+) -> Result<Packed> {
     let mut chunks = vec![ChunkId::ZERO; chunk_count];
     let mut given = vec![false; chunk_count];
     let mut stats = WriteStats::default();
     let mut pack = PackBuilder::new();
     let keys = shared.keys.as_ref();
+    let mut seal = |pack: PackBuilder, stats: &mut WriteStats| -> Result<PackBuilder> {
+        let finished = finish_pack(keys, pack, &shared.condemned)?;
+        stats.packs += 1;
+        Ok(store(finished)?.map_or_else(PackBuilder::new, PackBuilder::reusing))
+    };
     for encoded in done {
         for (n, id) in encoded.ids.iter().enumerate() {
             let at = encoded.first as usize + n;
@@ -664,30 +742,28 @@ fn pack_blobs(
             stats.new_bytes += u64::from(blob.raw_len);
             stats.stored_bytes += blob.stored.len() as u64;
             if pack.len() >= PACK_TARGET_BYTES {
-                pack = store_pack(backend, keys, pack, &shared.condemned, &mut stats)?;
+                pack = seal(pack, &mut stats)?;
             }
         }
     }
     if !pack.is_empty() {
-        store_pack(backend, keys, pack, &shared.condemned, &mut stats)?;
+        seal(pack, &mut stats)?;
     }
     Ok(Packed { chunks, stats })
 }
 
-/// Stores a pack, then its index object; returns an empty pack in the same buffer.
+/// Finishes a pack under a name no condemned pack has.
 ///
 /// Packs are named by their digest, so the same blobs in the same order (an unencrypted
 /// repository backing up data it held before) make a pack that may already exist. If
 /// that existing pack is `condemned` (by a collection this writer's lease does not hold
 /// up), relying on it would lose it at the next collection: the pack is stored under
 /// another name instead, with padding in front of its blobs.
-pub(super) fn store_pack(
-    backend: &dyn Backend,
+fn finish_pack(
     keys: Option<&Keys>,
     pack: PackBuilder,
     condemned: &HashSet<String>,
-    stats: &mut WriteStats,
-) -> Result<PackBuilder> {
+) -> Result<format::FinishedPack> {
     let mut finished = pack.finish(keys);
     let mut pad = 0;
     while condemned.contains(&finished.id) {
@@ -700,13 +776,29 @@ pub(super) fn store_pack(
         }
         finished = PackBuilder::padded(&finished, pad).finish(keys);
     }
-    let format::FinishedPack {
-        id, bytes, index, ..
-    } = finished;
-    backend.put_if_absent(&pack_key(&id), &bytes)?;
-    backend.put_if_absent(&format!("index/{id}"), &index)?;
+    Ok(finished)
+}
+
+/// Stores a finished pack, then its index object (the commit order).
+fn put_pack(backend: &dyn Backend, finished: &format::FinishedPack) -> Result<()> {
+    backend.put_if_absent(&pack_key(&finished.id), &finished.bytes)?;
+    backend.put_if_absent(&format!("index/{}", finished.id), &finished.index)?;
+    Ok(())
+}
+
+/// Stores a pack ([`finish_pack`], [`put_pack`]); returns an empty pack in the same
+/// buffer.
+pub(super) fn store_pack(
+    backend: &dyn Backend,
+    keys: Option<&Keys>,
+    pack: PackBuilder,
+    condemned: &HashSet<String>,
+    stats: &mut WriteStats,
+) -> Result<PackBuilder> {
+    let finished = finish_pack(keys, pack, condemned)?;
+    put_pack(backend, &finished)?;
     stats.packs += 1;
-    Ok(PackBuilder::reusing(bytes))
+    Ok(PackBuilder::reusing(finished.bytes))
 }
 
 #[cfg(test)]
