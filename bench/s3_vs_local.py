@@ -67,7 +67,7 @@ class SeaweedFS:
                 f"-s3.port={p[3]}", f"-master.port.grpc={p[4]}", f"-volume.port.grpc={p[5]}",
                 f"-filer.port.grpc={p[6]}", f"-s3.port.grpc={p[7]}", f"-iam.port={p[8]}",
                 "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
-                "-master.volumeSizeLimitMB=1024", "-volume.max=0", "-master.telemetry=false",
+                "-master.volumeSizeLimitMB=256", "-volume.max=400", "-master.telemetry=false",
                 "-filer", "-s3"]
         self.log = open(os.path.join(d, "weed.log"), "w")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)

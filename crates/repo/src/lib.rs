@@ -13,7 +13,10 @@
 //! `stillpoint` crate) hands them over in any order, and an incremental takes unchanged
 //! chunks from its parent by id ([`repository::SnapshotWriter::add_known_at`]) and
 //! stores a chunk changed in part as a delta of its parent's
-//! ([`repository::SnapshotWriter::add_changed_at`]). Not yet: S3.
+//! ([`repository::SnapshotWriter::add_changed_at`]). The same format lives in an S3
+//! bucket ([`s3::S3`], with a local cache of indexes and manifests), and
+//! [`Repository::sync_to`] copies snapshots between any two places
+//! ([`repository::sync`]).
 //!
 //! # Format, version 1
 //!
@@ -65,6 +68,12 @@
 //! * `leases-unreadable/T-PID-R`: when a collection first found that lease unreadable
 //!   (nanoseconds); see [`repository::gc::UNREADABLE_LEASES`].
 //! * `gc`: a collection is running.
+//! * `gc-claims/T-PID-R`: where creating an object is not exclusive (an S3 server that
+//!   ignores `If-None-Match`), a collection's claim, taken before `gc`; see
+//!   [`repository::gc`].
+//! * `s3-capabilities`: on S3, `{"conditional_put": BOOL}`, what the server was found to
+//!   honour ([`s3::S3::connect`]).
+//! * `probe/...`: on S3, the conditional-PUT probe's object, deleted at once.
 //!
 //! Commit order: a pack, then its index object, and after the last pack the manifest,
 //! so a snapshot is visible only when everything it names is durable; a crash leaves at

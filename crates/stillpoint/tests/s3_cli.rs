@@ -547,3 +547,51 @@ fn sync_copies_local_to_s3_and_back_and_resumes_after_a_kill() {
     assert!(s3.restores_as(back, "small", &small));
     assert!(s3.restores_as(offsite, "big", &big));
 }
+
+#[test]
+fn the_daemons_repository_node_takes_a_bucket_and_its_endpoint_as_members() {
+    use common::daemon::Qmp;
+    use serde_json::json;
+    let s3 = S3::start();
+    let repo = "s3://backups/live";
+    s3.ok(&["repo", "init", repo, "--chunk-size", "128K"]);
+    let disk = s3.dir.path().join("disk.raw");
+    random_disk(&disk, 6, 40);
+    let size = std::fs::metadata(&disk).unwrap().len();
+
+    // The daemon has the credentials but not the endpoint: the node's member names it.
+    let qmp = s3.dir.path().join("qmp.sock");
+    let daemon = Running::start(&["daemon", "--qmp", s(&qmp)], &qmp, |c| {
+        c.envs(s3.env()).env_remove("AWS_ENDPOINT_URL");
+    });
+    let (mut q, _) = Qmp::connect(&qmp);
+    q.cmd("qmp_capabilities", json!({}));
+    let r = q.cmd(
+        "blockdev-add",
+        json!({"driver":"raw","node-name":"src","file":{"driver":"file","filename":disk}}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let unreachable = q.cmd(
+        "blockdev-add",
+        json!({"driver":"repository","node-name":"bad","repository":repo,
+               "s3-endpoint":"http://127.0.0.1:9","disk":"vm","size":size}),
+    );
+    let error = unreachable["error"]["desc"].as_str().unwrap_or_default();
+    assert!(error.contains(repo), "{unreachable}");
+    let r = q.cmd(
+        "blockdev-add",
+        json!({"driver":"repository","node-name":"r0","repository":repo,
+               "s3-endpoint":s3.server.endpoint,"disk":"vm","size":size}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let r = q.cmd(
+        "blockdev-backup",
+        json!({"job-id":"full","device":"src","target":"r0","sync":"full"}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let done = q.wait_event("BLOCK_JOB_COMPLETED")["data"].clone();
+    assert!(done.get("error").is_none(), "{done}");
+    drop(daemon);
+    assert_eq!(s3.snapshots(repo).len(), 1);
+    assert!(s3.restores_as(repo, "vm", &disk));
+}

@@ -104,7 +104,7 @@ impl SeaweedFs {
                 arg("s3.port.lance", "0".into()),
                 arg("s3.config", self.dir.join("s3.json").display().to_string()),
                 arg("master.volumeSizeLimitMB", "256".into()),
-                arg("volume.max", "0".into()),
+                arg("volume.max", "100".into()),
                 arg("master.telemetry", "false".into()),
                 arg("iam.port", iam.to_string()),
             ])
