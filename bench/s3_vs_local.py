@@ -2,7 +2,8 @@
 """The repository on S3 against the same on local disk, and restic on the same S3.
 
 A real S3 server on loopback: SeaweedFS (`weed server`, from the project's venv, as the
-tests start it), with its data in the bench's directory. The image: the seeded mixed
+tests start it), with its data in the bench's directory; or, with `--endpoint`, one
+already running (Ceph RGW on memstore: `bash bench/ceph_rgw.sh start DIR`). The image: the seeded mixed
 raw image of bench/backup_vs_qsd.py (SIZE, 2 GiB by default). Each round, in an order
 that rotates across ROUNDS, starting cold (page cache dropped) at each timed step:
 
@@ -21,6 +22,7 @@ repository's packs' bytes (the same amount, in 32 MiB objects, 4 at a time).
 
 Usage: cargo build --release -p stillpoint &&
        python3 bench/s3_vs_local.py [--size 2G] [--rounds 3] [--dir DIR] [--no-restic]
+           [--endpoint http://127.0.0.1:7480 --access KEY --secret SECRET]
 """
 
 import argparse
@@ -47,6 +49,23 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class External:
+    """An S3 server started elsewhere (Ceph RGW: bench/ceph_rgw.sh)."""
+
+    def __init__(self, endpoint, access, secret):
+        global ACCESS, SECRET
+        ACCESS, SECRET = access, secret
+        self.endpoint = endpoint
+
+    request = None  # set below: the same signed curl request as SeaweedFS's
+
+    def env(self):
+        return SeaweedFS.env(self)
+
+    def stop(self):
+        pass
 
 
 class SeaweedFS:
@@ -96,6 +115,9 @@ class SeaweedFS:
         self.log.close()
 
 
+External.request = SeaweedFS.request
+
+
 def stillpoint(argv, env):
     """Runs stillpoint; (seconds, peak RSS MiB, S3 request counts or None)."""
     with tempfile.NamedTemporaryFile("r") as rss:
@@ -139,15 +161,21 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--no-restic", action="store_true")
+    ap.add_argument("--endpoint", help="an S3 server already running (Ceph RGW: bench/ceph_rgw.sh), "
+                                       "instead of a SeaweedFS of the bench's own")
+    ap.add_argument("--access", default="CEPHACCESSKEY")
+    ap.add_argument("--secret", default="CEPHSECRETKEY0123456789")
     args = ap.parse_args()
     size = common.parse_size(args.size)
     if not os.path.exists(common.STILLPOINT):
         sys.exit("build first: cargo build --release -p stillpoint")
-    if not os.path.exists(WEED):
+    if not args.endpoint and not os.path.exists(WEED):
         sys.exit("SeaweedFS is needed: bash scripts/setup.sh")
     names = ["local", "s3"] + ([] if args.no_restic or not shutil.which("restic") else ["restic-s3"])
     tmp = tempfile.mkdtemp(prefix="stillpoint-s3-bench-", dir=args.dir)
-    weed = SeaweedFS(os.path.join(tmp, "seaweedfs"))
+    weed = (External(args.endpoint, args.access, args.secret) if args.endpoint
+            else SeaweedFS(os.path.join(tmp, "seaweedfs")))
+    server = f"the S3 server at {args.endpoint}" if args.endpoint else "SeaweedFS"
     try:
         env = dict(os.environ, STILLPOINT_PASSPHRASE=PASS, RESTIC_PASSWORD=PASS,
                    STILLPOINT_CACHE_DIR=os.path.join(tmp, "cache"), STILLPOINT_S3_STATS="1",
@@ -256,7 +284,7 @@ def main():
             q = req[step]
             total = q["gets"] + q["puts"] + q["heads"] + q["lists"] + q["deletes"]
             print(f"  s3 {step}: {total} requests ({q}), {total / gib:.0f} per GiB uploaded")
-        print(f"  SeaweedFS upload limit: {packs_bytes >> 20} MiB by curl -T in 32 MiB objects, 4 at a time: "
+        print(f"  {server} upload limit: {packs_bytes >> 20} MiB by curl -T in 32 MiB objects, 4 at a time: "
               f"{limit:.2f} s; stillpoint's s3 backup is {med('s3', 'backup')[0] / limit:.2f}x that")
         logical = 4 * quarter
         print(f"  four disks of {quarter >> 20} MiB at once into one bucket: {wall:.2f} s, "

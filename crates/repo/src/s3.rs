@@ -34,7 +34,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU8;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -71,6 +71,21 @@ pub const UPLOADS_IN_FLIGHT: usize = 3;
 /// How long an operation keeps retrying by default.
 pub const RETRY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Environment variables that give `object_store` credentials (or allow the EC2
+/// metadata service: `STILLPOINT_S3_INSTANCE_CREDENTIALS`).
+const CREDENTIALS_FROM: [&str; 5] = [
+    "AWS_ACCESS_KEY_ID",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "STILLPOINT_S3_INSTANCE_CREDENTIALS",
+];
+
+/// [`S3::conditional_put`]'s states.
+const UNKNOWN: u8 = 0;
+const HONOURED: u8 = 1;
+const IGNORED: u8 = 2;
+
 /// The object recording what the server was found to honour.
 const CAPABILITIES: &str = "s3-capabilities";
 
@@ -95,6 +110,9 @@ pub struct S3Options {
     /// An access key id and secret (else `AWS_ACCESS_KEY_ID` and
     /// `AWS_SECRET_ACCESS_KEY`, or the other ways `object_store` finds credentials).
     pub credentials: Option<(String, String)>,
+    /// The repository is being created here: find out what the server honours and
+    /// record it in the bucket ([`S3::connect`]).
+    pub create: bool,
 }
 
 /// An `s3://BUCKET/PREFIX` location.
@@ -152,8 +170,9 @@ pub struct S3 {
     /// `Some` until drop, which shuts it down without waiting (a backend may be
     /// dropped inside the daemon's runtime, where waiting is not allowed).
     runtime: Option<tokio::runtime::Runtime>,
-    /// Whether the server refuses a PUT with `If-None-Match: *` over an existing object.
-    conditional_put: AtomicBool,
+    /// Whether the server refuses a PUT with `If-None-Match: *` over an existing object:
+    /// [`HONOURED`], [`IGNORED`], or [`UNKNOWN`] until found out.
+    conditional_put: AtomicU8,
     cache: Option<Mutex<Cache>>,
     /// Requests made, for `requests()` and `STILLPOINT_S3_STATS`.
     requests: Requests,
@@ -256,6 +275,17 @@ impl S3 {
             builder = builder
                 .with_access_key_id(key_id)
                 .with_secret_access_key(secret);
+        } else if !CREDENTIALS_FROM
+            .iter()
+            .any(|v| std::env::var_os(v).is_some())
+        {
+            // Without any, object_store would ask the EC2 metadata service, which off
+            // EC2 means a minute of retries before an unhelpful error.
+            return Err(Error::Invalid(format!(
+                "{url}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
+                 (or AWS_WEB_IDENTITY_TOKEN_FILE; on EC2, STILLPOINT_S3_INSTANCE_CREDENTIALS=1 \
+                 for the instance's role)"
+            )));
         }
         let retry = RetryConfig {
             retry_timeout: options.retry_timeout.unwrap_or(RETRY_TIMEOUT),
@@ -280,25 +310,36 @@ impl S3 {
             store: Arc::new(store),
             url,
             runtime: Some(runtime),
-            conditional_put: AtomicBool::new(true),
+            conditional_put: AtomicU8::new(UNKNOWN),
             cache,
             requests: Requests::default(),
         };
-        let honoured = match backend.get(CAPABILITIES, None) {
-            Ok(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v["conditional_put"].as_bool())
-                .ok_or_else(|| Error::damaged(CAPABILITIES, "not the JSON this writes"))?,
-            Err(Error::NotFound(_)) => {
+        match backend.get(CAPABILITIES, None) {
+            Ok(bytes) => {
+                let honoured = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v["conditional_put"].as_bool())
+                    .ok_or_else(|| Error::damaged(CAPABILITIES, "not the JSON this writes"))?;
+                backend.set_conditional_put(honoured);
+            }
+            // A new repository: found out and recorded now. Opening one that has no
+            // record (made by another tool, or not there at all) writes nothing: the
+            // first creation of an object finds out ([`S3::conditional_put`]).
+            Err(Error::NotFound(_)) if options.create => {
                 let honoured = backend.probe_conditional_put()?;
                 let record = serde_json::json!({ "conditional_put": honoured });
                 backend.put(CAPABILITIES, record.to_string().into_bytes())?;
-                honoured
+                backend.set_conditional_put(honoured);
             }
+            Err(Error::NotFound(_)) => {}
             Err(e) => return Err(e),
-        };
-        backend.conditional_put.store(honoured, Ordering::Relaxed);
+        }
         Ok(backend)
+    }
+
+    fn set_conditional_put(&self, honoured: bool) {
+        let value = if honoured { HONOURED } else { IGNORED };
+        self.conditional_put.store(value, Ordering::Relaxed);
     }
 
     /// The repository's location.
@@ -311,10 +352,18 @@ impl S3 {
         &self.requests
     }
 
-    /// Whether the server refuses to overwrite an object on `If-None-Match: *` (found
-    /// by [`S3::connect`]).
-    pub fn conditional_put(&self) -> bool {
-        self.conditional_put.load(Ordering::Relaxed)
+    /// Whether the server refuses to overwrite an object on `If-None-Match: *`: as
+    /// recorded in the bucket, else probed now (once).
+    pub fn conditional_put(&self) -> Result<bool> {
+        match self.conditional_put.load(Ordering::Relaxed) {
+            HONOURED => Ok(true),
+            IGNORED => Ok(false),
+            _ => {
+                let honoured = self.probe_conditional_put()?;
+                self.set_conditional_put(honoured);
+                Ok(honoured)
+            }
+        }
     }
 
     fn path(&self, key: &str) -> Result<ObjectPath> {
@@ -523,7 +572,7 @@ impl Backend for S3 {
             self.put_multipart(key, data)?;
             return Ok(true);
         }
-        if !self.conditional_put() {
+        if !self.conditional_put()? {
             if self.exists(key)? {
                 return Ok(false);
             }
@@ -563,11 +612,16 @@ impl Backend for S3 {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        let path = self.path(prefix.trim_end_matches('/'))?;
+        // An empty prefix lists the whole repository (its prefix in the bucket).
+        let path = match prefix.trim_end_matches('/') {
+            "" if self.url.prefix.is_empty() => None,
+            "" => Some(ObjectPath::from(self.url.prefix.as_str())),
+            under => Some(self.path(under)?),
+        };
         Requests::count(&self.requests.lists, 1);
         let store = self.store.clone();
         let outcome = self.run(async move {
-            let mut listing = store.list(Some(&path));
+            let mut listing = store.list(path.as_ref());
             let mut out = Vec::new();
             while let Some(meta) = listing.next().await {
                 out.push(meta?);
@@ -606,7 +660,9 @@ impl Backend for S3 {
     }
 
     fn honours_put_if_absent(&self) -> bool {
-        self.conditional_put()
+        // Unknown until a probe: a probe that fails here counts as "not honoured",
+        // which only makes the caller more careful.
+        self.conditional_put().unwrap_or(false)
     }
 
     fn uploads_in_flight(&self) -> usize {

@@ -88,6 +88,7 @@ pub fn backend(location: &Path, flags: &S3Flags, create: bool) -> anyhow::Result
         retry_timeout,
         cache_dir: cache_dir(flags),
         credentials: None,
+        create,
     };
     Ok(Box::new(S3::connect(url, &options)?))
 }

@@ -262,11 +262,32 @@ fn every_repository_command_takes_an_s3_url() {
         "{}",
         stderr(&missing)
     );
+    // No credentials: said at once, not after a minute of asking EC2's metadata service.
+    let started = Instant::now();
+    let anonymous = s3
+        .command(&["repo", "snapshots", repo])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .output()
+        .unwrap();
+    assert!(!anonymous.status.success());
+    assert!(
+        stderr(&anonymous).contains("no S3 credentials"),
+        "{}",
+        stderr(&anonymous)
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // Reading a place with no repository wrote nothing there (no capability record).
+    assert!(objects_in(&s3, "nothing-here", "").is_empty());
 }
 
 /// How many packs the bucket's repository `prefix` holds with their index objects (a
 /// pack is known to later writers once its index is up), listed directly.
 fn packs_in(s3: &S3, prefix: &str) -> usize {
+    objects_in(s3, prefix, "index/").len()
+}
+
+/// The keys under `under` of the bucket's repository `prefix`, listed directly.
+fn objects_in(s3: &S3, prefix: &str, under: &str) -> Vec<String> {
     use repo::Backend;
     let options = repo::S3Options {
         endpoint: Some(s3.server.endpoint.clone()),
@@ -282,8 +303,8 @@ fn packs_in(s3: &S3, prefix: &str) -> usize {
         .unwrap()
         .unwrap();
     repo::S3::connect(url, &options)
-        .and_then(|b| b.list("index/"))
-        .map_or(0, |keys| keys.len())
+        .and_then(|b| b.list(under))
+        .unwrap_or_default()
 }
 
 #[test]

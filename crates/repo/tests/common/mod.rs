@@ -66,6 +66,7 @@ impl Store {
             retry_timeout: Some(std::time::Duration::from_secs(5)),
             cache_dir: cache.then(|| self.dir.path().join("cache")),
             credentials: Some((ACCESS_KEY.into(), SECRET_KEY.into())),
+            create: true,
             ..S3Options::default()
         }
     }
