@@ -42,6 +42,7 @@ from repo_vs_restic import drop_caches, du, run, timed_sync  # noqa: E402
 
 PASS = "bench passphrase"
 ACCESS, SECRET = "STILLPOINTBENCH", "stillpoint-bench-secret-0123456789"
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 WEED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".venv", "bin", "weed")
 
 
@@ -99,8 +100,11 @@ class SeaweedFS:
     def request(self, method, path, upload=None):
         argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method,
                 "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", f"{ACCESS}:{SECRET}"]
+        # The payload's hash, said explicitly: Ceph RGW refuses curl's signature without it.
         if upload:
-            argv += ["-T", upload]
+            argv += ["-T", upload, "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"]
+        else:
+            argv += ["-H", "x-amz-content-sha256: " + EMPTY_SHA256]
         out = subprocess.run(argv + [self.endpoint + path], capture_output=True, text=True)
         return int(out.stdout or 0)
 
@@ -145,7 +149,8 @@ def upload_limit(weed, tmp, nbytes, bucket):
     for i in range(count):
         procs.append(subprocess.Popen(
             ["curl", "-s", "-o", "/dev/null", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user",
-             f"{ACCESS}:{SECRET}", "-T", part, f"{weed.endpoint}/{bucket}/limit/{i}"]))
+             f"{ACCESS}:{SECRET}", "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "-T", part,
+             f"{weed.endpoint}/{bucket}/limit/{i}"]))
         if len(procs) == 4:
             procs.pop(0).wait()
     for p in procs:

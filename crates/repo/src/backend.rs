@@ -55,6 +55,12 @@ pub trait Backend: Send + Sync {
     fn uploads_in_flight(&self) -> usize {
         1
     }
+
+    /// How many small objects (index objects) a reader may fetch at once: 1 where
+    /// each read is a local file's, more where each waits on a network round trip.
+    fn reads_in_flight(&self) -> usize {
+        1
+    }
 }
 
 /// Checks that `key` is a repository key: `/`-separated parts of ASCII letters,

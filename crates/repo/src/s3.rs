@@ -68,6 +68,9 @@ pub const PART_SIZE: usize = 8 << 20;
 /// Packs a writer uploads at once (each in parts, all in flight).
 pub const UPLOADS_IN_FLIGHT: usize = 3;
 
+/// Small objects (index objects) a reader fetches at once.
+pub const READS_IN_FLIGHT: usize = 8;
+
 /// How long an operation keeps retrying by default.
 pub const RETRY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -431,9 +434,26 @@ impl S3 {
         Requests::count(&self.requests.puts, 1);
         Requests::count(&self.requests.bytes_up, data.len() as u64);
         let store = self.store.clone();
-        self.run(async move { store.put(&path, PutPayload::from(data)).await })
-            .map(|_| ())
-            .map_err(|e| self.failed(format!("writing {key}"), &e))
+        let payload = PutPayload::from(data.clone());
+        let written = self
+            .run(async move { store.put(&path, payload).await })
+            .map_err(|e| self.failed(format!("writing {key}"), &e))?;
+        self.cache_written(key, written.e_tag, &data);
+        Ok(())
+    }
+
+    /// Keeps what this backend wrote under a cached prefix, as the bucket answered
+    /// (its ETag), so reading it back later costs no download.
+    fn cache_written(&self, key: &str, etag: Option<String>, data: &[u8]) {
+        if let (true, Some(cache), Some(etag)) = (Cache::holds(key), &self.cache, etag) {
+            // A cache that cannot be written only costs downloads.
+            let _ = cache.lock().unwrap_or_else(|e| e.into_inner()).put(
+                key,
+                &etag,
+                data.len() as u64,
+                data,
+            );
+        }
     }
 
     /// Whether `key` exists.
@@ -592,7 +612,10 @@ impl Backend for S3 {
             store.put_opts(&path, payload, options).await
         });
         match outcome {
-            Ok(_) => Ok(true),
+            Ok(written) => {
+                self.cache_written(key, written.e_tag, data);
+                Ok(true)
+            }
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(self.failed(format!("writing {key}"), &e)),
         }
@@ -667,6 +690,10 @@ impl Backend for S3 {
 
     fn uploads_in_flight(&self) -> usize {
         UPLOADS_IN_FLIGHT
+    }
+
+    fn reads_in_flight(&self) -> usize {
+        READS_IN_FLIGHT
     }
 }
 

@@ -176,17 +176,14 @@ fn every_repository_command_takes_an_s3_url() {
     assert_eq!(list[1]["parent"], full["snapshot"]);
 
     // Restore: as qcow2, compared with the disk by qemu-img.
-    let restored = s3.dir.path().join("restored.qcow2");
-    s3.ok(&[
-        "restore",
-        "--repo",
-        repo,
-        "vm1",
-        s(&restored),
-        "--target-format",
-        "qcow2",
-    ]);
-    ok("qemu-img", &["compare", "-q", s(&disk), s(&restored)]);
+    let restores_as_qcow2 = || {
+        let restored = s3.dir.path().join("restored.qcow2");
+        let _ = std::fs::remove_file(&restored);
+        let args = ["restore", "--repo", repo, "vm1", s(&restored)];
+        s3.ok(&[&args[..], &["--target-format", "qcow2"]].concat());
+        ok("qemu-img", &["compare", "-q", s(&disk), s(&restored)]);
+    };
+    restores_as_qcow2();
 
     // The snapshot served over NBD, read by qemu-img.
     let socket = s3.dir.path().join("nbd.sock");
@@ -219,6 +216,20 @@ fn every_repository_command_takes_an_s3_url() {
     let second: serde_json::Value = serde_json::from_str(&second).unwrap();
     assert_eq!(second["new_chunks"], 0, "{second}");
 
+    // With a warm cache, opening the repository fetches no index object or manifest:
+    // the listing vouches for the cached copies (config and the capability record are
+    // the two GETs).
+    let counted = s3
+        .command(&["repo", "stats", repo])
+        .env("STILLPOINT_S3_STATS", "1")
+        .output()
+        .unwrap();
+    let line = stderr(&counted);
+    let counts: serde_json::Value =
+        serde_json::from_str(line.trim().trim_start_matches("s3 requests: ")).unwrap();
+    assert_eq!(counts["gets"], 2, "{counts}");
+    assert!(counts["cache_hits"].as_u64().unwrap() >= 4, "{counts}");
+
     // Verify, stats, prune, gc, with the cache deleted in between: it is only a cache.
     let verified = s3.ok(&["repo", "verify", repo, "--json"]);
     assert!(
@@ -237,17 +248,7 @@ fn every_repository_command_takes_an_s3_url() {
     );
     let gc = s3.ok(&["repo", "gc", repo]);
     assert!(gc.contains("garbage collection"), "{gc}");
-    let _ = std::fs::remove_file(&restored);
-    s3.ok(&[
-        "restore",
-        "--repo",
-        repo,
-        "vm1",
-        s(&restored),
-        "--target-format",
-        "qcow2",
-    ]);
-    ok("qemu-img", &["compare", "-q", s(&disk), s(&restored)]);
+    restores_as_qcow2();
     s3.ok(&["repo", "verify", repo]);
 
     // A bad URL and a missing repository: one clear line each.

@@ -200,26 +200,39 @@ impl Repository {
         mut each: impl FnMut(&str, &[(ChunkId, format::BlobRef)]),
     ) -> Result<ChunkIndex> {
         let mut index = ChunkIndex::new();
-        for key in self.backend.list("index/")? {
-            let pack = key.trim_start_matches("index/");
-            let bytes = match self.backend.get(&key, None) {
-                Ok(bytes) => bytes,
-                // A collection deleted it (and its pack) since the listing.
-                Err(Error::NotFound(_)) => continue,
-                Err(e) => return Err(e),
-            };
-            let bytes = format::open_index_object(&key, &bytes, self.keys.as_ref())?;
-            let entries = format::decode_index(&key, &bytes, None)?;
-            if !index.load_pack(pack, &entries) {
-                return Err(Error::damaged(&key, "a blob offset past 4 GiB"));
+        let keys = self.backend.list("index/")?;
+        // Fetched (and opened) a window at a time, by several threads where the backend
+        // waits on a network: a cold S3 cache would otherwise pay one round trip per
+        // pack in turn. The window bounds what is held at once.
+        let lanes = self.backend.reads_in_flight().max(1);
+        for window in keys.chunks(lanes * 8) {
+            let loaded = parallel_map(window, lanes, |key| self.index_object(key));
+            for (key, entries) in window.iter().zip(loaded) {
+                // None: a collection deleted it (and its pack) since the listing.
+                let Some(entries) = entries? else { continue };
+                let pack = key.trim_start_matches("index/");
+                if !index.load_pack(pack, &entries) {
+                    return Err(Error::damaged(key, "a blob offset past 4 GiB"));
+                }
+                each(pack, &entries);
             }
-            each(pack, &entries);
         }
         for pack in self.condemned_packs()? {
             index.condemn(&pack);
         }
         index.finish_loading();
         Ok(index)
+    }
+
+    /// The entries of the index object `key`; `None` if it is gone.
+    fn index_object(&self, key: &str) -> Result<Option<Vec<(ChunkId, format::BlobRef)>>> {
+        let bytes = match self.backend.get(key, None) {
+            Ok(bytes) => bytes,
+            Err(Error::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let bytes = format::open_index_object(key, &bytes, self.keys.as_ref())?;
+        Ok(Some(format::decode_index(key, &bytes, None)?))
     }
 
     /// A snapshot's header and chunk list.
@@ -361,4 +374,38 @@ pub struct RepoStats {
     pub packs: u64,
     /// Chunks stored as deltas of another (counted in `chunks`).
     pub delta_chunks: u64,
+}
+
+/// `work` applied to every item on up to `lanes` threads, results in the items' order.
+pub(crate) fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    lanes: usize,
+    work: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    if lanes <= 1 || items.len() <= 1 {
+        return items.iter().map(work).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..lanes.min(items.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { return };
+                    let result = work(item);
+                    *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                }
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every item was worked on")
+        })
+        .collect()
 }

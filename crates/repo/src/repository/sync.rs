@@ -137,6 +137,15 @@ impl Repository {
                     .push((blob.offset, *c));
             }
             let mut written = WriteStats::default();
+            let mut store = |pack| {
+                store_pack(
+                    dest.backend(),
+                    dest.keys.as_ref(),
+                    pack,
+                    &condemned,
+                    &mut written,
+                )
+            };
             let mut pack = PackBuilder::new();
             for (source_pack, mut blobs) in by_pack {
                 blobs.sort_unstable();
@@ -157,24 +166,12 @@ impl Repository {
                     stats.chunks_copied += 1;
                     stats.bytes_copied += stored.len() as u64;
                     if pack.len() >= super::PACK_TARGET_BYTES {
-                        pack = store_pack(
-                            dest.backend(),
-                            dest.keys.as_ref(),
-                            pack,
-                            &condemned,
-                            &mut written,
-                        )?;
+                        pack = store(pack)?;
                     }
                 }
             }
             if !pack.is_empty() {
-                store_pack(
-                    dest.backend(),
-                    dest.keys.as_ref(),
-                    pack,
-                    &condemned,
-                    &mut written,
-                )?;
+                store(pack)?;
             }
             stats.packs += written.packs;
             copied.extend(wanted);
