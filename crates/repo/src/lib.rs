@@ -91,6 +91,7 @@ pub mod format;
 pub mod hex;
 pub mod repository;
 pub mod retention;
+#[cfg(feature = "s3")]
 pub mod s3;
 
 pub use backend::Backend;
@@ -101,6 +102,9 @@ pub use error::Result;
 pub use format::ChunkId;
 pub use format::Compression;
 pub use repository::Repository;
+#[cfg(feature = "s3")]
 pub use s3::S3;
+#[cfg(feature = "s3")]
 pub use s3::S3Options;
+#[cfg(feature = "s3")]
 pub use s3::S3Url;
