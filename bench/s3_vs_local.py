@@ -275,7 +275,8 @@ def main():
             return statistics.median(vals), min(vals), max(vals)
 
         print()
-        print(f"{size >> 20} MiB mixed image, {args.rounds} rounds, medians (min-max):")
+        kind = "unique-data" if args.unique else "mixed (pool copies)"
+        print(f"{size >> 20} MiB {kind} image, {args.rounds} rounds, medians (min-max):")
         for name in names:
             b, r = med(name, "backup"), med(name, "restore")
             same = all(x["same"] for x in results[name])
