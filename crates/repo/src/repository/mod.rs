@@ -248,10 +248,18 @@ impl Repository {
     /// Every snapshot, oldest first.
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         let mut out = Vec::new();
-        for key in self.backend.list("snapshots/")? {
-            let id = key.trim_start_matches("snapshots/");
-            match self.read_snapshot(id) {
-                Ok((info, _)) => out.push(info),
+        let keys = self.backend.list("snapshots/")?;
+        // Several at a time where each read waits on a network (a cold S3 cache); at
+        // most 4, since a manifest holds its disk's whole chunk list (128 MiB for
+        // 1 TiB at 256 KiB chunks) until its header is taken.
+        let lanes = self.backend.reads_in_flight().clamp(1, 4);
+        let read = parallel_map(&keys, lanes, |key| {
+            self.read_snapshot(key.trim_start_matches("snapshots/"))
+                .map(|(info, _)| info)
+        });
+        for info in read {
+            match info {
+                Ok(info) => out.push(info),
                 // Forgotten (pruned) since the listing.
                 Err(Error::NotFound(_)) => {}
                 Err(e) => return Err(e),
