@@ -306,7 +306,16 @@ impl S3 {
             .build()
             .map_err(|e| Error::io("starting the S3 client's threads", e))?;
         let cache = match &options.cache_dir {
-            Some(dir) => Some(Mutex::new(Cache::open(dir, &url)?)),
+            Some(dir) => {
+                // The endpoint the client uses, so two servers' buckets of one name
+                // never share a cache directory.
+                let endpoint = options
+                    .endpoint
+                    .clone()
+                    .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+                    .unwrap_or_default();
+                Some(Mutex::new(Cache::open(dir, &endpoint, &url)?))
+            }
             None => None,
         };
         let backend = Self {

@@ -138,34 +138,17 @@ fn every_repository_command_takes_an_s3_url() {
         "qemu-img",
         &["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&disk)],
     );
-    let full = s3.ok(&[
-        "backup",
-        s(&disk),
-        "--repo",
-        repo,
-        "--disk",
-        "vm1",
-        "--bitmap",
-        "b0",
-        "--json",
-    ]);
-    let full: serde_json::Value = serde_json::from_str(&full).unwrap();
+    let backup_by_bitmap = || -> serde_json::Value {
+        let args = ["backup", s(&disk), "--repo", repo, "--disk", "vm1"];
+        let out = s3.ok(&[&args[..], &["--bitmap", "b0", "--json"]].concat());
+        serde_json::from_str(&out).unwrap()
+    };
+    let full = backup_by_bitmap();
     ok(
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 0x5a 1M 100k", s(&disk)],
     );
-    let incremental = s3.ok(&[
-        "backup",
-        s(&disk),
-        "--repo",
-        repo,
-        "--disk",
-        "vm1",
-        "--bitmap",
-        "b0",
-        "--json",
-    ]);
-    let incremental: serde_json::Value = serde_json::from_str(&incremental).unwrap();
+    let incremental = backup_by_bitmap();
     assert_eq!(incremental["incremental"], true, "{incremental}");
     assert!(
         incremental["read"].as_u64().unwrap() < 1 << 20,

@@ -41,9 +41,9 @@ impl Cache {
         CACHED.iter().any(|prefix| key.starts_with(prefix))
     }
 
-    /// The cache of `url` in `root` (a directory of its own per repository).
-    pub fn open(root: &Path, url: &S3Url) -> Result<Self> {
-        let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
+    /// The cache of `url` at `endpoint` in `root` (a directory of its own per
+    /// repository).
+    pub fn open(root: &Path, endpoint: &str, url: &S3Url) -> Result<Self> {
         let name = blake3::hash(format!("{endpoint} {url}").as_bytes()).to_hex();
         let dir = root.join(&name[..16]);
         fs::create_dir_all(&dir)
@@ -158,7 +158,7 @@ mod tests {
 
     fn cache(dir: &Path) -> Cache {
         let url = S3Url::parse("s3://bucket/repo").unwrap().unwrap();
-        Cache::open(dir, &url).unwrap()
+        Cache::open(dir, "http://127.0.0.1:1", &url).unwrap()
     }
 
     #[test]
